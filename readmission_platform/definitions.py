@@ -1,0 +1,24 @@
+import warnings
+from pathlib import Path
+
+import dagster as dg
+
+from readmission_platform.defs.resources import LandingResource, WarehouseResource
+from readmission_platform.settings import Settings
+
+# Partitioned asset checks are a preview feature of Dagster 1.13; the platform relies on them knowingly.
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+
+settings = Settings.from_env()
+
+defs = dg.Definitions.merge(
+    dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
+    dg.Definitions(
+        resources={
+            "warehouse": WarehouseResource(url=settings.warehouse_url),
+            "landing": LandingResource(folder=str(settings.landing_dir)),
+        },
+        # One process per run: steps share it instead of each importing the stack again.
+        executor=dg.in_process_executor,
+    ),
+)

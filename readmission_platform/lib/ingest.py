@@ -1,0 +1,147 @@
+"""Read a landed batch file as delivered: every column as text, bad rows set aside with their reason."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+
+from readmission_platform.lib import schema
+
+EXAMPLES = 5
+
+
+class BatchFileError(Exception):
+    """The batch file as a whole cannot be loaded; nothing of it is written."""
+
+
+def header_problem(header: list[str]) -> str | None:
+    """Why a header is not the data set's schema, or None when it is (column order is free)."""
+    missing = [c for c in schema.RAW_COLUMNS if c not in header]
+    extra = [c for c in header if c not in schema.RAW_COLUMNS]
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if not (missing or extra or repeated):
+        return None
+    parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else ""]
+    parts.append(f"repeated {repeated}" if repeated else "")
+    return (
+        "header does not match the encounter schema: "
+        + "; ".join(p for p in parts if p)
+        + f" (expected the {len(schema.RAW_COLUMNS)} columns {schema.RAW_COLUMNS[0]}, …, {schema.RAW_COLUMNS[-1]})"
+    )
+
+
+@dataclass(frozen=True)
+class ParsedBatch:
+    rows: pl.DataFrame  # schema.RAW_SCHEMA
+    rejected: pl.DataFrame  # schema.REJECTED_SCHEMA
+
+
+def _field_count(line: str) -> int:
+    # Quotes are rare in these exports; only a quoted line pays for the csv module.
+    return len(next(csv.reader([line]))) if '"' in line else line.count(",") + 1
+
+
+def parse_batch(
+    content: bytes,
+    *,
+    batch_id: str,
+    source_file: str,
+    loaded_elsewhere: pl.DataFrame,
+    now: datetime,
+) -> ParsedBatch:
+    """Parse one batch file.
+
+    `loaded_elsewhere` holds (encounter_id, batch_id) of the rows other batches already stored;
+    a row repeating one of those ids, or an id seen earlier in this file, is rejected, as is a row
+    with the wrong number of fields or an id that is not a positive integer.
+    """
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise BatchFileError(
+            f"{source_file} is not UTF-8 text: byte {content[error.start]:#04x} at offset {error.start}"
+        ) from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise BatchFileError(f"{source_file} is empty; expected a header line with the {len(schema.RAW_COLUMNS)} columns")
+    header = [name.strip() for name in next(csv.reader([lines[0]]))]
+    if problem := header_problem(header):
+        raise BatchFileError(f"{source_file}: {problem}")
+
+    numbered = [(n, line) for n, line in enumerate(lines[1:], start=2) if line.strip()]
+    if not numbered:
+        raise BatchFileError(f"{source_file} holds a header but no encounters")
+    counts = [_field_count(line) for _, line in numbered]
+    well_formed = [pair for pair, count in zip(numbered, counts) if count == len(header)]
+    malformed = pl.DataFrame(
+        {
+            "line_number": [n for (n, _), count in zip(numbered, counts) if count != len(header)],
+            "raw_line": [line for (_, line), count in zip(numbered, counts) if count != len(header)],
+            "reason": [f"has {count} fields; expected {len(header)}" for count in counts if count != len(header)],
+        },
+        schema={"line_number": pl.Int64, "raw_line": pl.String, "reason": pl.String},
+    ).with_columns(encounter_id=pl.col("raw_line").str.split(",").list.get(header.index("encounter_id"), null_on_oob=True))
+
+    rows = _read_fields(well_formed, header).with_columns(
+        pl.Series("line_number", [n for n, _ in well_formed], pl.Int64),
+        pl.Series("raw_line", [line for _, line in well_formed], pl.String),
+    )
+    judged = _judge(rows, loaded_elsewhere)
+    accepted = judged.filter(pl.col("reason").is_null())
+    rejected = pl.concat([malformed, judged.filter(pl.col("reason").is_not_null())], how="diagonal")
+
+    lineage = {schema.BATCH_ID: pl.lit(batch_id), "source_file": pl.lit(source_file), "ingested_at": pl.lit(now)}
+    raw = accepted.with_columns(
+        row_hash=pl.Series([hashlib.blake2b(line.encode(), digest_size=16).hexdigest() for line in accepted["raw_line"]], dtype=pl.String),
+        **lineage,
+    )
+    rejected_rows = rejected.sort("line_number").with_columns(rejected_at=pl.lit(now), **{k: v for k, v in lineage.items() if k != "ingested_at"})
+    return ParsedBatch(
+        raw.select(pl.col(n).cast(t) for n, t in schema.RAW_SCHEMA.items()),
+        rejected_rows.select(pl.col(n).cast(t) for n, t in schema.REJECTED_SCHEMA.items()),
+    )
+
+
+def _read_fields(numbered: list[tuple[int, str]], header: list[str]) -> pl.DataFrame:
+    body = "\n".join(line for _, line in numbered).encode()
+    if not body:
+        return pl.DataFrame(schema={name: pl.String for name in header})
+    return pl.read_csv(
+        body,
+        has_header=False,
+        new_columns=header,
+        infer_schema=False,
+        empty_string_is_null=False,
+    )
+
+
+def _judge(rows: pl.DataFrame, loaded_elsewhere: pl.DataFrame) -> pl.DataFrame:
+    """Give each row the reason it cannot be accepted, or null."""
+
+    def as_id(name: str) -> pl.Expr:
+        text = pl.col(name).str.strip_chars()
+        return pl.when(text.str.contains(r"^[0-9]{1,18}$")).then(text.cast(pl.Int64, strict=False))
+
+    elsewhere = loaded_elsewhere.select(
+        pl.col("encounter_id").cast(pl.Int64).alias("_id"), pl.col(schema.BATCH_ID).alias("_loaded_in")
+    ).unique("_id", keep="first")
+    judged = (
+        rows.with_columns(_id=as_id("encounter_id"), _patient=as_id("patient_nbr"))
+        .with_columns(_first_line=pl.col("line_number").min().over("_id"))
+        .join(elsewhere, on="_id", how="left", maintain_order="left")
+    )
+    reason = (
+        pl.when(pl.col("_id").is_null() | (pl.col("_id") <= 0))
+        .then(pl.format("encounter_id '{}' is not a positive integer", pl.col("encounter_id")))
+        .when(pl.col("_patient").is_null() | (pl.col("_patient") <= 0))
+        .then(pl.format("patient_nbr '{}' is not a positive integer", pl.col("patient_nbr")))
+        .when(pl.col("_first_line") < pl.col("line_number"))
+        .then(pl.format("encounter_id {} repeats line {} of this batch", pl.col("_id"), pl.col("_first_line")))
+        .when(pl.col("_loaded_in").is_not_null())
+        .then(pl.format("encounter_id {} was already loaded in batch {}", pl.col("_id"), pl.col("_loaded_in")))
+    )
+    return judged.with_columns(reason=reason).drop("_id", "_patient", "_first_line", "_loaded_in")

@@ -1,0 +1,73 @@
+"""Drop batch files into the landing folder the way an upstream hospital system would."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+BATCH_SIZE = 15_000
+BATCH_FILE = re.compile(r"^batch_(\d{4,})\.csv$")
+
+
+def batch_file_name(index: int) -> str:
+    return f"batch_{index:04d}.csv"
+
+
+def batch_id_for(path: Path) -> str:
+    """Partition key of a landed file: its stem, with characters a partition key cannot hold replaced."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)
+
+
+def landed_files(landing_dir: Path) -> list[Path]:
+    """CSV files in the landing folder, oldest name first; files being written (hidden, .tmp) are skipped."""
+    if not landing_dir.exists():
+        return []
+    return sorted(p for p in landing_dir.iterdir() if p.is_file() and p.suffix == ".csv" and not p.name.startswith("."))
+
+
+def find_batch_file(landing_dir: Path, batch_id: str) -> Path | None:
+    matches = [p for p in landed_files(landing_dir) if batch_id_for(p) == batch_id]
+    return matches[0] if matches else None
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_batches(csv_bytes: bytes, batch_size: int = BATCH_SIZE) -> list[bytes]:
+    """Cut a CSV into files of `batch_size` encounters, each with the header, the original text kept."""
+    lines = csv_bytes.splitlines(keepends=True)
+    if not lines:
+        return []
+    header, body = lines[0], [line for line in lines[1:] if line.strip()]
+    return [header + b"".join(body[i : i + batch_size]) for i in range(0, len(body), batch_size)]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # The sensor skips hidden files, so it never sees a half-written batch.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+@dataclass(frozen=True)
+class Landed:
+    path: Path
+    rows: int
+
+
+def land(csv_bytes: bytes, landing_dir: Path, count: int | None, batch_size: int = BATCH_SIZE) -> list[Landed]:
+    """Land the next `count` batches of the source (all that remain when `count` is None)."""
+    landing_dir.mkdir(parents=True, exist_ok=True)
+    done = [int(m.group(1)) for p in landed_files(landing_dir) if (m := BATCH_FILE.match(p.name))]
+    start = max(done, default=0)
+    batches = split_batches(csv_bytes, batch_size)[start:]
+    landed = []
+    for offset, data in enumerate(batches[:count] if count is not None else batches):
+        path = landing_dir / batch_file_name(start + offset + 1)
+        _write_atomically(path, data)
+        landed.append(Landed(path, len(data.splitlines()) - 1))
+    return landed

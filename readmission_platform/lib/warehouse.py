@@ -1,0 +1,223 @@
+"""The warehouse: one DuckDB file by default, PostgreSQL for a team; the same calls for both.
+
+Tables are created from the polars schemas of `lib/schema.py`; a batch's rows are replaced in one
+transaction, and PostgreSQL is loaded in bulk through ADBC (binary COPY), never row by row.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+SQL_TYPES = {
+    pl.Int16: "SMALLINT",
+    pl.Int32: "INTEGER",
+    pl.Int64: "BIGINT",
+    pl.Float64: "DOUBLE PRECISION",
+    pl.String: "TEXT",
+    pl.Boolean: "BOOLEAN",
+    pl.Datetime: "TIMESTAMP WITH TIME ZONE",
+}
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+class WarehouseError(Exception):
+    """A table does not have the shape the platform writes, or the warehouse cannot be reached."""
+
+
+def quote(name: str) -> str:
+    # Column names such as "A1Cresult" and "glyburide-metformin" need quoting in both dialects.
+    return '"' + name.replace('"', '""') + '"'
+
+
+def table_ddl(table: str, columns: Mapping[str, pl.DataType]) -> str:
+    if not IDENTIFIER.match(table):
+        raise WarehouseError(f"table name {table!r} is not a plain lower-case SQL identifier")
+    body = ", ".join(f"{quote(name)} {SQL_TYPES[dtype.base_type()]}" for name, dtype in columns.items())
+    return f"CREATE TABLE IF NOT EXISTS {table} ({body})"
+
+
+class Warehouse(ABC):
+    """Replace, read and query the platform's tables."""
+
+    url: str
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
+        """Run a query (parameters as $1, $2, …) and return its rows; a missing table reads as no rows."""
+
+    @abstractmethod
+    def replace_batch(self, writes: Mapping[str, tuple[Mapping[str, pl.DataType], pl.DataFrame]], batch_id: str) -> None:
+        """In one transaction, make each table's rows for `batch_id` exactly the given frame's rows."""
+
+    @abstractmethod
+    def tables(self) -> set[str]:
+        """Names of the tables that exist."""
+
+    @abstractmethod
+    def columns(self, table: str) -> dict[str, str]:
+        """Column name → SQL type name of an existing table, in table order."""
+
+    def read_table(self, table: str, batch_id: str | None = None) -> pl.DataFrame:
+        if table not in self.tables():
+            raise WarehouseError(f"table {table!r} does not exist in {self.describe()}; materialize its asset first")
+        if batch_id is None:
+            return self.query(f"SELECT * FROM {table}")
+        return self.query(f"SELECT * FROM {table} WHERE batch_id = $1", [batch_id])
+
+    def describe(self) -> str:
+        return re.sub(r"//[^@/]*@", "//***@", self.url)
+
+    def _check_columns(self, table: str, columns: Mapping[str, pl.DataType]) -> None:
+        existing = list(self.columns(table))
+        if existing and existing != list(columns):
+            raise WarehouseError(
+                f"table {table} in {self.describe()} has columns {existing}; the platform writes {list(columns)}. "
+                "Drop or rename the old table to let the platform recreate it."
+            )
+
+
+class DuckDBWarehouse(Warehouse):
+    """A DuckDB file. DuckDB admits one writing process; a second one waits here for the lock."""
+
+    LOCK_WAIT_SECONDS = 120.0
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.url = f"duckdb:///{self.path}"
+
+    @contextmanager
+    def _connect(self):
+        import duckdb
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.LOCK_WAIT_SECONDS
+        while True:
+            try:
+                connection = duckdb.connect(str(self.path))
+                break
+            except duckdb.IOException as error:
+                if "lock" not in str(error).lower() or time.monotonic() > deadline:
+                    raise WarehouseError(f"cannot open {self.path}: {error}") from error
+                time.sleep(random.uniform(0.05, 0.3))
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
+        import duckdb
+
+        with self._connect() as connection:
+            try:
+                return pl.from_arrow(connection.sql(sql, params=list(params) or None).to_arrow_table())
+            except duckdb.CatalogException as error:
+                if "does not exist" in str(error):
+                    return pl.DataFrame()
+                raise
+
+    def tables(self) -> set[str]:
+        with self._connect() as connection:
+            rows = connection.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        return {name for (name,) in rows}
+
+    def columns(self, table: str) -> dict[str, str]:
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
+                [table],
+            ).fetchall()
+        return dict(rows)
+
+    def replace_batch(self, writes, batch_id):
+        for table, (columns, _) in writes.items():
+            self._check_columns(table, columns)
+        with self._connect() as connection:
+            connection.begin()
+            try:
+                for table, (columns, frame) in writes.items():
+                    connection.execute(table_ddl(table, columns))
+                    connection.execute(f"DELETE FROM {table} WHERE batch_id = $1", [batch_id])
+                    connection.register("incoming", frame.select(list(columns)).to_arrow())
+                    connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
+                    connection.unregister("incoming")
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+
+
+class PostgresWarehouse(Warehouse):
+    """A PostgreSQL database, reached through ADBC so reads and loads move Arrow batches."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    @contextmanager
+    def _connect(self):
+        import adbc_driver_postgresql.dbapi as adbc
+
+        try:
+            connection = adbc.connect(self.url)
+        except Exception as error:
+            raise WarehouseError(f"cannot connect to {self.describe()}: {error}") from error
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
+        with self._connect() as connection, connection.cursor() as cursor:
+            try:
+                cursor.execute(sql, list(params) if params else None)
+            except Exception as error:
+                if "does not exist" in str(error) and "relation" in str(error):
+                    return pl.DataFrame()
+                raise
+            return pl.from_arrow(cursor.fetch_arrow_table())
+
+    def tables(self) -> set[str]:
+        rows = self.query("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
+        return set(rows["table_name"]) if rows.height else set()
+
+    def columns(self, table: str) -> dict[str, str]:
+        rows = self.query(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            [table],
+        )
+        return dict(zip(rows["column_name"], rows["data_type"])) if rows.height else {}
+
+    def replace_batch(self, writes, batch_id):
+        for table, (columns, _) in writes.items():
+            self._check_columns(table, columns)
+        with self._connect() as connection:
+            try:
+                with connection.cursor() as cursor:
+                    for table, (columns, frame) in writes.items():
+                        cursor.execute(table_ddl(table, columns))
+                        cursor.execute(f"DELETE FROM {table} WHERE batch_id = $1", [batch_id])
+                        if frame.height:
+                            cursor.adbc_ingest(table, frame.select(list(columns)).to_arrow(), mode="append")
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+
+
+def open_warehouse(url: str) -> Warehouse:
+    """`postgresql://…` → PostgreSQL; `duckdb:///path`, or a plain path → that DuckDB file."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresWarehouse(url)
+    path = url.removeprefix("duckdb:///") if url.startswith("duckdb:///") else url.removeprefix("duckdb://")
+    if "://" in path:
+        raise WarehouseError(f"warehouse URL {url!r} is neither postgresql://… nor duckdb:///path")
+    return DuckDBWarehouse(Path(path))

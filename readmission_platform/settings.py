@@ -1,0 +1,37 @@
+"""Where the platform keeps its state, read once from the environment at the edge (definitions, CLI)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    warehouse_url: str
+    source: Path | None
+    dagster_storage_url: str | None
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.home / "landing"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        """READMISSION_HOME (default ./.readmission), READMISSION_WAREHOUSE_URL (default its DuckDB file),
+        READMISSION_SOURCE (default the bundled data set), READMISSION_DAGSTER_STORAGE_URL (default SQLite)."""
+        home = Path(env.get("READMISSION_HOME") or ".readmission").expanduser().resolve()
+        source = env.get("READMISSION_SOURCE")
+        return cls(
+            home=home,
+            warehouse_url=env.get("READMISSION_WAREHOUSE_URL") or f"duckdb:///{home / 'warehouse.duckdb'}",
+            source=Path(source).expanduser().resolve() if source else None,
+            dagster_storage_url=env.get("READMISSION_DAGSTER_STORAGE_URL") or None,
+        )
