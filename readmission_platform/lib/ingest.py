@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -65,7 +66,8 @@ def parse_batch(
         raise BatchFileError(
             f"{source_file} is not UTF-8 text: byte {content[error.start]:#04x} at offset {error.start}"
         ) from None
-    lines = text.splitlines()
+    # Only CR and LF end a CSV line; str.splitlines() would also break inside fields at \x0c, \x85, \u2028, ….
+    lines = re.split(r"\r\n|\r|\n", text)
     if not lines or not lines[0].strip():
         raise BatchFileError(f"{source_file} is empty; expected a header line with the {len(schema.RAW_COLUMNS)} columns")
     header = [name.strip() for name in next(csv.reader([lines[0]]))]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from readmission_platform.lib.ingest import header_problem
 
 BATCH_SIZE = 15_000
 BATCH_FILE = re.compile(r"^batch_(\d{4,})\.csv$")
@@ -61,6 +64,9 @@ class Landed:
 
 def land(csv_bytes: bytes, landing_dir: Path, count: int | None, batch_size: int = BATCH_SIZE) -> list[Landed]:
     """Land the next `count` batches of the source (all that remain when `count` is None)."""
+    header = next(csv.reader([csv_bytes.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").strip()]), [])
+    if problem := header_problem([name.strip() for name in header]):
+        raise ValueError(f"source not landed: {problem}")
     landing_dir.mkdir(parents=True, exist_ok=True)
     done = [int(m.group(1)) for p in landed_files(landing_dir) if (m := BATCH_FILE.match(p.name))]
     start = max(done, default=0)

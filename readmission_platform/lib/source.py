@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -12,7 +13,7 @@ BUNDLED_CSV_MEMBER = "dataset_diabetes/diabetic_data.csv"
 BUNDLED_CSV_SHA256 = "0689e7ec031237dc63031b938805c48377748761a3b26acab621567afa24df97"
 
 
-class SourceError(Exception):
+class SourceError(ValueError):
     """The source file is missing, corrupt or not of the expected schema."""
 
 
@@ -39,12 +40,15 @@ def read_source_bytes(path: Path | None = None) -> bytes:
     is_bundled = hashlib.sha256(data).hexdigest() == BUNDLED_ZIP_SHA256 or path == bundled_source()
     if is_bundled:
         _verified(data, BUNDLED_ZIP_SHA256, str(path))
-    with zipfile.ZipFile(path) as archive:
-        members = [n for n in archive.namelist() if n.endswith(".csv") and not n.endswith("IDs_mapping.csv")]
-        member = BUNDLED_CSV_MEMBER if BUNDLED_CSV_MEMBER in members else (members[0] if len(members) == 1 else None)
-        if member is None:
-            raise SourceError(f"{path} holds {members or 'no CSV'}; expected exactly one encounter CSV")
-        csv_bytes = archive.read(member)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [n for n in archive.namelist() if n.endswith(".csv") and not n.endswith("IDs_mapping.csv")]
+            member = BUNDLED_CSV_MEMBER if BUNDLED_CSV_MEMBER in members else (members[0] if len(members) == 1 else None)
+            if member is None:
+                raise SourceError(f"{path} holds {members or 'no CSV'}; expected exactly one encounter CSV")
+            csv_bytes = archive.read(member)
+    except (zipfile.BadZipFile, zlib.error) as error:
+        raise SourceError(f"{path} is not a readable zip archive ({error}); the file is damaged or not a zip") from None
     if is_bundled:
         _verified(csv_bytes, BUNDLED_CSV_SHA256, f"{path}:{member}")
     return csv_bytes

@@ -109,6 +109,8 @@ class DuckDBWarehouse(Warehouse):
                     raise WarehouseError(f"cannot open {self.path}: {error}") from error
                 time.sleep(random.uniform(0.05, 0.3))
         try:
+            # Timestamps then read back as UTC, as written and as PostgreSQL returns them, not in the host's zone.
+            connection.execute("SET TimeZone = 'UTC'")
             yield connection
         finally:
             connection.close()

@@ -9,7 +9,6 @@ from readmission_platform.lib.landing import batch_id_for, content_hash, landed_
 ingest_batch_job = dg.define_asset_job(
     "ingest_batch",
     selection=dg.AssetSelection.assets("raw_batches", "clean_batches", "features"),
-    partitions_def=batches,
     description="raw_batches → clean_batches → features for one landed batch, with their checks.",
 )
 

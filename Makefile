@@ -1,0 +1,35 @@
+# `make demo` and `make test` set everything up on a fresh machine with Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export READMISSION_HOME ?= $(CURDIR)/.readmission
+
+.PHONY: install demo ui status test bench clean
+
+# constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
+$(BIN)/readmission: pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test]"
+	touch $@
+
+install: $(BIN)/readmission
+
+demo: install
+	$(BIN)/readmission demo
+
+ui: install
+	$(BIN)/readmission ui
+
+status: install
+	$(BIN)/readmission status
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_ingest.py
+
+clean:
+	rm -rf $(READMISSION_HOME)

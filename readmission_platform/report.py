@@ -1,0 +1,113 @@
+"""What the instance recorded for each batch: rows, rejections, drops and check results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import dagster as dg
+from dagster._core.events import DagsterEventType
+
+PARTITION_TAG = "dagster/partition"
+FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+
+
+@dataclass
+class BatchReport:
+    batch_id: str
+    run_id: str
+    status: str
+    seconds: float | None
+    materialized: dict[str, dict] = field(default_factory=dict)  # asset → metadata values
+    checks: dict[str, tuple[str, str]] = field(default_factory=dict)  # check → (result, description)
+    failure: str | None = None
+
+    def value(self, asset: str, key: str):
+        return self.materialized.get(asset, {}).get(key)
+
+
+def _metadata(entries) -> dict:
+    return {key: getattr(value, "value", value) for key, value in entries.items()}
+
+
+def _failure_message(data) -> str:
+    user = getattr(data, "user_failure_data", None)
+    if user is not None and user.description:
+        return user.description
+    return data.error.message.strip() if data.error else "step failed"
+
+
+def read_batch_report(instance: dg.DagsterInstance, run: dg.DagsterRun) -> BatchReport:
+    stats = instance.get_run_stats(run.run_id)
+    seconds = stats.end_time - stats.start_time if stats.start_time and stats.end_time else None
+    report = BatchReport(run.tags[PARTITION_TAG], run.run_id, run.status.value.lower(), seconds)
+    wanted = {
+        DagsterEventType.ASSET_MATERIALIZATION,
+        DagsterEventType.ASSET_CHECK_EVALUATION,
+        DagsterEventType.STEP_FAILURE,
+    }
+    for entry in instance.all_logs(run.run_id, of_type=wanted):
+        event = entry.dagster_event
+        data = event.event_specific_data
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            report.materialized[data.materialization.asset_key.to_user_string()] = _metadata(
+                data.materialization.metadata
+            )
+        elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+            result = "passed" if data.passed else ("warn" if data.severity == dg.AssetCheckSeverity.WARN else "FAILED")
+            report.checks[data.check_name] = (result, data.description or "")
+        elif report.failure is None:
+            report.failure = f"{event.step_key}: {_failure_message(data)}"
+    return report
+
+
+def latest_batch_reports(instance: dg.DagsterInstance) -> list[BatchReport]:
+    """The newest finished run of every batch partition, in batch order."""
+    newest: dict[str, dg.DagsterRun] = {}
+    for run in instance.get_runs(dg.RunsFilter(statuses=list(FINISHED)), limit=1000):
+        partition = run.tags.get(PARTITION_TAG)
+        if partition and partition not in newest:
+            newest[partition] = run
+    return [read_batch_report(instance, newest[key]) for key in sorted(newest)]
+
+
+def render(reports: list[BatchReport]) -> str:
+    """The demo's summary: one row per batch, then every check that did not pass."""
+    header = f"{'batch':<12}{'status':>9}{'raw rows':>10}{'rejected':>10}{'dropped†':>10}{'clean':>9}{'features':>10}{'checks':>10}{'secs':>7}"
+    lines = [header, "-" * len(header)]
+    totals = [0, 0, 0, 0, 0]
+    for r in reports:
+        dropped = sum(v or 0 for k, v in r.materialized.get("clean_batches", {}).items() if k.startswith("dropped_"))
+        numbers = [
+            r.value("raw_batches", "dagster/row_count") or 0,
+            r.value("raw_batches", "rejected_rows") or 0,
+            dropped,
+            r.value("clean_batches", "dagster/row_count") or 0,
+            r.value("features", "dagster/row_count") or 0,
+        ]
+        totals = [t + n for t, n in zip(totals, numbers)]
+        passed = sum(result == "passed" for result, _ in r.checks.values())
+        seconds = f"{r.seconds:.1f}" if r.seconds is not None else "-"
+        lines.append(
+            f"{r.batch_id:<12}{r.status:>9}"
+            + "".join(f"{n:>{w},}" for n, w in zip(numbers, (10, 10, 10, 9, 10)))
+            + f"{f'{passed}/{len(r.checks)}':>10}{seconds:>7}"
+        )
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<12}{'':>9}" + "".join(f"{n:>{w},}" for n, w in zip(totals, (10, 10, 10, 9, 10))))
+    reasons: dict[str, int] = {}
+    for r in reports:
+        for key, value in r.materialized.get("clean_batches", {}).items():
+            if key.startswith("dropped_"):
+                reasons[key.removeprefix("dropped_")] = reasons.get(key.removeprefix("dropped_"), 0) + (value or 0)
+    lines.append("† dropped: " + (", ".join(f"{reason} {count:,}" for reason, count in reasons.items()) or "none"))
+    notes = [
+        f"  {r.batch_id} {name}: {result} — {description}"
+        for r in reports
+        for name, (result, description) in sorted(r.checks.items())
+        if result != "passed"
+    ]
+    notes += [f"  {r.batch_id} run {r.run_id[:8]} failed — {r.failure}" for r in reports if r.failure]
+    check_names = sorted({name for r in reports for name in r.checks})
+    lines.append(f"checks per batch: {', '.join(check_names) or 'none ran'}")
+    lines.extend(["checks not passed and failures:", *notes] if notes else ["every check passed on every batch"])
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Fixtures shared by every test layer: the real data set (whole and a small sample) and a scratch PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import polars as pl
+import pytest
+
+from readmission_platform.lib import schema
+from readmission_platform.lib.cleaning import CleanResult, clean
+from readmission_platform.lib.ingest import parse_batch
+from readmission_platform.lib.source import read_source_bytes
+
+SAMPLE_ROWS = 3_000
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+NOTHING_LOADED = pl.DataFrame(schema={"encounter_id": pl.Int64, schema.BATCH_ID: pl.String})
+INGESTED_AT = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def full_source_bytes() -> bytes:
+    """The bundled data set's CSV, checksum-verified: 101,766 encounters."""
+    return read_source_bytes()
+
+
+@pytest.fixture(scope="session")
+def sample_source_bytes(full_source_bytes: bytes) -> bytes:
+    """The real header and the first 3,000 data lines, byte for byte (CRLF endings kept)."""
+    return b"".join(full_source_bytes.splitlines(keepends=True)[: SAMPLE_ROWS + 1])
+
+
+@pytest.fixture(scope="session")
+def full_raw(full_source_bytes: bytes) -> pl.DataFrame:
+    """The whole data set parsed as one batch 'full' (schema.RAW_SCHEMA); do not mutate."""
+    parsed = parse_batch(
+        full_source_bytes,
+        batch_id="full",
+        source_file="diabetic_data.csv",
+        loaded_elsewhere=NOTHING_LOADED,
+        now=INGESTED_AT,
+    )
+    assert parsed.rejected.is_empty(), parsed.rejected.head()
+    return parsed.rows
+
+
+@pytest.fixture(scope="session")
+def full_clean(full_raw: pl.DataFrame) -> CleanResult:
+    """`clean` of the whole data set: `.frame` (schema.CLEAN_SCHEMA) and `.dropped` counts; do not mutate."""
+    return clean(full_raw)
+
+
+def _masked(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def _with_database(url: str, database: str) -> str:
+    return urlsplit(url)._replace(path=f"/{database}").geturl()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """URL of a fresh database on the server at READMISSION_TEST_PG_URL, dropped at the end of the session.
+
+    An unreachable server fails the tests that need it; READMISSION_SKIP_POSTGRES=1 skips them instead.
+    """
+    if os.environ.get("READMISSION_SKIP_POSTGRES") == "1":
+        pytest.skip("READMISSION_SKIP_POSTGRES=1: tests that need PostgreSQL are skipped")
+    import psycopg
+    from psycopg import sql
+
+    admin_url = os.environ.get("READMISSION_TEST_PG_URL") or DEFAULT_PG_URL
+    database = f"readmission_test_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    except psycopg.Error as error:
+        pytest.fail(
+            f"cannot create a test database on the PostgreSQL server at {_masked(admin_url)}: {error}\n"
+            "Start PostgreSQL there, point READMISSION_TEST_PG_URL at a server where this user may create "
+            "databases, or set READMISSION_SKIP_POSTGRES=1 to skip the PostgreSQL tests.",
+            pytrace=False,
+        )
+    yield _with_database(admin_url, database)
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
+        connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))

@@ -1,0 +1,72 @@
+"""Fixtures for the Dagster layer: a landing folder and a warehouse per test, on DuckDB and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+
+from readmission_platform.defs.resources import LandingResource, WarehouseResource
+from readmission_platform.lib.landing import split_batches
+from readmission_platform.lib.warehouse import Warehouse, open_warehouse
+
+SAMPLE_BATCH = 1_000
+
+
+@pytest.fixture(scope="session")
+def sample_batches(sample_source_bytes: bytes) -> list[bytes]:
+    """Three batch files of 1,000 real encounters each, the original text kept."""
+    return split_batches(sample_source_bytes, SAMPLE_BATCH)
+
+
+@dataclass
+class Platform:
+    landing: Path
+    warehouse_url: str
+
+    @property
+    def resources(self) -> dict:
+        return {
+            "landing": LandingResource(folder=str(self.landing)),
+            "warehouse": WarehouseResource(url=self.warehouse_url),
+        }
+
+    @property
+    def warehouse(self) -> Warehouse:
+        return open_warehouse(self.warehouse_url)
+
+    def drop(self, name: str, data: bytes) -> Path:
+        path = self.landing / name
+        path.write_bytes(data)
+        return path
+
+
+@pytest.fixture
+def pg_schema_url(postgres_url: str):
+    """A fresh schema in the test database, selected through the URL's search_path."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {name}")
+    separator = "&" if "?" in postgres_url else "?"
+    yield f"{postgres_url}{separator}options=-csearch_path%3D{name}"
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def platform(request, tmp_path: Path) -> Platform:
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    if request.param == "duckdb":
+        return Platform(landing, f"duckdb:///{tmp_path / 'warehouse.duckdb'}")
+    return Platform(landing, request.getfixturevalue("pg_schema_url"))
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance

@@ -1,0 +1,100 @@
+"""landing_sensor on a real instance: one partition and one run per new file content, never two."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+
+from readmission_platform.defs.ingestion.sensors import landing_sensor
+from readmission_platform.defs.partitions import batches
+from readmission_platform.defs.resources import LandingResource
+
+
+@pytest.fixture
+def landing(tmp_path):
+    folder = tmp_path / "landing"
+    folder.mkdir()
+    return folder
+
+
+def tick(instance, landing, cursor=None) -> dg.SensorResult:
+    """Evaluate the sensor once and apply its partition requests, as the daemon does."""
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"landing": LandingResource(folder=str(landing))}
+    )
+    result = landing_sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def keys(result: dg.SensorResult) -> list[str]:
+    return [r.partition_key for r in result.run_requests]
+
+
+def test_each_new_file_becomes_a_partition_and_a_run_in_the_same_tick(instance, landing, sample_batches):
+    assert keys(tick(instance, landing)) == []
+    (landing / "batch_0001.csv").write_bytes(sample_batches[0])
+    (landing / "batch_0002.csv").write_bytes(sample_batches[1])
+
+    result = tick(instance, landing)
+
+    assert keys(result) == ["batch_0001", "batch_0002"]
+    assert instance.get_dynamic_partitions(batches.name) == ["batch_0001", "batch_0002"]
+    assert len({r.run_key for r in result.run_requests}) == 2
+    assert result.run_requests[0].tags["readmission/source_file"] == "batch_0001.csv"
+    assert set(json.loads(result.cursor)) == {"batch_0001.csv", "batch_0002.csv"}
+
+
+def test_the_same_file_never_yields_a_second_partition_or_run(instance, landing, sample_batches):
+    path = landing / "batch_0001.csv"
+    path.write_bytes(sample_batches[0])
+    first = tick(instance, landing)
+
+    again = tick(instance, landing, first.cursor)
+    path.touch()  # a new mtime but the same bytes: reread, recognised, not rerun
+    touched = tick(instance, landing, again.cursor)
+
+    assert keys(again) == [] and keys(touched) == []
+    assert instance.get_dynamic_partitions(batches.name) == ["batch_0001"]
+
+
+def test_a_changed_file_is_ingested_again_under_a_fresh_run_key(instance, landing, sample_batches):
+    path = landing / "batch_0001.csv"
+    path.write_bytes(sample_batches[0])
+    first = tick(instance, landing)
+    path.write_bytes(sample_batches[0].replace(b"Caucasian", b"Hispanic", 1))
+
+    second = tick(instance, landing, first.cursor)
+
+    assert keys(second) == ["batch_0001"]
+    assert second.run_requests[0].run_key != first.run_requests[0].run_key
+    assert instance.get_dynamic_partitions(batches.name) == ["batch_0001"]
+
+
+def test_a_copy_of_a_landed_file_under_another_name_is_skipped(instance, landing, sample_batches):
+    (landing / "batch_0001.csv").write_bytes(sample_batches[0])
+    first = tick(instance, landing)
+    (landing / "batch_0001 (copy).csv").write_bytes(sample_batches[0])
+
+    second = tick(instance, landing, first.cursor)
+
+    assert keys(second) == []
+    assert instance.get_dynamic_partitions(batches.name) == ["batch_0001"]
+
+
+def test_files_being_written_are_ignored_and_odd_names_become_valid_keys(instance, landing, sample_batches):
+    (landing / ".batch_0003.csv.partial").write_bytes(sample_batches[0][:500])
+    (landing / "export 2026,11,21.csv").write_bytes(sample_batches[1])
+    (landing / "notes.txt").write_text("not a batch")
+
+    result = tick(instance, landing)
+
+    assert keys(result) == ["export_2026_11_21"]
+
+
+def test_the_sensor_runs_by_default_and_targets_the_ingestion_job():
+    assert landing_sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert landing_sensor.job_name == "ingest_batch"

@@ -1,0 +1,292 @@
+import multiprocessing
+import secrets
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from readmission_platform.lib import schema
+from readmission_platform.lib.cleaning import clean
+from readmission_platform.lib.features import FEATURE_SCHEMA, build_features
+from readmission_platform.lib.ingest import parse_batch
+from readmission_platform.lib.warehouse import (
+    DuckDBWarehouse,
+    PostgresWarehouse,
+    Warehouse,
+    WarehouseError,
+    open_warehouse,
+    table_ddl,
+)
+
+RAW = "raw_batches"
+REJECTED = "rejected_rows"
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def warehouse(request, tmp_path):
+    """An empty warehouse: a DuckDB file, or a schema of its own in the session's PostgreSQL database."""
+    if request.param == "duckdb":
+        yield DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+        return
+    import psycopg
+
+    database_url = request.getfixturevalue("postgres_url")
+    name = f"test_{secrets.token_hex(6)}"
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {name}")
+    parts = urlsplit(database_url)
+    query = "&".join(filter(None, [parts.query, f"options=-csearch_path%3D{name}"]))
+    yield PostgresWarehouse(parts._replace(query=query).geturl())
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture(scope="module")
+def batches(sample_source_bytes) -> dict[str, tuple[pl.DataFrame, pl.DataFrame]]:
+    """Raw and rejected rows of two batches 'a' and 'b' cut from the sample; each has one truncated line."""
+    lines = sample_source_bytes.splitlines(keepends=True)
+    found = {}
+    for batch_id, body in (("a", lines[1:201]), ("b", lines[201:501])):
+        body[-1] = body[-1][:60] + b"\r\n"
+        parsed = parse_batch(
+            lines[0] + b"".join(body),
+            batch_id=batch_id,
+            source_file=f"{batch_id}.csv",
+            loaded_elsewhere=pl.DataFrame(schema={"encounter_id": pl.Int64, schema.BATCH_ID: pl.String}),
+            now=datetime(2024, 1, 1, 8, 30, 15, 123456, tzinfo=UTC),
+        )
+        found[batch_id] = (parsed.rows, parsed.rejected)
+    return found
+
+
+def writes(raw: pl.DataFrame, rejected: pl.DataFrame) -> dict:
+    return {RAW: (schema.RAW_SCHEMA, raw), REJECTED: (schema.REJECTED_SCHEMA, rejected)}
+
+
+def stored(warehouse: Warehouse, table: str, batch_id: str | None = None) -> pl.DataFrame:
+    return warehouse.read_table(table, batch_id).sort("batch_id", "line_number")
+
+
+def test_replace_batch_twice_leaves_the_same_rows(warehouse, batches):
+    raw, rejected = batches["a"]
+    warehouse.replace_batch(writes(raw, rejected), "a")
+    first = (stored(warehouse, RAW), stored(warehouse, REJECTED))
+    warehouse.replace_batch(writes(raw, rejected), "a")
+
+    assert_frame_equal(stored(warehouse, RAW), first[0])
+    assert_frame_equal(stored(warehouse, REJECTED), first[1])
+    assert_frame_equal(first[0], raw)
+    assert_frame_equal(first[1], rejected)
+    assert (first[0].height, first[1].height) == (199, 1)
+
+
+def test_replacing_one_batch_leaves_the_others_alone(warehouse, batches):
+    for batch_id, (raw, rejected) in batches.items():
+        warehouse.replace_batch(writes(raw, rejected), batch_id)
+    raw_a, rejected_a = batches["a"]
+
+    warehouse.replace_batch(writes(raw_a.head(10), rejected_a.clear()), "a")
+
+    assert_frame_equal(stored(warehouse, RAW, "a"), raw_a.head(10))
+    assert stored(warehouse, REJECTED, "a").is_empty()
+    assert_frame_equal(stored(warehouse, RAW, "b"), batches["b"][0])
+    assert_frame_equal(stored(warehouse, REJECTED, "b"), batches["b"][1])
+
+
+def _missing_a_column(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.drop("reason")
+
+
+def _text_in_a_number_column(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(pl.lit("line four").alias("line_number"))
+
+
+@pytest.mark.parametrize("spoil", [_missing_a_column, _text_in_a_number_column])
+def test_failure_in_a_later_table_undoes_the_whole_replacement(warehouse, batches, spoil):
+    raw, rejected = batches["a"]
+    warehouse.replace_batch(writes(raw, rejected), "a")
+
+    with pytest.raises(Exception):
+        warehouse.replace_batch(
+            {
+                RAW: (schema.RAW_SCHEMA, raw.head(3)),
+                "brand_new": (schema.REJECTED_SCHEMA, rejected),
+                REJECTED: (schema.REJECTED_SCHEMA, spoil(rejected)),
+            },
+            "a",
+        )
+
+    assert_frame_equal(stored(warehouse, RAW), raw)
+    assert_frame_equal(stored(warehouse, REJECTED), rejected)
+    assert "brand_new" not in warehouse.tables()
+
+
+def test_tables_round_trip_the_schema_types(warehouse, batches):
+    raw, rejected = batches["b"]
+    cleaned = clean(raw).frame
+    features = build_features(cleaned)
+    tables = {
+        RAW: (schema.RAW_SCHEMA, raw),
+        REJECTED: (schema.REJECTED_SCHEMA, rejected),
+        "clean_batches": (schema.CLEAN_SCHEMA, cleaned),
+        "features": (FEATURE_SCHEMA, features),
+    }
+    warehouse.replace_batch(tables, "b")
+
+    for table, (columns, frame) in tables.items():
+        back = warehouse.read_table(table)
+        assert back.schema == pl.Schema(columns), table
+        assert_frame_equal(back.sort(back.columns[:4]), frame.sort(frame.columns[:4]))
+    assert cleaned["race"].null_count() > 0 and features.height == cleaned.height > 290
+
+
+def test_empty_frame_clears_the_batch_and_still_creates_the_table(warehouse, batches):
+    raw, rejected = batches["a"]
+    warehouse.replace_batch(writes(raw, rejected), "a")
+    warehouse.replace_batch(writes(raw.clear(), rejected.clear()), "a")
+
+    assert warehouse.read_table(RAW).is_empty()
+    assert list(warehouse.read_table(RAW).schema) == list(schema.RAW_SCHEMA)
+
+    warehouse.replace_batch({"features": (FEATURE_SCHEMA, pl.DataFrame(schema=FEATURE_SCHEMA))}, "a")
+    assert warehouse.read_table("features").schema == pl.Schema(FEATURE_SCHEMA)
+
+
+def test_query_takes_parameters_and_a_missing_table_reads_as_no_rows(warehouse, batches):
+    raw, rejected = batches["b"]
+    warehouse.replace_batch(writes(raw, rejected), "b")
+
+    counted = warehouse.query(f"SELECT batch_id, COUNT(*) AS n FROM {RAW} WHERE line_number > $1 GROUP BY batch_id", [100])
+    assert counted.rows() == [("b", 200)]
+    assert warehouse.query("SELECT * FROM never_created").is_empty()
+    with pytest.raises(Exception, match="no_such_column"):
+        warehouse.query(f"SELECT no_such_column FROM {RAW}")
+
+
+def test_reading_a_missing_table_names_it(warehouse):
+    with pytest.raises(WarehouseError, match="table 'clean_batches' does not exist in .*; materialize its asset first"):
+        warehouse.read_table("clean_batches")
+
+
+def test_tables_and_columns_describe_what_exists(warehouse, batches):
+    assert warehouse.tables() == set()
+    assert warehouse.columns(RAW) == {}
+
+    warehouse.replace_batch(writes(*batches["a"]), "a")
+
+    assert warehouse.tables() == {RAW, REJECTED}
+    columns = warehouse.columns(REJECTED)
+    assert list(columns) == list(schema.REJECTED_SCHEMA)
+    assert columns["line_number"] == "BIGINT" if isinstance(warehouse, DuckDBWarehouse) else "bigint"
+
+
+def test_table_with_other_columns_is_refused_naming_them(warehouse, batches):
+    legacy = {"batch_id": pl.String(), "legacy_code": pl.Int64()}
+    warehouse.replace_batch({RAW: (legacy, pl.DataFrame({"batch_id": ["a"], "legacy_code": [7]}))}, "a")
+
+    with pytest.raises(WarehouseError, match=r"has columns \['batch_id', 'legacy_code'\]; the platform writes \['encounter_id'"):
+        warehouse.replace_batch(writes(*batches["a"]), "a")
+    assert warehouse.read_table(RAW).rows() == [("a", 7)]
+    assert REJECTED not in warehouse.tables()
+
+
+@pytest.mark.parametrize("table", ["Raw_Batches", "raw-batches", "raw_batches; DROP TABLE x", "1st"])
+def test_table_name_must_be_a_plain_identifier(table):
+    with pytest.raises(WarehouseError, match="is not a plain lower-case SQL identifier"):
+        table_ddl(table, {"batch_id": pl.String()})
+
+
+def test_ddl_quotes_column_names_and_maps_every_schema_type():
+    ddl = table_ddl("features", FEATURE_SCHEMA | {"ingested_at": pl.Datetime("us", "UTC"), "age_years": pl.Int16()})
+    assert '"A1Cresult" TEXT' in ddl and '"glyburide-metformin" TEXT' in ddl
+    assert '"encounter_id" BIGINT' in ddl and '"readmitted_30d" BOOLEAN' in ddl
+    assert '"age_years" SMALLINT' in ddl and '"ingested_at" TIMESTAMP WITH TIME ZONE' in ddl
+    assert '"prior_visits" DOUBLE PRECISION' in ddl
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "where"),
+    [
+        ("postgresql://etl:secret@db.internal:5432/readmission", PostgresWarehouse, None),
+        ("postgres://etl@db/readmission", PostgresWarehouse, None),
+        ("duckdb:////var/lib/readmission/warehouse.duckdb", DuckDBWarehouse, "/var/lib/readmission/warehouse.duckdb"),
+        ("duckdb:///warehouse.duckdb", DuckDBWarehouse, "warehouse.duckdb"),
+        ("duckdb://warehouse.duckdb", DuckDBWarehouse, "warehouse.duckdb"),
+        ("/srv/data/warehouse.duckdb", DuckDBWarehouse, "/srv/data/warehouse.duckdb"),
+        ("warehouse.duckdb", DuckDBWarehouse, "warehouse.duckdb"),
+    ],
+)
+def test_open_warehouse_picks_the_backend_from_the_url(url, kind, where):
+    warehouse = open_warehouse(url)
+    assert type(warehouse) is kind
+    if where is None:
+        assert warehouse.url == url
+    else:
+        assert warehouse.path == Path(where)
+
+
+@pytest.mark.parametrize("url", ["mysql://db/readmission", "sqlite:///warehouse.db", "duckdb://s3://bucket/w.duckdb"])
+def test_open_warehouse_refuses_other_schemes(url):
+    with pytest.raises(WarehouseError, match="is neither postgresql://… nor duckdb:///path"):
+        open_warehouse(url)
+
+
+def test_duckdb_url_opens_the_same_file(tmp_path):
+    warehouse = DuckDBWarehouse(tmp_path / "w.duckdb")
+    assert open_warehouse(warehouse.url).path == warehouse.path
+
+
+def test_describe_hides_credentials():
+    warehouse = open_warehouse("postgresql://etl:secret@db.internal:5432/readmission")
+    assert warehouse.describe() == "postgresql://***@db.internal:5432/readmission"
+    assert "secret" not in str(WarehouseError(f"cannot connect to {warehouse.describe()}"))
+
+
+@pytest.mark.postgres
+def test_unreachable_postgres_is_a_warehouse_error(postgres_url):
+    nowhere = urlsplit(postgres_url)._replace(netloc="nobody:secret@127.0.0.1:1").geturl()
+    with pytest.raises(WarehouseError, match=r"cannot connect to postgresql://\*\*\*@127.0.0.1:1/") as raised:
+        PostgresWarehouse(nowhere).tables()
+    assert "secret" not in str(raised.value).split(":", 2)[-1].split("/")[0]
+
+
+COUNTER = {"batch_id": pl.String(), "writer": pl.String(), "round": pl.Int64(), "n": pl.Int64()}
+
+
+def _write_repeatedly(path: str, batch_id: str, rounds: int, start, outcome) -> None:
+    try:
+        warehouse = DuckDBWarehouse(Path(path))
+        start.wait(timeout=60)
+        for round_ in range(rounds):
+            frame = pl.DataFrame(
+                {"batch_id": batch_id, "writer": batch_id, "round": round_, "n": range(500)}, schema=COUNTER
+            )
+            warehouse.replace_batch({"counter": (COUNTER, frame)}, batch_id)
+        outcome.put((batch_id, "ok"))
+    except BaseException:
+        outcome.put((batch_id, traceback.format_exc()))
+
+
+def test_two_processes_writing_one_duckdb_file_both_succeed(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    start, outcome = context.Barrier(2), context.Queue()
+    rounds = 15
+    writers = [
+        context.Process(target=_write_repeatedly, args=(str(tmp_path / "w.duckdb"), batch_id, rounds, start, outcome))
+        for batch_id in ("x", "y")
+    ]
+    for writer in writers:
+        writer.start()
+    results = dict(outcome.get(timeout=120) for _ in writers)
+    for writer in writers:
+        writer.join(timeout=30)
+
+    assert results == {"x": "ok", "y": "ok"}
+    counts = DuckDBWarehouse(tmp_path / "w.duckdb").query(
+        'SELECT batch_id, MIN("round") AS first, MAX("round") AS last, COUNT(*) AS n FROM counter GROUP BY batch_id ORDER BY batch_id'
+    )
+    assert counts.rows() == [("x", rounds - 1, rounds - 1, 500), ("y", rounds - 1, rounds - 1, 500)]
