@@ -15,13 +15,13 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-# The warehouse imports its drivers lazily; importing them here keeps that one-time cost out of the timings.
+# The warehouse imports its drivers on first use; importing them here keeps that one-time cost out of the timings.
 import adbc_driver_postgresql.dbapi  # noqa: F401
 import duckdb
 import numpy as np
@@ -30,7 +30,6 @@ import polars as pl
 import psycopg
 import sqlalchemy as sa
 
-from readmission_platform.defs.ingestion.assets import loaded_elsewhere
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.features import (
@@ -43,6 +42,7 @@ from readmission_platform.lib.features import (
     build_features,
 )
 from readmission_platform.lib.ingest import parse_batch
+from readmission_platform.lib.pipeline import NOTHING_LOADED, clean_batch, feature_batch, ingest_batch
 from readmission_platform.lib.landing import batch_file_name, batch_id_for, split_batches
 from readmission_platform.lib.source import read_source_bytes
 from readmission_platform.lib.warehouse import open_warehouse
@@ -51,81 +51,59 @@ RESULTS = Path(__file__).parent / "results" / "ingest.json"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 TARGET_SECONDS = 10.0
 TARGET_RATIO = 10.0
-# A baseline run slower than this is measured once unless --baseline-repeats says otherwise.
 SLOW_BASELINE_SECONDS = 30.0
 
-DUCKDB, POSTGRES, BASELINE = "platform → DuckDB", "platform → PostgreSQL", "pandas/to_sql → PostgreSQL"
+DUCKDB, POSTGRES, BASELINE = "duckdb", "postgresql", "baseline"
+LABELS = {DUCKDB: "platform → DuckDB", POSTGRES: "platform → PostgreSQL", BASELINE: "pandas/to_sql → PostgreSQL"}
 STAGES = ("raw_batches", "clean_batches", "features")
-STEPS = ("read", "compute", "write")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Run:
-    seconds: float
-    steps: dict[tuple[str, str], float]  # (stage, step) → seconds
+    """Wall seconds of one run, the seconds of each stage in it, and the feature rows it stored."""
 
-
-class Stopwatch:
-    """Adds up the time spent in each (stage, step) of one run."""
-
-    def __init__(self):
-        self.steps: dict[tuple[str, str], float] = defaultdict(float)
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    stored: int = 0
 
     @contextmanager
-    def __call__(self, stage: str, step: str) -> Iterator[None]:
+    def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.steps[(stage, step)] += time.perf_counter() - start
+            self.stages[name] += time.perf_counter() - start
 
 
-def run_platform(url: str, batches: list[bytes]) -> tuple[Run, int]:
-    """Each batch through raw_batches, clean_batches and features in turn, with the assets' calls; also the rows stored."""
+def run_platform(url: str, batches: list[bytes]) -> Run:
+    """Each batch through the three assets' work in turn, each stage on its own connection as in a run."""
     store = open_warehouse(url)
-    watch = Stopwatch()
+    run = Run()
     start = time.perf_counter()
     for index, content in enumerate(batches, start=1):
         source_file = batch_file_name(index)
         batch_id = batch_id_for(Path(source_file))
-        with watch("raw_batches", "read"):
-            elsewhere = loaded_elsewhere(store, batch_id)
-        with watch("raw_batches", "compute"):
-            parsed = parse_batch(
-                content, batch_id=batch_id, source_file=source_file, loaded_elsewhere=elsewhere, now=datetime.now(UTC)
-            )
-        with watch("raw_batches", "write"):
-            store.replace_batch(
-                {"raw_batches": (schema.RAW_SCHEMA, parsed.rows), "rejected_rows": (schema.REJECTED_SCHEMA, parsed.rejected)},
-                batch_id,
-            )
-        with watch("clean_batches", "read"):
-            raw = store.read_table("raw_batches", batch_id)
-        with watch("clean_batches", "compute"):
-            cleaned = clean(raw).frame
-        with watch("clean_batches", "write"):
-            store.replace_batch({"clean_batches": (schema.CLEAN_SCHEMA, cleaned)}, batch_id)
-        with watch("features", "read"):
-            clean_rows = store.read_table("clean_batches", batch_id)
-        with watch("features", "compute"):
-            table = build_features(clean_rows)
-        with watch("features", "write"):
-            store.replace_batch({"features": (FEATURE_SCHEMA, table)}, batch_id)
-    seconds = time.perf_counter() - start
-    stored = store.query("SELECT count(*) AS n FROM features")["n"][0]
-    return Run(seconds, dict(watch.steps)), stored
+        with run.stage("raw_batches"), store:
+            ingest_batch(store, content, batch_id=batch_id, source_file=source_file, now=datetime.now(UTC))
+        with run.stage("clean_batches"), store:
+            clean_batch(store, batch_id)
+        with run.stage("features"), store:
+            feature_batch(store, batch_id)
+    run.seconds = time.perf_counter() - start
+    run.stored = store.query("SELECT count(*) AS n FROM features")["n"][0]
+    return run
 
 
 def read_seed_csv(csv_bytes: bytes) -> pd.DataFrame:
     # keep_default_na=False keeps "None" (test not taken) a category instead of pandas' NaN.
     with warnings.catch_warnings():
-        # payer_code is NaN in whole parser chunks; the mixed object column it gives is harmless.
+        # payer_code is all NaN in some parser chunks; the mixed object column this warns about is harmless.
         warnings.simplefilter("ignore", pd.errors.DtypeWarning)
         return pd.read_csv(io.BytesIO(csv_bytes), na_values=schema.MISSING, keep_default_na=False)
 
 
 def pandas_icd9_group(codes: pd.Series) -> pd.Series:
-    """The chapter groups of lib/cleaning.icd9_group, first matching rule wins; V and E codes are 'other'."""
+    """The groups of lib/cleaning.icd9_group, the first matching rule winning; V and E codes are 'other'."""
     whole = np.floor(pd.to_numeric(codes, errors="coerce"))
     rules = {
         "circulatory": whole.between(390, 459) | (whole == 785),
@@ -155,7 +133,7 @@ def pandas_clean(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def pandas_features(clean_rows: pd.DataFrame) -> pd.DataFrame:
-    """The columns of lib/features.build_features, in pandas, without the batch_id the baseline does not have."""
+    """The columns of lib/features.build_features in pandas, less the batch_id the baseline does not have."""
     medications = clean_rows[list(MEDICATION_FEATURES)]
     derived = {
         "prior_visits": clean_rows["number_outpatient"] + clean_rows["number_emergency"] + clean_rows["number_inpatient"],
@@ -169,34 +147,30 @@ def pandas_features(clean_rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def run_baseline(url: sa.URL, csv_bytes: bytes) -> tuple[Run, int]:
-    """The seeds' way: the whole file through pandas, each table appended with DataFrame.to_sql; also the rows stored."""
+def run_baseline(url: sa.URL, csv_bytes: bytes) -> Run:
+    """The seeds' way: the whole file through pandas, each table appended with DataFrame.to_sql."""
     engine = sa.create_engine(url)
-    watch = Stopwatch()
+    run = Run()
     start = time.perf_counter()
-    with watch("raw_batches", "compute"):
+    with run.stage("raw_batches"):
         raw = read_seed_csv(csv_bytes)
-    with watch("raw_batches", "write"):
         raw.to_sql("raw_batches", engine, if_exists="append", index=False)
-    with watch("clean_batches", "compute"):
+    with run.stage("clean_batches"):
         cleaned = pandas_clean(raw)
-    with watch("clean_batches", "write"):
         cleaned.to_sql("clean_batches", engine, if_exists="append", index=False)
-    with watch("features", "compute"):
+    with run.stage("features"):
         table = pandas_features(cleaned)
-    with watch("features", "write"):
         table.to_sql("features", engine, if_exists="append", index=False)
-    seconds = time.perf_counter() - start
+    run.seconds = time.perf_counter() - start
     with engine.connect() as connection:
-        stored = connection.execute(sa.text("SELECT count(*) FROM features")).scalar_one()
+        run.stored = connection.execute(sa.text("SELECT count(*) FROM features")).scalar_one()
     engine.dispose()
-    return Run(seconds, dict(watch.steps)), stored
+    return run
 
 
 def check_same_work(csv_bytes: bytes) -> int:
-    """The feature rows both ways must be equal, or the ratio compares different work; returns their count."""
-    nothing_loaded = pl.DataFrame(schema={"encounter_id": pl.Int64, schema.BATCH_ID: pl.String})
-    parsed = parse_batch(csv_bytes, batch_id="all", source_file="all.csv", loaded_elsewhere=nothing_loaded, now=datetime.now(UTC))
+    """Fail unless the baseline computes the platform's feature rows, else the ratio compares unlike work."""
+    parsed = parse_batch(csv_bytes, batch_id="all", source_file="all.csv", loaded_elsewhere=NOTHING_LOADED, now=datetime.now(UTC))
     ours = build_features(clean(parsed.rows).frame).drop(schema.BATCH_ID).sort("encounter_id")
     theirs = pl.from_pandas(pandas_features(pandas_clean(read_seed_csv(csv_bytes)))).sort("encounter_id")
     fix = f"fix pandas_clean or pandas_features in {__file__}"
@@ -210,7 +184,7 @@ def check_same_work(csv_bytes: bytes) -> int:
 
 @contextmanager
 def fresh_database(server_url: str) -> Iterator[sa.URL]:
-    """A new, empty database on the server, dropped afterwards even if the run fails."""
+    """A new, empty database on the server, dropped afterwards even when the run fails."""
     name = f"readmission_bench_{secrets.token_hex(4)}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
@@ -227,12 +201,75 @@ def fresh_duckdb() -> Iterator[str]:
         yield f"duckdb:///{folder}/warehouse.duckdb"
 
 
-def measure(backend: str, run: Callable[[], tuple[Run, int]], expected_rows: int) -> Run:
-    result, stored = run()
-    if stored != expected_rows:
-        sys.exit(f"{backend}: the features table holds {stored} rows after the run; expected {expected_rows}")
-    print(f"  {backend:<28} {result.seconds:7.2f} s", flush=True)
-    return result
+def measure(backend: str, batches: list[bytes], csv_bytes: bytes, server_url: str, feature_rows: int) -> Run:
+    """One run of a backend into a warehouse of its own; fails if it did not store every feature row."""
+    if backend == DUCKDB:
+        with fresh_duckdb() as url:
+            run = run_platform(url, batches)
+    else:
+        with fresh_database(server_url) as url:
+            if backend == POSTGRES:
+                run = run_platform(url.render_as_string(hide_password=False), batches)
+            else:
+                run = run_baseline(url.set(drivername="postgresql+psycopg"), csv_bytes)
+    if run.stored != feature_rows:
+        sys.exit(f"{LABELS[backend]}: the features table holds {run.stored} rows after the run; expected {feature_rows}")
+    print(f"  {LABELS[backend]:<28} {run.seconds:7.2f} s", flush=True)
+    return run
+
+
+def prepared_tables(batches: list[bytes]) -> list[tuple[str, dict[str, tuple]]]:
+    """Each batch's three tables as the assets write them, computed once, for the load-only comparison."""
+    prepared = []
+    loaded = NOTHING_LOADED
+    for index, content in enumerate(batches, start=1):
+        batch_id = batch_id_for(Path(batch_file_name(index)))
+        parsed = parse_batch(content, batch_id=batch_id, source_file=f"{batch_id}.csv", loaded_elsewhere=loaded, now=datetime.now(UTC))
+        cleaned = clean(parsed.rows).frame
+        prepared.append(
+            (
+                batch_id,
+                {
+                    "raw_batches": (schema.RAW_SCHEMA, parsed.rows),
+                    "rejected_rows": (schema.REJECTED_SCHEMA, parsed.rejected),
+                    "clean_batches": (schema.CLEAN_SCHEMA, cleaned),
+                    "features": (FEATURE_SCHEMA, build_features(cleaned)),
+                },
+            )
+        )
+    return prepared
+
+
+def load_platform(url: str, prepared) -> float:
+    """Seconds for the warehouse to replace each batch's rows of the three tables, as the assets do."""
+    store = open_warehouse(url)
+    start = time.perf_counter()
+    for batch_id, tables in prepared:
+        for table in ("raw_batches", "clean_batches", "features"):
+            with store:
+                store.replace_batch({table: tables[table]}, batch_id)
+    return time.perf_counter() - start
+
+
+def load_baseline(url: sa.URL, prepared) -> float:
+    """Seconds for DataFrame.to_sql to append the same rows, converted to pandas beforehand."""
+    frames = [(table, tables[table][1].to_pandas()) for _, tables in prepared for table in ("raw_batches", "clean_batches", "features")]
+    engine = sa.create_engine(url)
+    start = time.perf_counter()
+    for table, frame in frames:
+        frame.to_sql(table, engine, if_exists="append", index=False)
+    seconds = time.perf_counter() - start
+    engine.dispose()
+    return seconds
+
+
+def measure_load(prepared, server_url: str) -> tuple[float, float]:
+    with fresh_database(server_url) as url:
+        platform_seconds = load_platform(url.render_as_string(hide_password=False), prepared)
+    with fresh_database(server_url) as url:
+        baseline_seconds = load_baseline(url.set(drivername="postgresql+psycopg"), prepared)
+    print(f"  load only: platform {platform_seconds:.2f} s, to_sql {baseline_seconds:.2f} s", flush=True)
+    return platform_seconds, baseline_seconds
 
 
 def summarize(runs: list[Run], rows: int) -> dict:
@@ -241,32 +278,33 @@ def summarize(runs: list[Run], rows: int) -> dict:
         "runs_seconds": [round(r.seconds, 3) for r in runs],
         "median_seconds": round(median, 3),
         "rows_per_second": round(rows / median),
-        "stages_median_seconds": {
-            stage: {step: round(statistics.median(r.steps[(stage, step)] for r in runs), 3) for step in STEPS if (stage, step) in runs[0].steps}
-            for stage in STAGES
-        },
+        "stages_median_seconds": {stage: round(statistics.median(r.stages[stage] for r in runs), 3) for stage in STAGES},
     }
 
 
 def report(results: dict) -> str:
-    backends = results["backends"]
-    lines = [f"{'backend':<28} {'median s':>9} {'rows/s':>9}  runs", "-" * 60]
+    backends, targets = results["backends"], results["targets"]
+    lines = [f"{'backend':<28} {'median s':>9} {'rows/s':>9}  runs", "-" * 56]
     lines += [
-        f"{name:<28} {b['median_seconds']:9.2f} {b['rows_per_second']:9,d}  {len(b['runs_seconds'])}"
+        f"{LABELS[name]:<28} {b['median_seconds']:9.2f} {b['rows_per_second']:9,d}  {len(b['runs_seconds'])}"
         for name, b in backends.items()
     ]
-    lines += ["", f"{'per stage, median s':<28} {'stage':<14}" + "".join(f"{s:>8}" for s in STEPS), "-" * 66]
+    lines += ["", f"{'per stage, median s':<28}" + "".join(f"{s:>15}" for s in STAGES), "-" * (28 + 15 * len(STAGES))]
     for name, b in backends.items():
-        for stage, steps in b["stages_median_seconds"].items():
-            # The baseline never reads back from the database between stages.
-            lines.append(f"{name:<28} {stage:<14}" + "".join(f"{steps[s]:8.2f}" if s in steps else f"{'—':>8}" for s in STEPS))
-    targets = results["targets"]
-    lines += ["", f"targets ({results['rows']:,} rows, {results['batches']} batches)"]
+        lines.append(f"{LABELS[name]:<28}" + "".join(f"{b['stages_median_seconds'][s]:15.2f}" for s in STAGES))
+    lines += ["", f"targets ({results['rows']:,} encounters in {results['batches']} batches)"]
     for name, met in targets["under_10_seconds"].items():
-        lines.append(f"  {name} under {TARGET_SECONDS:.0f} s: {'met' if met else 'NOT met'}")
+        lines.append(f"  {LABELS[name]} under {TARGET_SECONDS:.0f} s: {'met' if met else 'NOT met'}")
     if (ratio := results["ratio_postgres_over_baseline"]) is not None:
-        met = targets["ratio_at_least_10x"]
-        lines.append(f"  PostgreSQL throughput / baseline = {ratio:.2f}× (≥ {TARGET_RATIO:.0f}×: {'met' if met else 'NOT met'})")
+        verdict = "met" if targets["ratio_at_least_10x"] else "NOT met"
+        lines.append(f"  {LABELS[POSTGRES]} throughput / baseline = {ratio:.2f}× (≥ {TARGET_RATIO:.0f}×: {verdict})")
+    if load := results["load_only"]:
+        lines += [
+            "",
+            "loading the same three tables into PostgreSQL (computed beforehand), median s:",
+            f"  platform (ADBC binary COPY, per batch) {load['platform_median_seconds']:.2f}"
+            f"   DataFrame.to_sql {load['to_sql_median_seconds']:.2f}   ratio {load['ratio']:.1f}×",
+        ]
     return "\n".join(lines)
 
 
@@ -276,41 +314,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline-repeats",
         type=int,
-        help=f"runs of the pandas baseline (default: as --repeats, or 1 if a run takes over {SLOW_BASELINE_SECONDS:.0f} s)",
+        help=f"runs of the baseline (default: as --repeats, or 1 when its first run takes over {SLOW_BASELINE_SECONDS:.0f} s)",
     )
-    parser.add_argument("--skip-postgres", action="store_true", help="DuckDB only; no PostgreSQL, so no baseline")
+    parser.add_argument("--skip-postgres", action="store_true", help="DuckDB only, hence no baseline either")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.baseline_repeats is not None and args.baseline_repeats < 1):
+        parser.error("--repeats and --baseline-repeats need at least 1 run to take a median of")
     server_url = os.environ.get("READMISSION_BENCH_PG_URL", DEFAULT_PG_URL)
 
     csv_bytes = read_source_bytes()
     batches = split_batches(csv_bytes)
     rows = sum(len(batch.splitlines()) - 1 for batch in batches)
     feature_rows = check_same_work(csv_bytes)
-    print(f"{rows:,} encounters in {len(batches)} batches → {feature_rows:,} feature rows; noisy machine, so medians")
+    print(f"{rows:,} encounters in {len(batches)} batches, {feature_rows:,} feature rows")
 
+    platforms = [DUCKDB] if args.skip_postgres else [DUCKDB, POSTGRES]
+    baseline_repeats = 0 if args.skip_postgres else args.baseline_repeats
     runs: dict[str, list[Run]] = defaultdict(list)
-    baseline_repeats = args.baseline_repeats
-    # Rounds interleave the backends so drift in the shared machine's load falls on all of them alike.
+    # Rounds interleave the backends, so a change in the shared machine's load falls on all of them alike.
     for round_number in range(1, max(args.repeats, baseline_repeats or 0) + 1):
         print(f"round {round_number}", flush=True)
-        if round_number <= args.repeats:
-            with fresh_duckdb() as url:
-                runs[DUCKDB].append(measure(DUCKDB, lambda: run_platform(url, batches), feature_rows))
-            if not args.skip_postgres:
-                with fresh_database(server_url) as url:
-                    pg_url = url.render_as_string(hide_password=False)
-                    runs[POSTGRES].append(measure(POSTGRES, lambda: run_platform(pg_url, batches), feature_rows))
-        if not args.skip_postgres and round_number <= (baseline_repeats or args.repeats):
-            with fresh_database(server_url) as url:
-                baseline_url = url.set(drivername="postgresql+psycopg")
-                runs[BASELINE].append(measure(BASELINE, lambda: run_baseline(baseline_url, csv_bytes), feature_rows))
-            if baseline_repeats is None and runs[BASELINE][0].seconds > SLOW_BASELINE_SECONDS:
-                baseline_repeats = 1
+        due = platforms if round_number <= args.repeats else []
+        if round_number <= (args.repeats if baseline_repeats is None else baseline_repeats):
+            due = [*due, BASELINE]
+        for backend in due:
+            runs[backend].append(measure(backend, batches, csv_bytes, server_url, feature_rows))
+        if baseline_repeats is None and runs[BASELINE][0].seconds > SLOW_BASELINE_SECONDS:
+            baseline_repeats = 1
+
+    loads = [] if args.skip_postgres else [measure_load(prepared_tables(batches), server_url) for _ in range(args.repeats)]
 
     backends = {name: summarize(measured, rows) for name, measured in runs.items()}
     ratio = None
     if BASELINE in backends:
-        ratio = round(backends[POSTGRES]["rows_per_second"] / backends[BASELINE]["rows_per_second"], 3)
+        ratio = round(backends[BASELINE]["median_seconds"] / backends[POSTGRES]["median_seconds"], 3)
     results = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -320,17 +357,22 @@ def main(argv: list[str] | None = None) -> None:
         "feature_rows": feature_rows,
         "backends": backends,
         "ratio_postgres_over_baseline": ratio,
+        "load_only": None
+        if not loads
+        else {
+            "platform_median_seconds": round(statistics.median(p for p, _ in loads), 3),
+            "to_sql_median_seconds": round(statistics.median(b for _, b in loads), 3),
+            "ratio": round(statistics.median(b for _, b in loads) / statistics.median(p for p, _ in loads), 3),
+        },
         "targets": {
-            "under_10_seconds": {
-                name: backends[name]["median_seconds"] < TARGET_SECONDS for name in (DUCKDB, POSTGRES) if name in backends
-            },
-            "ratio_at_least_10x": ratio >= TARGET_RATIO if ratio is not None else None,
+            "under_10_seconds": {name: backends[name]["median_seconds"] < TARGET_SECONDS for name in platforms},
+            "ratio_at_least_10x": None if ratio is None else ratio >= TARGET_RATIO,
         },
     }
     print("\n" + report(results))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nwritten to {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    print(f"\nwritten to {RESULTS}")
 
 
 if __name__ == "__main__":

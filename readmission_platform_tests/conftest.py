@@ -78,9 +78,12 @@ def postgres_url():
     try:
         with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        problem = None
     except psycopg.Error as error:
+        problem = str(error).strip()
+    if problem:
         pytest.fail(
-            f"cannot create a test database on the PostgreSQL server at {_masked(admin_url)}: {error}\n"
+            f"cannot create a test database on the PostgreSQL server at {_masked(admin_url)}: {problem}\n"
             "Start PostgreSQL there, point READMISSION_TEST_PG_URL at a server where this user may create "
             "databases, or set READMISSION_SKIP_POSTGRES=1 to skip the PostgreSQL tests.",
             pytrace=False,
@@ -88,3 +91,18 @@ def postgres_url():
     yield _with_database(admin_url, database)
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
         connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+
+
+@pytest.fixture
+def pg_schema_url(postgres_url: str):
+    """URL of a fresh schema in the session's database, selected through libpq's search_path option."""
+    import psycopg
+
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {name}")
+    parts = urlsplit(postgres_url)
+    query = "&".join(filter(None, [parts.query, f"options=-csearch_path%3D{name}"]))
+    yield parts._replace(query=query).geturl()
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {name} CASCADE")

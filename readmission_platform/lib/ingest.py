@@ -133,7 +133,13 @@ def _judge(rows: pl.DataFrame, loaded_elsewhere: pl.DataFrame) -> pl.DataFrame:
     ).unique("_id", keep="first")
     judged = (
         rows.with_columns(_id=as_id("encounter_id"), _patient=as_id("patient_nbr"))
-        .with_columns(_first_line=pl.col("line_number").min().over("_id"))
+        # Only a row that could load claims its id: a malformed one does not shadow a later good copy.
+        .with_columns(
+            _first_line=pl.when((pl.col("_id") > 0) & (pl.col("_patient") > 0))
+            .then(pl.col("line_number"))
+            .min()
+            .over("_id")
+        )
         .join(elsewhere, on="_id", how="left", maintain_order="left")
     )
     reason = (

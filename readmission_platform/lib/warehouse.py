@@ -46,32 +46,73 @@ def table_ddl(table: str, columns: Mapping[str, pl.DataType]) -> str:
 
 
 class Warehouse(ABC):
-    """Replace, read and query the platform's tables."""
+    """Replace, read and query the platform's tables.
+
+    Used as a context manager it keeps one connection for everything inside the block (an asset's
+    reads and writes); outside a block each call opens and closes its own.
+    """
 
     url: str
+    _connection: Any = None
+
+    def __enter__(self) -> Warehouse:
+        self._session = self._connect()
+        self._connection = self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._connection = None
+        self._session.__exit__(*exc_info)
+
+    @contextmanager
+    def _connected(self):
+        if self._connection is not None:
+            yield self._connection
+        else:
+            with self._connect() as connection:
+                yield connection
+
+    @abstractmethod
+    def _connect(self):
+        """A context manager giving a new connection."""
 
     @abstractmethod
     def query(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
         """Run a query (parameters as $1, $2, …) and return its rows; a missing table reads as no rows."""
 
     @abstractmethod
+    def _write(self, connection, writes: Mapping[str, tuple[Mapping[str, pl.DataType], pl.DataFrame]], batch_id: str):
+        """Delete and insert each table's rows for `batch_id` in one transaction on `connection`."""
+
     def replace_batch(self, writes: Mapping[str, tuple[Mapping[str, pl.DataType], pl.DataFrame]], batch_id: str) -> None:
         """In one transaction, make each table's rows for `batch_id` exactly the given frame's rows."""
+        for table, (columns, _) in writes.items():
+            self._check_columns(table, columns)
+        with self._connected() as connection:
+            self._write(connection, writes, batch_id)
 
-    @abstractmethod
     def tables(self) -> set[str]:
         """Names of the tables that exist."""
+        rows = self.query("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
+        return set(rows["table_name"]) if rows.height else set()
 
-    @abstractmethod
     def columns(self, table: str) -> dict[str, str]:
         """Column name → SQL type name of an existing table, in table order."""
+        rows = self.query(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            [table],
+        )
+        return dict(zip(rows["column_name"], rows["data_type"])) if rows.height else {}
 
     def read_table(self, table: str, batch_id: str | None = None) -> pl.DataFrame:
-        if table not in self.tables():
-            raise WarehouseError(f"table {table!r} does not exist in {self.describe()}; materialize its asset first")
         if batch_id is None:
-            return self.query(f"SELECT * FROM {table}")
-        return self.query(f"SELECT * FROM {table} WHERE batch_id = $1", [batch_id])
+            rows = self.query(f"SELECT * FROM {table}")
+        else:
+            rows = self.query(f"SELECT * FROM {table} WHERE batch_id = $1", [batch_id])
+        if not rows.width:
+            raise WarehouseError(f"table {table!r} does not exist in {self.describe()}; materialize its asset first")
+        return rows
 
     def describe(self) -> str:
         return re.sub(r"//[^@/]*@", "//***@", self.url)
@@ -118,7 +159,7 @@ class DuckDBWarehouse(Warehouse):
     def query(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
         import duckdb
 
-        with self._connect() as connection:
+        with self._connected() as connection:
             try:
                 return pl.from_arrow(connection.sql(sql, params=list(params) or None).to_arrow_table())
             except duckdb.CatalogException as error:
@@ -126,39 +167,27 @@ class DuckDBWarehouse(Warehouse):
                     return pl.DataFrame()
                 raise
 
-    def tables(self) -> set[str]:
-        with self._connect() as connection:
-            rows = connection.execute("SELECT table_name FROM information_schema.tables").fetchall()
-        return {name for (name,) in rows}
-
-    def columns(self, table: str) -> dict[str, str]:
-        with self._connect() as connection:
-            rows = connection.execute(
-                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
-                [table],
-            ).fetchall()
-        return dict(rows)
-
-    def replace_batch(self, writes, batch_id):
-        for table, (columns, _) in writes.items():
-            self._check_columns(table, columns)
-        with self._connect() as connection:
-            connection.begin()
-            try:
-                for table, (columns, frame) in writes.items():
-                    connection.execute(table_ddl(table, columns))
-                    connection.execute(f"DELETE FROM {table} WHERE batch_id = $1", [batch_id])
-                    connection.register("incoming", frame.select(list(columns)).to_arrow())
-                    connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
-                    connection.unregister("incoming")
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
+    def _write(self, connection, writes, batch_id):
+        connection.begin()
+        try:
+            for table, (columns, frame) in writes.items():
+                connection.execute(table_ddl(table, columns))
+                connection.execute(f"DELETE FROM {table} WHERE batch_id = $1", [batch_id])
+                connection.register("incoming", frame.select(list(columns)).to_arrow())
+                connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
+                connection.unregister("incoming")
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
 
 
 class PostgresWarehouse(Warehouse):
-    """A PostgreSQL database, reached through ADBC so reads and loads move Arrow batches."""
+    """A PostgreSQL database, reached through ADBC so reads and loads move Arrow batches (binary COPY)."""
+
+    # The last connection is kept for the next block in this process, so a run's steps share it
+    # instead of paying ~60 ms each for a new one. One at most: a process never hoards connections.
+    _idle: dict[str, Any] = {}
 
     def __init__(self, url: str):
         self.url = url
@@ -167,52 +196,68 @@ class PostgresWarehouse(Warehouse):
     def _connect(self):
         import adbc_driver_postgresql.dbapi as adbc
 
-        try:
-            connection = adbc.connect(self.url)
-        except Exception as error:
-            raise WarehouseError(f"cannot connect to {self.describe()}: {error}") from error
+        connection = self._idle.pop(self.url, None)
+        for stale in self._idle.values():
+            stale.close()
+        self._idle.clear()
+        if connection is not None and not _alive(connection):
+            connection.close()
+            connection = None
+        if connection is None:
+            try:
+                connection = adbc.connect(self.url)
+            except Exception as error:
+                raise WarehouseError(f"cannot connect to {self.describe()}: {error}") from error
+        healthy = False
         try:
             yield connection
+            healthy = True
         finally:
-            connection.close()
+            if healthy and not self._idle:
+                self._idle[self.url] = connection
+            else:
+                connection.close()
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
-        with self._connect() as connection, connection.cursor() as cursor:
+        with self._connected() as connection, connection.cursor() as cursor:
             try:
                 cursor.execute(sql, list(params) if params else None)
+                rows = pl.from_arrow(cursor.fetch_arrow_table())
             except Exception as error:
+                connection.rollback()
                 if "does not exist" in str(error) and "relation" in str(error):
                     return pl.DataFrame()
                 raise
-            return pl.from_arrow(cursor.fetch_arrow_table())
+            # End the read's transaction, so a kept connection does not sit idle inside one.
+            connection.commit()
+            return rows
 
-    def tables(self) -> set[str]:
-        rows = self.query("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
-        return set(rows["table_name"]) if rows.height else set()
+    def _write(self, connection, writes, batch_id):
+        try:
+            with connection.cursor() as cursor:
+                for table, (columns, frame) in writes.items():
+                    cursor.execute(table_ddl(table, columns))
+                    # Every read and delete selects one batch; without the index each scans the table.
+                    cursor.execute(f"CREATE INDEX IF NOT EXISTS {table}_batch_id ON {table} (batch_id)")
+                    cursor.execute(f"DELETE FROM {table} WHERE batch_id = $1", [batch_id])
+                    if frame.height:
+                        cursor.adbc_ingest(table, frame.select(list(columns)).to_arrow(), mode="append")
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
 
-    def columns(self, table: str) -> dict[str, str]:
-        rows = self.query(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
-            [table],
-        )
-        return dict(zip(rows["column_name"], rows["data_type"])) if rows.height else {}
 
-    def replace_batch(self, writes, batch_id):
-        for table, (columns, _) in writes.items():
-            self._check_columns(table, columns)
-        with self._connect() as connection:
-            try:
-                with connection.cursor() as cursor:
-                    for table, (columns, frame) in writes.items():
-                        cursor.execute(table_ddl(table, columns))
-                        cursor.execute(f"DELETE FROM {table} WHERE batch_id = $1", [batch_id])
-                        if frame.height:
-                            cursor.adbc_ingest(table, frame.select(list(columns)).to_arrow(), mode="append")
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
+def _alive(connection) -> bool:
+    """A kept connection may have been closed by the server (restart, dropped database) meanwhile."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+        connection.commit()
+        return True
+    except Exception:
+        return False
 
 
 def open_warehouse(url: str) -> Warehouse:

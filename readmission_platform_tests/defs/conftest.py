@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-import psycopg
 import pytest
 
 from readmission_platform.defs.resources import LandingResource, WarehouseResource
@@ -43,18 +41,6 @@ class Platform:
         path = self.landing / name
         path.write_bytes(data)
         return path
-
-
-@pytest.fixture
-def pg_schema_url(postgres_url: str):
-    """A fresh schema in the test database, selected through the URL's search_path."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_url, autocommit=True) as connection:
-        connection.execute(f"CREATE SCHEMA {name}")
-    separator = "&" if "?" in postgres_url else "?"
-    yield f"{postgres_url}{separator}options=-csearch_path%3D{name}"
-    with psycopg.connect(postgres_url, autocommit=True) as connection:
-        connection.execute(f"DROP SCHEMA {name} CASCADE")
 
 
 @pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -141,6 +141,15 @@ def test_duplicate_encounter_in_the_batch_keeps_the_first_and_names_it(sample_li
     ]
 
 
+def test_a_rejected_row_does_not_shadow_a_later_good_copy_of_its_id(sample_lines):
+    first_id = sample_lines[2].split(",")[0]
+    broken = with_field(sample_lines[2], "patient_nbr", "?")
+    parsed = parse(batch([sample_lines[0], sample_lines[1], broken, sample_lines[3], sample_lines[2]]))
+
+    assert parsed.rows.filter(pl.col("encounter_id") == first_id)["line_number"].to_list() == [5]
+    assert parsed.rejected.select("line_number", "reason").rows() == [(3, "patient_nbr '?' is not a positive integer")]
+
+
 def test_encounter_loaded_in_another_batch_is_rejected_naming_it(sample_lines):
     loaded = pl.DataFrame(
         {"encounter_id": [int(sample_lines[3].split(",")[0]), 1], schema.BATCH_ID: ["batch_0001", "batch_0001"]}

@@ -1,5 +1,4 @@
 import multiprocessing
-import secrets
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,17 +31,7 @@ def warehouse(request, tmp_path):
     if request.param == "duckdb":
         yield DuckDBWarehouse(tmp_path / "warehouse.duckdb")
         return
-    import psycopg
-
-    database_url = request.getfixturevalue("postgres_url")
-    name = f"test_{secrets.token_hex(6)}"
-    with psycopg.connect(database_url, autocommit=True) as connection:
-        connection.execute(f"CREATE SCHEMA {name}")
-    parts = urlsplit(database_url)
-    query = "&".join(filter(None, [parts.query, f"options=-csearch_path%3D{name}"]))
-    yield PostgresWarehouse(parts._replace(query=query).geturl())
-    with psycopg.connect(database_url, autocommit=True) as connection:
-        connection.execute(f"DROP SCHEMA {name} CASCADE")
+    yield PostgresWarehouse(request.getfixturevalue("pg_schema_url"))
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +240,7 @@ def test_unreachable_postgres_is_a_warehouse_error(postgres_url):
     nowhere = urlsplit(postgres_url)._replace(netloc="nobody:secret@127.0.0.1:1").geturl()
     with pytest.raises(WarehouseError, match=r"cannot connect to postgresql://\*\*\*@127.0.0.1:1/") as raised:
         PostgresWarehouse(nowhere).tables()
-    assert "secret" not in str(raised.value).split(":", 2)[-1].split("/")[0]
+    assert "secret" not in str(raised.value)
 
 
 COUNTER = {"batch_id": pl.String(), "writer": pl.String(), "round": pl.Int64(), "n": pl.Int64()}

@@ -5,19 +5,10 @@ import polars as pl
 
 from readmission_platform.defs.partitions import WAREHOUSE_POOL, batches
 from readmission_platform.defs.resources import LandingResource, WarehouseResource
-from readmission_platform.lib import schema
-from readmission_platform.lib.ingest import BatchFileError, parse_batch
+from readmission_platform.lib.ingest import BatchFileError
 from readmission_platform.lib.landing import content_hash, find_batch_file
+from readmission_platform.lib.pipeline import ingest_batch
 from readmission_platform.lib.reporting import markdown_table
-
-
-def loaded_elsewhere(warehouse, batch_id: str) -> pl.DataFrame:
-    """(encounter_id, batch_id) of every row other batches have stored."""
-    found = warehouse.query(
-        "SELECT CAST(encounter_id AS BIGINT) AS encounter_id, batch_id FROM raw_batches WHERE batch_id <> $1",
-        [batch_id],
-    )
-    return found if found.width else pl.DataFrame(schema={"encounter_id": pl.Int64, schema.BATCH_ID: pl.String})
 
 
 @dg.asset(
@@ -35,21 +26,11 @@ def raw_batches(
     if path is None:
         raise dg.Failure(f"no file for batch {batch_id!r} in {landing.path}; it was removed after it landed")
     content = path.read_bytes()
-    store = warehouse.open()
     try:
-        parsed = parse_batch(
-            content,
-            batch_id=batch_id,
-            source_file=path.name,
-            loaded_elsewhere=loaded_elsewhere(store, batch_id),
-            now=datetime.now(UTC),
-        )
+        with warehouse.open() as store:
+            parsed = ingest_batch(store, content, batch_id=batch_id, source_file=path.name, now=datetime.now(UTC))
     except BatchFileError as error:
         raise dg.Failure(description=f"batch {batch_id} was not loaded, nothing was written: {error}") from None
-    store.replace_batch(
-        {"raw_batches": (schema.RAW_SCHEMA, parsed.rows), "rejected_rows": (schema.REJECTED_SCHEMA, parsed.rejected)},
-        batch_id,
-    )
     reasons = (
         parsed.rejected.select(pl.col("reason").str.replace_all(r"\d+", "N").alias("reason"))
         .group_by("reason")

@@ -20,12 +20,12 @@ class RejectedShareConfig(dg.Config):
     description="raw_batches has exactly the schema's columns, and this batch has rows in it.",
 )
 def check_raw_batches_columns(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    store = warehouse.open()
-    actual = list(store.columns("raw_batches"))
+    with warehouse.open() as store:
+        actual = list(store.columns("raw_batches"))
+        rows = store.query("SELECT count(*) AS n FROM raw_batches WHERE batch_id = $1", [context.partition_key])
     expected = list(schema.RAW_SCHEMA)
     missing = [c for c in expected if c not in actual]
     extra = [c for c in actual if c not in expected]
-    rows = store.query("SELECT count(*) AS n FROM raw_batches WHERE batch_id = $1", [context.partition_key])
     count = rows["n"][0] if rows.height else 0
     problems = []
     if missing or extra:
@@ -77,12 +77,10 @@ def check_raw_batches_unique_encounter_id(
 def check_raw_batches_rejected_share(
     context: dg.AssetCheckExecutionContext, config: RejectedShareConfig, warehouse: WarehouseResource
 ) -> dg.AssetCheckResult:
-    store = warehouse.open()
     batch_id = context.partition_key
-    loaded = store.query("SELECT count(*) AS n FROM raw_batches WHERE batch_id = $1", [batch_id])
-    rejected = store.query(
-        "SELECT reason FROM rejected_rows WHERE batch_id = $1 ORDER BY line_number", [batch_id]
-    )
+    with warehouse.open() as store:
+        loaded = store.query("SELECT count(*) AS n FROM raw_batches WHERE batch_id = $1", [batch_id])
+        rejected = store.query("SELECT reason FROM rejected_rows WHERE batch_id = $1 ORDER BY line_number", [batch_id])
     n_loaded = int(loaded["n"][0]) if loaded.height else 0
     n_rejected = rejected.height
     share = n_rejected / max(n_loaded + n_rejected, 1)

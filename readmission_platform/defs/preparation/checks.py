@@ -74,9 +74,9 @@ def check_clean_batches_label(
     description="The features table has exactly the declared feature spec, and no identifier is a feature column.",
 )
 def check_features_spec(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    store = warehouse.open()
-    actual = list(store.columns("features"))
-    rows = store.query("SELECT count(*) AS n FROM features WHERE batch_id = $1", [context.partition_key])
+    with warehouse.open() as store:
+        actual = list(store.columns("features"))
+        rows = store.query("SELECT count(*) AS n FROM features WHERE batch_id = $1", [context.partition_key])
     problems = []
     if actual != list(FEATURE_SCHEMA):
         missing = [c for c in FEATURE_SCHEMA if c not in actual]

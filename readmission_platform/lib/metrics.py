@@ -1,0 +1,189 @@
+"""How good predicted readmission probabilities are: ranking, calibration, decisions at a threshold, subgroups.
+
+Accuracy and weighted F1 are left out on purpose: with 11 % positives, never predicting a readmission
+scores 0.89 accuracy and 0.84 weighted F1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    f1_score,
+    log_loss,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+BOOTSTRAP_METRICS = ("roc_auc", "pr_auc", "brier")
+
+
+def _labels(y_true) -> np.ndarray:
+    y = np.asarray(y_true)
+    if y.ndim != 1:
+        raise ValueError(f"y_true has shape {y.shape}; expected a 1-d array of 0/1 labels")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"y_true holds {sorted(set(y.tolist()) - {0, 1})[:5]}; expected only 0/1 or False/True")
+    return y.astype(np.int8)
+
+
+def _checked(y_true, probability) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as 0/1 integers and probabilities as floats, or an error that says which input is wrong."""
+    y = _labels(y_true)
+    p = np.asarray(probability, dtype=float)
+    if p.shape != y.shape:
+        raise ValueError(f"probability has shape {p.shape} and y_true {y.shape}; expected one probability per label")
+    if not (np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()):
+        raise ValueError("probability holds values outside [0, 1] or NaN; expected probabilities of the positive class")
+    return y, p
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return 0 < y.sum() < len(y)
+
+
+def base_rate_brier(y_true, prevalence: float) -> float:
+    """Brier score of predicting `prevalence` (the training rate) for every row: what a model must beat."""
+    return float(np.mean((_labels(y_true) - prevalence) ** 2))
+
+
+def threshold_metrics(y_true, probability, threshold: float) -> dict[str, float]:
+    """Precision, recall, F1 and share of rows flagged, when `probability >= threshold` flags a readmission."""
+    y, p = _checked(y_true, probability)
+    flagged = (p >= threshold).astype(np.int8)
+    return {
+        "threshold": float(threshold),
+        "precision": float(precision_score(y, flagged, zero_division=0)),
+        "recall": float(recall_score(y, flagged, zero_division=0)),
+        "f1": float(f1_score(y, flagged, zero_division=0)),
+        "positive_rate": float(flagged.mean()),
+    }
+
+
+def choose_threshold(y_true, probability) -> float:
+    """The probability cut that maximises F1 of the positive class on these rows (the lowest one on ties).
+
+    F1 weighs missed readmissions and false alarms alike; choose it on validation rows, never on test rows.
+    """
+    y, p = _checked(y_true, probability)
+    if not _both_classes(y):
+        raise ValueError("choosing a threshold needs rows of both classes; y_true holds only one")
+    precision, recall, thresholds = precision_recall_curve(y, p)
+    # The curve's last point (precision 1, recall 0) has no threshold.
+    precision, recall = precision[:-1], recall[:-1]
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return float(thresholds[np.argmax(f1)])
+
+
+def ranking(y_true, probability) -> dict[str, float]:
+    """ROC-AUC and PR-AUC (average precision): how well the probabilities order readmitted before not readmitted."""
+    y, p = _checked(y_true, probability)
+    if not _both_classes(y):
+        raise ValueError(f"ranking metrics need rows of both classes; all {len(y)} rows have y_true == {int(y[0])}")
+    return {"roc_auc": float(roc_auc_score(y, p)), "pr_auc": float(average_precision_score(y, p))}
+
+
+def evaluate(y_true, probability, *, threshold: float, prevalence: float) -> dict[str, float]:
+    """Every headline metric of one set of rows, for a model whose training prevalence was `prevalence`."""
+    y, p = _checked(y_true, probability)
+    return {
+        "rows": float(len(y)),
+        "positives": float(y.sum()),
+        "observed_rate": float(y.mean()),
+        "mean_predicted": float(p.mean()),
+        **ranking(y, p),
+        "brier": float(brier_score_loss(y, p)),
+        "base_rate_brier": base_rate_brier(y, prevalence),
+        "log_loss": float(log_loss(y, p, labels=(0, 1))),
+        **threshold_metrics(y, p, threshold),
+    }
+
+
+def calibration_table(y_true, probability, bins: int = 10) -> pl.DataFrame:
+    """Rows ranked by probability into `bins` groups of equal size: mean predicted vs observed rate per group."""
+    y, p = _checked(y_true, probability)
+    ranked = pl.DataFrame({"y": y, "p": p}).with_columns(
+        ((pl.col("p").rank("ordinal").cast(pl.Int64) - 1) * bins // len(y) + 1).alias("bin")
+    )
+    return (
+        ranked.group_by("bin")
+        .agg(
+            pl.len().alias("rows"),
+            pl.col("p").min().alias("min_predicted"),
+            pl.col("p").max().alias("max_predicted"),
+            pl.col("p").mean().alias("mean_predicted"),
+            pl.col("y").mean().alias("observed_rate"),
+        )
+        .sort("bin")
+    )
+
+
+def subgroup_report(groups, y_true, probability, *, threshold: float) -> pl.DataFrame:
+    """One row per value of `groups` (gender, race, age band …): size, ROC-AUC, Brier and calibration in the large.
+
+    ROC-AUC is None for a group whose rows are all of one class.
+    """
+    y, p = _checked(y_true, probability)
+    labels = pl.Series(groups).cast(pl.String).fill_null("missing")
+    if len(labels) != len(y):
+        raise ValueError(f"groups has {len(labels)} values and y_true {len(y)}; expected one group per row")
+    rows = []
+    for group in labels.unique().sort():
+        mask = (labels == group).to_numpy()
+        y_group, p_group = y[mask], p[mask]
+        rows.append(
+            {
+                "group": group,
+                "rows": int(mask.sum()),
+                "positives": int(y_group.sum()),
+                "roc_auc": float(roc_auc_score(y_group, p_group)) if _both_classes(y_group) else None,
+                "brier": float(np.mean((p_group - y_group) ** 2)),
+                "positive_rate": float((p_group >= threshold).mean()),
+                "mean_predicted": float(p_group.mean()),
+                "observed_rate": float(y_group.mean()),
+            }
+        )
+    return pl.DataFrame(rows, schema_overrides={"roc_auc": pl.Float64}).sort("rows", descending=True)
+
+
+def _weighted_scores(y: np.ndarray, p: np.ndarray, weight: np.ndarray) -> tuple[float, float, float]:
+    brier = float(np.average((p - y) ** 2, weights=weight))
+    if not _both_classes(y):
+        return np.nan, np.nan, brier
+    return (
+        float(roc_auc_score(y, p, sample_weight=weight)),
+        float(average_precision_score(y, p, sample_weight=weight)),
+        brier,
+    )
+
+
+def bootstrap_intervals(
+    patients, y_true, probability, *, resamples: int = 200, level: float = 0.95, seed: int = 0
+) -> pl.DataFrame:
+    """Percentile intervals of ROC-AUC, PR-AUC and Brier from resampling patients with all their encounters.
+
+    Encounters of one patient are correlated, so resampling rows would give intervals that are too narrow.
+    A patient drawn k times enters with weight k, which equals repeating their rows k times.
+    """
+    y, p = _checked(y_true, probability)
+    if not _both_classes(y):
+        raise ValueError("bootstrap intervals need rows of both classes; y_true holds only one")
+    _, patient_index = np.unique(np.asarray(patients), return_inverse=True)
+    if len(patient_index) != len(y):
+        raise ValueError(f"patients has {len(patient_index)} values and y_true {len(y)}; expected one id per row")
+    count = int(patient_index.max()) + 1
+    rng = np.random.default_rng(seed)
+    draws = np.empty((resamples, len(BOOTSTRAP_METRICS)))
+    for r in range(resamples):
+        weight = np.bincount(rng.integers(0, count, count), minlength=count)[patient_index]
+        drawn = weight > 0
+        draws[r] = _weighted_scores(y[drawn], p[drawn], weight[drawn])
+    tail = (1 - level) / 2 * 100
+    lower, upper = np.nanpercentile(draws, [tail, 100 - tail], axis=0)
+    estimate = _weighted_scores(y, p, np.ones(len(y)))
+    return pl.DataFrame({"metric": BOOTSTRAP_METRICS, "estimate": estimate, "lower": lower, "upper": upper})
