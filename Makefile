@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui status test bench clean
+.PHONY: install demo ui mlflow-ui status test bench clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
@@ -21,6 +21,9 @@ demo: install
 
 ui: install
 	$(BIN)/readmission ui
+
+mlflow-ui: install
+	$(BIN)/readmission mlflow-ui
 
 status: install
 	$(BIN)/readmission status

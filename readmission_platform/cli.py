@@ -34,34 +34,67 @@ def land(settings: Settings, count: int | None, every: float | None) -> int:
 def demo(settings: Settings, timeout: float) -> int:
     import dagster as dg
 
-    from readmission_platform.demo import running_daemon, wait_for_batches
+    from readmission_platform.demo import land_and_process, running_daemon
     from readmission_platform.instance import prepare_dagster_home
-    from readmission_platform.report import latest_batch_reports, render
+    from readmission_platform.lib.landing import land as land_batches
+    from readmission_platform.lib.source import read_source_bytes
 
     started = time.monotonic()
     prepare_dagster_home(settings)
-    _say(f"READMISSION_HOME={settings.home}\nwarehouse: {settings.warehouse_url}")
-    land(settings, count=None, every=None)
+    _say(f"READMISSION_HOME={settings.home}\nwarehouse: {settings.warehouse_url}\nMLflow: {settings.mlflow_tracking_uri}")
+    source = read_source_bytes(settings.source)
     log_path = settings.home / "logs" / "dagster-daemon.log"
     with dg.DagsterInstance.get() as instance:
         with running_daemon(instance, log_path, _say):
-            _say("landing_sensor turns each file into a partition and runs raw_batches → clean_batches → features:")
-            wait_for_batches(instance, settings.landing_dir, _say, timeout, log_path)
+            _say(
+                "batches land one at a time; landing_sensor ingests each (raw_batches → clean_batches → features → "
+                "batch_drift) and retrain_sensor retrains on all batches so far (training_set → trained_model → "
+                "promotion_decision):"
+            )
+            landed = land_and_process(
+                lambda: land_batches(source, settings.landing_dir, 1), instance, _say, timeout, log_path
+            )
+            if not landed:
+                _say(f"every batch of the source is already in {settings.landing_dir}")
+    ok = summarize(settings)
+    _say(f"\ndone in {time.monotonic() - started:.0f} s. Open the Dagster UI with `make ui`, MLflow with `make mlflow-ui`.")
+    return 0 if ok else 1
+
+
+def summarize(settings: Settings) -> bool:
+    """Print what the instance, the warehouse and the registry hold; False if a batch's last run failed."""
+    import dagster as dg
+
+    from readmission_platform.report import latest_batch_reports, render, render_models
+
+    with dg.DagsterInstance.get() as instance:
         reports = latest_batch_reports(instance)
     _say("\n" + render(reports))
-    _say(f"\ndone in {time.monotonic() - started:.0f} s. Open the Dagster UI on this instance with `make ui`.")
-    return 0 if all(r.status == "success" for r in reports) else 1
+    _say("\n" + render_models(settings))
+    return all(r.status == "success" for r in reports)
 
 
 def status(settings: Settings) -> int:
-    import dagster as dg
-
     from readmission_platform.instance import prepare_dagster_home
-    from readmission_platform.report import latest_batch_reports, render
 
     prepare_dagster_home(settings)
-    with dg.DagsterInstance.get() as instance:
-        _say(render(latest_batch_reports(instance)))
+    return 0 if summarize(settings) else 1
+
+
+def rollback(settings: Settings, reason: str) -> int:
+    from datetime import UTC, datetime
+
+    import polars as pl
+
+    from readmission_platform.lib.promotion import DECISION_SCHEMA, rollback_row
+    from readmission_platform.lib.registry import ModelRegistry
+    from readmission_platform.lib.warehouse import open_warehouse
+
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+    replaced, restored = registry.rollback(reason=reason)
+    row = rollback_row(replaced=replaced, restored=restored, reason=reason, now=datetime.now(UTC))
+    open_warehouse(settings.warehouse_url).append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
+    _say(f"production moved back from v{replaced} to v{restored}: {reason}")
     return 0
 
 
@@ -74,6 +107,12 @@ def ui(settings: Settings, port: int) -> int:
     os.execv(executable, [executable, "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)])
 
 
+def mlflow_ui(settings: Settings, port: int) -> int:
+    executable = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    arguments = ["ui", "--backend-store-uri", settings.mlflow_tracking_uri, "--host", "127.0.0.1", "--port", str(port)]
+    os.execv(executable, [executable, *arguments])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="readmission", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,11 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     how_many.add_argument("--count", type=int, metavar="N", help="land the next N batches")
     how_many.add_argument("--all", action="store_true", help="land every batch that has not landed yet")
     how_many.add_argument("--every", type=float, metavar="SECONDS", help="land one batch per interval until all landed")
-    demo_parser = commands.add_parser("demo", help="land every batch and process them through the sensors, headless")
-    demo_parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the runs (default 900)")
-    commands.add_parser("status", help="rows, rejections, drops and check results of every batch")
+    demo_parser = commands.add_parser("demo", help="land the batches one at a time; the sensors ingest and retrain, headless")
+    demo_parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for one run (default 900)")
+    commands.add_parser("status", help="rows, rejections, drops and checks of every batch; models and decisions")
+    rollback_parser = commands.add_parser("rollback", help="move the registry alias `production` back to the previous version")
+    rollback_parser.add_argument("--reason", required=True, help="why; recorded on both versions and in promotion_decisions")
     ui_parser = commands.add_parser("ui", help="open the Dagster UI and daemon on the platform's instance")
     ui_parser.add_argument("--port", type=int, default=3000)
+    mlflow_parser = commands.add_parser("mlflow-ui", help="open the MLflow UI on the platform's tracking store")
+    mlflow_parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -99,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             return demo(settings, args.timeout)
         if args.command == "status":
             return status(settings)
+        if args.command == "rollback":
+            return rollback(settings, args.reason)
+        if args.command == "mlflow-ui":
+            return mlflow_ui(settings, args.port)
         return ui(settings, args.port)
     except (OSError, ValueError, TimeoutError) as error:
         print(f"readmission {args.command}: {error}", file=sys.stderr)

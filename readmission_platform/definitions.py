@@ -3,7 +3,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from readmission_platform.defs.resources import LandingResource, WarehouseResource
+from readmission_platform.defs.resources import LandingResource, MlflowResource, RetrainPolicy, WarehouseResource
 from readmission_platform.settings import Settings
 
 # Partitioned asset checks are a preview feature of Dagster 1.13; the platform relies on them knowingly.
@@ -17,6 +17,10 @@ defs = dg.Definitions.merge(
         resources={
             "warehouse": WarehouseResource(url=settings.warehouse_url),
             "landing": LandingResource(folder=str(settings.landing_dir)),
+            "mlflow": MlflowResource(
+                tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root.as_uri()
+            ),
+            "retrain_policy": RetrainPolicy(),
         },
         # One process per run: steps share it instead of each importing the stack again.
         executor=dg.in_process_executor,

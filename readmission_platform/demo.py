@@ -1,10 +1,11 @@
-"""`readmission demo`: land batches and let the running sensors process them, headless, with progress."""
+"""`readmission demo`: land batches one at a time and let the running sensors ingest and retrain, headless."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,10 +13,11 @@ from pathlib import Path
 import dagster as dg
 
 from readmission_platform.instance import REPO_ROOT
-from readmission_platform.lib.landing import content_hash, landed_files
+from readmission_platform.lib.landing import batch_id_for, content_hash
 from readmission_platform.report import FINISHED, PARTITION_TAG
 
 SHA_TAG = "readmission/sha256"
+NEWEST_BATCH_TAG = "readmission/newest_batch"
 
 
 def daemon_is_alive(instance: dg.DagsterInstance, within_seconds: float = 60) -> bool:
@@ -54,27 +56,53 @@ def running_daemon(instance: dg.DagsterInstance, log_path: Path, say):
         instance.wipe_daemon_heartbeats()
 
 
-def wait_for_batches(
-    instance: dg.DagsterInstance, landing_dir: Path, say, timeout_seconds: float, log_path: Path
-) -> None:
-    """Print each run's progress until every landed file's current content has a finished run."""
-    wanted = {content_hash(p.read_bytes()): p.name for p in landed_files(landing_dir)}
-    shown: dict[str, str] = {}
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        finished = set()
-        for run in reversed(instance.get_runs(dg.RunsFilter(tags={SHA_TAG: list(wanted)}), limit=500)):
-            state = run.status.value.lower()
-            if shown.get(run.run_id) != state:
-                shown[run.run_id] = state
-                say(f"  {run.tags.get(PARTITION_TAG, '?'):<12} run {run.run_id[:8]} {state}")
-            if run.status in FINISHED:
-                finished.add(run.tags[SHA_TAG])
-        if finished >= set(wanted):
-            return
-        if time.monotonic() > deadline:
-            missing = sorted(wanted[sha] for sha in set(wanted) - finished)
-            raise TimeoutError(
-                f"after {timeout_seconds:.0f} s no finished run yet for {missing}; see {log_path} and `make ui`"
-            )
-        time.sleep(1)
+class RunWatcher:
+    """Prints each run's status changes, and waits for runs that match a filter to finish."""
+
+    def __init__(self, instance: dg.DagsterInstance, say):
+        self.instance, self.say = instance, say
+        self.shown: dict[str, str] = {}
+
+    def _label(self, run: dg.DagsterRun) -> str:
+        if PARTITION_TAG in run.tags:
+            return f"{run.job_name} {run.tags[PARTITION_TAG]}"
+        trigger = run.tags.get("readmission/trigger")
+        return f"{run.job_name} (after {run.tags.get(NEWEST_BATCH_TAG, '?')}, {trigger})" if trigger else run.job_name
+
+    def wait(self, tags: dict, describe: str, timeout: float, log_path: Path, appear_within: float | None = None):
+        """The finished runs tagged `tags`; None when `appear_within` seconds pass and no such run exists."""
+        started = time.monotonic()
+        while True:
+            runs = self.instance.get_runs(dg.RunsFilter(tags=tags), limit=100)
+            for run in reversed(runs):
+                state = run.status.value.lower()
+                if self.shown.get(run.run_id) != state:
+                    self.shown[run.run_id] = state
+                    self.say(f"  {self._label(run):<44} run {run.run_id[:8]} {state}")
+            if runs and all(run.status in FINISHED for run in runs):
+                return runs
+            waited = time.monotonic() - started
+            if not runs and appear_within is not None and waited > appear_within:
+                return None
+            if waited > timeout:
+                raise TimeoutError(f"after {timeout:.0f} s {describe} has not finished; see {log_path} and `make ui`")
+            time.sleep(1)
+
+
+def land_and_process(
+    land_one: Callable[[], list], instance: dg.DagsterInstance, say, timeout: float, log_path: Path
+) -> int:
+    """Land one batch at a time; after each, wait for its ingest run and for the retrain it triggers."""
+    watcher = RunWatcher(instance, say)
+    landed_count = 0
+    while landed := land_one():
+        landed_count += 1
+        batch = landed[0]
+        say(f"landed {batch.path.name} ({batch.rows:,} encounters)")
+        watcher.wait({SHA_TAG: content_hash(batch.path.read_bytes())}, f"ingestion of {batch.path.name}", timeout, log_path)
+        found = watcher.wait(
+            {NEWEST_BATCH_TAG: batch_id_for(batch.path)}, f"the retrain after {batch.path.name}", timeout, log_path, appear_within=90
+        )
+        if found is None:
+            say("  retrain_sensor started no retrain (see its skip reason under Automation in the UI)")
+    return landed_count

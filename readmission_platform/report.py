@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import dagster as dg
+import polars as pl
 from dagster._core.events import DagsterEventType
 
 PARTITION_TAG = "dagster/partition"
@@ -110,4 +111,29 @@ def render(reports: list[BatchReport]) -> str:
     check_names = sorted({name for r in reports for name in r.checks})
     lines.append(f"checks per batch: {', '.join(check_names) or 'none ran'}")
     lines.extend(["checks not passed and failures:", *notes] if notes else ["every check passed on every batch"])
+    return "\n".join(lines)
+
+
+def render_models(settings) -> str:
+    """Every promotion decision and rollback, oldest first, and the version behind `production`."""
+    from readmission_platform.lib.registry import ModelRegistry
+    from readmission_platform.lib.warehouse import open_warehouse
+
+    decisions = open_warehouse(settings.warehouse_url).query("SELECT * FROM promotion_decisions ORDER BY decided_at")
+    if not decisions.height:
+        return "no model trained yet"
+    lines = [f"{'decided at':<21}{'action':<13}{'challenger':>11}{'test AUC':>10}{'Brier':>8}{'production':>12}  reason"]
+    for row in decisions.iter_rows(named=True):
+        auc, brier = row["challenger_test_roc_auc"], row["challenger_test_brier"]
+        lines.append(
+            f"{row['decided_at']:%Y-%m-%d %H:%M:%S}  {row['action']:<13}{'v' + str(row['challenger_version'] or '-'):>11}"
+            f"{f'{auc:.3f}' if auc is not None else '-':>10}{f'{brier:.4f}' if brier is not None else '-':>8}"
+            f"{'v' + str(row['production_version'] or '-'):>12}  {row['reason']}"
+        )
+    production = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri()).production()
+    versions = decisions.filter(pl.col("challenger_version").is_not_null())["challenger_version"].n_unique()
+    lines.append(
+        f"{versions} model versions registered; production: "
+        + (f"v{production.version} ({production.tags.get('family', '?')})" if production else "none")
+    )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ class Settings:
     warehouse_url: str
     source: Path | None
     dagster_storage_url: str | None
+    mlflow_tracking_uri: str
 
     @property
     def landing_dir(self) -> Path:
@@ -23,10 +24,19 @@ class Settings:
     def dagster_home(self) -> Path:
         return self.home / "dagster"
 
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def mlflow_artifact_root(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """READMISSION_HOME (default ./.readmission), READMISSION_WAREHOUSE_URL (default its DuckDB file),
-        READMISSION_SOURCE (default the bundled data set), READMISSION_DAGSTER_STORAGE_URL (default SQLite)."""
+        READMISSION_SOURCE (default the bundled data set), READMISSION_DAGSTER_STORAGE_URL (default SQLite),
+        READMISSION_MLFLOW_TRACKING_URI or else MLFLOW_TRACKING_URI (default SQLite under the home)."""
         home = Path(env.get("READMISSION_HOME") or ".readmission").expanduser().resolve()
         source = env.get("READMISSION_SOURCE")
         return cls(
@@ -34,4 +44,7 @@ class Settings:
             warehouse_url=env.get("READMISSION_WAREHOUSE_URL") or f"duckdb:///{home / 'warehouse.duckdb'}",
             source=Path(source).expanduser().resolve() if source else None,
             dagster_storage_url=env.get("READMISSION_DAGSTER_STORAGE_URL") or None,
+            mlflow_tracking_uri=env.get("READMISSION_MLFLOW_TRACKING_URI")
+            or env.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
         )

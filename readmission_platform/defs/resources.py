@@ -1,4 +1,4 @@
-"""Resources: the warehouse and the landing folder, configured once in definitions.py."""
+"""Resources: the warehouse, the landing folder and MLflow, configured once in definitions.py."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from readmission_platform.lib.registry import ModelRegistry
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 
 
@@ -26,3 +27,30 @@ class LandingResource(dg.ConfigurableResource):
     @property
     def path(self) -> Path:
         return Path(self.folder)
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking and the model registry (SQLite under READMISSION_HOME by default)."""
+
+    tracking_uri: str
+    artifact_root: str | None = None
+    model_name: str = "readmission-classifier"
+    experiment: str = "readmission"
+    ui_url: str = "http://127.0.0.1:5000"
+    """Where `make mlflow-ui` serves the MLflow UI; links in asset metadata point there."""
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(
+            self.tracking_uri, self.artifact_root, model_name=self.model_name, experiment=self.experiment, ui_url=self.ui_url
+        )
+
+
+class RetrainPolicy(dg.ConfigurableResource):
+    """When the retrain sensor starts a retrain run."""
+
+    min_new_batches: int = 1
+    """Feature batches materialized since the production model was trained (default: one batch)."""
+    min_new_rows: int = 1
+    """Feature rows in those batches."""
+    drift_psi_threshold: float = 0.2
+    """A batch whose largest population stability index reaches this drifted (0.2: significant shift)."""

@@ -148,7 +148,8 @@ def subgroup_report(groups, y_true, probability, *, threshold: float) -> pl.Data
                 "observed_rate": float(y_group.mean()),
             }
         )
-    return pl.DataFrame(rows, schema_overrides={"roc_auc": pl.Float64}).sort("rows", descending=True)
+    report = pl.DataFrame(rows, schema_overrides={"roc_auc": pl.Float64})
+    return report.sort("rows", descending=True, maintain_order=True)
 
 
 def _weighted_scores(y: np.ndarray, p: np.ndarray, weight: np.ndarray) -> tuple[float, float, float]:

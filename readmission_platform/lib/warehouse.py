@@ -27,6 +27,7 @@ SQL_TYPES = {
     pl.Datetime: "TIMESTAMP WITH TIME ZONE",
 }
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+Writes = Mapping[str, tuple[Mapping[str, pl.DataType], pl.DataFrame]]
 
 
 class WarehouseError(Exception):
@@ -81,15 +82,27 @@ class Warehouse(ABC):
         """Run a query (parameters as $1, $2, …) and return its rows; a missing table reads as no rows."""
 
     @abstractmethod
-    def _write(self, connection, writes: Mapping[str, tuple[Mapping[str, pl.DataType], pl.DataFrame]], batch_id: str):
-        """Delete and insert each table's rows for `batch_id` in one transaction on `connection`."""
+    def _write(self, connection, writes: Writes, where: str | None, params: list) -> None:
+        """In one transaction on `connection`: per table, create it if needed, delete the rows `where`
+        selects (none when None), insert the frame."""
 
-    def replace_batch(self, writes: Mapping[str, tuple[Mapping[str, pl.DataType], pl.DataFrame]], batch_id: str) -> None:
-        """In one transaction, make each table's rows for `batch_id` exactly the given frame's rows."""
+    def _replace(self, writes: Writes, where: str | None, params: list) -> None:
         for table, (columns, _) in writes.items():
             self._check_columns(table, columns)
         with self._connected() as connection:
-            self._write(connection, writes, batch_id)
+            self._write(connection, writes, where, params)
+
+    def replace_batch(self, writes: Writes, batch_id: str) -> None:
+        """In one transaction, make each table's rows for `batch_id` exactly the given frame's rows."""
+        self._replace(writes, "WHERE batch_id = $1", [batch_id])
+
+    def replace_table(self, table: str, columns: Mapping[str, pl.DataType], frame: pl.DataFrame) -> None:
+        """In one transaction, make the table's rows exactly the frame's rows."""
+        self._replace({table: (columns, frame)}, "", [])
+
+    def append(self, table: str, columns: Mapping[str, pl.DataType], frame: pl.DataFrame) -> None:
+        """Add the frame's rows to the table."""
+        self._replace({table: (columns, frame)}, None, [])
 
     def tables(self) -> set[str]:
         """Names of the tables that exist."""
@@ -167,12 +180,13 @@ class DuckDBWarehouse(Warehouse):
                     return pl.DataFrame()
                 raise
 
-    def _write(self, connection, writes, batch_id):
+    def _write(self, connection, writes, where, params):
         connection.begin()
         try:
             for table, (columns, frame) in writes.items():
                 connection.execute(table_ddl(table, columns))
-                connection.execute(f"DELETE FROM {table} WHERE batch_id = $1", [batch_id])
+                if where is not None:
+                    connection.execute(f"DELETE FROM {table} {where}", params)
                 connection.register("incoming", frame.select(list(columns)).to_arrow())
                 connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
                 connection.unregister("incoming")
@@ -232,14 +246,16 @@ class PostgresWarehouse(Warehouse):
             connection.commit()
             return rows
 
-    def _write(self, connection, writes, batch_id):
+    def _write(self, connection, writes, where, params):
         try:
             with connection.cursor() as cursor:
                 for table, (columns, frame) in writes.items():
                     cursor.execute(table_ddl(table, columns))
-                    # Every read and delete selects one batch; without the index each scans the table.
-                    cursor.execute(f"CREATE INDEX IF NOT EXISTS {table}_batch_id ON {table} (batch_id)")
-                    cursor.execute(f"DELETE FROM {table} WHERE batch_id = $1", [batch_id])
+                    if "batch_id" in columns:
+                        # Reads and deletes select one batch; without the index each scans the table.
+                        cursor.execute(f"CREATE INDEX IF NOT EXISTS {table}_batch_id ON {table} (batch_id)")
+                    if where is not None:
+                        cursor.execute(f"DELETE FROM {table} {where}", params or None)
                     if frame.height:
                         cursor.adbc_ingest(table, frame.select(list(columns)).to_arrow(), mode="append")
             connection.commit()

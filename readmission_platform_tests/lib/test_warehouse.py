@@ -279,3 +279,24 @@ def test_two_processes_writing_one_duckdb_file_both_succeed(tmp_path):
         'SELECT batch_id, MIN("round") AS first, MAX("round") AS last, COUNT(*) AS n FROM counter GROUP BY batch_id ORDER BY batch_id'
     )
     assert counts.rows() == [("x", rounds - 1, rounds - 1, 500), ("y", rounds - 1, rounds - 1, 500)]
+
+
+def test_replace_table_swaps_every_row_and_append_adds(warehouse):
+    columns = {"name": pl.String(), "score": pl.Float64()}
+    warehouse.replace_table("scores", columns, pl.DataFrame({"name": ["a", "b"], "score": [1.0, 2.0]}))
+    warehouse.replace_table("scores", columns, pl.DataFrame({"name": ["c"], "score": [3.0]}))
+    assert warehouse.read_table("scores").rows() == [("c", 3.0)]
+
+    warehouse.append("scores", columns, pl.DataFrame({"name": ["d"], "score": [4.0]}))
+    assert sorted(warehouse.read_table("scores").rows()) == [("c", 3.0), ("d", 4.0)]
+
+
+def test_a_block_shares_one_connection_and_still_sees_its_own_writes(warehouse):
+    columns = {"batch_id": pl.String(), "n": pl.Int64()}
+    with warehouse:
+        kept = warehouse._connection
+        warehouse.replace_batch({"counts": (columns, pl.DataFrame({"batch_id": ["x"], "n": [1]}))}, "x")
+        assert warehouse.read_table("counts", "x")["n"].to_list() == [1]
+        assert warehouse._connection is kept
+    assert warehouse._connection is None
+    assert warehouse.read_table("counts", "x")["n"].to_list() == [1]

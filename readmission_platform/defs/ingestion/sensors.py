@@ -8,8 +8,8 @@ from readmission_platform.lib.landing import batch_id_for, content_hash, landed_
 
 ingest_batch_job = dg.define_asset_job(
     "ingest_batch",
-    selection=dg.AssetSelection.assets("raw_batches", "clean_batches", "features"),
-    description="raw_batches → clean_batches → features for one landed batch, with their checks.",
+    selection=dg.AssetSelection.assets("raw_batches", "clean_batches", "features", "batch_drift"),
+    description="raw_batches → clean_batches → features → batch_drift for one landed batch, with their checks.",
 )
 
 

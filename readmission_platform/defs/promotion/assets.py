@@ -1,0 +1,118 @@
+from datetime import UTC, datetime
+
+import dagster as dg
+import polars as pl
+
+from readmission_platform.defs.resources import MlflowResource, WarehouseResource
+from readmission_platform.defs.training.assets import read_parts, trained_model
+from readmission_platform.lib.evaluation import evaluate_model, subgroup_tables
+from readmission_platform.lib.promotion import DECISION_SCHEMA, Gates, decide, gate_failures, gate_warnings
+from readmission_platform.lib.registry import ModelLoadError, decision_threshold
+from readmission_platform.lib.reporting import markdown_table
+
+REPORTED = ("roc_auc", "pr_auc", "brier", "base_rate_brier", "log_loss", "precision", "recall", "f1", "positive_rate")
+
+
+class PromotionConfig(dg.Config):
+    margin: float = 0.0
+    """The challenger must beat production's test ROC-AUC by more than this (default: any improvement)."""
+    min_test_roc_auc: float = 0.62
+    subgroup_auc_floor: float = 0.55
+    """A gender, race or age-band group with a lower test ROC-AUC is reported (warns, does not block)."""
+
+    def gates(self) -> Gates:
+        return Gates(min_test_roc_auc=self.min_test_roc_auc, subgroup_auc_floor=self.subgroup_auc_floor, margin=self.margin)
+
+
+def challenger_version(context: dg.AssetExecutionContext) -> str:
+    event = context.instance.get_latest_materialization_event(trained_model.key)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure("trained_model has never been materialized; there is no challenger to decide on")
+    return str(event.asset_materialization.metadata["model_version"].value)
+
+
+@dg.asset(
+    deps=[trained_model],
+    group_name="promotion",
+    kinds={"mlflow"},
+    description="Scores the challenger and production on the same test patients; moves the alias `production` when the challenger wins and passes the gates.",
+)
+def promotion_decision(
+    context: dg.AssetExecutionContext, config: PromotionConfig, warehouse: WarehouseResource, mlflow: MlflowResource
+) -> dg.MaterializeResult:
+    registry = mlflow.registry()
+    parts = read_parts(warehouse)
+    test, prevalence = parts["test"], float(parts["train"]["readmitted_30d"].mean())
+    version = challenger_version(context)
+    challenger = registry.load_model(version)
+    threshold = decision_threshold(registry.version(version))
+    challenger_metrics = evaluate_model(challenger, test, threshold=threshold, prevalence=prevalence)
+
+    production = registry.production()
+    champion_version = champion_metrics = None
+    notes = []
+    if production is not None and str(production.version) != version:
+        try:
+            champion = registry.load_model(production.version)
+            champion_metrics = evaluate_model(
+                champion, test, threshold=decision_threshold(production), prevalence=prevalence
+            )
+            champion_version = str(production.version)
+        except ModelLoadError as error:
+            # A production model that cannot be loaded cannot serve either: judge the challenger on the gates alone.
+            notes.append(f"production v{production.version} could not be loaded ({error}); compared on the gates alone")
+            context.log.error(notes[-1])
+
+    subgroups = subgroup_tables(challenger, test, threshold=threshold)
+    decision = decide(
+        challenger_version=version,
+        challenger_metrics=challenger_metrics,
+        champion_version=champion_version,
+        champion_metrics=champion_metrics,
+        gates=config.gates(),
+        subgroups=subgroups,
+        now=datetime.now(UTC),
+    )
+    if decision.promoted:
+        registry.promote(version, reason=decision.reason)
+    after = registry.production()
+    production_metrics = challenger_metrics if decision.promoted else champion_metrics
+    row = decision.as_row() | {"dagster_run_id": context.run_id, "production_version": str(after.version) if after else None}
+    with warehouse.open() as store:
+        store.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
+    context.log.info(decision.reason)
+
+    compared = pl.DataFrame(
+        {
+            "metric": REPORTED,
+            f"challenger v{version}": [round(challenger_metrics[m], 4) for m in REPORTED],
+            **(
+                {f"production v{champion_version}": [round(champion_metrics[m], 4) for m in REPORTED]}
+                if champion_metrics
+                else {}
+            ),
+        }
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "promoted": decision.promoted,
+            "reason": " ".join([decision.reason, *notes]),
+            "challenger_version": version,
+            "previous_production_version": champion_version or (str(production.version) if production else None),
+            "production_version": str(after.version) if after else None,
+            "production_test_roc_auc": production_metrics["roc_auc"] if production_metrics else None,
+            "production_test_brier": production_metrics["brier"] if production_metrics else None,
+            "base_rate_brier": challenger_metrics["base_rate_brier"],
+            "challenger_gate_failures": "; ".join(decision.gate_failures) or "none",
+            "production_gate_failures": ("; ".join(gate_failures(production_metrics, config.gates())) or "none")
+            if production_metrics
+            else "no model in production",
+            "subgroup_warnings": "; ".join(gate_warnings(subgroups, config.gates())) or "none",
+            "test_rows": test.height,
+            "metrics": dg.MetadataValue.md(markdown_table(compared)),
+            "subgroups_test": dg.MetadataValue.md(
+                markdown_table(subgroups.select("by", "group", "rows", "roc_auc", "brier", "positive_rate", "mean_predicted", "observed_rate"), limit=30)
+            ),
+            "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
+        }
+    )

@@ -1,0 +1,137 @@
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from readmission_platform.defs.preparation.assets import features
+from readmission_platform.defs.resources import MlflowResource, WarehouseResource
+from readmission_platform.lib import schema
+from readmission_platform.lib.evaluation import subgroup_tables
+from readmission_platform.lib.features import FEATURE_SCHEMA
+from readmission_platform.lib.plots import evaluation_plots
+from readmission_platform.lib.reporting import markdown_table
+from readmission_platform.lib.splitting import SPLIT, SPLITS, assign_split, split_overlap
+from readmission_platform.lib.training import (
+    FAMILIES,
+    choose_challenger,
+    feature_importances,
+    labels,
+    model_input,
+    predict_probability,
+    train_candidates,
+)
+
+TRAINING_SET_SCHEMA = FEATURE_SCHEMA | {SPLIT: pl.String()}
+
+
+def read_parts(warehouse: WarehouseResource) -> dict[str, pl.DataFrame]:
+    """The training set's train, validation and test parts."""
+    with warehouse.open() as store:
+        frame = store.read_table("training_set")
+    return {name: frame.filter(pl.col(SPLIT) == name) for name in SPLITS}
+
+
+@dg.asset(
+    deps=[features],
+    group_name="training",
+    kinds={"polars", "sql"},
+    description="Every batch's features with a patient-grouped train/validation/test side (70/15/15) fixed by a hash of the patient id.",
+)
+def training_set(warehouse: WarehouseResource) -> dg.MaterializeResult:
+    with warehouse.open() as store:
+        table = assign_split(store.read_table("features")).select(list(TRAINING_SET_SCHEMA))
+        store.replace_table("training_set", TRAINING_SET_SCHEMA, table)
+    sides = table.group_by(SPLIT).agg(
+        pl.len().alias("rows"),
+        pl.col("patient_nbr").n_unique().alias("patients"),
+        pl.col(schema.LABEL_30D).mean().alias("readmitted_30d_rate"),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.height,
+            "batches": ", ".join(sorted(table[schema.BATCH_ID].unique())),
+            "patients": split_overlap(table)["patients"],
+            "sides": dg.MetadataValue.md(markdown_table(sides.sort(SPLIT))),
+        }
+    )
+
+
+class TrainingConfig(dg.Config):
+    families: list[str] = list(FAMILIES)
+    """Model families to train; the best on validation ROC-AUC (PR-AUC on ties) becomes the challenger."""
+    seed: int = 0
+
+
+def _lineage(context: dg.AssetExecutionContext, parts: dict[str, pl.DataFrame]) -> dict[str, str]:
+    batches = sorted(pl.concat([p[schema.BATCH_ID] for p in parts.values()]).unique())
+    return {
+        "batch_ids": ",".join(batches),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dagster_run_id": context.run_id,
+        "dagster_partition_keys": ",".join(batches),
+        **{f"{name}_rows": str(part.height) for name, part in parts.items()},
+    }
+
+
+@dg.asset(
+    deps=[training_set],
+    group_name="training",
+    kinds={"scikitlearn", "mlflow"},
+    description="Candidates of each model family tracked in MLflow; the best on validation is registered as the challenger.",
+)
+def trained_model(
+    context: dg.AssetExecutionContext, config: TrainingConfig, warehouse: WarehouseResource, mlflow: MlflowResource
+) -> dg.MaterializeResult:
+    parts = read_parts(warehouse)
+    train, validation = parts["train"], parts["validation"]
+    candidates = train_candidates(train, validation, families=tuple(config.families), seed=config.seed)
+    registry = mlflow.registry()
+    lineage = _lineage(context, parts)
+    run_ids = {}
+    for candidate in candidates:
+        y, probability = labels(validation), predict_probability(candidate.model, validation)
+        with tempfile.TemporaryDirectory() as folder:
+            artifacts = evaluation_plots(y, probability, Path(folder), candidate.family)
+            artifacts["feature_importances"] = Path(folder) / "feature_importances.csv"
+            feature_importances(candidate.model, validation).write_csv(artifacts["feature_importances"])
+            artifacts["subgroups"] = Path(folder) / "subgroups_validation.csv"
+            subgroup_tables(candidate.model, validation, threshold=candidate.threshold).write_csv(artifacts["subgroups"])
+            run_ids[candidate.family] = registry.log_candidate(
+                candidate.model,
+                params={"family": candidate.family, "threshold": candidate.threshold, **candidate.params},
+                metrics={**{f"validation_{k}": v for k, v in candidate.validation.items()}, "fit_seconds": candidate.fit_seconds},
+                tags=lineage | {"grid": str(list(candidate.grid))},
+                artifacts=artifacts,
+                input_example=model_input(train.head(5)),
+                run_name=candidate.family,
+            )
+    challenger = choose_challenger(candidates)
+    version = registry.register(
+        run_ids[challenger.family], threshold=challenger.threshold, tags=lineage | {"family": challenger.family}
+    )
+    table = pl.DataFrame(
+        [
+            {"family": c.family, **{k: round(c.validation[k], 4) for k in ("roc_auc", "pr_auc", "brier", "f1")}, "fit_s": round(c.fit_seconds, 1)}
+            for c in candidates
+        ]
+    ).sort("roc_auc", descending=True)
+    subgroups = subgroup_tables(challenger.model, validation, threshold=challenger.threshold)
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": version,
+            "family": challenger.family,
+            "threshold": challenger.threshold,
+            "threshold_rule": "maximises F1 on the validation part",
+            "validation_roc_auc": challenger.validation["roc_auc"],
+            "validation_pr_auc": challenger.validation["pr_auc"],
+            "validation_brier": challenger.validation["brier"],
+            "candidates": dg.MetadataValue.md(markdown_table(table)),
+            "subgroups_validation": dg.MetadataValue.md(markdown_table(subgroups.select("by", "group", "rows", "roc_auc", "brier", "positive_rate"), limit=30)),
+            "mlflow_run": dg.MetadataValue.url(registry.run_url(run_ids[challenger.family])),
+            "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
+            "batch_ids": lineage["batch_ids"],
+            "train_rows": train.height,
+        }
+    )

@@ -1,0 +1,78 @@
+import hashlib
+
+import dagster as dg
+
+from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
+
+retrain_job = dg.define_asset_job(
+    "retrain",
+    selection=dg.AssetSelection.assets("training_set", "trained_model", "promotion_decision"),
+    description="Training set from every batch so far → candidates in MLflow → champion/challenger decision.",
+)
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def latest_by_partition(instance: dg.DagsterInstance, asset: str) -> dict[str, dg.EventLogRecord]:
+    """The newest materialization record of each partition of an asset."""
+    newest: dict[str, dg.EventLogRecord] = {}
+    result = instance.fetch_materializations(dg.AssetKey(asset), limit=10_000, ascending=False)
+    for record in result.records:
+        key = record.asset_materialization.partition
+        if key and key not in newest:
+            newest[key] = record
+    return newest
+
+
+def _metadata_value(record: dg.EventLogRecord, key: str):
+    value = record.asset_materialization.metadata.get(key)
+    return getattr(value, "value", value)
+
+
+@dg.sensor(
+    job=retrain_job,
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Retrains on all batches so far when enough new feature rows arrived since the production "
+    "model was trained, or a batch drifted from its training data.",
+)
+def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, retrain_policy: RetrainPolicy):
+    if context.instance.get_runs(dg.RunsFilter(job_name=retrain_job.name, statuses=IN_FLIGHT), limit=1):
+        return dg.SkipReason("a retrain run is already queued or running")
+    batches = latest_by_partition(context.instance, "features")
+    if not batches:
+        return dg.SkipReason("no features partition has been materialized yet")
+    production = mlflow.registry().production()
+    trained = set(production.tags.get("batch_ids", "").split(",")) if production else set()
+    new = {key: record for key, record in batches.items() if key not in trained}
+    new_rows = sum(_metadata_value(record, "dagster/row_count") or 0 for record in new.values())
+    drifted = {
+        key: psi
+        for key, record in latest_by_partition(context.instance, "batch_drift").items()
+        if (psi := _metadata_value(record, "max_psi")) is not None and psi >= retrain_policy.drift_psi_threshold
+        and _metadata_value(record, "reference_version") == (str(production.version) if production else None)
+    }
+    enough_new = len(new) >= retrain_policy.min_new_batches and new_rows >= retrain_policy.min_new_rows
+    if not enough_new and not drifted:
+        return dg.SkipReason(
+            f"{len(new)} new batches ({new_rows} rows) since production "
+            f"{f'v{production.version}' if production else '(none)'}; retraining needs "
+            f"{retrain_policy.min_new_batches} batches and {retrain_policy.min_new_rows} rows, and no batch drifted"
+        )
+    # The same data never retrains twice: the key is the set of feature partitions as materialized now.
+    state = ",".join(f"{key}:{record.storage_id}" for key, record in sorted(batches.items()))
+    trigger = "drift" if drifted and not enough_new else "new_data"
+    return dg.RunRequest(
+        run_key=f"{trigger}:{hashlib.sha256(state.encode()).hexdigest()[:20]}",
+        tags={
+            "readmission/trigger": trigger,
+            "readmission/newest_batch": max(batches),
+            "readmission/new_batches": ",".join(sorted(new)),
+            "readmission/drifted_batches": ",".join(sorted(drifted)),
+        },
+    )

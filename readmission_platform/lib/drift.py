@@ -1,0 +1,86 @@
+"""Population stability index of every feature: how far a new batch's distribution moved from training's."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from readmission_platform.lib.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+
+# Conventional reading of PSI: below 0.1 stable, 0.1 to 0.2 moderate drift, above 0.2 significant drift.
+PSI_MODERATE = 0.1
+PSI_SIGNIFICANT = 0.2
+NUMERIC_BINS = 10
+# Stands in for the share of an empty bin, so a category never seen in training gives a large, finite PSI.
+EMPTY_SHARE = 1e-4
+MISSING_BIN = "missing"
+
+
+def _numeric_breaks(reference: pl.DataFrame, numeric: tuple[str, ...]) -> dict[str, list[float]]:
+    """Deciles of the reference with ties merged, so a constant column gets one break and two bins."""
+    if not numeric:
+        return {}
+    quantiles = [q / NUMERIC_BINS for q in range(1, NUMERIC_BINS)]
+    deciles = reference.select(
+        pl.concat_list(pl.col(name).cast(pl.Float64).quantile(q, "linear") for q in quantiles).alias(name)
+        for name in numeric
+    ).row(0, named=True)
+    return {name: sorted({v for v in values if v is not None}) for name, values in deciles.items()}
+
+
+def _binned(name: str, breaks: list[float] | None) -> pl.Expr:
+    value = pl.col(name)
+    if breaks is None:
+        binned = value.cast(pl.String)
+    else:
+        # Bin i holds (breaks[i-1], breaks[i]]; with no breaks (an all-null reference) every value shares bin 0.
+        edges = pl.lit(pl.Series(breaks, dtype=pl.Float64))
+        binned = edges.search_sorted(value.cast(pl.Float64), side="left").cast(pl.String)
+    return pl.when(value.is_null()).then(pl.lit(MISSING_BIN)).otherwise(binned).alias(name)
+
+
+def _shares(frame: pl.DataFrame, bins: list[pl.Expr]) -> pl.DataFrame:
+    return (
+        frame.select(bins)
+        .unpivot(variable_name="feature", value_name="bin")
+        .group_by("feature", "bin")
+        .len()
+        .with_columns((pl.col("len") / pl.col("len").sum().over("feature")).alias("share"))
+        .drop("len")
+    )
+
+
+def psi_report(
+    reference: pl.DataFrame,
+    current: pl.DataFrame,
+    *,
+    numeric: tuple[str, ...] = NUMERIC_FEATURES,
+    categorical: tuple[str, ...] = CATEGORICAL_FEATURES,
+) -> pl.DataFrame:
+    """PSI of each feature of `current` against `reference` (training rows): feature, psi, kind; largest first.
+
+    Numeric features are binned at the reference deciles, categorical ones by category; null is a bin of its own.
+    """
+    for name, frame in (("reference", reference), ("current", current)):
+        if frame.is_empty():
+            raise ValueError(f"the {name} frame has no rows; PSI compares two non-empty samples")
+        missing = [column for column in (*numeric, *categorical) if column not in frame.columns]
+        if missing:
+            raise ValueError(f"the {name} frame lacks feature columns {missing}; expected all it is asked to compare")
+    breaks = _numeric_breaks(reference, numeric)
+    bins = [_binned(name, breaks[name]) for name in numeric] + [_binned(name, None) for name in categorical]
+    expected, actual = _shares(reference, bins), _shares(current, bins)
+    kinds = pl.DataFrame(
+        {"feature": [*numeric, *categorical], "kind": ["numeric"] * len(numeric) + ["categorical"] * len(categorical)}
+    )
+    return (
+        expected.join(actual, on=["feature", "bin"], how="full", coalesce=True, suffix="_current")
+        .with_columns(pl.col("share", "share_current").fill_null(0.0).clip(lower_bound=EMPTY_SHARE))
+        .group_by("feature")
+        .agg(
+            ((pl.col("share_current") - pl.col("share")) * (pl.col("share_current") / pl.col("share")).log())
+            .sum()
+            .alias("psi")
+        )
+        .join(kinds, on="feature")
+        .sort("psi", "feature", descending=[True, False])
+    )

@@ -1,0 +1,41 @@
+"""Scoring a fitted model on a part of the training set: metrics, subgroups, and the tables a reviewer reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from readmission_platform.lib import metrics
+from readmission_platform.lib.training import labels, predict_probability
+
+# Whom the model may serve worse: these groups are reported for every evaluation.
+SUBGROUP_COLUMNS = ("gender", "race", "age_band")
+AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
+
+
+def age_band(age_years: pl.Expr) -> pl.Expr:
+    expression = pl.lit(None, pl.String)
+    for lo, hi, name in reversed(AGE_BANDS):
+        expression = pl.when((age_years >= lo) & (age_years < hi)).then(pl.lit(name)).otherwise(expression)
+    return expression
+
+
+def evaluate_model(model, part: pl.DataFrame, *, threshold: float, prevalence: float) -> dict[str, float]:
+    """Ranking, calibration and threshold metrics of `model` on `part` (a slice of the training set)."""
+    return metrics.evaluate(labels(part), predict_probability(model, part), threshold=threshold, prevalence=prevalence)
+
+
+def subgroup_tables(model, part: pl.DataFrame, *, threshold: float) -> pl.DataFrame:
+    """ROC-AUC, Brier, positive rate and calibration by gender, race and age band, one row per group."""
+    y, p = labels(part), predict_probability(model, part)
+    groups = part.with_columns(age_band=age_band(pl.col("age_years")))
+    return pl.concat(
+        [
+            metrics.subgroup_report(groups[name], y, p, threshold=threshold).insert_column(0, pl.lit(name).alias("by"))
+            for name in SUBGROUP_COLUMNS
+        ]
+    )
+
+
+def probability_and_labels(model, part: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return labels(part), predict_probability(model, part)

@@ -1,0 +1,174 @@
+"""training_set → trained_model → promotion_decision, batch_drift and retrain_sensor on real stores."""
+
+from __future__ import annotations
+
+import dagster as dg
+import mlflow as mlflow_module
+import pytest
+
+from readmission_platform.defs.ingestion import checks as ingestion_checks
+from readmission_platform.defs.ingestion.assets import raw_batches
+from readmission_platform.defs.monitoring import checks as monitoring_checks
+from readmission_platform.defs.monitoring.assets import batch_drift
+from readmission_platform.defs.partitions import batches
+from readmission_platform.defs.preparation import checks as preparation_checks
+from readmission_platform.defs.preparation.assets import clean_batches, features
+from readmission_platform.defs.promotion import checks as promotion_checks
+from readmission_platform.defs.promotion.assets import promotion_decision
+from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
+from readmission_platform.defs.training import checks as training_checks
+from readmission_platform.defs.training.assets import trained_model, training_set
+from readmission_platform.defs.training.sensors import retrain_sensor
+from readmission_platform.lib.landing import split_batches
+
+BATCH = 3_000
+INGEST = [raw_batches, clean_batches, features, batch_drift]
+RETRAIN = [training_set, trained_model, promotion_decision]
+CHECKS = dg.load_asset_checks_from_modules(
+    [ingestion_checks, preparation_checks, monitoring_checks, training_checks, promotion_checks]
+)
+FAST = {"ops": {"trained_model": {"config": {"families": ["logistic_regression", "hist_gradient_boosting"]}}}}
+
+
+@pytest.fixture(scope="module")
+def training_batches(full_source_bytes) -> list[bytes]:
+    """Four batches of 3,000 real encounters: enough rows for a model that clears the gates."""
+    lines = full_source_bytes.splitlines(keepends=True)
+    return split_batches(b"".join(lines[: 4 * BATCH + 1]), BATCH)
+
+
+@pytest.fixture
+def mlflow(tmp_path) -> MlflowResource:
+    return MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "artifacts").as_uri())
+
+
+@pytest.fixture
+def resources(platform, mlflow) -> dict:
+    return platform.resources | {"mlflow": mlflow, "retrain_policy": RetrainPolicy()}
+
+
+def ingest(platform, instance, resources, data: bytes, batch_id: str) -> dg.ExecuteInProcessResult:
+    platform.drop(f"{batch_id}.csv", data)
+    instance.add_dynamic_partitions(batches.name, [batch_id])
+    checks = [c for c in CHECKS if c.check_key.asset_key in {a.key for a in INGEST}]
+    return dg.materialize(INGEST + checks, partition_key=batch_id, resources=resources, instance=instance)
+
+
+def retrain(instance, resources, run_config=FAST, raise_on_error=True) -> dg.ExecuteInProcessResult:
+    checks = [c for c in CHECKS if c.check_key.asset_key in {a.key for a in RETRAIN}]
+    return dg.materialize(
+        [*RETRAIN, *checks, features],
+        selection=RETRAIN,
+        resources=resources,
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=raise_on_error,
+    )
+
+
+def metadata(result, asset: str) -> dict:
+    event = result.asset_materializations_for_node(asset)[0]
+    return {k: getattr(v, "value", v) for k, v in event.metadata.items()}
+
+
+def checks_of(result) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_the_first_model_is_tracked_registered_and_promoted(platform, instance, resources, mlflow, training_batches):
+    for i, data in enumerate(training_batches[:3], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+
+    result = retrain(instance, resources)
+
+    trained, decided = metadata(result, "trained_model"), metadata(result, "promotion_decision")
+    assert trained["model_version"] == "1" and trained["batch_ids"] == "batch_0001,batch_0002,batch_0003"
+    assert "#/experiments/" in trained["mlflow_run"]
+    assert "logistic_regression" in trained["candidates"] and "hist_gradient_boosting" in trained["candidates"]
+    assert decided["promoted"] is True and decided["production_version"] == "1"
+    assert "first production model" in decided["reason"]
+    checks = checks_of(result)
+    assert checks["check_training_set_patient_overlap"].passed
+    assert checks["check_promotion_decision_gates"].passed, checks["check_promotion_decision_gates"].description
+
+    registry = mlflow.registry()
+    production = registry.production()
+    assert str(production.version) == "1" and production.tags["batch_ids"] == trained["batch_ids"]
+    runs = mlflow_module.MlflowClient(mlflow.tracking_uri).search_runs([registry.experiment_id])
+    assert sorted(r.data.params["family"] for r in runs) == ["hist_gradient_boosting", "logistic_regression"]
+    assert all(r.data.tags["dagster_run_id"] == result.run_id for r in runs)
+    artifacts = {a.path for a in mlflow_module.MlflowClient(mlflow.tracking_uri).list_artifacts(runs[0].info.run_id)}
+    assert {"roc.png", "precision_recall.png", "calibration.png", "feature_importances.csv"} <= artifacts
+    decisions = platform.warehouse.read_table("promotion_decisions")
+    assert decisions.height == 1 and decisions["promoted"].to_list() == [True]
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_a_failing_gate_keeps_production_and_fails_the_blocking_check(platform, instance, resources, mlflow, training_batches):
+    for i, data in enumerate(training_batches[:3], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    retrain(instance, resources)
+
+    strict = {"ops": FAST["ops"] | {"promotion_decision": {"config": {"min_test_roc_auc": 0.99}}}}
+    result = retrain(instance, resources, strict, raise_on_error=False)
+
+    decided = metadata(result, "promotion_decision")
+    assert decided["promoted"] is False and decided["production_version"] == "1"
+    assert "below the gate 0.99" in decided["reason"]
+    gates = checks_of(result)["check_promotion_decision_gates"]
+    assert not gates.passed and "does not pass the gates" in gates.description
+    assert str(mlflow.registry().production().version) == "1"
+    assert platform.warehouse.read_table("promotion_decisions")["promoted"].to_list() == [True, False]
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_drift_is_measured_against_the_production_models_training_rows(platform, instance, resources, training_batches):
+    first = ingest(platform, instance, resources, training_batches[0], "batch_0001")
+    assert metadata(first, "batch_drift")["reference_version"] is None  # nothing in production yet
+    ingest(platform, instance, resources, training_batches[1], "batch_0002")
+    retrain(instance, resources)
+
+    later = ingest(platform, instance, resources, training_batches[3], "batch_0004")
+
+    drift = metadata(later, "batch_drift")
+    assert drift["reference_version"] == "1" and drift["max_psi"] > 0
+    rows = platform.warehouse.read_table("batch_drift", "batch_0004")
+    assert rows.height == 45 and set(rows["reference_version"]) == {"1"}
+    check = checks_of(later)["check_batch_drift_psi"]
+    assert check.severity == dg.AssetCheckSeverity.WARN
+    assert check.passed == (drift["max_psi"] < 0.2)
+
+
+def tick(instance, mlflow, cursor=None, policy=None):
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"mlflow": mlflow, "retrain_policy": policy or RetrainPolicy()}
+    )
+    return retrain_sensor(context)
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_the_retrain_sensor_asks_for_a_run_after_new_batches_and_not_before(platform, instance, resources, mlflow, training_batches):
+    assert isinstance(tick(instance, mlflow), dg.SkipReason)  # nothing ingested yet
+
+    ingest(platform, instance, resources, training_batches[0], "batch_0001")
+    first = tick(instance, mlflow)
+    assert isinstance(first, dg.RunRequest) and first.tags["readmission/new_batches"] == "batch_0001"
+    assert isinstance(tick(instance, mlflow, policy=RetrainPolicy(min_new_rows=10_000)), dg.SkipReason)
+
+    ingest(platform, instance, resources, training_batches[1], "batch_0002")
+    retrain(instance, resources)  # production now holds batches 1 and 2
+    after_training = tick(instance, mlflow)
+    assert isinstance(after_training, dg.SkipReason) and "0 new batches" in after_training.skip_message
+
+    ingest(platform, instance, resources, training_batches[2], "batch_0003")
+    again = tick(instance, mlflow)
+    assert isinstance(again, dg.RunRequest)
+    assert again.tags["readmission/new_batches"] == "batch_0003" and again.tags["readmission/newest_batch"] == "batch_0003"
+    assert again.run_key != first.run_key
+    assert tick(instance, mlflow).run_key == again.run_key  # the same data never makes a second run
+
+
+def test_both_sensors_run_by_default():
+    assert retrain_sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert retrain_sensor.job_name == "retrain"

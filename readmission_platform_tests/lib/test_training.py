@@ -1,0 +1,145 @@
+import dataclasses
+
+import numpy as np
+import polars as pl
+import pytest
+
+from readmission_platform.lib import metrics
+from readmission_platform.lib.features import FEATURE_COLUMNS, build_features
+from readmission_platform.lib.splitting import SPLIT, assign_split
+from readmission_platform.lib.training import (
+    FAMILIES,
+    PARAM_GRIDS,
+    choose_challenger,
+    feature_importances,
+    labels,
+    model_input,
+    predict_probability,
+    train_candidates,
+)
+
+
+def parts(frame: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    split = assign_split(frame)
+    return {name: split.filter(pl.col(SPLIT) == name) for name in ("train", "validation", "test")}
+
+
+@pytest.fixture(scope="module")
+def features(full_clean) -> pl.DataFrame:
+    return build_features(full_clean.frame)
+
+
+@pytest.fixture(scope="module")
+def sample(features) -> dict[str, pl.DataFrame]:
+    """The first 20,000 encounters, split by patient: about 14,000 / 3,000 / 3,000 rows."""
+    return parts(features.head(20_000))
+
+
+@pytest.fixture(scope="module")
+def candidates(sample):
+    return train_candidates(sample["train"], sample["validation"])
+
+
+def test_each_family_searches_its_whole_grid_and_keeps_the_best_setting(candidates):
+    assert [c.family for c in candidates] == list(FAMILIES)
+    for candidate in candidates:
+        tried = candidate.grid
+        assert [t["params"] for t in tried] == list(PARAM_GRIDS[candidate.family])
+        best = max(tried, key=lambda t: (t["roc_auc"], t["pr_auc"]))
+        assert candidate.params == best["params"]
+        # The sigmoid recalibration is monotone: it leaves the ranking chosen on validation as it was.
+        assert candidate.validation["roc_auc"] == pytest.approx(best["roc_auc"], abs=1e-3)
+        assert candidate.fit_seconds >= sum(t["fit_seconds"] for t in tried)
+
+
+def test_each_family_predicts_probabilities_that_rank_test_patients(candidates, sample):
+    test = sample["test"]
+    for candidate in candidates:
+        probability = predict_probability(candidate.model, test)
+
+        assert probability.shape == (test.height,)
+        assert ((probability >= 0) & (probability <= 1)).all()
+        assert metrics.ranking(labels(test), probability)["roc_auc"] > 0.6, candidate.family
+
+
+def test_the_models_read_exactly_the_feature_columns(candidates):
+    for candidate in candidates:
+        assert list(candidate.model.feature_names_in_) == list(FEATURE_COLUMNS)
+
+
+def test_identifiers_and_labels_given_to_a_model_are_ignored(candidates, sample):
+    test = sample["test"]
+    plain = model_input(test)
+    # The label itself among the columns: a model that read it would predict differently.
+    with_extras = plain.assign(
+        encounter_id=test["encounter_id"].to_numpy(),
+        patient_nbr=test["patient_nbr"].to_numpy(),
+        readmitted_30d=labels(test),
+    )[["encounter_id", "patient_nbr", "readmitted_30d", *reversed(FEATURE_COLUMNS)]]
+    for candidate in candidates:
+        # Not bit for bit: the forest adds its trees' votes in whatever order its two threads finish.
+        difference = candidate.model.predict_proba(with_extras) - candidate.model.predict_proba(plain)
+        assert np.abs(difference).max() < 1e-12, candidate.family
+
+
+def test_a_missing_feature_column_is_an_error(candidates, sample):
+    with pytest.raises(ValueError, match=r"lacks feature columns \['payer_code'\]"):
+        model_input(sample["test"].drop("payer_code"))
+    with pytest.raises(ValueError, match="payer_code"):
+        candidates[0].model.predict_proba(model_input(sample["test"]).drop(columns="payer_code"))
+
+
+def test_calibrated_candidates_beat_the_base_rate_and_flag_a_plausible_share(candidates):
+    for candidate in candidates:
+        validation = candidate.validation
+        assert validation["brier"] < validation["base_rate_brier"], candidate.family
+        assert validation["mean_predicted"] == pytest.approx(validation["observed_rate"], abs=0.01)
+        assert 0 < candidate.threshold < 1
+        assert 0.05 < validation["positive_rate"] < 0.8
+
+
+def test_challenger_has_the_best_validation_roc_auc_and_pr_auc_breaks_ties(candidates):
+    def scored(candidate, roc_auc, pr_auc):
+        return dataclasses.replace(candidate, validation=candidate.validation | {"roc_auc": roc_auc, "pr_auc": pr_auc})
+
+    first, second, third = candidates
+    by_roc_auc = [scored(first, 0.60, 0.30), scored(second, 0.66, 0.20), scored(third, 0.65, 0.40)]
+    tied = [scored(first, 0.66, 0.20), scored(second, 0.66, 0.21)]
+
+    assert choose_challenger(by_roc_auc).family == second.family
+    assert choose_challenger(tied).family == second.family
+    with pytest.raises(ValueError, match="no candidates"):
+        choose_challenger([])
+
+
+def test_unknown_family_is_named(sample):
+    with pytest.raises(ValueError, match=r"unknown model families \['xgboost'\]"):
+        train_candidates(sample["train"], sample["validation"], families=("xgboost",))
+
+
+def test_feature_importances_name_each_feature_and_credit_the_informative_ones(candidates, sample):
+    validation = sample["validation"]
+    constant = [name for name in FEATURE_COLUMNS if validation[name].n_unique() == 1]
+    assert constant, "expected some medication column to be constant in the sample's validation rows"
+    for candidate in candidates:
+        importances = feature_importances(candidate.model, validation, rows=2_000, repeats=2)
+        by_feature = dict(importances.select("feature", "importance").iter_rows())
+
+        assert sorted(by_feature) == sorted(FEATURE_COLUMNS)
+        assert importances["importance"].is_sorted(descending=True)
+        assert all(by_feature[name] == 0 for name in constant), candidate.family
+        assert "discharge_disposition_id" in importances["feature"].head(3).to_list(), candidate.family
+
+
+def test_challenger_on_the_full_data_reaches_published_quality_without_a_leak(features):
+    split = parts(features)
+    challenger = choose_challenger(train_candidates(split["train"], split["validation"]))
+    test = metrics.evaluate(
+        labels(split["test"]),
+        predict_probability(challenger.model, split["test"]),
+        threshold=challenger.threshold,
+        prevalence=float(labels(split["train"]).mean()),
+    )
+
+    assert 0.66 <= test["roc_auc"] < 0.72, test
+    assert test["brier"] < test["base_rate_brier"], test
