@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from readmission_platform.lib.warehouse import WarehouseError
 from readmission_platform.settings import Settings
 
 
@@ -147,7 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mlflow-ui":
             return mlflow_ui(settings, args.port)
         return ui(settings, args.port)
-    except (OSError, ValueError, TimeoutError) as error:
+    except (OSError, ValueError, TimeoutError, WarehouseError) as error:
+        print(f"readmission {args.command}: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        # Imported here: MLflow takes seconds to import, and `land` should not wait for it.
+        from readmission_platform.lib.registry import RegistryError
+
+        if not isinstance(error, RegistryError):
+            raise
         print(f"readmission {args.command}: {error}", file=sys.stderr)
         return 2
 

@@ -106,3 +106,24 @@ def pg_schema_url(postgres_url: str):
     yield parts._replace(query=query).geturl()
     with psycopg.connect(postgres_url, autocommit=True) as connection:
         connection.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def new_pg_database(postgres_url: str):
+    """Make fresh databases on the test server (for stores such as MLflow's that want one to themselves)."""
+    import psycopg
+    from psycopg import sql
+
+    made = []
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}_{secrets.token_hex(6)}"
+        with psycopg.connect(postgres_url, autocommit=True) as connection:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        made.append(name)
+        return _with_database(postgres_url, name)
+
+    yield make
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        for name in made:
+            connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

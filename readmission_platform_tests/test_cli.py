@@ -60,18 +60,55 @@ def test_land_rejects_a_count_below_one(tmp_path):
     assert result.returncode == 2 and "at least 1" in result.stderr
 
 
-def test_demo_runs_every_batch_through_the_sensor_headless_and_summarises(tmp_path, demo_source):
-    result = readmission("demo", home=tmp_path, source=demo_source, timeout=600)
+def test_demo_lands_batches_one_by_one_and_the_sensors_ingest_and_retrain(tmp_path, demo_source):
+    result = readmission("demo", home=tmp_path, source=demo_source, timeout=900)
 
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for batch in ("batch_0001", "batch_0002", "batch_0003"):
-        assert f"{batch}   run" in out  # progress lines while it runs
+        assert f"landed {batch}.csv" in out
+        assert f"ingest_batch {batch}" in out and f"retrain (after {batch}, new_data)" in out  # progress
     summary = out[out.index("batch          status") :]
     assert "total                    30,500" in summary
     assert "every check passed on every batch" in summary
-    assert "make ui" in out
+    assert "3 model versions registered; production: v" in summary
+    assert summary.count("promoted") + summary.count("not_promoted") >= 3  # a decision for each retrain
+    assert "make ui" in out and "make mlflow-ui" in out
 
     again = readmission("status", home=tmp_path)
     assert again.returncode == 0
     assert summary.splitlines()[2] in again.stdout  # the same rows, read back from the instance
+
+
+def register_two_promoted_versions(home: Path) -> None:
+    """Versions 1 and 2 of a small real model, each promoted in turn, in the home's default MLflow store."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    from readmission_platform.lib.registry import ModelRegistry
+    from readmission_platform.settings import Settings
+
+    settings = Settings.from_env({"READMISSION_HOME": str(home)})
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+    x = pd.DataFrame({"a": np.arange(40.0), "b": np.arange(40.0) % 3})
+    model = LogisticRegression().fit(x, np.arange(40) % 2)
+    for _ in range(2):
+        run_id = registry.log_candidate(
+            model, params={}, metrics={}, tags={}, artifacts=None, input_example=x.head(3), run_name="tiny"
+        )
+        registry.promote(registry.register(run_id, threshold=0.5, tags={}), reason="test promotion")
+
+
+def test_rollback_moves_production_back_and_records_why(tmp_path):
+    register_two_promoted_versions(tmp_path)
+
+    result = readmission("rollback", "--reason", "v2 flags too many patients", home=tmp_path)
+    again = readmission("rollback", "--reason", "once more", home=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "production moved back from v2 to v1: v2 flags too many patients" in result.stdout
+    assert again.returncode == 2 and "rollback" in again.stderr  # v1 was the first production model
+    status = readmission("status", home=tmp_path)
+    assert "rolled_back" in status.stdout and "v2 flags too many patients" in status.stdout
+    assert "production: v1" in status.stdout

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from readmission_platform.lib.registry import ModelRegistry
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
+
+if TYPE_CHECKING:
+    from readmission_platform.lib.registry import ModelRegistry
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -40,6 +43,9 @@ class MlflowResource(dg.ConfigurableResource):
     """Where `make mlflow-ui` serves the MLflow UI; links in asset metadata point there."""
 
     def registry(self) -> ModelRegistry:
+        # MLflow and skops take seconds to import; every run and sensor process loads this module.
+        from readmission_platform.lib.registry import ModelRegistry
+
         return ModelRegistry(
             self.tracking_uri, self.artifact_root, model_name=self.model_name, experiment=self.experiment, ui_url=self.ui_url
         )

@@ -172,3 +172,39 @@ def test_the_retrain_sensor_asks_for_a_run_after_new_batches_and_not_before(plat
 def test_both_sensors_run_by_default():
     assert retrain_sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert retrain_sensor.job_name == "retrain"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("platform", ["postgres"], indirect=True)
+def test_the_retrain_path_on_postgresql_for_the_warehouse_and_mlflow(platform, instance, new_pg_database, tmp_path, training_batches):
+    mlflow = MlflowResource(tracking_uri=new_pg_database("mlflow"), artifact_root=(tmp_path / "artifacts").as_uri())
+    resources = platform.resources | {"mlflow": mlflow, "retrain_policy": RetrainPolicy()}
+    for i, data in enumerate(training_batches[:3], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+
+    first = retrain(instance, resources)
+    second = retrain(instance, resources)
+
+    assert metadata(first, "promotion_decision")["production_version"] == "1"
+    decided = metadata(second, "promotion_decision")
+    assert metadata(second, "trained_model")["model_version"] == "2"
+    assert decided["production_version"] == ("2" if decided["promoted"] else "1")
+    fresh = MlflowResource(tracking_uri=mlflow.tracking_uri).registry()  # read back through a new client
+    assert str(fresh.production().version) == decided["production_version"]
+    assert platform.warehouse.read_table("promotion_decisions").height == 2
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_a_drifted_batch_retrains_even_when_too_few_rows_arrived(platform, instance, resources, mlflow, training_batches):
+    for i, data in enumerate(training_batches[:2], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    retrain(instance, resources)
+    later = ingest(platform, instance, resources, training_batches[3], "batch_0004")
+    max_psi = metadata(later, "batch_drift")["max_psi"]
+    # New data alone would wait for five batches.
+    quiet = tick(instance, mlflow, policy=RetrainPolicy(min_new_batches=5, drift_psi_threshold=max_psi + 1))
+    drifted = tick(instance, mlflow, policy=RetrainPolicy(min_new_batches=5, drift_psi_threshold=max_psi))
+
+    assert isinstance(quiet, dg.SkipReason) and "no batch drifted" in quiet.skip_message
+    assert isinstance(drifted, dg.RunRequest)
+    assert drifted.tags["readmission/trigger"] == "drift" and drifted.tags["readmission/drifted_batches"] == "batch_0004"

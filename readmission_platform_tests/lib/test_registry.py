@@ -8,7 +8,6 @@ import secrets
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -76,16 +75,7 @@ def store(request, tmp_path_factory) -> tuple[str, str]:
     if request.param == "sqlite":
         yield mlflow_store_uris(home)
         return
-    import psycopg
-    from psycopg import sql
-
-    session_url = request.getfixturevalue("postgres_url")
-    database = f"mlflow_test_{secrets.token_hex(6)}"
-    with psycopg.connect(session_url, autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    yield urlsplit(session_url)._replace(path=f"/{database}").geturl(), (home / "artifacts").as_uri()
-    with psycopg.connect(session_url, autocommit=True) as connection:
-        connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+    yield request.getfixturevalue("new_pg_database")("mlflow_test"), (home / "artifacts").as_uri()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ ingest_batch_job = dg.define_asset_job(
 
 @dg.sensor(
     job=ingest_batch_job,
-    minimum_interval_seconds=10,
+    minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Makes each new or changed file in the landing folder a partition of `batches` and runs it.",
 )

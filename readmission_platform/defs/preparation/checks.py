@@ -75,19 +75,10 @@ def check_clean_batches_label(
 )
 def check_features_spec(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
     with warehouse.open() as store:
-        actual = list(store.columns("features"))
-        rows = store.query("SELECT count(*) AS n FROM features WHERE batch_id = $1", [context.partition_key])
-    problems = []
-    if actual != list(FEATURE_SCHEMA):
-        missing = [c for c in FEATURE_SCHEMA if c not in actual]
-        extra = [c for c in actual if c not in FEATURE_SCHEMA]
-        problems.append(f"features columns differ from the spec: missing {missing}, unexpected {extra}")
+        problems, count = store.shape_problems("features", FEATURE_SCHEMA, context.partition_key)
     leaked = [c for c in FEATURE_COLUMNS if c in schema.IDENTIFIERS or c in (schema.LABEL, schema.LABEL_30D)]
     if leaked:
         problems.append(f"identifier or label columns declared as features: {leaked}")
-    count = int(rows["n"][0]) if rows.height else 0
-    if not count:
-        problems.append(f"batch {context.partition_key} has no rows in features")
     return dg.AssetCheckResult(
         passed=not problems,
         description="; ".join(problems) or f"{len(FEATURE_COLUMNS)} feature columns as declared, {count} rows",

@@ -7,7 +7,6 @@ from readmission_platform.defs.resources import MlflowResource, WarehouseResourc
 from readmission_platform.defs.training.assets import read_parts, trained_model
 from readmission_platform.lib.evaluation import evaluate_model, subgroup_tables
 from readmission_platform.lib.promotion import DECISION_SCHEMA, Gates, decide, gate_failures, gate_warnings
-from readmission_platform.lib.registry import ModelLoadError, decision_threshold
 from readmission_platform.lib.reporting import markdown_table
 
 REPORTED = ("roc_auc", "pr_auc", "brier", "base_rate_brier", "log_loss", "precision", "recall", "f1", "positive_rate")
@@ -40,6 +39,8 @@ def challenger_version(context: dg.AssetExecutionContext) -> str:
 def promotion_decision(
     context: dg.AssetExecutionContext, config: PromotionConfig, warehouse: WarehouseResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
+    from readmission_platform.lib.registry import ModelLoadError, decision_threshold
+
     registry = mlflow.registry()
     parts = read_parts(warehouse)
     test, prevalence = parts["test"], float(parts["train"]["readmitted_30d"].mean())

@@ -36,7 +36,7 @@ def _metadata_value(record: dg.EventLogRecord, key: str):
 
 @dg.sensor(
     job=retrain_job,
-    minimum_interval_seconds=15,
+    minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Retrains on all batches so far when enough new feature rows arrived since the production "
     "model was trained, or a batch drifted from its training data.",
