@@ -20,6 +20,7 @@ def settings_for(tmp_path, storage_url=None) -> Settings:
         warehouse_url=f"duckdb:///{tmp_path / 'warehouse.duckdb'}",
         source=None,
         dagster_storage_url=storage_url,
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
     )
 
 

@@ -100,6 +100,8 @@ def test_the_first_model_is_tracked_registered_and_promoted(platform, instance, 
     assert all(r.data.tags["dagster_run_id"] == result.run_id for r in runs)
     artifacts = {a.path for a in mlflow_module.MlflowClient(mlflow.tracking_uri).list_artifacts(runs[0].info.run_id)}
     assert {"roc.png", "precision_recall.png", "calibration.png", "feature_importances.csv"} <= artifacts
+    challenger_run = mlflow_module.MlflowClient(mlflow.tracking_uri).get_run(production.run_id)
+    assert challenger_run.data.metrics["test_roc_auc"] == pytest.approx(decided["production_test_roc_auc"])
     decisions = platform.warehouse.read_table("promotion_decisions")
     assert decisions.height == 1 and decisions["promoted"].to_list() == [True]
 

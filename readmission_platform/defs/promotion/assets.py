@@ -65,6 +65,11 @@ def promotion_decision(
             context.log.error(notes[-1])
 
     subgroups = subgroup_tables(challenger, test, threshold=threshold)
+    # The challenger's MLflow run keeps its test scores beside the validation ones it was chosen on.
+    run_id = registry.version(version).run_id
+    for name in REPORTED:
+        registry.client.log_metric(run_id, f"test_{name}", challenger_metrics[name])
+    registry.client.log_text(run_id, subgroups.write_csv(), "subgroups_test.csv")
     decision = decide(
         challenger_version=version,
         challenger_metrics=challenger_metrics,
