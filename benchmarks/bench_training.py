@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+from sklearn.compose import make_column_transformer
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OrdinalEncoder
-from sklearn.compose import make_column_transformer
 
 from readmission_platform.defs.promotion import checks as promotion_checks
 from readmission_platform.defs.promotion.assets import promotion_decision
@@ -38,6 +38,7 @@ from readmission_platform.lib.training import labels, model_input, predict_proba
 from readmission_platform.lib.warehouse import open_warehouse
 
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 RESULTS = Path(__file__).parent / "results" / "training.json"
 TARGET_ROC_AUC, TARGET_SECONDS = 0.665, 60.0
 
@@ -63,7 +64,10 @@ def retrain_once(url: str, folder: Path) -> tuple[float, dict, dict]:
     with dg.instance_for_test() as instance:
         started = time.perf_counter()
         result = dg.materialize(
-            [*assets, *checks], resources={"warehouse": WarehouseResource(url=url), "mlflow": mlflow}, instance=instance
+            [*assets, *checks],
+            resources={"warehouse": WarehouseResource(url=url), "mlflow": mlflow},
+            instance=instance,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
         )
         seconds = time.perf_counter() - started
     trained = {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node("trained_model")[0].metadata.items()}
@@ -151,7 +155,6 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten to {RESULTS}")
-    sys.exit(0)
 
 
 if __name__ == "__main__":
