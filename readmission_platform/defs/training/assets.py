@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from readmission_platform.defs.partitions import WAREHOUSE_POOL
 from readmission_platform.defs.preparation.assets import features
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
 from readmission_platform.lib import schema
@@ -37,6 +38,7 @@ def read_parts(warehouse: WarehouseResource) -> dict[str, pl.DataFrame]:
     deps=[features],
     group_name="training",
     kinds={"polars", "sql"},
+    pool=WAREHOUSE_POOL,
     description="Every batch's features with a patient-grouped train/validation/test side (70/15/15) fixed by a hash of the patient id.",
 )
 def training_set(warehouse: WarehouseResource) -> dg.MaterializeResult:
