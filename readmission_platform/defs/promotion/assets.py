@@ -83,7 +83,7 @@ def promotion_decision(
         registry.promote(version, reason=decision.reason)
     after = registry.production()
     production_metrics = challenger_metrics if decision.promoted else champion_metrics
-    row = decision.as_row() | {"dagster_run_id": context.run_id, "production_version": str(after.version) if after else None}
+    row = decision.as_row() | {"dagster_run_id": context.run.run_id, "production_version": str(after.version) if after else None}
     with warehouse.open() as store:
         store.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
     context.log.info(decision.reason)

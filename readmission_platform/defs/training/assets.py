@@ -71,7 +71,7 @@ def _lineage(context: dg.AssetExecutionContext, parts: dict[str, pl.DataFrame]) 
     return {
         "batch_ids": ",".join(batches),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "dagster_run_id": context.run_id,
+        "dagster_run_id": context.run.run_id,
         "dagster_partition_keys": ",".join(batches),
         **{f"{name}_rows": str(part.height) for name, part in parts.items()},
     }
