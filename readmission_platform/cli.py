@@ -8,6 +8,7 @@ import sys
 import time
 
 from readmission_platform.lib.warehouse import WarehouseError
+from readmission_platform.lib.reporting import masked
 from readmission_platform.settings import Settings
 
 
@@ -42,7 +43,11 @@ def demo(settings: Settings, timeout: float) -> int:
 
     started = time.monotonic()
     prepare_dagster_home(settings)
-    _say(f"READMISSION_HOME={settings.home}\nwarehouse: {settings.warehouse_url}\nMLflow: {settings.mlflow_tracking_uri}")
+    _say(
+        f"READMISSION_HOME={settings.home}\nwarehouse: {masked(settings.warehouse_url)}\n"
+        f"Dagster storage: {masked(settings.dagster_storage_url or 'SQLite in ' + str(settings.dagster_home))}\n"
+        f"MLflow: {masked(settings.mlflow_tracking_uri)}"
+    )
     source = read_source_bytes(settings.source)
     log_path = settings.home / "logs" / "dagster-daemon.log"
     with dg.DagsterInstance.get() as instance:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -14,6 +13,7 @@ import pytest
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import CleanResult, clean
 from readmission_platform.lib.ingest import parse_batch
+from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.source import read_source_bytes
 
 SAMPLE_ROWS = 3_000
@@ -54,10 +54,6 @@ def full_clean(full_raw: pl.DataFrame) -> CleanResult:
     return clean(full_raw)
 
 
-def _masked(url: str) -> str:
-    return re.sub(r"//[^@/]*@", "//***@", url)
-
-
 def _with_database(url: str, database: str) -> str:
     return urlsplit(url)._replace(path=f"/{database}").geturl()
 
@@ -83,7 +79,7 @@ def postgres_url():
         problem = str(error).strip()
     if problem:
         pytest.fail(
-            f"cannot create a test database on the PostgreSQL server at {_masked(admin_url)}: {problem}\n"
+            f"cannot create a test database on the PostgreSQL server at {masked(admin_url)}: {problem}\n"
             "Start PostgreSQL there, point READMISSION_TEST_PG_URL at a server where this user may create "
             "databases, or set READMISSION_SKIP_POSTGRES=1 to skip the PostgreSQL tests.",
             pytrace=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 
 
@@ -20,3 +22,8 @@ def examples(values, limit: int = 5) -> str:
     values = list(values)
     shown = ", ".join(map(str, values[:limit]))
     return shown + (f" … (+{len(values) - limit} more)" if len(values) > limit else "")
+
+
+def masked(url: str) -> str:
+    """A URL fit to print: any password replaced."""
+    return re.sub(r"//[^@/]*@", "//***@", url)

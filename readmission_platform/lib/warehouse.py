@@ -17,6 +17,8 @@ from typing import Any
 
 import polars as pl
 
+from readmission_platform.lib.reporting import masked
+
 SQL_TYPES = {
     pl.Int16: "SMALLINT",
     pl.Int32: "INTEGER",
@@ -142,7 +144,7 @@ class Warehouse(ABC):
         return problems, count
 
     def describe(self) -> str:
-        return re.sub(r"//[^@/]*@", "//***@", self.url)
+        return masked(self.url)
 
     def _check_columns(self, table: str, columns: Mapping[str, pl.DataType]) -> None:
         existing = list(self.columns(table))

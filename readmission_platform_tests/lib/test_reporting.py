@@ -16,3 +16,10 @@ def test_examples_list_a_few_and_count_the_others():
     assert examples([]) == ""
     assert examples(["a", "b"]) == "a, b"
     assert examples(range(8), limit=3) == "0, 1, 2 … (+5 more)"
+
+
+def test_masked_hides_the_password_of_a_url():
+    from readmission_platform.lib.reporting import masked
+
+    assert masked("postgresql://reader:s3cret@db.example:5432/wh") == "postgresql://***@db.example:5432/wh"
+    assert masked("duckdb:////tmp/warehouse.duckdb") == "duckdb:////tmp/warehouse.duckdb"
