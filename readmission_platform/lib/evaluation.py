@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 
 from readmission_platform.lib import metrics
@@ -35,7 +34,3 @@ def subgroup_tables(model, part: pl.DataFrame, *, threshold: float) -> pl.DataFr
             for name in SUBGROUP_COLUMNS
         ]
     )
-
-
-def probability_and_labels(model, part: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    return labels(part), predict_probability(model, part)

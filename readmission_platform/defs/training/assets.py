@@ -91,15 +91,16 @@ def trained_model(
     candidates = train_candidates(train, validation, families=tuple(config.families), seed=config.seed)
     registry = mlflow.registry()
     lineage = _lineage(context, parts)
-    run_ids = {}
+    run_ids, subgroups = {}, {}
+    y = labels(validation)
     for candidate in candidates:
-        y, probability = labels(validation), predict_probability(candidate.model, validation)
+        subgroups[candidate.family] = subgroup_tables(candidate.model, validation, threshold=candidate.threshold)
         with tempfile.TemporaryDirectory() as folder:
-            artifacts = evaluation_plots(y, probability, Path(folder), candidate.family)
+            artifacts = evaluation_plots(y, predict_probability(candidate.model, validation), Path(folder), candidate.family)
             artifacts["feature_importances"] = Path(folder) / "feature_importances.csv"
             feature_importances(candidate.model, validation).write_csv(artifacts["feature_importances"])
             artifacts["subgroups"] = Path(folder) / "subgroups_validation.csv"
-            subgroup_tables(candidate.model, validation, threshold=candidate.threshold).write_csv(artifacts["subgroups"])
+            subgroups[candidate.family].write_csv(artifacts["subgroups"])
             run_ids[candidate.family] = registry.log_candidate(
                 candidate.model,
                 params={"family": candidate.family, "threshold": candidate.threshold, **candidate.params},
@@ -119,7 +120,6 @@ def trained_model(
             for c in candidates
         ]
     ).sort("roc_auc", descending=True)
-    subgroups = subgroup_tables(challenger.model, validation, threshold=challenger.threshold)
     return dg.MaterializeResult(
         metadata={
             "model_version": version,
@@ -130,7 +130,11 @@ def trained_model(
             "validation_pr_auc": challenger.validation["pr_auc"],
             "validation_brier": challenger.validation["brier"],
             "candidates": dg.MetadataValue.md(markdown_table(table)),
-            "subgroups_validation": dg.MetadataValue.md(markdown_table(subgroups.select("by", "group", "rows", "roc_auc", "brier", "positive_rate"), limit=30)),
+            "subgroups_validation": dg.MetadataValue.md(
+                markdown_table(
+                    subgroups[challenger.family].select("by", "group", "rows", "roc_auc", "brier", "positive_rate"), limit=30
+                )
+            ),
             "mlflow_run": dg.MetadataValue.url(registry.run_url(run_ids[challenger.family])),
             "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
             "batch_ids": lineage["batch_ids"],
