@@ -38,6 +38,8 @@ MODEL_ARTIFACT = "model"
 INPUT_EXAMPLE_ROWS = 5
 
 THRESHOLD_TAG = "threshold"
+# The batches a version was trained on, comma-separated: drift and retraining compare new batches with them.
+BATCHES_TAG = "batch_ids"
 PROMOTED_AT, PROMOTION_REASON, PREVIOUS_PRODUCTION = "promoted_at", "promotion_reason", "previous_production"
 REPLACED_AT, REPLACED_BY, REPLACED_REASON = "replaced_at", "replaced_by", "replaced_reason"
 ROLLED_BACK_AT, ROLLED_BACK_TO, ROLLED_BACK_REASON = "rolled_back_at", "rolled_back_to", "rolled_back_reason"
@@ -67,6 +69,11 @@ def decision_threshold(version: ModelVersion) -> float:
             "register versions with ModelRegistry.register, which stores it"
         )
     return float(version.tags[THRESHOLD_TAG])
+
+
+def trained_batches(version: ModelVersion | None) -> list[str]:
+    """The batch ids a registered version was trained on; none for no version."""
+    return [b for b in version.tags.get(BATCHES_TAG, "").split(",") if b] if version is not None else []
 
 
 @dataclass(frozen=True)

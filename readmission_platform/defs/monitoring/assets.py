@@ -33,8 +33,10 @@ def batch_drift(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
     batch_id = context.partition_key
+    from readmission_platform.lib.registry import trained_batches
+
     production = mlflow.registry().production()
-    trained = [b for b in production.tags.get("batch_ids", "").split(",") if b] if production else []
+    trained = trained_batches(production)
     if not trained:
         with warehouse.open() as store:
             store.replace_batch({"batch_drift": (DRIFT_SCHEMA, pl.DataFrame(schema=DRIFT_SCHEMA))}, batch_id)

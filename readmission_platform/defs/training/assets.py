@@ -66,10 +66,10 @@ class TrainingConfig(dg.Config):
     seed: int = 0
 
 
-def _lineage(context: dg.AssetExecutionContext, parts: dict[str, pl.DataFrame]) -> dict[str, str]:
+def _lineage(context: dg.AssetExecutionContext, parts: dict[str, pl.DataFrame], batches_tag: str) -> dict[str, str]:
     batches = sorted(pl.concat([p[schema.BATCH_ID] for p in parts.values()]).unique())
     return {
-        "batch_ids": ",".join(batches),
+        batches_tag: ",".join(batches),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "dagster_run_id": context.run.run_id,
         "dagster_partition_keys": ",".join(batches),
@@ -86,11 +86,13 @@ def _lineage(context: dg.AssetExecutionContext, parts: dict[str, pl.DataFrame]) 
 def trained_model(
     context: dg.AssetExecutionContext, config: TrainingConfig, warehouse: WarehouseResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
+    from readmission_platform.lib.registry import BATCHES_TAG
+
     parts = read_parts(warehouse)
     train, validation = parts["train"], parts["validation"]
     candidates = train_candidates(train, validation, families=tuple(config.families), seed=config.seed)
     registry = mlflow.registry()
-    lineage = _lineage(context, parts)
+    lineage = _lineage(context, parts, BATCHES_TAG)
     run_ids, subgroups = {}, {}
     y = labels(validation)
     for candidate in candidates:
@@ -137,7 +139,7 @@ def trained_model(
             ),
             "mlflow_run": dg.MetadataValue.url(registry.run_url(run_ids[challenger.family])),
             "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
-            "batch_ids": lineage["batch_ids"],
+            "batch_ids": lineage[BATCHES_TAG],
             "train_rows": train.height,
         }
     )

@@ -47,8 +47,10 @@ def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, 
     batches = latest_by_partition(context.instance, "features")
     if not batches:
         return dg.SkipReason("no features partition has been materialized yet")
+    from readmission_platform.lib.registry import trained_batches
+
     production = mlflow.registry().production()
-    trained = set(production.tags.get("batch_ids", "").split(",")) if production else set()
+    trained = set(trained_batches(production))
     new = {key: record for key, record in batches.items() if key not in trained}
     new_rows = sum(_metadata_value(record, "dagster/row_count") or 0 for record in new.values())
     drifted = {
