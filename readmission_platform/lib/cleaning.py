@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import polars as pl
@@ -9,50 +11,59 @@ import polars as pl
 from readmission_platform.lib import schema
 
 
+# The ICD-9 chapter groups of Strack et al. (2014): (group, ranges of the code's whole part, single whole codes).
+# The first matching rule wins; V and E codes, and numbers no rule covers, are 'other'.
+ICD9_RULES: tuple[tuple[str, tuple[tuple[int, int], ...], tuple[int, ...]], ...] = (
+    ("circulatory", ((390, 459),), (785,)),
+    ("respiratory", ((460, 519),), (786,)),
+    ("digestive", ((520, 579),), (787,)),
+    ("diabetes", (), (250,)),
+    ("injury", ((800, 999),), ()),
+    ("musculoskeletal", ((710, 739),), ()),
+    ("genitourinary", ((580, 629),), (788,)),
+    ("neoplasms", ((140, 239),), ()),
+)
+ICD9_OTHER = "other"
+# '[70-80)' → 75, the middle of the bracket.
+AGE_MIDDLES = {bracket: int(bracket[1:-1].split("-")[0]) + 5 for bracket in schema.AGE_BRACKETS}
+# The data set writes "None" for a test not taken: a category, not a missing value.
+NOT_MEASURED_COLUMNS = ("A1Cresult", "max_glu_serum")
+NOT_TAKEN = "None"
+
+
 def icd9_group(code: pl.Expr) -> pl.Expr:
-    """Map an ICD-9 code to the chapter groups of Strack et al. (2014); null stays null."""
-    number = code.cast(pl.Float64, strict=False)
-    whole = number.floor()
+    """Map a column of ICD-9 codes to the groups of `ICD9_RULES`; null stays null."""
+    whole = code.cast(pl.Float64, strict=False).floor()
+    result = pl.when(code.is_null()).then(None).when(whole.is_null()).then(pl.lit(ICD9_OTHER))  # V and E codes
+    for group, ranges, singles in ICD9_RULES:
+        matches = [(whole >= lo) & (whole <= hi) for lo, hi in ranges] + [whole == single for single in singles]
+        result = result.when(pl.any_horizontal(matches)).then(pl.lit(group))
+    return result.otherwise(pl.lit(ICD9_OTHER))
 
-    def within(lo: int, hi: int) -> pl.Expr:
-        return (whole >= lo) & (whole <= hi)
 
-    return (
-        pl.when(code.is_null())
-        .then(None)
-        .when(number.is_null())  # V and E codes
-        .then(pl.lit("other"))
-        .when(within(390, 459) | (whole == 785))
-        .then(pl.lit("circulatory"))
-        .when(within(460, 519) | (whole == 786))
-        .then(pl.lit("respiratory"))
-        .when(within(520, 579) | (whole == 787))
-        .then(pl.lit("digestive"))
-        .when(whole == 250)
-        .then(pl.lit("diabetes"))
-        .when(within(800, 999))
-        .then(pl.lit("injury"))
-        .when(within(710, 739))
-        .then(pl.lit("musculoskeletal"))
-        .when(within(580, 629) | (whole == 788))
-        .then(pl.lit("genitourinary"))
-        .when(within(140, 239))
-        .then(pl.lit("neoplasms"))
-        .otherwise(pl.lit("other"))
-    )
+def icd9_group_of(code: str | None) -> str | None:
+    """`icd9_group` for one code, by the same rules: the serving path's single encounter."""
+    if code is None:
+        return None
+    try:
+        whole = math.floor(float(code))
+    except ValueError:  # V and E codes
+        return ICD9_OTHER
+    for group, ranges, singles in ICD9_RULES:
+        if whole in singles or any(lo <= whole <= hi for lo, hi in ranges):
+            return group
+    return ICD9_OTHER
 
 
 def age_years(bracket: pl.Expr) -> pl.Expr:
     """'[70-80)' → 75, the middle of the bracket; an unknown bracket gives null."""
-    middles = {b: int(b[1:-1].split("-")[0]) + 5 for b in schema.AGE_BRACKETS}
-    return bracket.replace_strict(middles, default=None, return_dtype=pl.Int16)
+    return bracket.replace_strict(AGE_MIDDLES, default=None, return_dtype=pl.Int16)
 
 
 def _typed(column: schema.Column) -> pl.Expr:
     value = pl.col(column.name).str.strip_chars()
-    if column.name in ("A1Cresult", "max_glu_serum"):
-        # The data set writes "None" for a test not taken: a category, not a missing value.
-        value = pl.when(value == "None").then(pl.lit(schema.NOT_MEASURED)).otherwise(value)
+    if column.name in NOT_MEASURED_COLUMNS:
+        value = pl.when(value == NOT_TAKEN).then(pl.lit(schema.NOT_MEASURED)).otherwise(value)
     if column.dtype != pl.String():
         value = value.cast(column.dtype, strict=False)
     return value.alias(column.name)
@@ -94,3 +105,19 @@ def clean(raw: pl.DataFrame) -> CleanResult:
     ).row(0, named=True)
     kept = frame.filter(~death_or_hospice & ~invalid_gender)
     return CleanResult(kept, dropped)
+
+
+def clean_record(record: Mapping[str, object]) -> dict[str, object]:
+    """One encounter already typed (a validated serving request) → its clean values, by the rules of `clean`.
+
+    `record` holds the raw columns other than identifiers and label, missing values as None. The serving path calls
+    this instead of `clean` because a one-row polars frame costs milliseconds; the rules are the same tables.
+    """
+    row = dict(record)
+    for name in NOT_MEASURED_COLUMNS:
+        if row.get(name) == NOT_TAKEN:
+            row[name] = schema.NOT_MEASURED
+    row["age_years"] = AGE_MIDDLES.get(row.get("age"))
+    for i in (1, 2, 3):
+        row[f"diag_{i}_group"] = icd9_group_of(row.get(f"diag_{i}"))
+    return row

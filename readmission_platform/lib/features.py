@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import polars as pl
 
 from readmission_platform.lib import schema
@@ -55,16 +59,63 @@ FEATURE_SCHEMA: dict[str, pl.DataType] = (
 )
 
 
+@dataclass(frozen=True)
+class Total:
+    """The sum of some count columns."""
+
+    columns: tuple[str, ...]
+
+    def expr(self) -> pl.Expr:
+        return pl.sum_horizontal(pl.col(c) for c in self.columns)
+
+    def of(self, row: Mapping[str, Any]) -> int:
+        return sum(row[c] for c in self.columns)
+
+
+@dataclass(frozen=True)
+class Count:
+    """How many of some columns hold one of `values` (or, with `outside`, any other value)."""
+
+    columns: tuple[str, ...]
+    values: tuple[str, ...]
+    outside: bool = False
+
+    def expr(self) -> pl.Expr:
+        held = (pl.col(c).is_in(self.values) for c in self.columns)
+        return pl.sum_horizontal(~h if self.outside else h for h in held)
+
+    def of(self, row: Mapping[str, Any]) -> int:
+        # A missing value counts for nothing, as polars' sum_horizontal skips nulls.
+        return sum(row[c] is not None and (row[c] in self.values) != self.outside for c in self.columns)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Whether a column holds a value."""
+
+    column: str
+
+    def expr(self) -> pl.Expr:
+        return pl.col(self.column).is_not_null()
+
+    def of(self, row: Mapping[str, Any]) -> bool:
+        return row[self.column] is not None
+
+
+# The features computed from several clean columns, each declared once and evaluated either over a frame (`expr`,
+# for batches) or over one encounter (`of`, for the serving path).
+DERIVED: dict[str, Total | Count | Recorded] = {
+    "prior_visits": Total(("number_outpatient", "number_emergency", "number_inpatient")),
+    "medications_prescribed": Count(MEDICATION_FEATURES, ("No",), outside=True),
+    "medication_changes": Count(MEDICATION_FEATURES, ("Up", "Down")),
+    "weight_recorded": Recorded("weight"),
+}
+
+
 def _feature_expressions() -> list[pl.Expr]:
-    medications = [pl.col(m) for m in MEDICATION_FEATURES]
-    derived = {
-        "prior_visits": pl.col("number_outpatient") + pl.col("number_emergency") + pl.col("number_inpatient"),
-        "medications_prescribed": pl.sum_horizontal(m != "No" for m in medications),
-        "medication_changes": pl.sum_horizontal(m.is_in(("Up", "Down")) for m in medications),
-        "weight_recorded": pl.col("weight").is_not_null(),
-    }
     numeric = [
-        (derived[name] if name in derived else pl.col(name)).cast(pl.Float64).alias(name) for name in NUMERIC_FEATURES
+        (DERIVED[name].expr() if name in DERIVED else pl.col(name)).cast(pl.Float64).alias(name)
+        for name in NUMERIC_FEATURES
     ]
     categorical = [pl.col(name).cast(pl.String).fill_null(MISSING_CATEGORY).alias(name) for name in CATEGORICAL_FEATURES]
     return numeric + categorical
@@ -73,3 +124,18 @@ def _feature_expressions() -> list[pl.Expr]:
 def build_features(clean: pl.DataFrame) -> pl.DataFrame:
     """Clean rows → identifiers, labels and the declared feature columns, in `FEATURE_SCHEMA` order."""
     return clean.select(*LINEAGE_COLUMNS, *LABEL_COLUMNS, *_feature_expressions()).select(list(FEATURE_SCHEMA))
+
+
+def record_features(clean: Mapping[str, Any]) -> dict[str, float | str]:
+    """One clean encounter (`cleaning.clean_record`) → its feature values, by the rules of `build_features`.
+
+    Numbers become floats, categories text with `MISSING_CATEGORY` for a missing value, as in the table.
+    """
+    values: dict[str, float | str] = {}
+    for name in NUMERIC_FEATURES:
+        value = DERIVED[name].of(clean) if name in DERIVED else clean[name]
+        values[name] = float("nan") if value is None else float(value)
+    for name in CATEGORICAL_FEATURES:
+        value = clean[name]
+        values[name] = MISSING_CATEGORY if value is None else str(value)
+    return values

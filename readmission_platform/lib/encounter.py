@@ -1,0 +1,88 @@
+"""The serving request: one encounter as the hospital system records it, derived from `schema`.
+
+Fields are the data set's columns without identifiers and label, spelt as the data set spells them
+(`A1Cresult`, `glyburide-metformin`), with the values the hospital system writes: age brackets, ICD-9 codes,
+medication statuses, "None" for a lab test not taken. Columns the data allows to be unknown ('?' in the file) may
+be null or absent; every other one is required. Extra fields are refused, so no identifier can reach the log.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import polars as pl
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, create_model
+
+from readmission_platform.lib import schema
+from readmission_platform.lib.cleaning import NOT_MEASURED_COLUMNS, NOT_TAKEN
+
+REQUEST_ID = "request_id"
+FIELDS: tuple[str, ...] = tuple(n for n in schema.RAW_COLUMNS if n not in schema.IDENTIFIERS and n != schema.LABEL)
+MAX_TEXT = 100
+
+
+def _not_death_or_hospice(value: int) -> int:
+    if value in schema.DEATH_OR_HOSPICE_DISPOSITIONS:
+        raise ValueError(
+            f"discharge disposition {value} means the patient died or went to hospice "
+            f"({', '.join(map(str, schema.DEATH_OR_HOSPICE_DISPOSITIONS))}); no readmission risk is predicted for them"
+        )
+    return value
+
+
+def _annotation(column: schema.Column) -> Any:
+    if column.allowed is not None:
+        allowed = tuple(NOT_TAKEN if v == schema.NOT_MEASURED else v for v in column.allowed)
+        typ: Any = Literal[allowed]  # type: ignore[valid-type]
+        if column.name == "discharge_disposition_id":
+            typ = Annotated[typ, AfterValidator(_not_death_or_hospice)]
+    elif column.range is not None:
+        typ = Annotated[StrictInt, Field(ge=column.range[0], le=column.range[1])]
+    elif column.pattern is not None:
+        typ = Annotated[str, StringConstraints(pattern=column.pattern.pattern)]
+    else:
+        typ = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+    return typ | None if column.nullable else typ
+
+
+def _attribute(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _field(name: str) -> tuple[Any, Any]:
+    column = schema.CLEAN_BY_NAME[name]
+    default = None if column.nullable else ...
+    described = column.description or (
+        f"{name}: {schema.expected_values(column)}".replace(schema.NOT_MEASURED, NOT_TAKEN)
+        if name not in NOT_MEASURED_COLUMNS
+        else f"{name}: {NOT_TAKEN} (not measured), or the result"
+    )
+    return _annotation(column), Field(default, alias=name, description=described)
+
+
+Encounter: type[BaseModel] = create_model(
+    "Encounter",
+    __config__=ConfigDict(extra="forbid", title="Encounter"),
+    __doc__="One encounter as the hospital system records it, without patient identifiers.",
+    **{_attribute(name): _field(name) for name in FIELDS},
+    request_id=(
+        Annotated[str, StringConstraints(min_length=1, max_length=128)] | None,
+        Field(None, description="The client's id for this request, echoed in the answer and the prediction log."),
+    ),
+)
+_ATTRIBUTES = tuple((_attribute(name), name) for name in FIELDS)
+
+
+def record(encounter: BaseModel) -> dict[str, Any]:
+    """A validated encounter as {data set column: value}, None where unknown."""
+    return {name: getattr(encounter, attribute) for attribute, name in _ATTRIBUTES}
+
+
+def raw_frame(encounters: list[dict[str, Any]]) -> pl.DataFrame:
+    """Encounters as the text columns of a raw batch ('?' for unknown), for `cleaning.clean`."""
+    return pl.DataFrame(
+        {
+            name: pl.Series(name, [schema.MISSING if e[name] is None else str(e[name]) for e in encounters], pl.String)
+            for name in FIELDS
+        }
+    )
