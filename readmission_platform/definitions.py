@@ -3,7 +3,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from readmission_platform.defs.resources import LandingResource, MlflowResource, RetrainPolicy, WarehouseResource
+from readmission_platform.defs.resources import (
+    LandingResource,
+    MlflowResource,
+    RetrainPolicy,
+    ServingResource,
+    WarehouseResource,
+)
 from readmission_platform.settings import Settings
 
 # Partitioned asset checks are a preview feature of Dagster 1.13; the platform relies on them knowingly.
@@ -21,6 +27,7 @@ defs = dg.Definitions.merge(
                 tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root.as_uri()
             ),
             "retrain_policy": RetrainPolicy(),
+            "serving": ServingResource(bentoml_home=str(settings.bentoml_home)),
         },
         # One process per run: steps share it instead of each importing the stack again.
         executor=dg.in_process_executor,

@@ -15,6 +15,7 @@ class Settings:
     source: Path | None
     dagster_storage_url: str | None
     mlflow_tracking_uri: str
+    prediction_log_url: str
 
     @property
     def landing_dir(self) -> Path:
@@ -32,11 +33,17 @@ class Settings:
     def mlflow_artifact_root(self) -> Path:
         return self.mlflow_dir / "artifacts"
 
+    @property
+    def bentoml_home(self) -> Path:
+        """BentoML's model and Bento stores (BENTOML_HOME for every bentoml command the platform runs)."""
+        return self.home / "bentoml"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """READMISSION_HOME (default ./.readmission), READMISSION_WAREHOUSE_URL (default its DuckDB file),
         READMISSION_SOURCE (default the bundled data set), READMISSION_DAGSTER_STORAGE_URL (default SQLite),
-        READMISSION_MLFLOW_TRACKING_URI or else MLFLOW_TRACKING_URI (default SQLite under the home)."""
+        READMISSION_MLFLOW_TRACKING_URI or else MLFLOW_TRACKING_URI (default SQLite under the home),
+        READMISSION_PREDICTION_LOG_URL (default SQLite under the home)."""
         home = Path(env.get("READMISSION_HOME") or ".readmission").expanduser().resolve()
         source = env.get("READMISSION_SOURCE")
         return cls(
@@ -47,4 +54,5 @@ class Settings:
             mlflow_tracking_uri=env.get("READMISSION_MLFLOW_TRACKING_URI")
             or env.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+            prediction_log_url=env.get("READMISSION_PREDICTION_LOG_URL") or f"sqlite:///{home / 'predictions.sqlite'}",
         )

@@ -51,6 +51,12 @@ class MlflowResource(dg.ConfigurableResource):
         )
 
 
+class ServingResource(dg.ConfigurableResource):
+    """Where BentoML keeps packed models and built Bentos (READMISSION_HOME/bentoml by default)."""
+
+    bentoml_home: str
+
+
 class RetrainPolicy(dg.ConfigurableResource):
     """When the retrain sensor starts a retrain run."""
 

@@ -86,3 +86,29 @@ def raw_frame(encounters: list[dict[str, Any]]) -> pl.DataFrame:
             for name in FIELDS
         }
     )
+
+
+def features_frame(records: list[dict[str, Any]]) -> pl.DataFrame:
+    """Validated encounters → their rows of the features table, through the batch pipeline's `clean` and
+    `build_features` (placeholder identifiers, no label). Every row is kept: validation refuses the exclusions."""
+    from readmission_platform.lib.cleaning import clean
+    from readmission_platform.lib.features import build_features
+
+    frame = raw_frame(records).with_columns(
+        pl.int_range(1, len(records) + 1).cast(pl.String).alias(schema.IDENTIFIERS[0]),
+        pl.int_range(1, len(records) + 1).cast(pl.String).alias(schema.IDENTIFIERS[1]),
+        pl.lit(schema.MISSING).alias(schema.LABEL),
+        pl.lit("request").alias(schema.BATCH_ID),
+    )
+    result = clean(frame)
+    if result.frame.height != len(records):
+        raise ValueError(f"cleaning dropped {result.dropped} of {len(records)} encounters; validate them first")
+    return build_features(result.frame)
+
+
+def from_clean(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of the clean table → the request a hospital system would send for it (identifiers and label left out)."""
+    return {
+        name: NOT_TAKEN if name in NOT_MEASURED_COLUMNS and row[name] == schema.NOT_MEASURED else row[name]
+        for name in FIELDS
+    }

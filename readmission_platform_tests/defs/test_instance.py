@@ -21,6 +21,7 @@ def settings_for(tmp_path, storage_url=None) -> Settings:
         source=None,
         dagster_storage_url=storage_url,
         mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
+        prediction_log_url=f"sqlite:///{tmp_path / 'predictions.sqlite'}",
     )
 
 

@@ -6,8 +6,11 @@ from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
 
 retrain_job = dg.define_asset_job(
     "retrain",
-    selection=dg.AssetSelection.assets("training_set", "trained_model", "promotion_decision"),
-    description="Training set from every batch so far → candidates in MLflow → champion/challenger decision.",
+    selection=dg.AssetSelection.assets("training_set", "trained_model", "promotion_decision", "serving_bento"),
+    description=(
+        "Training set from every batch so far → candidates in MLflow → champion/challenger decision → "
+        "the production model packed into a Bento."
+    ),
 )
 
 IN_FLIGHT = [

@@ -1,0 +1,181 @@
+"""The model a serving worker answers with: one registered version, its fast scorer, threshold and facts.
+
+A version is only served after a smoke test: its fast path must agree with its own pipeline on a few encounters,
+and every probability must be a number in [0, 1]. A version that fails either is refused with `ModelRefused`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+from sklearn.pipeline import Pipeline
+
+from readmission_platform.lib.encounter import features_frame
+from readmission_platform.lib.features import FEATURE_COLUMNS
+from readmission_platform.lib.registry import (
+    PRODUCTION,
+    ModelRegistry,
+    RegistryError,
+    decision_threshold,
+    trained_batches,
+)
+from readmission_platform.lib.scoring import Scorer, UnsupportedModel
+from readmission_platform.lib.training import predict_probability
+
+log = logging.getLogger(__name__)
+
+LOW, MEDIUM, HIGH = "low", "medium", "high"
+RISK_BANDS = (LOW, MEDIUM, HIGH)
+
+# Encounters of the data set's shape (no identifiers) that every version must score before it serves.
+_BASE = {
+    "race": "Caucasian", "gender": "Female", "age": "[70-80)", "weight": None, "admission_type_id": 1,
+    "discharge_disposition_id": 1, "admission_source_id": 7, "time_in_hospital": 4, "payer_code": "MC",
+    "medical_specialty": "InternalMedicine", "num_lab_procedures": 45, "num_procedures": 1, "num_medications": 16,
+    "number_outpatient": 0, "number_emergency": 0, "number_inpatient": 1, "diag_1": "428", "diag_2": "250.02",
+    "diag_3": "401", "number_diagnoses": 9, "max_glu_serum": "None", "A1Cresult": ">8", "metformin": "Steady",
+    "repaglinide": "No", "nateglinide": "No", "chlorpropamide": "No", "glimepiride": "No", "acetohexamide": "No",
+    "glipizide": "No", "glyburide": "No", "tolbutamide": "No", "pioglitazone": "No", "rosiglitazone": "No",
+    "acarbose": "No", "miglitol": "No", "troglitazone": "No", "tolazamide": "No", "examide": "No", "citoglipton": "No",
+    "insulin": "Up", "glyburide-metformin": "No", "glipizide-metformin": "No", "glimepiride-pioglitazone": "No",
+    "metformin-rosiglitazone": "No", "metformin-pioglitazone": "No", "change": "Ch", "diabetesMed": "Yes",
+}  # fmt: skip
+SMOKE_ENCOUNTERS: tuple[dict[str, Any], ...] = (
+    _BASE,
+    _BASE | {"race": None, "gender": "Male", "age": "[40-50)", "payer_code": None, "medical_specialty": None,
+             "diag_1": "V57", "diag_2": None, "diag_3": None, "A1Cresult": "None", "insulin": "No", "change": "No",
+             "number_inpatient": 6, "number_emergency": 3, "weight": "[75-100)"},
+    _BASE | {"medical_specialty": "Surgery-Vascular", "admission_type_id": 3, "discharge_disposition_id": 3,
+             "diag_1": "996.81", "diag_2": "E878", "max_glu_serum": ">300", "metformin": "Down", "insulin": "Steady"},
+)  # fmt: skip
+
+
+class ModelRefused(RegistryError):
+    """A version that cannot serve: it does not load, or fails the smoke test."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded version and everything an answer names: version, threshold, risk bands, facts for /model."""
+
+    name: str
+    version: str
+    threshold: float
+    base_rate: float  # the validation rate of readmission: the line between low and medium risk
+    pipeline: Pipeline
+    scorer: Scorer | None  # None: no fast path for this pipeline; one-row frames through the pipeline instead
+    info: dict[str, Any] = field(default_factory=dict)
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def probability(self, features: Mapping[str, float | str]) -> float:
+        if self.scorer is not None:
+            return self.scorer.probability(features)
+        return float(predict_probability(self.pipeline, pl.DataFrame([features]))[0])
+
+    def probabilities(self, frame: pl.DataFrame) -> list[float]:
+        """A features-table frame through the pipeline itself, as the batch assets score."""
+        return predict_probability(self.pipeline, frame).tolist()
+
+    def risk_band(self, probability: float) -> str:
+        """high: flagged (at or above the threshold); medium: above the base rate; low: at most the base rate."""
+        if probability >= self.threshold:
+            return HIGH
+        return MEDIUM if probability > self.base_rate else LOW
+
+    @property
+    def method(self) -> str:
+        return self.scorer.method if self.scorer is not None else "none: this model has no fast path to explain with"
+
+    def smoke_test(self) -> float:
+        """Score `SMOKE_ENCOUNTERS` both ways; raise `ModelRefused` unless they agree and are probabilities."""
+        frame = features_frame(list(SMOKE_ENCOUNTERS))
+        try:
+            expected = self.probabilities(frame)
+            got = [self.probability(row) for row in frame.select(FEATURE_COLUMNS).iter_rows(named=True)]
+        except Exception as error:
+            raise ModelRefused(f"version {self.version} fails to score the smoke encounters: {error!r}") from error
+        worst = max(abs(a - b) for a, b in zip(expected, got, strict=True))
+        if not all(0.0 <= p <= 1.0 for p in got + expected) or not worst <= 1e-9:
+            raise ModelRefused(
+                f"version {self.version} fails the smoke test: probabilities {got} (fast path) against {expected} "
+                "(pipeline); expected equal numbers in [0, 1]"
+            )
+        return worst
+
+
+def describe(registry: ModelRegistry, version: str) -> dict[str, Any]:
+    """What /model tells of a version: lineage, threshold, validation and test metrics, promotion history."""
+    found = registry.version(version)
+    run = registry.client.get_run(found.run_id)
+    metrics = run.data.metrics
+    tags = found.tags
+    return {
+        "name": found.name,
+        "version": str(found.version),
+        "aliases": list(found.aliases),
+        "run_id": found.run_id,
+        "family": tags.get("family"),
+        "threshold": decision_threshold(found),
+        "base_rate": metrics.get("validation_observed_rate"),
+        "trained_at": tags.get("trained_at"),
+        "trained_batches": trained_batches(found),
+        "training_rows": {k.removesuffix("_rows"): int(v) for k, v in tags.items() if k.endswith("_rows")},
+        "registered_at": datetime.fromtimestamp(found.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
+        "promoted_at": tags.get("promoted_at"),
+        "promotion_reason": tags.get("promotion_reason"),
+        "test_metrics": {k.removeprefix("test_"): v for k, v in sorted(metrics.items()) if k.startswith("test_")},
+        "validation_metrics": {
+            k.removeprefix("validation_"): v for k, v in sorted(metrics.items()) if k.startswith("validation_")
+        },
+    }
+
+
+def serve(pipeline: Pipeline, info: Mapping[str, Any]) -> ServedModel:
+    """A loaded pipeline and its facts (`describe`) → a model that passed the smoke test."""
+    try:
+        scorer: Scorer | None = Scorer(pipeline)
+    except UnsupportedModel as error:
+        log.warning("version %s has no fast path (%s); it is scored one row at a time through the pipeline",
+                    info["version"], error)
+        scorer = None
+    base_rate = info.get("base_rate")
+    model = ServedModel(
+        name=info["name"],
+        version=str(info["version"]),
+        threshold=float(info["threshold"]),
+        base_rate=float(base_rate) if base_rate is not None and math.isfinite(base_rate) else 0.0,
+        pipeline=pipeline,
+        scorer=scorer,
+        info=dict(info),
+    )
+    model.smoke_test()
+    return model
+
+
+def load_version(registry: ModelRegistry, version: str) -> ServedModel:
+    """A registered version, loaded from the MLflow store and smoke-tested; `ModelRefused` if it cannot serve."""
+    started = time.perf_counter()
+    try:
+        info = describe(registry, version)
+        pipeline = registry.load_model(version)
+    except RegistryError as error:
+        raise ModelRefused(str(error)) from error
+    model = serve(pipeline, info)
+    log.info("loaded version %s of %s in %.1f s", version, model.name, time.perf_counter() - started)
+    return model
+
+
+def production_version(registry: ModelRegistry) -> str | None:
+    """The version behind the alias `production` now, or None before the first promotion."""
+    found = registry.production()
+    return str(found.version) if found is not None else None
+
+
+__all__ = ["PRODUCTION", "RISK_BANDS", "ModelRefused", "ServedModel", "describe", "load_version", "production_version", "serve"]

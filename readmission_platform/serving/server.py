@@ -1,0 +1,90 @@
+"""Start and stop `bentoml serve` on the platform's state, for `readmission serve`, the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from readmission_platform.serving.package import REPOSITORY
+from readmission_platform.settings import Settings
+
+BENTO = "readmission:latest"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_command(settings: Settings, *, bento: str | None, port: int, workers: int | None = None) -> tuple[list[str], dict[str, str], Path]:
+    """The `bentoml serve` command, its environment and working folder: a built Bento (`bento`, e.g.
+    'readmission:latest') from the platform's store, or with `bento=None` the service from the repository."""
+    executable = str(Path(sys.executable).with_name("bentoml"))
+    env = {**os.environ, "READMISSION_HOME": str(settings.home), "BENTOML_HOME": str(settings.bentoml_home)}
+    if workers is not None:
+        env["READMISSION_SERVE_WORKERS"] = str(workers)
+    target = bento if bento is not None else "."
+    return [executable, "serve", target, "--host", "127.0.0.1", "--port", str(port)], env, REPOSITORY
+
+
+@contextmanager
+def running_server(
+    settings: Settings,
+    *,
+    bento: str | None = BENTO,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    ready_within: float = 120.0,
+    log_path: Path | None = None,
+) -> Iterator[str]:
+    """`bentoml serve` in the background until the block ends; yields its base URL once /readyz answers 200.
+
+    Stops it with SIGTERM, as a process manager would, so each worker flushes its prediction log.
+    """
+    port = port or free_port()
+    command, environment, folder = serve_command(settings, bento=bento, port=port)
+    environment |= dict(env or {})
+    log_path = log_path or settings.home / "logs" / f"bentoml-serve-{port}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as output:
+        process = subprocess.Popen(command, env=environment, cwd=folder, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + ready_within
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"bentoml serve exited with {process.returncode}; see {log_path}")
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"bentoml serve was not ready within {ready_within:.0f} s; see {log_path}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM to the server's process group (the workers too), SIGKILL if it has not stopped within `timeout`."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

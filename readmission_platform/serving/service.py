@@ -1,0 +1,335 @@
+"""The BentoML service: probability of readmission within 30 days for encounters as the hospital system records them.
+
+Routes: POST /predict (one encounter), POST /predict_batch ({"encounters": [...]}, up to MAX_BATCH), POST /explain,
+GET /model (the model serving now), and BentoML's /livez, /readyz (ready once a model is loaded) and /metrics.
+Each worker serves the version behind the MLflow alias `production` and checks the alias every
+READMISSION_RELOAD_SECONDS (default 30), swapping to a new version only once it has loaded and passed its smoke
+test. Every prediction goes to the prediction log (READMISSION_PREDICTION_LOG_URL, default SQLite under
+READMISSION_HOME). With READMISSION_API_TOKEN set, the prediction routes and /model need `Authorization: Bearer <token>`.
+
+Run it from the repository root with `bentoml serve .`, or a built Bento with `bentoml serve readmission:latest`
+(BENTOML_HOME=$READMISSION_HOME/bentoml); `readmission serve` does the latter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import uuid
+from typing import Any, Literal
+
+import bentoml
+from bentoml.exceptions import ServiceUnavailable
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from readmission_platform.lib.cleaning import clean_record
+from readmission_platform.lib.encounter import Encounter, features_frame, record
+from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
+from readmission_platform.serving.model import ServedModel, load_version, production_version, serve
+from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MODEL
+from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.settings import Settings
+
+log = logging.getLogger("readmission_platform.serving")
+
+MAX_BATCH = 20_000
+RELOAD_SECONDS = float(os.environ.get("READMISSION_RELOAD_SECONDS") or 30)
+# A version that failed to load is tried again after this many checks, in case the failure was passing.
+RETRY_REFUSED_AFTER = 10
+PROTECTED = ("/predict", "/predict_batch", "/explain", "/model")
+
+PREDICTIONS = bentoml.metrics.Counter(
+    name="readmission_predictions", documentation="Predictions made, by model version and decision.",
+    labelnames=["model_version", "decision"],
+)  # fmt: skip
+PROBABILITY = bentoml.metrics.Histogram(
+    name="readmission_prediction_probability", documentation="Predicted probabilities of readmission within 30 days.",
+    buckets=(0.02, 0.05, 0.08, 0.11, 0.14, 0.17, 0.2, 0.3, 0.4, 0.6, 1.0),
+)  # fmt: skip
+REJECTED = bentoml.metrics.Counter(
+    name="readmission_rejected_requests", documentation="Requests answered with a 4xx status, by route and status.",
+    labelnames=["route", "status"],
+)  # fmt: skip
+RELOADS = bentoml.metrics.Counter(
+    name="readmission_model_reloads", documentation="Model loads by outcome: loaded (now serving) or failed.",
+    labelnames=["outcome"],
+)  # fmt: skip
+LOG_DROPPED = bentoml.metrics.Counter(
+    name="readmission_prediction_log_dropped", documentation="Predictions the log could not keep (queue full, writes failing).",
+)  # fmt: skip
+
+
+class Prediction(BaseModel):
+    probability: float = Field(description="Probability of readmission within 30 days.")
+    decision: bool = Field(description="True when the probability is at least the model's threshold: flag for follow-up.")
+    risk_band: Literal["low", "medium", "high"] = Field(
+        description="high: flagged; medium: above the base rate of readmission but not flagged; low: the rest."
+    )
+    threshold: float
+    model_name: str
+    model_version: str
+    request_id: str = Field(description="The client's request_id, or one made up for this prediction.")
+
+
+class BatchItem(BaseModel):
+    probability: float
+    decision: bool
+    risk_band: Literal["low", "medium", "high"]
+    request_id: str
+
+
+class BatchPrediction(BaseModel):
+    model_name: str
+    model_version: str
+    threshold: float
+    predictions: list[BatchItem] = Field(description="One per encounter, in the order sent.")
+
+
+class Contribution(BaseModel):
+    feature: str
+    value: float | str
+    contribution: float
+
+
+class Explanation(BaseModel):
+    probability: float
+    decision: bool
+    model_name: str
+    model_version: str
+    method: str = Field(description="How contributions are computed, and their unit.")
+    contributions: list[Contribution] = Field(description="Every feature, the strongest push (up or down) first.")
+    request_id: str
+
+
+class BearerToken:
+    """ASGI middleware: 401 on the prediction routes unless `Authorization: Bearer <READMISSION_API_TOKEN>`.
+
+    Also counts every 4xx answer of those routes (validation errors included) in `readmission_rejected_requests`.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        token = os.environ.get("READMISSION_API_TOKEN") or ""
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if path == "/model":
+            # The model-info app is mounted at /model; without this, Starlette would answer /model with a redirect.
+            scope = {**scope, "path": "/model/"}
+        if scope["type"] != "http" or not path.startswith(PROTECTED):
+            await self.app(scope, receive, send)
+            return
+        route = path.rstrip("/") or "/"
+        if self.expected is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                REJECTED.labels(route=route, status="401").inc()
+                response = JSONResponse(
+                    {"error": "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                REJECTED.labels(route=route, status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _model_info(request: Request) -> JSONResponse:
+    service = bentoml.get_current_service()
+    model = service.model
+    if model is None:
+        return JSONResponse({"error": "no model loaded yet: nothing is promoted to 'production'"}, status_code=503)
+    return JSONResponse(
+        {**model.info, "alias": "production", "loaded_at": model.loaded_at, "worker_pid": os.getpid(),
+         "reload_seconds": RELOAD_SECONDS, "explain_method": model.method}
+    )  # fmt: skip
+
+
+model_info_app = Starlette(routes=[Route("/", _model_info, methods=["GET"])])
+
+
+class ModelWatcher(threading.Thread):
+    """Keeps a worker on the version behind `production`: a first load, then a check every `interval` seconds."""
+
+    def __init__(self, service: ReadmissionService, settings: Settings, interval: float) -> None:
+        super().__init__(name="model-watcher", daemon=True)
+        from readmission_platform.lib.registry import ModelRegistry
+
+        self.service = service
+        self.interval = interval
+        self.registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+        self.refused: dict[str, int] = {}  # version → checks left before trying it again
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.check()
+
+    def check(self) -> None:
+        try:
+            version = production_version(self.registry)
+        except Exception as error:  # the registry's database is unreachable
+            log.warning("cannot read the 'production' alias from %s: %s", self.registry.tracking_uri, error)
+            version = None
+        current = self.service.model
+        if version is None:
+            if current is None:
+                self.service.model = _packed_model()
+            return
+        if current is not None and current.version == version:
+            return
+        if self.refused.get(version, 0) > 0:
+            self.refused[version] -= 1
+            return
+        try:
+            model = load_version(self.registry, version)
+        except Exception as error:
+            RELOADS.labels(outcome="failed").inc()
+            self.refused[version] = RETRY_REFUSED_AFTER
+            log.error("version %s stays unserved, %s: %s", version,
+                      f"version {current.version} keeps serving" if current else "no model serves", error)  # fmt: skip
+            return
+        self.service.model = model
+        self.refused.pop(version, None)
+        RELOADS.labels(outcome="loaded").inc()
+        log.info("now serving version %s of %s (was %s)", version, model.name, current.version if current else "none")
+
+
+def _packed_model() -> ServedModel | None:
+    """The model packed in this Bento (or BentoML's model store), for when the registry has none to give."""
+    try:
+        packed = bentoml.models.get(f"{PACKED_MODEL}:latest")
+    except bentoml.exceptions.NotFound:
+        return None
+    import mlflow.sklearn
+
+    try:
+        model = serve(mlflow.sklearn.load_model(packed.path_of(MLFLOW_MODEL_FOLDER)), json.loads(packed.info.metadata["info"]))
+    except Exception as error:
+        RELOADS.labels(outcome="failed").inc()
+        log.error("the packed model %s cannot serve: %s", packed.tag, error)
+        return None
+    RELOADS.labels(outcome="loaded").inc()
+    log.info("serving the packed model %s (version %s): the registry has no 'production' version to give", packed.tag,
+             model.version)  # fmt: skip
+    return model
+
+
+@bentoml.asgi_app(model_info_app, path="/model")
+@bentoml.service(
+    name="readmission",
+    workers=int(os.environ.get("READMISSION_SERVE_WORKERS") or 1),
+    traffic={"timeout": 120},
+)
+class ReadmissionService:
+    model: ServedModel | None
+
+    def __init__(self) -> None:
+        settings = Settings.from_env()
+        self.model = None
+        self.log = PredictionLog(settings.prediction_log_url, on_drop=LOG_DROPPED.inc)
+        self.watcher = ModelWatcher(self, settings, RELOAD_SECONDS)
+        self.watcher.check()
+        self.watcher.start()
+
+    def __is_ready__(self) -> bool:
+        return self.model is not None
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.watcher.stopped.set()
+        self.log.close()
+        log.info("prediction log closed: %d rows written, %d dropped", self.log.written, self.log.dropped)
+
+    def _serving(self) -> ServedModel:
+        model = self.model
+        if model is None:
+            raise ServiceUnavailable("no model loaded yet: nothing is promoted to 'production' in the registry")
+        return model
+
+    def _answer(self, model: ServedModel, probability: float, endpoint: str, given: dict[str, Any], request_id: str | None):
+        decision = probability >= model.threshold
+        request_id = request_id or uuid.uuid4().hex
+        PREDICTIONS.labels(model_version=model.version, decision="flagged" if decision else "not_flagged").inc()
+        PROBABILITY.observe(probability)
+        band = model.risk_band(probability)
+        self.log.record(
+            [{"request_id": request_id, "endpoint": endpoint, "model_name": model.name, "model_version": model.version,
+              "probability": probability, "decision": decision, "risk_band": band, "inputs": given}]
+        )  # fmt: skip
+        return decision, band, request_id
+
+    @bentoml.api(route="/predict")
+    async def predict(self, encounter: Encounter, /) -> Prediction:
+        """The probability of readmission within 30 days of one encounter, its decision and risk band."""
+        model = self._serving()
+        given = record(encounter)
+        probability = model.probability(record_features(clean_record(given)))
+        decision, band, request_id = self._answer(model, probability, "predict", given, encounter.request_id)
+        return Prediction(
+            probability=probability, decision=decision, risk_band=band, threshold=model.threshold,
+            model_name=model.name, model_version=model.version, request_id=request_id,
+        )  # fmt: skip
+
+    @bentoml.api(route="/predict_batch")
+    def predict_batch(
+        self, encounters: list[Encounter] = Field(min_length=1, max_length=MAX_BATCH)
+    ) -> BatchPrediction:
+        """Many encounters at once (at most MAX_BATCH), answered in order, all by the same model version."""
+        model = self._serving()
+        records = [record(e) for e in encounters]
+        probabilities = model.probabilities(features_frame(records))
+        threshold, base_rate = model.threshold, model.base_rate
+        now_flagged = 0
+        items, logged = [], []
+        for encounter, given, probability in zip(encounters, records, probabilities, strict=True):
+            decision = probability >= threshold
+            now_flagged += decision
+            band = "high" if decision else ("medium" if probability > base_rate else "low")
+            request_id = encounter.request_id or uuid.uuid4().hex
+            items.append(BatchItem(probability=probability, decision=decision, risk_band=band, request_id=request_id))
+            logged.append(
+                {"request_id": request_id, "endpoint": "predict_batch", "model_name": model.name,
+                 "model_version": model.version, "probability": probability, "decision": decision,
+                 "risk_band": band, "inputs": given}
+            )  # fmt: skip
+            PROBABILITY.observe(probability)
+        PREDICTIONS.labels(model_version=model.version, decision="flagged").inc(now_flagged)
+        PREDICTIONS.labels(model_version=model.version, decision="not_flagged").inc(len(items) - now_flagged)
+        self.log.record(logged)
+        return BatchPrediction(model_name=model.name, model_version=model.version, threshold=threshold, predictions=items)
+
+    @bentoml.api(route="/explain")
+    async def explain(self, encounter: Encounter, /) -> Explanation:
+        """Which features pushed this encounter's risk up or down, and by how much (see `method`)."""
+        model = self._serving()
+        given = record(encounter)
+        features = record_features(clean_record(given))
+        if model.scorer is None:
+            raise ServiceUnavailable(f"version {model.version} has no explainer: {model.method}")
+        probability = model.probability(features)
+        contributions = model.scorer.contributions(features)
+        decision, _, request_id = self._answer(model, probability, "explain", given, encounter.request_id)
+        ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(contributions[name]))
+        return Explanation(
+            probability=probability, decision=decision, model_name=model.name, model_version=model.version,
+            method=model.method, request_id=request_id,
+            contributions=[Contribution(feature=n, value=features[n], contribution=contributions[n]) for n in ranked],
+        )  # fmt: skip
+
+
+ReadmissionService.add_asgi_middleware(BearerToken)
