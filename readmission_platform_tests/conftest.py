@@ -123,3 +123,29 @@ def new_pg_database(postgres_url: str):
     with psycopg.connect(postgres_url, autocommit=True) as connection:
         for name in made:
             connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def full_features(full_clean: CleanResult) -> pl.DataFrame:
+    """`build_features` of the whole clean data set, with its patient-grouped `split`; do not mutate."""
+    from readmission_platform.lib.features import build_features
+    from readmission_platform.lib.splitting import assign_split
+
+    return assign_split(build_features(full_clean.frame))
+
+
+@pytest.fixture(scope="session")
+def sample_parts(full_features: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """The first 20,000 encounters, split by patient: about 14,000 / 3,000 / 3,000 rows."""
+    from readmission_platform.lib.splitting import SPLIT
+
+    head = full_features.head(20_000)
+    return {name: head.filter(pl.col(SPLIT) == name) for name in ("train", "validation", "test")}
+
+
+@pytest.fixture(scope="session")
+def sample_candidates(sample_parts: dict[str, pl.DataFrame]) -> dict:
+    """One calibrated candidate of each model family trained on `sample_parts`, by family."""
+    from readmission_platform.lib.training import train_candidates
+
+    return {c.family: c for c in train_candidates(sample_parts["train"], sample_parts["validation"])}

@@ -22,6 +22,7 @@ import uuid
 from typing import Any, Literal
 
 import bentoml
+import prometheus_client
 from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
@@ -37,7 +38,7 @@ from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MOD
 from readmission_platform.serving.prediction_log import PredictionLog
 from readmission_platform.settings import Settings
 
-log = logging.getLogger("readmission_platform.serving")
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 20_000
 RELOAD_SECONDS = float(os.environ.get("READMISSION_RELOAD_SECONDS") or 30)
@@ -45,23 +46,23 @@ RELOAD_SECONDS = float(os.environ.get("READMISSION_RELOAD_SECONDS") or 30)
 RETRY_REFUSED_AFTER = 10
 PROTECTED = ("/predict", "/predict_batch", "/explain", "/model")
 
-PREDICTIONS = bentoml.metrics.Counter(
+PREDICTIONS = prometheus_client.Counter(
     name="readmission_predictions", documentation="Predictions made, by model version and decision.",
     labelnames=["model_version", "decision"],
 )  # fmt: skip
-PROBABILITY = bentoml.metrics.Histogram(
+PROBABILITY = prometheus_client.Histogram(
     name="readmission_prediction_probability", documentation="Predicted probabilities of readmission within 30 days.",
     buckets=(0.02, 0.05, 0.08, 0.11, 0.14, 0.17, 0.2, 0.3, 0.4, 0.6, 1.0),
 )  # fmt: skip
-REJECTED = bentoml.metrics.Counter(
+REJECTED = prometheus_client.Counter(
     name="readmission_rejected_requests", documentation="Requests answered with a 4xx status, by route and status.",
     labelnames=["route", "status"],
 )  # fmt: skip
-RELOADS = bentoml.metrics.Counter(
+RELOADS = prometheus_client.Counter(
     name="readmission_model_reloads", documentation="Model loads by outcome: loaded (now serving) or failed.",
     labelnames=["outcome"],
 )  # fmt: skip
-LOG_DROPPED = bentoml.metrics.Counter(
+LOG_DROPPED = prometheus_client.Counter(
     name="readmission_prediction_log_dropped", documentation="Predictions the log could not keep (queue full, writes failing).",
 )  # fmt: skip
 
@@ -239,6 +240,12 @@ class ReadmissionService:
     model: ServedModel | None
 
     def __init__(self) -> None:
+        # The platform's loggers write where BentoML's do, in its format (worker name, time).
+        platform_log = logging.getLogger("readmission_platform")
+        if not platform_log.handlers:
+            platform_log.handlers = logging.getLogger("bentoml").handlers
+            platform_log.setLevel(logging.INFO)
+            platform_log.propagate = False
         settings = Settings.from_env()
         self.model = None
         self.log = PredictionLog(settings.prediction_log_url, on_drop=LOG_DROPPED.inc)

@@ -30,14 +30,13 @@ def features(full_clean) -> pl.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def sample(features) -> dict[str, pl.DataFrame]:
-    """The first 20,000 encounters, split by patient: about 14,000 / 3,000 / 3,000 rows."""
-    return parts(features.head(20_000))
+def sample(sample_parts) -> dict[str, pl.DataFrame]:
+    return sample_parts
 
 
 @pytest.fixture(scope="module")
-def candidates(sample):
-    return train_candidates(sample["train"], sample["validation"])
+def candidates(sample_candidates):
+    return [sample_candidates[family] for family in FAMILIES]
 
 
 def test_each_family_searches_its_whole_grid_and_keeps_the_best_setting(candidates):

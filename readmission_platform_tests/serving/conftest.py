@@ -1,0 +1,56 @@
+"""A platform home with a model registry holding real candidates, and `bentoml serve` started on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from readmission_platform.lib.encounter import from_clean
+from readmission_platform.lib.registry import ModelRegistry
+from readmission_platform.lib.training import Candidate, model_input
+from readmission_platform.settings import Settings
+
+
+def settings_in(home: Path, **env: str) -> Settings:
+    return Settings.from_env({"READMISSION_HOME": str(home), **env})
+
+
+def registry_of(settings: Settings) -> ModelRegistry:
+    return ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+
+
+def register(registry: ModelRegistry, candidate: Candidate, parts: dict[str, pl.DataFrame], *, promote: bool) -> str:
+    """Log and register a candidate as trained_model does, with test metrics as promotion_decision logs them."""
+    tags = {"batch_ids": "batch_0001,batch_0002", "trained_at": "2026-11-22T06:00:00+00:00",
+            **{f"{name}_rows": str(part.height) for name, part in parts.items()}}  # fmt: skip
+    run_id = registry.log_candidate(
+        candidate.model,
+        params={"family": candidate.family, **candidate.params},
+        metrics={f"validation_{k}": v for k, v in candidate.validation.items()} | {"test_roc_auc": 0.66, "test_brier": 0.09},
+        tags=tags,
+        artifacts=None,
+        input_example=model_input(parts["train"].head(5)),
+        run_name=candidate.family,
+    )
+    version = registry.register(run_id, threshold=candidate.threshold, tags=tags | {"family": candidate.family})
+    if promote:
+        registry.promote(version, reason=f"test: serve {candidate.family}")
+    return version
+
+
+def break_artifacts(registry: ModelRegistry, version: str) -> None:
+    """Overwrite the stored model of a version with bytes no loader accepts."""
+    location = registry.client.get_model_version_download_uri(registry.model_name, version)
+    folder = Path(location.removeprefix("file://"))
+    for model_file in folder.rglob("model.skops"):
+        model_file.write_bytes(b"not a model")
+
+
+@pytest.fixture(scope="session")
+def test_encounters(full_features, full_clean) -> tuple[list[dict], pl.DataFrame]:
+    """1,000 test-split encounters outside the training sample: as requests, and as feature-table rows."""
+    rows = full_features.slice(20_000).filter(pl.col("split") == "test").head(1_000)
+    clean_rows = rows.select("encounter_id").join(full_clean.frame, on="encounter_id", how="left", maintain_order="left")
+    return [from_clean(r) for r in clean_rows.iter_rows(named=True)], rows

@@ -1,0 +1,52 @@
+import time
+
+import pytest
+
+from readmission_platform.serving.prediction_log import PredictionLog, read_predictions
+
+
+def row(i: int) -> dict:
+    return {
+        "request_id": f"r{i}", "endpoint": "predict", "model_name": "m", "model_version": "3",
+        "probability": i / 1000, "decision": i % 2 == 0, "risk_band": "low", "inputs": {"age": "[70-80)", "n": i},
+    }  # fmt: skip
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'log' / 'predictions.sqlite'}"
+    return request.getfixturevalue("pg_schema_url")
+
+
+def test_every_row_is_written_and_a_clean_close_loses_nothing(url):
+    log = PredictionLog(url, flush_seconds=0.05, batch_rows=100)
+    for start in range(0, 1_000, 50):
+        assert log.record([row(i) for i in range(start, start + 50)]) == 0
+    log.close()
+    stored = read_predictions(url)
+    assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(1_000)]
+    assert stored[7]["inputs"] == {"age": "[70-80)", "n": 7} and stored[7]["decision"] is False
+    assert log.written == 1_000 and log.dropped == 0
+
+
+def test_a_full_queue_drops_rows_and_counts_them_without_waiting(tmp_path):
+    drops = []
+    log = PredictionLog(f"sqlite:///{tmp_path / 'p.sqlite'}", capacity=10, flush_seconds=5, on_drop=drops.append)
+    started = time.perf_counter()
+    dropped = log.record([row(i) for i in range(500)])
+    assert time.perf_counter() - started < 0.5
+    assert dropped >= 480 and log.dropped == dropped == sum(drops)
+    log.close()
+    assert len(read_predictions(log.url)) == 500 - dropped
+
+
+def test_rows_recorded_after_close_are_counted_as_dropped(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'p.sqlite'}")
+    log.close()
+    assert log.record([row(1)]) == 1 and log.dropped == 1
+
+
+def test_an_unsupported_url_is_named():
+    with pytest.raises(ValueError, match="neither sqlite"):
+        PredictionLog("mysql://somewhere/db")
