@@ -36,7 +36,7 @@ def land(settings: Settings, count: int | None, every: float | None) -> int:
 def demo(settings: Settings, timeout: float) -> int:
     import dagster as dg
 
-    from readmission_platform.demo import land_and_process, running_daemon
+    from readmission_platform.demo import land_and_process, running_daemon, serve_one_prediction
     from readmission_platform.instance import prepare_dagster_home
     from readmission_platform.lib.landing import land as land_batches
     from readmission_platform.lib.source import read_source_bytes
@@ -63,6 +63,7 @@ def demo(settings: Settings, timeout: float) -> int:
             if not landed:
                 _say(f"every batch of the source is already in {settings.landing_dir}")
     ok = summarize(settings)
+    ok = serve_one_prediction(settings, _say) and ok
     _say(f"\ndone in {time.monotonic() - started:.0f} s. Open the Dagster UI with `make ui`, MLflow with `make mlflow-ui`.")
     return 0 if ok else 1
 
@@ -119,6 +120,15 @@ def mlflow_ui(settings: Settings, port: int) -> int:
     os.execv(executable, [executable, *arguments])
 
 
+def serve(settings: Settings, source: bool, bento: str, port: int, workers: int | None) -> int:
+    from readmission_platform.serving.server import serve_command
+
+    command, env, folder = serve_command(settings, bento=None if source else bento, port=port, workers=workers)
+    _say(f"{' '.join(command[1:])}  (READMISSION_HOME={settings.home}, BENTOML_HOME={env['BENTOML_HOME']})")
+    os.chdir(folder)
+    os.execve(command[0], command, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="readmission", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     ui_parser.add_argument("--port", type=int, default=3000)
     mlflow_parser = commands.add_parser("mlflow-ui", help="open the MLflow UI on the platform's tracking store")
     mlflow_parser.add_argument("--port", type=int, default=5000)
+    serve_parser = commands.add_parser("serve", help="serve the production model over HTTP with bentoml serve")
+    serve_parser.add_argument("--port", type=int, default=3000)
+    serve_parser.add_argument("--workers", type=int, help="worker processes (default 1)")
+    which = serve_parser.add_mutually_exclusive_group()
+    which.add_argument("--bento", default="readmission:latest", help="the Bento to serve (default readmission:latest)")
+    which.add_argument("--source", action="store_true", help="serve the repository's service (bentoml serve .)")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -150,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return status(settings)
         if args.command == "rollback":
             return rollback(settings, args.reason)
+        if args.command == "serve":
+            return serve(settings, args.source, args.bento, args.port, args.workers)
         if args.command == "mlflow-ui":
             return mlflow_ui(settings, args.port)
         return ui(settings, args.port)

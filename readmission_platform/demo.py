@@ -106,3 +106,36 @@ def land_and_process(
         if found is None:
             say("  retrain_sensor started no retrain (see its skip reason under Automation in the UI)")
     return landed_count
+
+
+def serve_one_prediction(settings, say) -> bool:
+    """Start `bentoml serve readmission:latest` (the Bento serving_bento built), send it one encounter of the last
+    batch as a hospital system would, print the answer, and stop the server; False if anything failed."""
+    import httpx
+    import polars as pl
+
+    from readmission_platform.lib.encounter import from_clean
+    from readmission_platform.lib.warehouse import open_warehouse
+    from readmission_platform.serving.server import BENTO, running_server
+
+    with open_warehouse(settings.warehouse_url) as store:
+        newest = store.query("SELECT max(batch_id) AS b FROM clean_batches")["b"][0]
+        rows = store.query("SELECT * FROM clean_batches WHERE batch_id = $1 ORDER BY encounter_id LIMIT 1", [newest])
+    encounter = from_clean(rows.row(0, named=True)) | {"request_id": "demo-1"}
+    say(f"\nserving: `bentoml serve {BENTO}` from {settings.bentoml_home} …")
+    try:
+        with running_server(settings, bento=BENTO) as url:
+            answer = httpx.post(f"{url}/predict", json=encounter, timeout=30)
+            say(f"POST {url}/predict  (encounter {rows['encounter_id'][0]} of {newest}: {encounter['age']}, "
+                f"{encounter['gender']}, {encounter['time_in_hospital']} days, diag_1 {encounter['diag_1']})")  # fmt: skip
+            say(f"  → {answer.status_code} {answer.text}")
+            info = httpx.get(f"{url}/model", timeout=30).json()
+            say(f"  served by {info['name']} v{info['version']} ({info['family']}), threshold {info['threshold']:.3f}")
+    except (RuntimeError, TimeoutError, httpx.HTTPError) as error:
+        say(f"  serving failed: {error}")
+        return False
+    from readmission_platform.serving.prediction_log import read_predictions
+
+    logged = [r for r in read_predictions(settings.prediction_log_url) if r["request_id"] == "demo-1"]
+    say(f"  logged in {settings.prediction_log_url}: {len(logged)} row(s) for request demo-1")
+    return answer.status_code == 200 and bool(logged)

@@ -73,6 +73,9 @@ def test_demo_lands_batches_one_by_one_and_the_sensors_ingest_and_retrain(tmp_pa
     decisions = re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  (promoted|not_promoted) ", summary, re.MULTILINE)
     assert len(decisions) == 2 and decisions[0] == "promoted"  # a decision for each retrain, the first promotes
     assert "first production model" in summary
+    served = out[out.index("serving: `bentoml serve readmission:latest`") :]
+    assert re.search(r'→ 200 \{"probability":0\.\d+,"decision":(true|false),"risk_band":"(low|medium|high)"', served)
+    assert '"request_id":"demo-1"' in served and "logged in sqlite:///" in served and "1 row(s) for request demo-1" in served
     assert "make ui" in out and "make mlflow-ui" in out
 
     again = readmission("status", home=tmp_path)
