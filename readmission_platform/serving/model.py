@@ -137,9 +137,15 @@ def describe(registry: ModelRegistry, version: str) -> dict[str, Any]:
     }
 
 
-def serve(pipeline: Pipeline, info: Mapping[str, Any]) -> ServedModel:
-    """A loaded pipeline and its facts (`describe`) → a model that passed the smoke test."""
+def serve(pipeline: Pipeline, info: Mapping[str, Any], *, fast: bool = True) -> ServedModel:
+    """A loaded pipeline and its facts (`describe`) → a model that passed the smoke test.
+
+    `fast=False` scores single encounters through the pipeline itself (READMISSION_FAST_PATH=0 in the service): a
+    switch to rule the fast path out when diagnosing, and the baseline of the load test.
+    """
     try:
+        if not fast:
+            raise UnsupportedModel("the fast path is switched off (READMISSION_FAST_PATH=0)")
         scorer: Scorer | None = Scorer(pipeline)
     except UnsupportedModel as error:
         log.warning("version %s has no fast path (%s); it is scored one row at a time through the pipeline",
@@ -159,7 +165,7 @@ def serve(pipeline: Pipeline, info: Mapping[str, Any]) -> ServedModel:
     return model
 
 
-def load_version(registry: ModelRegistry, version: str) -> ServedModel:
+def load_version(registry: ModelRegistry, version: str, *, fast: bool = True) -> ServedModel:
     """A registered version, loaded from the MLflow store and smoke-tested; `ModelRefused` if it cannot serve."""
     started = time.perf_counter()
     try:
@@ -167,7 +173,7 @@ def load_version(registry: ModelRegistry, version: str) -> ServedModel:
         pipeline = registry.load_model(version)
     except RegistryError as error:
         raise ModelRefused(str(error)) from error
-    model = serve(pipeline, info)
+    model = serve(pipeline, info, fast=fast)
     log.info("loaded version %s of %s in %.1f s", version, model.name, time.perf_counter() - started)
     return model
 

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 20_000
 RELOAD_SECONDS = float(os.environ.get("READMISSION_RELOAD_SECONDS") or 30)
+FAST_PATH = os.environ.get("READMISSION_FAST_PATH", "1") != "0"
 # A version that failed to load is tried again after this many checks, in case the failure was passing.
 RETRY_REFUSED_AFTER = 10
 PROTECTED = ("/predict", "/predict_batch", "/explain", "/model")
@@ -197,7 +198,7 @@ class ModelWatcher(threading.Thread):
             self.refused[version] -= 1
             return
         try:
-            model = load_version(self.registry, version)
+            model = load_version(self.registry, version, fast=FAST_PATH)
         except Exception as error:
             RELOADS.labels(outcome="failed").inc()
             self.refused[version] = RETRY_REFUSED_AFTER
@@ -219,7 +220,7 @@ def _packed_model() -> ServedModel | None:
     import mlflow.sklearn
 
     try:
-        model = serve(mlflow.sklearn.load_model(packed.path_of(MLFLOW_MODEL_FOLDER)), json.loads(packed.info.metadata["info"]))
+        model = serve(mlflow.sklearn.load_model(packed.path_of(MLFLOW_MODEL_FOLDER)), json.loads(packed.info.metadata["info"]), fast=FAST_PATH)
     except Exception as error:
         RELOADS.labels(outcome="failed").inc()
         log.error("the packed model %s cannot serve: %s", packed.tag, error)
