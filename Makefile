@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui status test bench clean
+.PHONY: install demo ui mlflow-ui serve status test bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test]"
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test,bench]"
 	touch $@
 
 install: $(BIN)/readmission
@@ -25,6 +25,9 @@ ui: install
 mlflow-ui: install
 	$(BIN)/readmission mlflow-ui
 
+serve: install
+	$(BIN)/readmission serve
+
 status: install
 	$(BIN)/readmission status
 
@@ -34,6 +37,11 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/loadtest.py
+
+loadtest: install
+	$(BIN)/python benchmarks/loadtest.py
 
 clean:
 	rm -rf $(READMISSION_HOME)

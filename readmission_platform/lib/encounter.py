@@ -8,6 +8,7 @@ be null or absent; every other one is required. Extra fields are refused, so no 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import polars as pl
@@ -71,6 +72,8 @@ Encounter: type[BaseModel] = create_model(
     ),
 )
 _ATTRIBUTES = tuple((_attribute(name), name) for name in FIELDS)
+# Validated values are ints for the integer columns and text for the rest.
+_REQUEST_DTYPES = {name: pl.Int64() if schema.CLEAN_BY_NAME[name].dtype.is_integer() else pl.String() for name in FIELDS}
 
 
 def record(encounter: BaseModel) -> dict[str, Any]:
@@ -78,31 +81,40 @@ def record(encounter: BaseModel) -> dict[str, Any]:
     return {name: getattr(encounter, attribute) for attribute, name in _ATTRIBUTES}
 
 
-def raw_frame(encounters: list[dict[str, Any]]) -> pl.DataFrame:
-    """Encounters as the text columns of a raw batch ('?' for unknown), for `cleaning.clean`."""
-    return pl.DataFrame(
-        {
-            name: pl.Series(name, [schema.MISSING if e[name] is None else str(e[name]) for e in encounters], pl.String)
-            for name in FIELDS
-        }
-    )
+def columns(encounters: Sequence[BaseModel]) -> dict[str, list[Any]]:
+    """Validated encounters as {data set column: values}, None where unknown."""
+    return {name: [getattr(e, attribute) for e in encounters] for attribute, name in _ATTRIBUTES}
 
 
-def features_frame(records: list[dict[str, Any]]) -> pl.DataFrame:
+def typed_frame(values: Mapping[str, list[Any]] | Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    """Validated encounters (columns, or records as `record` gives them) as a frame: integers and text, null if unknown."""
+    if not isinstance(values, Mapping):
+        values = {name: [e[name] for e in values] for name in FIELDS}
+    return pl.DataFrame({name: pl.Series(name, values[name], _REQUEST_DTYPES[name], strict=False) for name in FIELDS})
+
+
+def raw_frame(typed: pl.DataFrame) -> pl.DataFrame:
+    """A `typed_frame` as the text columns of a raw batch ('?' for unknown), for `cleaning.clean`."""
+    return typed.select(pl.col(name).cast(pl.String).fill_null(schema.MISSING) for name in FIELDS)
+
+
+def features_frame(values: Mapping[str, list[Any]] | Sequence[Mapping[str, Any]] | pl.DataFrame) -> pl.DataFrame:
     """Validated encounters → their rows of the features table, through the batch pipeline's `clean` and
     `build_features` (placeholder identifiers, no label). Every row is kept: validation refuses the exclusions."""
     from readmission_platform.lib.cleaning import clean
     from readmission_platform.lib.features import build_features
 
-    frame = raw_frame(records).with_columns(
-        pl.int_range(1, len(records) + 1).cast(pl.String).alias(schema.IDENTIFIERS[0]),
-        pl.int_range(1, len(records) + 1).cast(pl.String).alias(schema.IDENTIFIERS[1]),
+    typed = values if isinstance(values, pl.DataFrame) else typed_frame(values)
+    n = typed.height
+    frame = raw_frame(typed).with_columns(
+        pl.int_range(1, n + 1).cast(pl.String).alias(schema.IDENTIFIERS[0]),
+        pl.int_range(1, n + 1).cast(pl.String).alias(schema.IDENTIFIERS[1]),
         pl.lit(schema.MISSING).alias(schema.LABEL),
         pl.lit("request").alias(schema.BATCH_ID),
     )
     result = clean(frame)
-    if result.frame.height != len(records):
-        raise ValueError(f"cleaning dropped {result.dropped} of {len(records)} encounters; validate them first")
+    if result.frame.height != n:
+        raise ValueError(f"cleaning dropped {result.dropped} of {n} encounters; validate them first")
     return build_features(result.frame)
 
 

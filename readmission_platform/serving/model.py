@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import polars as pl
 from sklearn.pipeline import Pipeline
 
@@ -79,9 +80,11 @@ class ServedModel:
             return self.scorer.probability(features)
         return float(predict_probability(self.pipeline, pl.DataFrame([features]))[0])
 
-    def probabilities(self, frame: pl.DataFrame) -> list[float]:
-        """A features-table frame through the pipeline itself, as the batch assets score."""
-        return predict_probability(self.pipeline, frame).tolist()
+    def probabilities(self, frame: pl.DataFrame) -> np.ndarray:
+        """The probabilities of every row of a features-table frame."""
+        if self.scorer is not None:
+            return self.scorer.probabilities(frame)
+        return predict_probability(self.pipeline, frame)
 
     def risk_band(self, probability: float) -> str:
         """high: flagged (at or above the threshold); medium: above the base rate; low: at most the base rate."""
@@ -97,8 +100,10 @@ class ServedModel:
         """Score `SMOKE_ENCOUNTERS` both ways; raise `ModelRefused` unless they agree and are probabilities."""
         frame = features_frame(list(SMOKE_ENCOUNTERS))
         try:
-            expected = self.probabilities(frame)
+            expected = predict_probability(self.pipeline, frame).tolist()
             got = [self.probability(row) for row in frame.select(FEATURE_COLUMNS).iter_rows(named=True)]
+            got += self.probabilities(frame).tolist()
+            expected += expected
         except Exception as error:
             raise ModelRefused(f"version {self.version} fails to score the smoke encounters: {error!r}") from error
         worst = max(abs(a - b) for a, b in zip(expected, got, strict=True))

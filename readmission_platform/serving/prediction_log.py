@@ -1,6 +1,6 @@
 """Every prediction, written in the background to SQLite (default) or PostgreSQL, without making inference wait.
 
-`PredictionLog.record` puts rows on a bounded queue and returns at once; a writer thread takes them off in batches
+`PredictionLog.record` (or `record_frame`, for a batch) puts rows on a bounded queue and returns at once; a writer thread takes them off in batches
 and inserts each batch in one transaction. When the queue is full the rows are dropped and counted (`dropped`), so
 overload slows nothing down and loses nothing silently. `close` drains the queue, so a clean stop loses nothing.
 Rows hold the encounter's fields as sent (the request model refuses identifiers), never a patient identifier.
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
@@ -63,20 +64,27 @@ def engine_for(url: str) -> sa.Engine:
 
 
 class PredictionLog:
-    """A bounded queue of prediction rows and the thread that writes them to `url`."""
+    """A bounded queue of prediction rows and the thread that writes them to `url`.
+
+    `capacity` bounds the rows waiting to be written, however they were recorded (one by one or as a frame).
+    """
 
     def __init__(
         self,
         url: str,
         *,
-        capacity: int = 50_000,
-        batch_rows: int = 2_000,
+        capacity: int = 100_000,
+        batch_rows: int = 5_000,
         flush_seconds: float = 0.5,
         on_drop: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.url = url
         self.engine = engine_for(url)
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=capacity)
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        self.capacity = capacity
+        self._pending: deque[dict[str, Any] | pl.DataFrame] = deque()
+        self._pending_rows = 0
+        self._ready = threading.Condition()
         self._batch_rows = batch_rows
         self._flush_seconds = flush_seconds
         self._on_drop = on_drop
@@ -87,46 +95,71 @@ class PredictionLog:
         self._writer = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._writer.start()
 
+    def _offer(self, item: dict[str, Any] | pl.DataFrame, rows: int) -> int:
+        """Queue an item of `rows` rows unless that would pass the capacity; the number of rows dropped."""
+        with self._ready:
+            if self._closed or self._pending_rows + rows > self.capacity:
+                dropped = rows
+            else:
+                self._pending.append(item)
+                self._pending_rows += rows
+                self._ready.notify()
+                return 0
+        self.dropped += dropped
+        self._on_drop(dropped)
+        return dropped
+
     def record(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Queue rows (COLUMNS but `predicted_at`, which is now, and `inputs`, a dict); the number dropped."""
         now = datetime.now(UTC)
-        dropped = 0
-        for row in rows:
-            if self._closed:
-                dropped += 1
-                continue
-            try:
-                self._queue.put_nowait({**row, "predicted_at": now})
-            except queue.Full:
-                dropped += 1
-        if dropped:
-            self.dropped += dropped
-            self._on_drop(dropped)
-        return dropped
+        return sum(self._offer({**row, "predicted_at": now}, 1) for row in rows)
 
-    def _take(self) -> tuple[list[dict[str, Any]], bool]:
-        """Rows to write, waiting up to the flush interval for the first; and whether the stop mark came."""
-        rows: list[dict[str, Any]] = []
-        deadline = time.monotonic() + self._flush_seconds
-        while len(rows) < self._batch_rows:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if not rows else self._queue.get_nowait()
-            except queue.Empty:
-                if rows or time.monotonic() >= deadline:
-                    return rows, False
-                continue
-            if item is None:
-                return rows, True
-            rows.append(item)
-        return rows, False
+    def record_frame(self, frame: pl.DataFrame) -> int:
+        """Queue a frame of rows (COLUMNS but `predicted_at`; `inputs` already JSON text) at once; the number dropped."""
+        return self._offer(frame.with_columns(pl.lit(datetime.now(UTC)).alias("predicted_at")), frame.height)
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            row["inputs"] = json.dumps(row["inputs"], separators=(",", ":"))
+    def _take(self) -> tuple[list[dict[str, Any] | pl.DataFrame], bool]:
+        """Items to write, waiting up to the flush interval for the first; and whether the log is closing."""
+        with self._ready:
+            if not self._pending and not self._closed:
+                self._ready.wait(self._flush_seconds)
+            items, rows = [], 0
+            while self._pending and rows < self._batch_rows:
+                item = self._pending.popleft()
+                size = item.height if isinstance(item, pl.DataFrame) else 1
+                items.append(item)
+                rows += size
+                self._pending_rows -= size
+            return items, self._closed and not self._pending
+
+    def _rows(self, items: list[dict[str, Any] | pl.DataFrame]) -> list[tuple]:
+        rows: list[tuple] = []
+        for item in items:
+            if isinstance(item, pl.DataFrame):
+                rows.extend(item.select(COLUMNS).iter_rows())
+            else:
+                item = {**item, "inputs": json.dumps(item["inputs"], separators=(",", ":"))}
+                rows.append(tuple(item[c] for c in COLUMNS))
+        if self._sqlite:
+            # Stored as SQLAlchemy stores a DateTime in SQLite: UTC, without the offset.
+            at = COLUMNS.index("predicted_at")
+            rows = [(*r[:at], r[at].strftime("%Y-%m-%d %H:%M:%S.%f"), *r[at + 1 :]) for r in rows]
+        return rows
+
+    def _insert(self, connection: sa.Connection, rows: list[tuple]) -> None:
+        if self._sqlite:
+            # The driver's own executemany: SQLAlchemy's per-row processing took 0.1-0.2 s per 10,000 rows here.
+            placeholders = ", ".join("?" * len(COLUMNS))
+            connection.exec_driver_sql(f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({placeholders})", rows)
+        else:
+            connection.execute(predictions.insert(), [dict(zip(COLUMNS, row, strict=True)) for row in rows])
+
+    def _write(self, items: list[dict[str, Any] | pl.DataFrame]) -> None:
+        rows = self._rows(items)
         for attempt in range(3):
             try:
                 with self.engine.begin() as connection:
-                    connection.execute(predictions.insert(), rows)
+                    self._insert(connection, rows)
                 self.written += len(rows)
                 return
             except sa.exc.SQLAlchemyError as error:
@@ -138,22 +171,24 @@ class PredictionLog:
         log.error("prediction log: %d rows dropped after 3 failed writes to %s", len(rows), self.url)
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            rows, stop = self._take()
-            if rows:
-                self._write(rows)
+        while True:
+            items, finished = self._take()
+            if items:
+                self._write(items)
+            if finished:
+                return
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued, then stop the writer. Rows recorded afterwards are dropped and counted."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._ready:
+            if self._closed:
+                return
+            self._closed = True
+            self._ready.notify()
         self._writer.join(timeout)
         if self._writer.is_alive():
             log.error("prediction log: the writer did not finish within %.0f s; %d rows may be lost", timeout,
-                      self._queue.qsize())
+                      self._pending_rows)  # fmt: skip
         self.engine.dispose()
 
 
