@@ -20,6 +20,7 @@ from sklearn.pipeline import Pipeline
 
 from readmission_platform.lib.encounter import features_frame
 from readmission_platform.lib.features import FEATURE_COLUMNS
+from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.registry import (
     PRODUCTION,
     ModelRegistry,
@@ -174,7 +175,7 @@ def load_version(registry: ModelRegistry, version: str, *, fast: bool = True) ->
     """A registered version, loaded from the MLflow store and smoke-tested; `ModelRefused` if it cannot serve."""
     started = time.perf_counter()
     try:
-        info = describe(registry, version)
+        info = describe(registry, version) | {"served_from": f"MLflow registry {masked(registry.tracking_uri)}"}
         pipeline = registry.load_model(version)
     except RegistryError as error:
         raise ModelRefused(str(error)) from error

@@ -36,6 +36,7 @@ from starlette.routing import Route
 from readmission_platform.lib.cleaning import clean_record
 from readmission_platform.lib.encounter import FIELDS, Encounter, columns, features_frame, record, typed_frame
 from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
+from readmission_platform.lib.reporting import masked
 from readmission_platform.serving.model import ServedModel, load_version, production_version, serve
 from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MODEL
 from readmission_platform.serving.prediction_log import PredictionLog
@@ -190,13 +191,21 @@ class ModelWatcher(threading.Thread):
 
     def __init__(self, service: ReadmissionService, settings: Settings, interval: float) -> None:
         super().__init__(name="model-watcher", daemon=True)
-        from readmission_platform.lib.registry import ModelRegistry
-
         self.service = service
         self.interval = interval
-        self.registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+        self.settings = settings
+        self._registry: ModelRegistry | None = None  # opened on first use, so an unreachable store cannot stop a start
         self.refused: dict[str, int] = {}  # version → checks left before trying it again
+        self.packed_tried = False
         self.stopped = threading.Event()
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from readmission_platform.lib.registry import ModelRegistry
+
+            self._registry = ModelRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root.as_uri())
+        return self._registry
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -206,11 +215,12 @@ class ModelWatcher(threading.Thread):
         try:
             version = production_version(self.registry)
         except Exception as error:  # the registry's database is unreachable
-            log.warning("cannot read the 'production' alias from %s: %s", self.registry.tracking_uri, error)
+            log.warning("cannot read the 'production' alias from %s: %s", masked(self.settings.mlflow_tracking_uri), error)
             version = None
         current = self.service.model
         if version is None:
-            if current is None:
+            if current is None and not self.packed_tried:
+                self.packed_tried = True  # once: it is packed in the Bento and does not change
                 self.service.model = _packed_model()
             return
         if current is not None and current.version == version:
@@ -241,7 +251,8 @@ def _packed_model() -> ServedModel | None:
     import mlflow.sklearn
 
     try:
-        model = serve(mlflow.sklearn.load_model(packed.path_of(MLFLOW_MODEL_FOLDER)), json.loads(packed.info.metadata["info"]), fast=FAST_PATH)
+        info = json.loads(packed.info.metadata["info"]) | {"served_from": f"BentoML model {packed.tag}"}
+        model = serve(mlflow.sklearn.load_model(packed.path_of(MLFLOW_MODEL_FOLDER)), info, fast=FAST_PATH)
     except Exception as error:
         RELOADS.labels(outcome="failed").inc()
         log.error("the packed model %s cannot serve: %s", packed.tag, error)

@@ -87,3 +87,4 @@ def test_the_bento_serves_its_packed_model_when_the_registry_has_none(built, tmp
     with running_server(elsewhere, bento=metadata["bento_tag"], env=env) as url:
         answer = httpx.post(f"{url}/predict", json=GOOD)
         assert answer.status_code == 200 and answer.json()["model_version"] == version
+        assert httpx.get(f"{url}/model").json()["served_from"] == f"BentoML model readmission-classifier:v{version}"

@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -50,3 +51,18 @@ def test_rows_recorded_after_close_are_counted_as_dropped(tmp_path):
 def test_an_unsupported_url_is_named():
     with pytest.raises(ValueError, match="neither sqlite"):
         PredictionLog("mysql://somewhere/db")
+
+
+def test_a_frame_of_rows_is_written_whole_and_counts_against_the_capacity(tmp_path):
+    import polars as pl
+
+    frame = pl.DataFrame([row(i) for i in range(300)]).with_columns(
+        pl.col("inputs").map_elements(lambda d: json.dumps(d), return_dtype=pl.String)
+    )
+    log = PredictionLog(f"sqlite:///{tmp_path / 'p.sqlite'}", capacity=500, flush_seconds=5)
+    assert log.record_frame(pl.concat([frame, frame])) == 600  # more rows than the capacity: dropped whole
+    assert log.record_frame(frame) == 0
+    log.close()
+    stored = read_predictions(log.url)
+    assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(300)]
+    assert stored[3]["inputs"] == {"age": "[70-80)", "n": 3} and log.dropped == 600
