@@ -123,6 +123,12 @@ def mlflow_ui(settings: Settings, port: int) -> int:
 def serve(settings: Settings, source: bool, bento: str, port: int, workers: int | None) -> int:
     from readmission_platform.serving.server import serve_command
 
+    name = bento.split(":")[0]
+    if not source and not (settings.bentoml_home / "bentos" / name).is_dir():
+        raise ValueError(
+            f"no Bento '{name}' in {settings.bentoml_home}: run `make demo`, or materialize serving_bento in the UI, "
+            "or serve the repository's service with --source"
+        )
     command, env, folder = serve_command(settings, bento=None if source else bento, port=port, workers=workers)
     _say(f"{' '.join(command[1:])}  (READMISSION_HOME={settings.home}, BENTOML_HOME={env['BENTOML_HOME']})")
     os.chdir(folder)

@@ -112,7 +112,6 @@ def serve_one_prediction(settings, say) -> bool:
     """Start `bentoml serve readmission:latest` (the Bento serving_bento built), send it one encounter of the last
     batch as a hospital system would, print the answer, and stop the server; False if anything failed."""
     import httpx
-    import polars as pl
 
     from readmission_platform.lib.encounter import from_clean
     from readmission_platform.lib.warehouse import open_warehouse

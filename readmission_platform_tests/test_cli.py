@@ -115,3 +115,9 @@ def test_rollback_moves_production_back_and_records_why(tmp_path):
     status = readmission("status", home=tmp_path)
     assert "rolled_back" in status.stdout and "v2 flags too many patients" in status.stdout
     assert "production: v1" in status.stdout
+
+
+def test_serve_without_a_built_bento_says_how_to_get_one(tmp_path):
+    result = readmission("serve", home=tmp_path)
+    assert result.returncode == 2
+    assert f"no Bento 'readmission' in {tmp_path / 'bentoml'}" in result.stderr and "--source" in result.stderr

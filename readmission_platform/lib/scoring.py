@@ -67,12 +67,12 @@ def _domains(encoder: OneHotEncoder | OrdinalEncoder) -> dict[str, list[str]]:
     return domains
 
 
-def _probe(domains: Mapping[str, list[str]]) -> tuple[pd.DataFrame, list[str]]:
-    """A frame whose rows walk through every column's domain (cycling the shorter ones) and the value of each row."""
+def _probe(domains: Mapping[str, list[str]]) -> pd.DataFrame:
+    """A frame whose rows walk through every column's domain (cycling the shorter ones); numbers are 0."""
     rows = max(len(values) for values in domains.values())
     frame = {name: [0.0] * rows for name in NUMERIC_FEATURES}
     frame |= {name: [values[i % len(values)] for i in range(rows)] for name, values in domains.items()}
-    return pd.DataFrame(frame)[list(FEATURE_COLUMNS)], list(range(rows))
+    return pd.DataFrame(frame)[list(FEATURE_COLUMNS)]
 
 
 def _tables(domains: Mapping[str, list[str]], encoded: np.ndarray, position: Mapping[str, slice]) -> dict[str, dict]:
@@ -189,7 +189,7 @@ class Scorer:
         numeric = preprocess.named_transformers_["numeric"]
         blocks = preprocess.output_indices_
         domains = _domains(encoder)
-        probe, _ = _probe(domains)
+        probe = _probe(domains)
         encoded = preprocess.transform(probe)
         encoded = np.asarray(encoded.toarray() if hasattr(encoded, "toarray") else encoded, dtype=float)
         self.model = model

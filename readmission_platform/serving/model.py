@@ -21,13 +21,7 @@ from sklearn.pipeline import Pipeline
 from readmission_platform.lib.encounter import features_frame
 from readmission_platform.lib.features import FEATURE_COLUMNS
 from readmission_platform.lib.reporting import masked
-from readmission_platform.lib.registry import (
-    PRODUCTION,
-    ModelRegistry,
-    RegistryError,
-    decision_threshold,
-    trained_batches,
-)
+from readmission_platform.lib.registry import ModelRegistry, RegistryError, decision_threshold, trained_batches
 from readmission_platform.lib.scoring import Scorer, UnsupportedModel
 from readmission_platform.lib.training import predict_probability
 
@@ -189,5 +183,3 @@ def production_version(registry: ModelRegistry) -> str | None:
     found = registry.production()
     return str(found.version) if found is not None else None
 
-
-__all__ = ["PRODUCTION", "RISK_BANDS", "ModelRefused", "ServedModel", "describe", "load_version", "production_version", "serve"]

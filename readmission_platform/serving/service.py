@@ -194,7 +194,7 @@ class ModelWatcher(threading.Thread):
         self.service = service
         self.interval = interval
         self.settings = settings
-        self._registry: ModelRegistry | None = None  # opened on first use, so an unreachable store cannot stop a start
+        self._registry = None  # opened on first use, so an unreachable store cannot stop a worker from starting
         self.refused: dict[str, int] = {}  # version → checks left before trying it again
         self.packed_tried = False
         self.stopped = threading.Event()
