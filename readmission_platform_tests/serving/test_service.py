@@ -191,6 +191,11 @@ def test_a_promotion_is_picked_up_without_a_restart_or_a_failed_request(server):
     # Each worker swaps on its own check: until both have, answers may come from either version.
     assert set(versions[: versions.index(second)]) == {server.first} and set(versions[-20:]) == {second}
     assert set(versions) == {server.first, second}
+    # A kept-alive connection stays with one worker: ask on fresh connections until every worker has swapped.
+    deadline = time.monotonic() + 30
+    while {httpx.get(f"{server.url}/model").json()["version"] for _ in range(8)} != {second}:
+        assert time.monotonic() < deadline, "a worker never swapped to the promoted version"
+        time.sleep(0.3)
     assert server.client.get("/model").json()["family"] == "logistic_regression"
     assert "exact" in server.client.post("/explain", json=GOOD).json()["method"]
     server.second = second
