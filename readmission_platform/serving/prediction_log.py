@@ -21,6 +21,8 @@ from typing import Any
 import polars as pl
 import sqlalchemy as sa
 
+from readmission_platform.lib.reporting import masked
+
 log = logging.getLogger(__name__)
 
 TABLE = "predictions"
@@ -45,8 +47,8 @@ predictions = sa.Table(
 )
 
 
-def engine_for(url: str) -> sa.Engine:
-    """An engine on `url` (sqlite:///path or postgresql://…), with the table created if missing."""
+def engine_for(url: str, *, create: bool = True) -> sa.Engine:
+    """An engine on `url` (sqlite:///path or postgresql://…), with the table created if missing (`create`)."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
@@ -58,8 +60,9 @@ def engine_for(url: str) -> sa.Engine:
     elif url.startswith(("postgresql://", "postgres://", "postgresql+")):
         engine = sa.create_engine(url.replace("postgres://", "postgresql://", 1), pool_size=1, max_overflow=0)
     else:
-        raise ValueError(f"prediction log URL {url!r} is neither sqlite:///… nor postgresql://…")
-    _metadata.create_all(engine)
+        raise ValueError(f"prediction log URL {masked(url)!r} is neither sqlite:///… nor postgresql://…")
+    if create:
+        _metadata.create_all(engine)
     return engine
 
 
@@ -79,7 +82,10 @@ class PredictionLog:
         on_drop: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.url = url
-        self.engine = engine_for(url)
+        # The table is made by the writer on its first write: a log database that is down when the service starts
+        # costs the rows it cannot take (counted), not the service.
+        self.engine = engine_for(url, create=False)
+        self._table_ready = False
         self._sqlite = self.engine.dialect.name == "sqlite"
         self.capacity = capacity
         self._pending: deque[dict[str, Any] | pl.DataFrame] = deque()
@@ -158,6 +164,9 @@ class PredictionLog:
         rows = self._rows(items)
         for attempt in range(3):
             try:
+                if not self._table_ready:
+                    _metadata.create_all(self.engine)
+                    self._table_ready = True
                 with self.engine.begin() as connection:
                     self._insert(connection, rows)
                 self.written += len(rows)
@@ -168,7 +177,7 @@ class PredictionLog:
         self.failed += len(rows)
         self.dropped += len(rows)
         self._on_drop(len(rows))
-        log.error("prediction log: %d rows dropped after 3 failed writes to %s", len(rows), self.url)
+        log.error("prediction log: %d rows dropped after 3 failed writes to %s", len(rows), masked(self.url))
 
     def _run(self) -> None:
         while True:

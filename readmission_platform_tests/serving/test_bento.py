@@ -3,6 +3,8 @@ PostgreSQL prediction log, and falls back to the packed model when the registry 
 
 from __future__ import annotations
 
+import time
+
 import dagster as dg
 import httpx
 import pytest
@@ -80,11 +82,19 @@ def test_the_bento_serves_with_a_token_and_logs_to_postgresql(built, pg_schema_u
     assert {r["model_version"] for r in rows} == {version}
 
 
-def test_the_bento_serves_its_packed_model_when_the_registry_has_none(built, tmp_path):
+def test_the_bento_serves_its_packed_model_when_the_registry_has_none_and_outlives_a_dead_log(built, tmp_path):
     settings, version, metadata = built
     elsewhere = settings_in(tmp_path)  # an empty MLflow store, the same BentoML store
-    env = {"BENTOML_HOME": str(settings.bentoml_home)}
+    env = {
+        "BENTOML_HOME": str(settings.bentoml_home),
+        "READMISSION_PREDICTION_LOG_URL": "postgresql://nobody@127.0.0.1:9/none",  # nothing listens on port 9
+    }
     with running_server(elsewhere, bento=metadata["bento_tag"], env=env) as url:
-        answer = httpx.post(f"{url}/predict", json=GOOD)
-        assert answer.status_code == 200 and answer.json()["model_version"] == version
+        answers = [httpx.post(f"{url}/predict", json=GOOD) for _ in range(5)]
+        assert {a.status_code for a in answers} == {200} and answers[0].json()["model_version"] == version
         assert httpx.get(f"{url}/model").json()["served_from"] == f"BentoML model readmission-classifier:v{version}"
+        deadline = time.monotonic() + 20
+        while "readmission_prediction_log_dropped_total 5.0" not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, "the rows the dead log could not take were not counted"
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/readyz").status_code == 200

@@ -66,3 +66,13 @@ def test_a_frame_of_rows_is_written_whole_and_counts_against_the_capacity(tmp_pa
     stored = read_predictions(log.url)
     assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(300)]
     assert stored[3]["inputs"] == {"age": "[70-80)", "n": 3} and log.dropped == 600
+
+
+def test_a_log_database_that_is_down_costs_the_rows_not_the_caller(free_port_url="postgresql://nobody@127.0.0.1:9/none"):
+    drops = []
+    log = PredictionLog(free_port_url, flush_seconds=0.05, on_drop=drops.append)  # nothing listens on port 9
+    started = time.perf_counter()
+    assert log.record([row(i) for i in range(10)]) == 0
+    assert time.perf_counter() - started < 0.1
+    log.close()
+    assert log.dropped == 10 == sum(drops) and log.failed == 10 and log.written == 0
