@@ -46,8 +46,10 @@ def running_server(
     env: Mapping[str, str] | None = None,
     ready_within: float = 120.0,
     log_path: Path | None = None,
+    wait_for: str = "/readyz",
 ) -> Iterator[str]:
-    """`bentoml serve` in the background until the block ends; yields its base URL once /readyz answers 200.
+    """`bentoml serve` in the background until the block ends; yields its base URL once `wait_for` answers 200
+    (/readyz: a model is loaded; /livez: the server is up).
 
     Stops it with SIGTERM, as a process manager would, so each worker flushes its prediction log.
     """
@@ -66,12 +68,12 @@ def running_server(
                 if process.poll() is not None:
                     raise RuntimeError(f"bentoml serve exited with {process.returncode}; see {log_path}")
                 try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    if httpx.get(f"{url}{wait_for}", timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"bentoml serve was not ready within {ready_within:.0f} s; see {log_path}")
+                    raise TimeoutError(f"bentoml serve did not answer {wait_for} within {ready_within:.0f} s; see {log_path}")
                 time.sleep(0.5)
             yield url
         finally:

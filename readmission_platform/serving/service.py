@@ -26,7 +26,6 @@ import numpy as np
 import polars as pl
 import prometheus_client
 import threadpoolctl
-from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -132,6 +131,14 @@ def observe_many(histogram: prometheus_client.Histogram, values: np.ndarray) -> 
     histogram._sum.inc(float(np.sum(values)))
 
 
+def _not_ready() -> JSONResponse:
+    """What every route answers before a model is loaded (BentoML would hide the reason of a raised 5xx)."""
+    return JSONResponse(
+        {"error": "no model loaded: nothing is promoted to 'production' in the registry, and no model is packed here"},
+        status_code=503,
+    )
+
+
 class BearerToken:
     """ASGI middleware: 401 on the prediction routes unless `Authorization: Bearer <READMISSION_API_TOKEN>`.
 
@@ -176,7 +183,7 @@ def _model_info(request: Request) -> JSONResponse:
     service = bentoml.get_current_service()
     model = service.model
     if model is None:
-        return JSONResponse({"error": "no model loaded yet: nothing is promoted to 'production'"}, status_code=503)
+        return _not_ready()
     return JSONResponse(
         {**model.info, "alias": "production", "loaded_at": model.loaded_at, "worker_pid": os.getpid(),
          "reload_seconds": RELOAD_SECONDS, "explain_method": model.method}
@@ -296,11 +303,6 @@ class ReadmissionService:
         self.log.close()
         log.info("prediction log closed: %d rows written, %d dropped", self.log.written, self.log.dropped)
 
-    def _serving(self) -> ServedModel:
-        model = self.model
-        if model is None:
-            raise ServiceUnavailable("no model loaded yet: nothing is promoted to 'production' in the registry")
-        return model
 
     def _answer(self, model: ServedModel, probability: float, endpoint: str, given: dict[str, Any], request_id: str | None):
         decision = probability >= model.threshold
@@ -317,7 +319,8 @@ class ReadmissionService:
     @bentoml.api(route="/predict")
     async def predict(self, encounter: Encounter, /) -> Prediction:
         """The probability of readmission within 30 days of one encounter, its decision and risk band."""
-        model = self._serving()
+        if (model := self.model) is None:
+            return _not_ready()  # type: ignore[return-value]
         given = record(encounter)
         probability = model.probability(record_features(clean_record(given)))
         decision, band, request_id = self._answer(model, probability, "predict", given, encounter.request_id)
@@ -331,7 +334,8 @@ class ReadmissionService:
         self, encounters: list[Encounter] = Field(min_length=1, max_length=MAX_BATCH)
     ) -> BatchPrediction:
         """Many encounters at once (at most MAX_BATCH), answered in order, all by the same model version."""
-        model = self._serving()
+        if (model := self.model) is None:
+            return _not_ready()  # type: ignore[return-value]
         typed = typed_frame(columns(encounters))
         probability = model.probabilities(features_frame(typed))
         batch = uuid.uuid4().hex
@@ -360,13 +364,15 @@ class ReadmissionService:
         return Response(body, media_type="application/json")  # type: ignore[return-value]
 
     @bentoml.api(route="/explain")
-    async def explain(self, encounter: Encounter, /) -> Explanation:
+    def explain(self, encounter: Encounter, /) -> Explanation:
         """Which features pushed this encounter's risk up or down, and by how much (see `method`)."""
-        model = self._serving()
+        # A plain function: BentoML runs it in a thread, as withholding each feature in turn takes milliseconds.
+        if (model := self.model) is None:
+            return _not_ready()  # type: ignore[return-value]
         given = record(encounter)
         features = record_features(clean_record(given))
         if model.scorer is None:
-            raise ServiceUnavailable(f"version {model.version} has no explainer: {model.method}")
+            return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)  # type: ignore[return-value]
         probability = model.probability(features)
         contributions = model.scorer.contributions(features)
         decision, _, request_id = self._answer(model, probability, "explain", given, encounter.request_id)
