@@ -8,6 +8,7 @@ JSON object: the Bento tag, the packed model's tag and the registry version.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,16 @@ BENTOFILE = REPOSITORY / "bentofile.yaml"
 
 class PackagingError(Exception):
     """Nothing to package (no production version), or no bentofile.yaml to build from."""
+
+
+def _source_digest(root: Path) -> str:
+    """A digest of what a Bento takes from the repository: the package's code, bentofile.yaml, constraints.txt."""
+    digest = hashlib.sha256()
+    files = sorted((root / "readmission_platform").rglob("*.py")) + [root / "bentofile.yaml", root / "constraints.txt"]
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile: Path = BENTOFILE) -> dict[str, Any]:
@@ -56,9 +67,22 @@ def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile
             with bentoml.models.create(tag, labels=labels, metadata={"info": json.dumps(info)}) as packed:
                 shutil.copytree(local, packed.path_of(MLFLOW_MODEL_FOLDER))
     options = yaml.safe_load(bentofile.read_text())
-    options["labels"] = {**options.get("labels", {}), "model_version": version}
+    result = {"model": str(packed.tag), "version": version, "bentoml_home": str(bentoml_home)}
+    try:
+        latest = bentoml.bentos.get(f"{options['name']}:latest")
+    except bentoml.exceptions.NotFound:
+        latest = None
+    source = _source_digest(bentofile.parent)
+    if (
+        latest is not None
+        and [str(m.tag) for m in latest.info.models] == [str(packed.tag)]
+        and latest.info.labels.get("source_digest") == source
+    ):
+        # Neither production nor the code changed since the last build (the challenger was not promoted): keep it.
+        return result | {"bento": str(latest.tag), "built": False}
+    options["labels"] = {**options.get("labels", {}), "model_version": version, "source_digest": source}
     bento = bentoml.bentos.build(**options, models=[str(packed.tag)], build_ctx=str(bentofile.parent))
-    return {"bento": str(bento.tag), "model": str(packed.tag), "version": version, "bentoml_home": str(bentoml_home)}
+    return result | {"bento": str(bento.tag), "built": True}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,14 @@ def test_the_asset_names_the_bento_and_the_packed_model_version(built):
     assert metadata["bento_tag"].startswith("readmission:")
     assert (settings.bentoml_home / "bentos" / "readmission").is_dir()
     assert (settings.bentoml_home / "models" / "readmission-classifier" / f"v{version}").is_dir()
+    assert metadata["built"] is True
+
+
+def test_an_unchanged_production_keeps_its_bento(built):
+    settings, version, metadata = built
+    again = materialize_bento(settings).asset_materializations_for_node("serving_bento")[0].metadata
+    assert again["built"].value is False and again["bento_tag"].value == metadata["bento_tag"]
+    assert len([p for p in (settings.bentoml_home / "bentos" / "readmission").iterdir() if p.name != "latest"]) == 1
 
 
 def test_nothing_promoted_fails_the_asset_with_the_reason(tmp_path):

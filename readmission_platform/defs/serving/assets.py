@@ -28,12 +28,17 @@ def serving_bento(context: dg.AssetExecutionContext, mlflow: MlflowResource, ser
             description=f"packaging the production model failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
         )
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    context.log.info(f"built Bento {result['bento']} with {result['model']}")
+    context.log.info(
+        f"built Bento {result['bento']} with {result['model']}"
+        if result["built"]
+        else f"production is still {result['model']}: Bento {result['bento']} already packs it"
+    )
     return dg.MaterializeResult(
         metadata={
             "bento_tag": result["bento"],
             "bentoml_model": result["model"],
             "model_version": result["version"],
+            "built": result["built"],
             "bentoml_home": result["bentoml_home"],
             "serve": dg.MetadataValue.md(
                 f"`BENTOML_HOME={result['bentoml_home']} bentoml serve {result['bento']}` or `readmission serve`"
