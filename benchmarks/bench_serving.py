@@ -29,11 +29,12 @@ from readmission_platform.lib.features import record_features  # noqa: E402
 from readmission_platform.lib.training import model_input  # noqa: E402
 from readmission_platform.serving.model import serve  # noqa: E402
 from readmission_platform.serving.server import running_server  # noqa: E402
+from readmission_platform.serving.service import MAX_BATCH  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
 TARGET_SINGLE_MS, TARGET_BATCH_PER_S, BATCH = 0.5, 100_000, 10_000
 # The request model of /predict_batch, as BentoML builds it from the API's signature.
-BATCH_INPUT = create_model("Input", encounters=(list[Encounter], Field(min_length=1, max_length=20_000)))
+BATCH_INPUT = create_model("Input", encounters=(list[Encounter], Field(min_length=1, max_length=MAX_BATCH)))
 
 
 def timed(function, items, repeats: int) -> list[float]:

@@ -15,7 +15,8 @@ import polars as pl
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, create_model
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.cleaning import NOT_MEASURED_COLUMNS, NOT_TAKEN
+from readmission_platform.lib.cleaning import NOT_MEASURED_COLUMNS, NOT_TAKEN, clean
+from readmission_platform.lib.features import build_features
 
 REQUEST_ID = "request_id"
 FIELDS: tuple[str, ...] = tuple(n for n in schema.RAW_COLUMNS if n not in schema.IDENTIFIERS and n != schema.LABEL)
@@ -101,9 +102,6 @@ def raw_frame(typed: pl.DataFrame) -> pl.DataFrame:
 def features_frame(values: Mapping[str, list[Any]] | Sequence[Mapping[str, Any]] | pl.DataFrame) -> pl.DataFrame:
     """Validated encounters → their rows of the features table, through the batch pipeline's `clean` and
     `build_features` (placeholder identifiers, no label). Every row is kept: validation refuses the exclusions."""
-    from readmission_platform.lib.cleaning import clean
-    from readmission_platform.lib.features import build_features
-
     typed = values if isinstance(values, pl.DataFrame) else typed_frame(values)
     n = typed.height
     frame = raw_frame(typed).with_columns(

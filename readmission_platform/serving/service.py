@@ -152,9 +152,6 @@ class BearerToken:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if path == "/model":
-            # The model-info app is mounted at /model; without this, Starlette would answer /model with a redirect.
-            scope = {**scope, "path": "/model/"}
         if scope["type"] != "http" or not path.startswith(PROTECTED):
             await self.app(scope, receive, send)
             return
@@ -190,7 +187,8 @@ def _model_info(request: Request) -> JSONResponse:
     )  # fmt: skip
 
 
-model_info_app = Starlette(routes=[Route("/", _model_info, methods=["GET"])])
+# Mounted at the root: BentoML mounts apps passively, so this one only takes the paths it has routes for.
+model_info_app = Starlette(routes=[Route("/model", _model_info, methods=["GET"])])
 
 
 class ModelWatcher(threading.Thread):
@@ -270,7 +268,7 @@ def _packed_model() -> ServedModel | None:
     return model
 
 
-@bentoml.asgi_app(model_info_app, path="/model")
+@bentoml.asgi_app(model_info_app, path="/")
 @bentoml.service(
     name="readmission",
     workers=int(os.environ.get("READMISSION_SERVE_WORKERS") or 1),
@@ -343,9 +341,7 @@ class ReadmissionService:
             {
                 "probability": probability,
                 "decision": probability >= model.threshold,
-                "risk_band": np.where(
-                    probability >= model.threshold, "high", np.where(probability > model.base_rate, "medium", "low")
-                ),
+                "risk_band": [model.risk_band(p) for p in probability.tolist()],
                 "request_id": [e.request_id or f"{batch}-{i}" for i, e in enumerate(encounters)],
             }
         )

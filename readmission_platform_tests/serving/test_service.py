@@ -59,6 +59,7 @@ def metric(server: Server, name: str, **labels: str) -> float:
 def test_ready_with_the_production_model_and_it_describes_it(server):
     assert server.client.get("/livez").status_code == 200
     assert server.client.get("/readyz").status_code == 200
+    assert server.client.get("/").status_code == 200  # BentoML's own page, next to the mounted /model
     info = server.client.get("/model").json()
     assert info["version"] == server.first and info["alias"] == "production"
     assert info["family"] == "hist_gradient_boosting"
