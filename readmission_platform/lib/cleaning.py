@@ -31,14 +31,23 @@ NOT_MEASURED_COLUMNS = ("A1Cresult", "max_glu_serum")
 NOT_TAKEN = "None"
 
 
-def icd9_group(code: pl.Expr) -> pl.Expr:
-    """Map a column of ICD-9 codes to the groups of `ICD9_RULES`; null stays null."""
-    whole = code.cast(pl.Float64, strict=False).floor()
-    result = pl.when(code.is_null()).then(None).when(whole.is_null()).then(pl.lit(ICD9_OTHER))  # V and E codes
+def _group_of_whole(whole: int) -> str:
+    """The group of an ICD-9 code's whole part, by the first rule of `ICD9_RULES` that matches."""
     for group, ranges, singles in ICD9_RULES:
-        matches = [(whole >= lo) & (whole <= hi) for lo, hi in ranges] + [whole == single for single in singles]
-        result = result.when(pl.any_horizontal(matches)).then(pl.lit(group))
-    return result.otherwise(pl.lit(ICD9_OTHER))
+        if whole in singles or any(lo <= whole <= hi for lo, hi in ranges):
+            return group
+    return ICD9_OTHER
+
+
+# Every whole part a rule can match, so a column maps by one lookup instead of a rule at a time.
+_WHOLE_GROUPS = {float(whole): _group_of_whole(whole) for whole in range(1000)}
+
+
+def icd9_group(code: pl.Expr) -> pl.Expr:
+    """Map a column of ICD-9 codes to the groups of `ICD9_RULES`; null stays null, V and E codes are 'other'."""
+    whole = code.cast(pl.Float64, strict=False).floor()
+    grouped = whole.replace_strict(_WHOLE_GROUPS, default=pl.lit(ICD9_OTHER), return_dtype=pl.String)
+    return pl.when(code.is_null()).then(None).otherwise(grouped)
 
 
 def icd9_group_of(code: str | None) -> str | None:
@@ -49,10 +58,7 @@ def icd9_group_of(code: str | None) -> str | None:
         whole = math.floor(float(code))
     except ValueError:  # V and E codes
         return ICD9_OTHER
-    for group, ranges, singles in ICD9_RULES:
-        if whole in singles or any(lo <= whole <= hi for lo, hi in ranges):
-            return group
-    return ICD9_OTHER
+    return _group_of_whole(whole)
 
 
 def age_years(bracket: pl.Expr) -> pl.Expr:

@@ -48,12 +48,13 @@ CATEGORICAL_FEATURES = (
     "diabetesMed",
 )
 FEATURE_COLUMNS = NUMERIC_FEATURES + CATEGORICAL_FEATURES
-LINEAGE_COLUMNS = (*schema.IDENTIFIERS, schema.BATCH_ID)
+LINEAGE_COLUMNS = (schema.BATCH_ID, *schema.IDENTIFIERS)
 LABEL_COLUMNS = (schema.LABEL_30D, schema.LABEL)
 
 FEATURE_SCHEMA: dict[str, pl.DataType] = (
-    {name: pl.Int64() for name in schema.IDENTIFIERS}
-    | {schema.BATCH_ID: pl.String(), schema.LABEL_30D: pl.Boolean(), schema.LABEL: pl.String()}
+    {schema.BATCH_ID: pl.String()}
+    | {name: pl.Int64() for name in schema.IDENTIFIERS}
+    | {schema.LABEL_30D: pl.Boolean(), schema.LABEL: pl.String()}
     | {name: pl.Float64() for name in NUMERIC_FEATURES}
     | {name: pl.String() for name in CATEGORICAL_FEATURES}
 )

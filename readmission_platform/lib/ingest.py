@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -41,9 +40,86 @@ class ParsedBatch:
     rejected: pl.DataFrame  # schema.REJECTED_SCHEMA
 
 
+_RAW_COLUMNS = [pl.col(n).cast(t) for n, t in schema.RAW_SCHEMA.items()]
+_REJECTED_COLUMNS = [pl.col(n).cast(t) for n, t in schema.REJECTED_SCHEMA.items()]
+
 def _field_count(line: str) -> int:
     # Quotes are rare in these exports; only a quoted line pays for the csv module.
     return len(next(csv.reader([line]))) if '"' in line else line.count(",") + 1
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """A batch file cut into lines and fields, before any row is judged against the stored ones."""
+
+    rows: pl.DataFrame  # the well-formed lines: their fields as text, line_number, raw_line, row_hash
+    malformed: pl.DataFrame  # line_number, raw_line, reason, encounter_id (as far as it can be read)
+
+
+def read_batch(content: bytes, source_file: str) -> ReadBatch:
+    """Cut a batch file into lines and fields; `BatchFileError` when the file as a whole cannot be loaded.
+
+    A line with the wrong number of fields or a NUL byte is malformed; the others are well formed.
+    """
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise BatchFileError(
+            f"{source_file} is not UTF-8 text: byte {content[error.start]:#04x} at offset {error.start}"
+        ) from None
+    # Only CR and LF end a CSV line; str.splitlines() would also break inside fields at \x0c, \x85, \u2028, ….
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    if not lines or not lines[0].strip():
+        raise BatchFileError(f"{source_file} is empty; expected a header line with the {len(schema.RAW_COLUMNS)} columns")
+    header = [name.strip() for name in next(csv.reader([lines[0]]))]
+    if problem := header_problem(header):
+        raise BatchFileError(f"{source_file}: {problem}")
+
+    body = lines[1:]
+    numbered = pl.DataFrame(
+        {
+            "line_number": pl.int_range(2, len(lines) + 1, eager=True),
+            "raw_line": pl.Series(body, dtype=pl.String),
+            "fields": pl.Series([_field_count(line) for line in body], dtype=pl.Int64),
+        }
+    ).filter(pl.col("raw_line").str.strip_chars() != "")
+    if not numbered.height:
+        raise BatchFileError(f"{source_file} holds a header but no encounters")
+    problem = (
+        pl.when(pl.col("raw_line").str.contains("\x00", literal=True))
+        .then(pl.lit("holds a NUL byte, which no field may contain"))
+        .when(pl.col("fields") != len(header))
+        .then(pl.format("has {} fields; expected {}", pl.col("fields"), pl.lit(len(header))))
+    )
+    judged_lines = numbered.with_columns(reason=problem)
+    malformed = (
+        judged_lines.filter(pl.col("reason").is_not_null())
+        .select("line_number", "raw_line", "reason")
+        .with_columns(encounter_id=pl.col("raw_line").str.split(",").list.get(header.index("encounter_id"), null_on_oob=True))
+    )
+    well_formed = judged_lines.filter(pl.col("reason").is_null()).select("line_number", "raw_line")
+    digest = hashlib.blake2b
+    hashes = pl.Series(
+        [digest(lines[n - 1].encode(), digest_size=16).digest() for n in well_formed["line_number"].to_list()], dtype=pl.Binary
+    )
+    rows = _read_fields(well_formed["raw_line"], header).with_columns(well_formed, row_hash=hashes.bin.encode("hex"))
+    return ReadBatch(rows, malformed)
+
+
+def judge_batch(
+    read: ReadBatch, *, batch_id: str, source_file: str, loaded_elsewhere: pl.DataFrame, now: datetime
+) -> ParsedBatch:
+    """Accept or reject each well-formed row (see `parse_batch`) and add the lineage columns."""
+    judged = _judge(read.rows, loaded_elsewhere)
+    accepted = judged.filter(pl.col("reason").is_null())
+    rejected = pl.concat([read.malformed, judged.filter(pl.col("reason").is_not_null())], how="diagonal")
+    lineage = {schema.BATCH_ID: pl.lit(batch_id), "source_file": pl.lit(source_file)}
+    return ParsedBatch(
+        accepted.with_columns(ingested_at=pl.lit(now), **lineage).select(_RAW_COLUMNS),
+        rejected.sort("line_number").with_columns(rejected_at=pl.lit(now), **lineage).select(_REJECTED_COLUMNS),
+    )
 
 
 def parse_batch(
@@ -58,62 +134,18 @@ def parse_batch(
 
     `loaded_elsewhere` holds (encounter_id, batch_id) of the rows other batches already stored;
     a row repeating one of those ids, or an id seen earlier in this file, is rejected, as is a row
-    with the wrong number of fields or an id that is not a positive integer.
+    with the wrong number of fields, a NUL byte, or an id that is not a positive integer.
     """
-    try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise BatchFileError(
-            f"{source_file} is not UTF-8 text: byte {content[error.start]:#04x} at offset {error.start}"
-        ) from None
-    # Only CR and LF end a CSV line; str.splitlines() would also break inside fields at \x0c, \x85, \u2028, ….
-    lines = re.split(r"\r\n|\r|\n", text)
-    if not lines or not lines[0].strip():
-        raise BatchFileError(f"{source_file} is empty; expected a header line with the {len(schema.RAW_COLUMNS)} columns")
-    header = [name.strip() for name in next(csv.reader([lines[0]]))]
-    if problem := header_problem(header):
-        raise BatchFileError(f"{source_file}: {problem}")
-
-    numbered = [(n, line) for n, line in enumerate(lines[1:], start=2) if line.strip()]
-    if not numbered:
-        raise BatchFileError(f"{source_file} holds a header but no encounters")
-    counts = [_field_count(line) for _, line in numbered]
-    well_formed = [pair for pair, count in zip(numbered, counts) if count == len(header)]
-    malformed = pl.DataFrame(
-        {
-            "line_number": [n for (n, _), count in zip(numbered, counts) if count != len(header)],
-            "raw_line": [line for (_, line), count in zip(numbered, counts) if count != len(header)],
-            "reason": [f"has {count} fields; expected {len(header)}" for count in counts if count != len(header)],
-        },
-        schema={"line_number": pl.Int64, "raw_line": pl.String, "reason": pl.String},
-    ).with_columns(encounter_id=pl.col("raw_line").str.split(",").list.get(header.index("encounter_id"), null_on_oob=True))
-
-    rows = _read_fields(well_formed, header).with_columns(
-        pl.Series("line_number", [n for n, _ in well_formed], pl.Int64),
-        pl.Series("raw_line", [line for _, line in well_formed], pl.String),
-    )
-    judged = _judge(rows, loaded_elsewhere)
-    accepted = judged.filter(pl.col("reason").is_null())
-    rejected = pl.concat([malformed, judged.filter(pl.col("reason").is_not_null())], how="diagonal")
-
-    lineage = {schema.BATCH_ID: pl.lit(batch_id), "source_file": pl.lit(source_file), "ingested_at": pl.lit(now)}
-    raw = accepted.with_columns(
-        row_hash=pl.Series([hashlib.blake2b(line.encode(), digest_size=16).hexdigest() for line in accepted["raw_line"]], dtype=pl.String),
-        **lineage,
-    )
-    rejected_rows = rejected.sort("line_number").with_columns(rejected_at=pl.lit(now), **{k: v for k, v in lineage.items() if k != "ingested_at"})
-    return ParsedBatch(
-        raw.select(pl.col(n).cast(t) for n, t in schema.RAW_SCHEMA.items()),
-        rejected_rows.select(pl.col(n).cast(t) for n, t in schema.REJECTED_SCHEMA.items()),
+    return judge_batch(
+        read_batch(content, source_file), batch_id=batch_id, source_file=source_file, loaded_elsewhere=loaded_elsewhere, now=now
     )
 
 
-def _read_fields(numbered: list[tuple[int, str]], header: list[str]) -> pl.DataFrame:
-    body = "\n".join(line for _, line in numbered).encode()
-    if not body:
+def _read_fields(lines: pl.Series, header: list[str]) -> pl.DataFrame:
+    if not lines.len():
         return pl.DataFrame(schema={name: pl.String for name in header})
     return pl.read_csv(
-        body,
+        "\n".join(lines).encode(),
         has_header=False,
         new_columns=header,
         infer_schema=False,

@@ -30,27 +30,30 @@ def _offending(column: schema.Column) -> pl.Expr | None:
 
 def clean_violations(frame: pl.DataFrame) -> list[Violation]:
     """Every column whose values the schema does not allow, with counts and examples."""
+    present = [column for column in schema.CLEAN_COLUMNS if column.name in frame.columns]
+    rules = {
+        **{f"null:{c.name}": pl.col(c.name).is_null() for c in present if not c.nullable},
+        **{f"value:{c.name}": rule for c in present if (rule := _offending(c)) is not None},
+    }
+    # One pass counts every rule's rows; only a rule that some rows break is looked at row by row.
+    counts = frame.select(rule.sum().alias(name) for name, rule in rules.items()).row(0, named=True) if rules else {}
     found = []
     for column in schema.CLEAN_COLUMNS:
         if column.name not in frame.columns:
             found.append(Violation(column.name, frame.height, f"column '{column.name}' is missing"))
             continue
-        if not column.nullable:
-            nulls = frame.filter(pl.col(column.name).is_null())
-            if nulls.height:
-                found.append(
-                    Violation(
-                        column.name,
-                        nulls.height,
-                        f"column '{column.name}' is empty or unreadable in {nulls.height} rows "
-                        f"(encounter_id {examples(nulls['encounter_id'])}); expected {schema.expected_values(column)}",
-                    )
+        if counts.get(f"null:{column.name}"):
+            nulls = frame.filter(rules[f"null:{column.name}"])
+            found.append(
+                Violation(
+                    column.name,
+                    nulls.height,
+                    f"column '{column.name}' is empty or unreadable in {nulls.height} rows "
+                    f"(encounter_id {examples(nulls['encounter_id'])}); expected {schema.expected_values(column)}",
                 )
-        offending = _offending(column)
-        if offending is None:
-            continue
-        bad = frame.filter(offending)
-        if bad.height:
+            )
+        if counts.get(f"value:{column.name}"):
+            bad = frame.filter(rules[f"value:{column.name}"])
             values = bad[column.name].unique(maintain_order=True)
             found.append(
                 Violation(
@@ -61,3 +64,18 @@ def clean_violations(frame: pl.DataFrame) -> list[Violation]:
                 )
             )
     return found
+
+
+def duplicate_ids(rows: pl.DataFrame, stored_elsewhere: pl.DataFrame) -> list[str]:
+    """The encounter_id values of a batch's raw rows that repeat among them or are stored by other batches, each as
+    'id (in batch, batch, …)', in id order. `stored_elsewhere` holds (encounter_id, batch_id) of the other batches."""
+    ours = rows.select(pl.col("encounter_id").cast(pl.Int64, strict=False), schema.BATCH_ID)
+    theirs = stored_elsewhere.select(pl.col("encounter_id").cast(pl.Int64), schema.BATCH_ID)
+    repeated = pl.concat(
+        [ours.filter(pl.col("encounter_id").is_duplicated()), theirs.join(ours, on="encounter_id", how="semi")]
+    ).select("encounter_id")
+    if not repeated.height:
+        return []
+    every = pl.concat([ours, theirs]).join(repeated.unique(), on="encounter_id", how="semi")
+    grouped = every.group_by("encounter_id").agg(pl.col(schema.BATCH_ID).sort().str.join(", ").alias("batches"))
+    return [f"{row['encounter_id']} (in {row['batches']})" for row in grouped.sort("encounter_id").iter_rows(named=True)]

@@ -6,15 +6,11 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from readmission_platform.defs.ingestion import checks as ingestion_checks
-from readmission_platform.defs.ingestion.assets import raw_batches
+from readmission_platform.defs.ingestion.assets import BatchTablesConfig, batch_tables
 from readmission_platform.defs.partitions import batches
-from readmission_platform.defs.preparation import checks as preparation_checks
-from readmission_platform.defs.preparation.assets import clean_batches, features
 from readmission_platform.lib import schema
+from readmission_platform.lib.features import FEATURE_SCHEMA
 
-ASSETS = [raw_batches, clean_batches, features]
-CHECKS = [*dg.load_asset_checks_from_modules([ingestion_checks, preparation_checks])]
 TABLES = ("raw_batches", "rejected_rows", "clean_batches", "features")
 TIMESTAMPS = {"raw_batches": "ingested_at", "rejected_rows": "rejected_at"}
 
@@ -22,7 +18,7 @@ TIMESTAMPS = {"raw_batches": "ingested_at", "rejected_rows": "rejected_at"}
 def run_batch(platform, instance, batch_id: str, selection=None):
     instance.add_dynamic_partitions(batches.name, [batch_id])
     return dg.materialize(
-        [*ASSETS, *CHECKS],
+        [batch_tables],
         selection=selection,
         partition_key=batch_id,
         resources=platform.resources,
@@ -59,7 +55,7 @@ def test_a_batch_flows_through_every_asset_and_check(platform, instance, sample_
 
     assert result.success
     checks = check_results(result)
-    assert set(checks) == {c.check_key.name for c in CHECKS}
+    assert set(checks) == {key.name for key in batch_tables.check_keys}
     assert all(e.passed for e in checks.values()), {n: e.description for n, e in checks.items() if not e.passed}
     store = platform.warehouse
     raw, clean, feats = (store.read_table(t, "batch_0001") for t in ("raw_batches", "clean_batches", "features"))
@@ -68,7 +64,7 @@ def test_a_batch_flows_through_every_asset_and_check(platform, instance, sample_
     assert feats.height == clean.height
     assert raw["source_file"].unique().to_list() == ["batch_0001.csv"]
     assert raw["line_number"].sort().to_list() == list(range(2, 1_002))
-    dropped = result.asset_materializations_for_node("clean_batches")[0].metadata
+    (dropped,) = [e.materialization.metadata for e in result.get_asset_materialization_events() if e.asset_key.path == ["clean_batches"]]
     assert dropped["dropped_death_or_hospice"].value + dropped["dropped_invalid_gender"].value == raw.height - clean.height
 
 
@@ -157,40 +153,60 @@ def test_a_value_outside_the_schema_fails_the_blocking_check_and_stops_features(
 
     result = run_batch(platform, instance, "batch_0001")
 
+    assert not result.success
     values = check_results(result)["check_clean_batches_values"]
     assert not values.passed and values.severity == dg.AssetCheckSeverity.ERROR
     assert "column 'age' holds '[100-110)' in 1 rows" in values.description
     assert "expected one of [0-10)" in values.description
+    materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+    assert materialized == {"raw_batches", "clean_batches"}  # the failed check's own asset is kept, for a look
+    assert "check_features_spec" not in check_results(result)
+    assert platform.warehouse.read_table("clean_batches", "batch_0001").height > 0
     assert platform.warehouse.query("SELECT * FROM features WHERE batch_id = 'batch_0001'").height == 0
 
 
-def test_a_duplicate_id_committed_by_a_concurrent_writer_fails_the_uniqueness_check(platform, instance, sample_batches):
-    # Two writers on PostgreSQL can each miss the other's uncommitted ids; the check is what catches it.
-    platform.drop("batch_0002.csv", sample_batches[1])
-    assert run_batch(platform, instance, "batch_0002").success
-    store = platform.warehouse
-    raw = store.read_table("raw_batches", "batch_0002")
-    clash = raw.head(1).with_columns(batch_id=pl.lit("batch_0001"), source_file=pl.lit("batch_0001.csv"))
-    store.replace_batch({"raw_batches": (schema.RAW_SCHEMA, clash)}, "batch_0001")
-    instance.add_dynamic_partitions(batches.name, ["batch_0001"])
+def test_a_batch_whose_rows_are_all_rejected_stops_at_raw_batches(platform, instance, sample_batches):
+    lines = sample_batches[0].split(b"\r\n")
+    platform.drop("batch_0001.csv", b"\r\n".join([lines[0], *(line[:40] for line in lines[1:] if line)]) + b"\r\n")
 
-    context = dg.build_asset_context(partition_key="batch_0001", instance=instance)
+    result = run_batch(platform, instance, "batch_0001")
 
-    unique = ingestion_checks.check_raw_batches_unique_encounter_id(context, warehouse=platform.resources["warehouse"])
-
-    assert not unique.passed
-    assert f"{raw['encounter_id'][0]} (in batch_0001, batch_0002)" in unique.description
+    assert not result.success
+    columns = check_results(result)["check_raw_batches_columns"]
+    assert not columns.passed and "batch batch_0001 has no rows in raw_batches: every row was rejected" in columns.description
+    assert {e.asset_key.path[-1] for e in result.get_asset_materialization_events()} == {"raw_batches"}
+    assert platform.warehouse.read_table("rejected_rows", "batch_0001").height == 1_000
+    assert "clean_batches" not in platform.warehouse.tables()
 
 
-def test_raw_batches_called_directly_loads_the_partition(platform, instance, sample_batches):
+def test_one_asset_alone_reads_its_input_from_the_warehouse(platform, instance, sample_batches):
+    platform.drop("batch_0001.csv", sample_batches[0])
+    assert run_batch(platform, instance, "batch_0001").success
+    before = snapshot(platform)
+    platform.warehouse.replace_batch({"features": (FEATURE_SCHEMA, pl.DataFrame(schema=FEATURE_SCHEMA))}, "batch_0001")
+
+    result = run_batch(platform, instance, "batch_0001", selection=["features"])
+
+    assert result.success
+    assert {e.asset_key.path[-1] for e in result.get_asset_materialization_events()} == {"features"}
+    assert set(check_results(result)) == {"check_features_spec"}
+    after = snapshot(platform)
+    for table in TABLES:
+        assert after[table].equals(before[table]), table
+
+
+def test_batch_tables_called_directly_loads_the_partition(platform, instance, sample_batches):
     platform.drop("batch_0003.csv", sample_batches[2])
     instance.add_dynamic_partitions(batches.name, ["batch_0003"])
     context = dg.build_asset_context(partition_key="batch_0003", instance=instance)
 
-    result = raw_batches(context, **platform.resources)
+    results = list(batch_tables(context, config=BatchTablesConfig(), **platform.resources))
 
-    assert result.metadata["dagster/row_count"] == 1_000
-    assert result.metadata["rejected_rows"] == 0
+    materialized = {r.asset_key.path[-1]: r.metadata for r in results if isinstance(r, dg.MaterializeResult)}
+    assert materialized["raw_batches"]["dagster/row_count"] == 1_000
+    assert materialized["raw_batches"]["rejected_rows"] == 0
+    assert materialized["features"]["dagster/row_count"] == materialized["clean_batches"]["dagster/row_count"]
+    assert all(r.passed for r in results if isinstance(r, dg.AssetCheckResult))
     assert platform.warehouse.read_table("raw_batches", "batch_0003").height == 1_000
 
 

@@ -6,8 +6,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from readmission_platform.defs.ingestion import checks as ingestion_checks
-from readmission_platform.defs.ingestion.assets import raw_batches
+from readmission_platform.defs.ingestion.assets import batch_tables
 from readmission_platform.defs.partitions import batches
 from readmission_platform.defs.resources import LandingResource, WarehouseResource
 from readmission_platform.instance import INSTANCE_CONFIGS, prepare_dagster_home
@@ -30,7 +29,7 @@ def ingest_one_batch(instance, settings, data: bytes) -> dg.ExecuteInProcessResu
     (settings.landing_dir / "batch_0001.csv").write_bytes(data)
     instance.add_dynamic_partitions(batches.name, ["batch_0001"])
     return dg.materialize(
-        [raw_batches, *dg.load_asset_checks_from_modules([ingestion_checks])],
+        [batch_tables],
         partition_key="batch_0001",
         instance=instance,
         resources={

@@ -6,13 +6,10 @@ import dagster as dg
 import mlflow as mlflow_module
 import pytest
 
-from readmission_platform.defs.ingestion import checks as ingestion_checks
-from readmission_platform.defs.ingestion.assets import raw_batches
+from readmission_platform.defs.ingestion.assets import batch_tables
 from readmission_platform.defs.monitoring import checks as monitoring_checks
 from readmission_platform.defs.monitoring.assets import batch_drift
 from readmission_platform.defs.partitions import batches
-from readmission_platform.defs.preparation import checks as preparation_checks
-from readmission_platform.defs.preparation.assets import clean_batches, features
 from readmission_platform.defs.promotion import checks as promotion_checks
 from readmission_platform.defs.promotion.assets import promotion_decision
 from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
@@ -22,11 +19,9 @@ from readmission_platform.defs.training.sensors import retrain_sensor
 from readmission_platform.lib.landing import split_batches
 
 BATCH = 3_000
-INGEST = [raw_batches, clean_batches, features, batch_drift]
+INGEST = [batch_tables, batch_drift]
 RETRAIN = [training_set, trained_model, promotion_decision]
-CHECKS = dg.load_asset_checks_from_modules(
-    [ingestion_checks, preparation_checks, monitoring_checks, training_checks, promotion_checks]
-)
+CHECKS = dg.load_asset_checks_from_modules([monitoring_checks, training_checks, promotion_checks])
 FAST = {"ops": {"trained_model": {"config": {"families": ["logistic_regression", "hist_gradient_boosting"]}}}}
 
 
@@ -50,14 +45,14 @@ def resources(platform, mlflow) -> dict:
 def ingest(platform, instance, resources, data: bytes, batch_id: str) -> dg.ExecuteInProcessResult:
     platform.drop(f"{batch_id}.csv", data)
     instance.add_dynamic_partitions(batches.name, [batch_id])
-    checks = [c for c in CHECKS if c.check_key.asset_key in {a.key for a in INGEST}]
+    checks = [c for c in CHECKS if c.check_key.asset_key in {key for a in INGEST for key in a.keys}]
     return dg.materialize(INGEST + checks, partition_key=batch_id, resources=resources, instance=instance)
 
 
 def retrain(instance, resources, run_config=FAST, raise_on_error=True) -> dg.ExecuteInProcessResult:
     checks = [c for c in CHECKS if c.check_key.asset_key in {a.key for a in RETRAIN}]
     return dg.materialize(
-        [*RETRAIN, *checks, features],
+        [*RETRAIN, *checks, batch_tables],
         selection=RETRAIN,
         resources=resources,
         instance=instance,

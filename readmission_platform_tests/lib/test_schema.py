@@ -15,8 +15,8 @@ def test_clean_columns_are_the_raw_columns_plus_the_derived_ones():
     names = [c.name for c in schema.CLEAN_COLUMNS]
     assert len(names) == len(set(names))
     assert set(names) - set(schema.RAW_COLUMNS) == schema.DERIVED
-    assert list(schema.CLEAN_SCHEMA) == [*names, schema.BATCH_ID]
-    assert list(schema.RAW_SCHEMA) == [*schema.RAW_COLUMNS, *schema.RAW_LINEAGE]
+    assert list(schema.CLEAN_SCHEMA) == [schema.BATCH_ID, *names]
+    assert list(schema.RAW_SCHEMA) == [schema.BATCH_ID, *schema.RAW_COLUMNS, *schema.RAW_LINEAGE]
     assert all(schema.RAW_SCHEMA[name] == pl.String() for name in schema.RAW_COLUMNS)
 
 

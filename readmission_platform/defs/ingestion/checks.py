@@ -1,55 +1,58 @@
+"""The data tests of raw_batches, evaluated by `batch_tables` on the rows it is about to store."""
+
 import dagster as dg
+import polars as pl
 
-from readmission_platform.defs.ingestion.assets import raw_batches
-from readmission_platform.defs.partitions import WAREHOUSE_POOL, batches
-from readmission_platform.defs.resources import WarehouseResource
 from readmission_platform.lib import schema
+from readmission_platform.lib.pipeline import RAW, BatchRun
 from readmission_platform.lib.reporting import examples
+from readmission_platform.lib.validation import duplicate_ids
 
-
-class RejectedShareConfig(dg.Config):
-    max_rejected_share: float = 0.01
-    """Largest share of a batch's rows that may be rejected before the check warns."""
-
-
-@dg.asset_check(
-    asset=raw_batches,
-    partitions_def=batches,
+COLUMNS = dg.AssetCheckSpec(
+    "check_raw_batches_columns",
+    asset=RAW,
     blocking=True,
-    pool=WAREHOUSE_POOL,
     description="raw_batches has exactly the schema's columns, and this batch has rows in it.",
 )
-def check_raw_batches_columns(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.open() as store:
-        problems, count = store.shape_problems("raw_batches", schema.RAW_SCHEMA, context.partition_key)
-    return dg.AssetCheckResult(
-        passed=not problems,
-        description="; ".join(problems) or f"{len(schema.RAW_SCHEMA)} columns as declared, {count} rows",
-        metadata={"rows": count},
-    )
-
-
-@dg.asset_check(
-    asset=raw_batches,
-    partitions_def=batches,
+UNIQUE_ENCOUNTER_ID = dg.AssetCheckSpec(
+    "check_raw_batches_unique_encounter_id",
+    asset=RAW,
     blocking=True,
-    pool=WAREHOUSE_POOL,
     description="No encounter_id of this batch is stored twice, in this or any other batch.",
 )
-def check_raw_batches_unique_encounter_id(
-    context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
-) -> dg.AssetCheckResult:
-    duplicates = warehouse.open().query(
-        """
-        SELECT encounter_id, count(*) AS copies, string_agg(batch_id, ', ' ORDER BY batch_id) AS batches
-        FROM raw_batches
-        WHERE encounter_id IN (SELECT encounter_id FROM raw_batches WHERE batch_id = $1)
-        GROUP BY encounter_id HAVING count(*) > 1 ORDER BY encounter_id
-        """,
-        [context.partition_key],
-    )
-    found = [f"{row['encounter_id']} (in {row['batches']})" for row in duplicates.iter_rows(named=True)]
+REJECTED_SHARE = dg.AssetCheckSpec(
+    "check_raw_batches_rejected_share",
+    asset=RAW,
+    description="The share of this batch's rows set aside in rejected_rows stays under a threshold (warns).",
+)
+RAW_CHECKS = (COLUMNS, UNIQUE_ENCOUNTER_ID, REJECTED_SHARE)
+
+
+def check_raw_batches_columns(run: BatchRun) -> dg.AssetCheckResult:
+    rows = run.parsed.rows
+    problems = []
+    if rows.schema != pl.Schema(schema.RAW_SCHEMA):
+        declared, actual = list(schema.RAW_SCHEMA), rows.columns
+        problems.append(
+            "raw_batches columns differ from the declared ones: "
+            f"missing {[c for c in declared if c not in actual]}, unexpected {[c for c in actual if c not in declared]}"
+        )
+    if not rows.height:
+        problems.append(f"batch {run.batch_id} has no rows in raw_batches: every row was rejected")
     return dg.AssetCheckResult(
+        asset_key=COLUMNS.asset_key,
+        check_name=COLUMNS.name,
+        passed=not problems,
+        description="; ".join(problems) or f"{len(schema.RAW_SCHEMA)} columns as declared, {rows.height} rows",
+        metadata={"rows": rows.height},
+    )
+
+
+def check_raw_batches_unique_encounter_id(run: BatchRun) -> dg.AssetCheckResult:
+    found = duplicate_ids(run.parsed.rows, run.loaded_elsewhere)
+    return dg.AssetCheckResult(
+        asset_key=UNIQUE_ENCOUNTER_ID.asset_key,
+        check_name=UNIQUE_ENCOUNTER_ID.name,
         passed=not found,
         description=f"{len(found)} encounter_id values are stored more than once: {examples(found)}"
         if found
@@ -58,27 +61,17 @@ def check_raw_batches_unique_encounter_id(
     )
 
 
-@dg.asset_check(
-    asset=raw_batches,
-    partitions_def=batches,
-    pool=WAREHOUSE_POOL,
-    description="The share of this batch's rows set aside in rejected_rows stays under a threshold (warns).",
-)
-def check_raw_batches_rejected_share(
-    context: dg.AssetCheckExecutionContext, config: RejectedShareConfig, warehouse: WarehouseResource
-) -> dg.AssetCheckResult:
-    batch_id = context.partition_key
-    with warehouse.open() as store:
-        loaded = store.query("SELECT count(*) AS n FROM raw_batches WHERE batch_id = $1", [batch_id])
-        rejected = store.query("SELECT reason FROM rejected_rows WHERE batch_id = $1 ORDER BY line_number", [batch_id])
-    n_loaded = int(loaded["n"][0]) if loaded.height else 0
+def check_raw_batches_rejected_share(run: BatchRun, max_rejected_share: float) -> dg.AssetCheckResult:
+    n_loaded, rejected = run.parsed.rows.height, run.parsed.rejected
     n_rejected = rejected.height
     share = n_rejected / max(n_loaded + n_rejected, 1)
-    passed = share <= config.max_rejected_share
+    passed = share <= max_rejected_share
     return dg.AssetCheckResult(
+        asset_key=REJECTED_SHARE.asset_key,
+        check_name=REJECTED_SHARE.name,
         passed=passed,
         severity=dg.AssetCheckSeverity.WARN,
-        description=f"{n_rejected} of {n_loaded + n_rejected} rows rejected ({share:.2%}; limit {config.max_rejected_share:.2%})"
+        description=f"{n_rejected} of {n_loaded + n_rejected} rows rejected ({share:.2%}; limit {max_rejected_share:.2%})"
         + ("" if passed else f": {examples(rejected['reason'])}"),
         metadata={"rejected_rows": n_rejected, "rejected_share": share},
     )

@@ -4,10 +4,10 @@ import dagster as dg
 import polars as pl
 
 from readmission_platform.defs.partitions import WAREHOUSE_POOL, batches
-from readmission_platform.defs.preparation.assets import features
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
 from readmission_platform.lib import schema
 from readmission_platform.lib.drift import PSI_SIGNIFICANT, psi_report
+from readmission_platform.lib.pipeline import FEATURES
 from readmission_platform.lib.reporting import markdown_table
 from readmission_platform.lib.splitting import SPLIT, assign_split
 
@@ -22,7 +22,7 @@ DRIFT_SCHEMA = {
 
 
 @dg.asset(
-    deps=[features],
+    deps=[FEATURES],
     partitions_def=batches,
     group_name="monitoring",
     kinds={"polars", "sql"},

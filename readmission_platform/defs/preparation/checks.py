@@ -1,32 +1,40 @@
-import dagster as dg
+"""The data tests of clean_batches and features, evaluated by `batch_tables` on the rows it is about to store."""
 
-from readmission_platform.defs.partitions import WAREHOUSE_POOL, batches
-from readmission_platform.defs.preparation.assets import clean_batches, features
-from readmission_platform.defs.resources import WarehouseResource
+import dagster as dg
+import polars as pl
+
 from readmission_platform.lib import schema
 from readmission_platform.lib.features import FEATURE_COLUMNS, FEATURE_SCHEMA
+from readmission_platform.lib.pipeline import CLEAN, FEATURES
 from readmission_platform.lib.validation import clean_violations
 
-
-class LabelRateConfig(dg.Config):
-    # The data set's <30 rate is 11.2 %; a batch far outside this band points at a broken export.
-    min_rate: float = 0.05
-    max_rate: float = 0.20
-
-
-@dg.asset_check(
-    asset=clean_batches,
-    partitions_def=batches,
+VALUES = dg.AssetCheckSpec(
+    "check_clean_batches_values",
+    asset=CLEAN,
     blocking=True,
-    pool=WAREHOUSE_POOL,
     description="Every clean column holds only its declared type, enumeration or range, and no null where one is not allowed.",
 )
-def check_clean_batches_values(
-    context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
-) -> dg.AssetCheckResult:
-    frame = warehouse.open().read_table("clean_batches", context.partition_key)
+LABEL = dg.AssetCheckSpec(
+    "check_clean_batches_label",
+    asset=CLEAN,
+    blocking=True,
+    description="Every encounter has its label (error otherwise); the <30 rate lies in a plausible band (warns).",
+)
+SPEC = dg.AssetCheckSpec(
+    "check_features_spec",
+    asset=FEATURES,
+    blocking=True,
+    description="The features table has exactly the declared feature spec, and no identifier is a feature column.",
+)
+CLEAN_CHECKS = (VALUES, LABEL)
+FEATURE_CHECKS = (SPEC,)
+
+
+def check_clean_batches_values(frame: pl.DataFrame) -> dg.AssetCheckResult:
     violations = clean_violations(frame)
     return dg.AssetCheckResult(
+        asset_key=VALUES.asset_key,
+        check_name=VALUES.name,
         passed=not violations,
         description="\n".join(v.message for v in violations)
         or f"{frame.height} rows, {len(schema.CLEAN_COLUMNS)} columns within their declared values",
@@ -34,53 +42,48 @@ def check_clean_batches_values(
     )
 
 
-@dg.asset_check(
-    asset=clean_batches,
-    partitions_def=batches,
-    blocking=True,
-    pool=WAREHOUSE_POOL,
-    description="Every encounter has its label (error otherwise); the <30 rate lies in a plausible band (warns).",
-)
-def check_clean_batches_label(
-    context: dg.AssetCheckExecutionContext, config: LabelRateConfig, warehouse: WarehouseResource
-) -> dg.AssetCheckResult:
-    labels = warehouse.open().query(
-        f"SELECT {schema.LABEL_30D} AS label FROM clean_batches WHERE batch_id = $1", [context.partition_key]
-    )
-    missing = labels["label"].null_count() if labels.height else 0
-    rate = labels["label"].mean() if labels.height > missing else None
-    metadata = {"rows": labels.height, "missing_labels": missing, "readmitted_30d_rate": rate}
-    if not labels.height or missing:
+def check_clean_batches_label(frame: pl.DataFrame, min_rate: float, max_rate: float) -> dg.AssetCheckResult:
+    labels = frame[schema.LABEL_30D]
+    missing = labels.null_count()
+    rate = labels.mean() if labels.len() > missing else None
+    metadata = {"rows": labels.len(), "missing_labels": missing, "readmitted_30d_rate": rate}
+    if not labels.len() or missing:
         return dg.AssetCheckResult(
+            asset_key=LABEL.asset_key,
+            check_name=LABEL.name,
             passed=False,
-            description=f"{missing} of {labels.height} encounters have no readmitted label; expected NO, >30 or <30",
+            description=f"{missing} of {labels.len()} encounters have no readmitted label; expected NO, >30 or <30",
             metadata=metadata,
         )
-    in_band = config.min_rate <= rate <= config.max_rate
+    in_band = min_rate <= rate <= max_rate
+    band = f"{min_rate:.0%}–{max_rate:.0%}"
     return dg.AssetCheckResult(
+        asset_key=LABEL.asset_key,
+        check_name=LABEL.name,
         passed=in_band,
         severity=dg.AssetCheckSeverity.WARN,
-        description=f"<30 rate {rate:.2%} "
-        + (f"within {config.min_rate:.0%}–{config.max_rate:.0%}" if in_band else f"outside {config.min_rate:.0%}–{config.max_rate:.0%}"),
+        description=f"<30 rate {rate:.2%} " + (f"within {band}" if in_band else f"outside {band}"),
         metadata=metadata,
     )
 
 
-@dg.asset_check(
-    asset=features,
-    partitions_def=batches,
-    blocking=True,
-    pool=WAREHOUSE_POOL,
-    description="The features table has exactly the declared feature spec, and no identifier is a feature column.",
-)
-def check_features_spec(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.open() as store:
-        problems, count = store.shape_problems("features", FEATURE_SCHEMA, context.partition_key)
+def check_features_spec(frame: pl.DataFrame, batch_id: str) -> dg.AssetCheckResult:
+    problems = []
+    if frame.schema != pl.Schema(FEATURE_SCHEMA):
+        declared, actual = list(FEATURE_SCHEMA), frame.columns
+        problems.append(
+            "features columns differ from the declared ones: "
+            f"missing {[c for c in declared if c not in actual]}, unexpected {[c for c in actual if c not in declared]}"
+        )
+    if not frame.height:
+        problems.append(f"batch {batch_id} has no rows in features")
     leaked = [c for c in FEATURE_COLUMNS if c in schema.IDENTIFIERS or c in (schema.LABEL, schema.LABEL_30D)]
     if leaked:
         problems.append(f"identifier or label columns declared as features: {leaked}")
     return dg.AssetCheckResult(
+        asset_key=SPEC.asset_key,
+        check_name=SPEC.name,
         passed=not problems,
-        description="; ".join(problems) or f"{len(FEATURE_COLUMNS)} feature columns as declared, {count} rows",
-        metadata={"rows": count, "feature_columns": len(FEATURE_COLUMNS)},
+        description="; ".join(problems) or f"{len(FEATURE_COLUMNS)} feature columns as declared, {frame.height} rows",
+        metadata={"rows": frame.height, "feature_columns": len(FEATURE_COLUMNS)},
     )

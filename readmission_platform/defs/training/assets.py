@@ -6,11 +6,11 @@ import dagster as dg
 import polars as pl
 
 from readmission_platform.defs.partitions import WAREHOUSE_POOL
-from readmission_platform.defs.preparation.assets import features
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
 from readmission_platform.lib import schema
 from readmission_platform.lib.evaluation import subgroup_tables
 from readmission_platform.lib.features import FEATURE_SCHEMA
+from readmission_platform.lib.pipeline import FEATURES
 from readmission_platform.lib.plots import evaluation_plots
 from readmission_platform.lib.reporting import markdown_table
 from readmission_platform.lib.splitting import SPLIT, SPLITS, assign_split, split_overlap
@@ -35,7 +35,7 @@ def read_parts(warehouse: WarehouseResource) -> dict[str, pl.DataFrame]:
 
 
 @dg.asset(
-    deps=[features],
+    deps=[FEATURES],
     group_name="training",
     kinds={"polars", "sql"},
     pool=WAREHOUSE_POOL,
