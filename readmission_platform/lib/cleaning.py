@@ -66,8 +66,8 @@ def age_years(bracket: pl.Expr) -> pl.Expr:
     return bracket.replace_strict(AGE_MIDDLES, default=None, return_dtype=pl.Int16)
 
 
-def _typed(column: schema.Column) -> pl.Expr:
-    value = pl.col(column.name).str.strip_chars()
+def _typed(column: schema.Column, text: pl.Expr) -> pl.Expr:
+    value = text.str.strip_chars()
     if column.name in NOT_MEASURED_COLUMNS:
         value = pl.when(value == NOT_TAKEN).then(pl.lit(schema.NOT_MEASURED)).otherwise(value)
     if column.dtype != pl.String():
@@ -81,36 +81,35 @@ class CleanResult:
     dropped: dict[str, int]
 
 
+def _present(name: str) -> pl.Expr:
+    """A raw text column with the data set's '?' as null."""
+    return pl.when(pl.col(name) == schema.MISSING).then(None).otherwise(pl.col(name)).alias(name)
+
+
+# Built once: every clean column from the raw text columns, in CLEAN_SCHEMA order.
+_DERIVED = {
+    "age_years": age_years(_present("age")),
+    **{f"diag_{i}_group": icd9_group(_present(f"diag_{i}")) for i in (1, 2, 3)},
+    schema.LABEL_30D: _present(schema.LABEL) == "<30",
+}
+_TYPED = {name: _typed(schema.CLEAN_BY_NAME[name], _present(name)) for name in schema.RAW_COLUMNS}
+_CLEAN = [
+    pl.col(name) if name == schema.BATCH_ID else (_DERIVED[name] if name in _DERIVED else _TYPED[name]).alias(name)
+    for name in schema.CLEAN_SCHEMA
+]
+_DEATH_OR_HOSPICE = pl.col("discharge_disposition_id").is_in(schema.DEATH_OR_HOSPICE_DISPOSITIONS).fill_null(False)
+_INVALID_GENDER = (pl.col("gender") == schema.INVALID_GENDER).fill_null(False) & ~_DEATH_OR_HOSPICE
+
+
 def clean(raw: pl.DataFrame) -> CleanResult:
     """Type the raw text columns, derive age, ICD-9 groups and the label, and drop the exclusions.
 
     Values that do not parse become null and values outside the schema are kept as they are,
     so the clean asset checks can show them; only the clinical exclusions remove rows.
     """
-    text = raw.select(
-        schema.BATCH_ID,
-        *(
-            pl.when(pl.col(name) == schema.MISSING).then(None).otherwise(pl.col(name)).alias(name)
-            for name in schema.RAW_COLUMNS
-        ),
-    )
-    derived = {
-        "age_years": age_years(pl.col("age")),
-        **{f"diag_{i}_group": icd9_group(pl.col(f"diag_{i}")) for i in (1, 2, 3)},
-        schema.LABEL_30D: pl.col(schema.LABEL) == "<30",
-    }
-    typed = text.with_columns(_typed(schema.CLEAN_BY_NAME[n]) for n in schema.RAW_COLUMNS)
-    frame = typed.with_columns(**derived).select(list(schema.CLEAN_SCHEMA))
-
-    death_or_hospice = (
-        pl.col("discharge_disposition_id").is_in(schema.DEATH_OR_HOSPICE_DISPOSITIONS).fill_null(False)
-    )
-    invalid_gender = (pl.col("gender") == schema.INVALID_GENDER).fill_null(False) & ~death_or_hospice
-    dropped = frame.select(
-        death_or_hospice=death_or_hospice.sum(), invalid_gender=invalid_gender.sum()
-    ).row(0, named=True)
-    kept = frame.filter(~death_or_hospice & ~invalid_gender)
-    return CleanResult(kept, dropped)
+    frame = raw.select(_CLEAN)
+    dropped = frame.select(death_or_hospice=_DEATH_OR_HOSPICE.sum(), invalid_gender=_INVALID_GENDER.sum()).row(0, named=True)
+    return CleanResult(frame.filter(~_DEATH_OR_HOSPICE & ~_INVALID_GENDER), dropped)
 
 
 def clean_record(record: Mapping[str, object]) -> dict[str, object]:

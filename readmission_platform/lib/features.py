@@ -122,9 +122,13 @@ def _feature_expressions() -> list[pl.Expr]:
     return numeric + categorical
 
 
+_FEATURES = {name: pl.col(name) for name in (*LINEAGE_COLUMNS, *LABEL_COLUMNS)} | {e.meta.output_name(): e for e in _feature_expressions()}
+_IN_ORDER = [_FEATURES[name] for name in FEATURE_SCHEMA]
+
+
 def build_features(clean: pl.DataFrame) -> pl.DataFrame:
     """Clean rows → identifiers, labels and the declared feature columns, in `FEATURE_SCHEMA` order."""
-    return clean.select(*LINEAGE_COLUMNS, *LABEL_COLUMNS, *_feature_expressions()).select(list(FEATURE_SCHEMA))
+    return clean.select(_IN_ORDER)
 
 
 def record_features(clean: Mapping[str, Any]) -> dict[str, float | str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -43,9 +45,21 @@ class ParsedBatch:
 _RAW_COLUMNS = [pl.col(n).cast(t) for n, t in schema.RAW_SCHEMA.items()]
 _REJECTED_COLUMNS = [pl.col(n).cast(t) for n, t in schema.REJECTED_SCHEMA.items()]
 
-def _field_count(line: str) -> int:
-    # Quotes are rare in these exports; only a quoted line pays for the csv module.
-    return len(next(csv.reader([line]))) if '"' in line else line.count(",") + 1
+
+def _hashes(lines: list[bytes]) -> pl.Series:
+    """Each line's blake2b-128 in hex: the row's content hash."""
+    digest = hashlib.blake2b
+    return pl.Series([digest(line, digest_size=16).digest() for line in lines], dtype=pl.Binary).bin.encode("hex")
+
+
+def _field_counts(lines: pl.Series) -> pl.Series:
+    """Fields of each CSV line; only a quoted line, rare in these exports, pays for the csv module."""
+    counts = lines.str.count_matches(",", literal=True) + 1
+    quoted = lines.str.contains('"', literal=True)
+    if quoted.any():
+        exact = [len(next(csv.reader([line]))) for line in lines.filter(quoted)]
+        counts = counts.scatter(quoted.arg_true(), exact)
+    return counts
 
 
 @dataclass(frozen=True)
@@ -56,56 +70,102 @@ class ReadBatch:
     malformed: pl.DataFrame  # line_number, raw_line, reason, encounter_id (as far as it can be read)
 
 
+def _lines(data: bytes) -> bytes:
+    # Only CR and LF end a CSV line; str.splitlines() would also break inside fields at \x0c, \x85, \u2028, ….
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
+
+
+def _read_plain(body: bytes, header: list[str]) -> ReadBatch | None:
+    """The fast path for the usual file: no quotes, no NUL, no blank line, every line of the header's width.
+
+    The whole body is one CSV parse and no line is looked at alone; None when any of that does not hold, and the
+    file then goes the careful way.
+    """
+    newline = b"\r\n" if b"\r" in body else b"\n"
+    if b'"' in body or b"\x00" in body or (newline == b"\r\n" and body.count(b"\r") != body.count(b"\r\n")):
+        return None
+    lines = body.split(newline)
+    if lines and lines[-1] == b"":
+        lines.pop()
+    # Without quotes every comma separates two fields; a line too wide fails the parse, so the count proves that
+    # no line is too narrow either.
+    if not lines or b"" in lines or body.count(b",") != len(lines) * (len(header) - 1):
+        return None
+    with ThreadPoolExecutor(1, thread_name_prefix="row-hash") as hashing:
+        hashes = hashing.submit(_hashes, lines)
+        try:
+            fields = pl.read_csv(body, has_header=False, new_columns=header, infer_schema=False, empty_string_is_null=False)
+        except pl.exceptions.PolarsError:  # a line too wide, bytes that are not UTF-8
+            return None
+        if fields.height != len(lines):
+            return None
+        rows = fields.with_columns(
+            line_number=pl.int_range(2, len(lines) + 2, eager=True),
+            raw_line=pl.Series(lines, dtype=pl.Binary).cast(pl.String),
+            row_hash=hashes.result(),
+        )
+    malformed = pl.DataFrame(schema={"line_number": pl.Int64, "raw_line": pl.String, "reason": pl.String, "encounter_id": pl.String})
+    return ReadBatch(rows, malformed)
+
+
+def _not_utf8(content: bytes) -> UnicodeDecodeError:
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error
+    raise AssertionError("polars refused text that Python decodes")
+
+
 def read_batch(content: bytes, source_file: str) -> ReadBatch:
     """Cut a batch file into lines and fields; `BatchFileError` when the file as a whole cannot be loaded.
 
     A line with the wrong number of fields or a NUL byte is malformed; the others are well formed.
     """
+    data = content.removeprefix(codecs.BOM_UTF8)
+    header_line, _, body = data.partition(b"\n")
+    header_line = header_line.removesuffix(b"\r")
+    if b"\r" in header_line:  # a file whose lines end in CR alone
+        data = _lines(data)
+        header_line, _, body = data.partition(b"\n")
     try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise BatchFileError(
-            f"{source_file} is not UTF-8 text: byte {content[error.start]:#04x} at offset {error.start}"
-        ) from None
-    # Only CR and LF end a CSV line; str.splitlines() would also break inside fields at \x0c, \x85, \u2028, ….
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = text.split("\n")
-    if not lines or not lines[0].strip():
+        text = pl.Series("raw_line", [body], dtype=pl.Binary).cast(pl.String)  # checks UTF-8 without a Python copy
+        header_text = header_line.decode()
+    except (pl.exceptions.ComputeError, UnicodeDecodeError):
+        error = _not_utf8(content)
+        raise BatchFileError(f"{source_file} is not UTF-8 text: byte {content[error.start]:#04x} at offset {error.start}") from None
+    if not header_text.strip():
         raise BatchFileError(f"{source_file} is empty; expected a header line with the {len(schema.RAW_COLUMNS)} columns")
-    header = [name.strip() for name in next(csv.reader([lines[0]]))]
+    header = [name.strip() for name in next(csv.reader([header_text]))]
     if problem := header_problem(header):
         raise BatchFileError(f"{source_file}: {problem}")
 
-    body = lines[1:]
-    numbered = pl.DataFrame(
-        {
-            "line_number": pl.int_range(2, len(lines) + 1, eager=True),
-            "raw_line": pl.Series(body, dtype=pl.String),
-            "fields": pl.Series([_field_count(line) for line in body], dtype=pl.Int64),
-        }
-    ).filter(pl.col("raw_line").str.strip_chars() != "")
-    if not numbered.height:
-        raise BatchFileError(f"{source_file} holds a header but no encounters")
-    problem = (
-        pl.when(pl.col("raw_line").str.contains("\x00", literal=True))
-        .then(pl.lit("holds a NUL byte, which no field may contain"))
-        .when(pl.col("fields") != len(header))
-        .then(pl.format("has {} fields; expected {}", pl.col("fields"), pl.lit(len(header))))
-    )
-    judged_lines = numbered.with_columns(reason=problem)
-    malformed = (
-        judged_lines.filter(pl.col("reason").is_not_null())
-        .select("line_number", "raw_line", "reason")
-        .with_columns(encounter_id=pl.col("raw_line").str.split(",").list.get(header.index("encounter_id"), null_on_oob=True))
-    )
-    well_formed = judged_lines.filter(pl.col("reason").is_null()).select("line_number", "raw_line")
-    digest = hashlib.blake2b
-    hashes = pl.Series(
-        [digest(lines[n - 1].encode(), digest_size=16).digest() for n in well_formed["line_number"].to_list()], dtype=pl.Binary
-    )
-    rows = _read_fields(well_formed["raw_line"], header).with_columns(well_formed, row_hash=hashes.bin.encode("hex"))
-    return ReadBatch(rows, malformed)
+    if (plain := _read_plain(body, header)) is not None:
+        return plain
+    body = _lines(body)
+    # Hashing the lines is Python work, cutting them into fields polars work: one runs in a thread beside the other.
+    with ThreadPoolExecutor(1, thread_name_prefix="row-hash") as hashing:
+        hashes = hashing.submit(lambda: _hashes(body.split(b"\n")))
+        lines = text.str.split("\n").explode()
+        numbered = pl.DataFrame({"line_number": pl.int_range(2, lines.len() + 2, eager=True), "raw_line": lines})
+        numbered = numbered.filter(pl.col("raw_line").str.strip_chars() != "")
+        if not numbered.height:
+            raise BatchFileError(f"{source_file} holds a header but no encounters")
+        problem = (
+            pl.when(pl.col("raw_line").str.contains("\x00", literal=True))
+            .then(pl.lit("holds a NUL byte, which no field may contain"))
+            .when(pl.col("fields") != len(header))
+            .then(pl.format("has {} fields; expected {}", pl.col("fields"), pl.lit(len(header))))
+        )
+        judged_lines = numbered.with_columns(fields=_field_counts(numbered["raw_line"])).with_columns(reason=problem)
+        malformed = (
+            judged_lines.filter(pl.col("reason").is_not_null())
+            .select("line_number", "raw_line", "reason")
+            .with_columns(encounter_id=pl.col("raw_line").str.split(",").list.get(header.index("encounter_id"), null_on_oob=True))
+        )
+        well_formed = judged_lines.filter(pl.col("reason").is_null()).select("line_number", "raw_line")
+        fields = _read_fields(well_formed["raw_line"], header)
+        row_hash = hashes.result().gather(well_formed["line_number"] - 2)
+    return ReadBatch(fields.with_columns(well_formed, row_hash=row_hash), malformed)
 
 
 def judge_batch(
@@ -145,7 +205,7 @@ def _read_fields(lines: pl.Series, header: list[str]) -> pl.DataFrame:
     if not lines.len():
         return pl.DataFrame(schema={name: pl.String for name in header})
     return pl.read_csv(
-        "\n".join(lines).encode(),
+        lines.str.join("\n").item().encode(),
         has_header=False,
         new_columns=header,
         infer_schema=False,
@@ -160,20 +220,18 @@ def _judge(rows: pl.DataFrame, loaded_elsewhere: pl.DataFrame) -> pl.DataFrame:
         text = pl.col(name).str.strip_chars()
         return pl.when(text.str.contains(r"^[0-9]{1,18}$")).then(text.cast(pl.Int64, strict=False))
 
-    elsewhere = loaded_elsewhere.select(
-        pl.col("encounter_id").cast(pl.Int64).alias("_id"), pl.col(schema.BATCH_ID).alias("_loaded_in")
-    ).unique("_id", keep="first")
-    judged = (
-        rows.with_columns(_id=as_id("encounter_id"), _patient=as_id("patient_nbr"))
+    judged = rows.with_columns(_id=as_id("encounter_id"), _patient=as_id("patient_nbr")).with_columns(
         # Only a row that could load claims its id: a malformed one does not shadow a later good copy.
-        .with_columns(
-            _first_line=pl.when((pl.col("_id") > 0) & (pl.col("_patient") > 0))
-            .then(pl.col("line_number"))
-            .min()
-            .over("_id")
-        )
-        .join(elsewhere, on="_id", how="left", maintain_order="left")
+        _first_line=pl.when((pl.col("_id") > 0) & (pl.col("_patient") > 0)).then(pl.col("line_number")).min().over("_id"),
+        _stored=pl.col("_id").is_in(loaded_elsewhere["encounter_id"].cast(pl.Int64).implode()),
     )
+    # Which batch holds an id is looked up only for the ids another batch holds, usually none.
+    elsewhere = (
+        loaded_elsewhere.select(pl.col("encounter_id").cast(pl.Int64).alias("_id"), pl.col(schema.BATCH_ID).alias("_loaded_in"))
+        .join(judged.filter("_stored").select("_id"), on="_id", how="semi")
+        .unique("_id", keep="first")
+    )
+    judged = judged.join(elsewhere, on="_id", how="left", maintain_order="left")
     reason = (
         pl.when(pl.col("_id").is_null() | (pl.col("_id") <= 0))
         .then(pl.format("encounter_id '{}' is not a positive integer", pl.col("encounter_id")))
@@ -184,4 +242,4 @@ def _judge(rows: pl.DataFrame, loaded_elsewhere: pl.DataFrame) -> pl.DataFrame:
         .when(pl.col("_loaded_in").is_not_null())
         .then(pl.format("encounter_id {} was already loaded in batch {}", pl.col("_id"), pl.col("_loaded_in")))
     )
-    return judged.with_columns(reason=reason).drop("_id", "_patient", "_first_line", "_loaded_in")
+    return judged.with_columns(reason=reason).drop("_id", "_patient", "_first_line", "_stored", "_loaded_in")

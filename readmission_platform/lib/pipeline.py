@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -20,17 +19,19 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import CleanResult, clean
 from readmission_platform.lib.features import FEATURE_SCHEMA, build_features
 from readmission_platform.lib.ingest import ParsedBatch, judge_batch, read_batch
-from readmission_platform.lib.warehouse import Warehouse
+from readmission_platform.lib.warehouse import ConflictingWrite, Warehouse
 
 RAW, CLEAN, FEATURES = "raw_batches", "clean_batches", "features"
+REJECTED = "rejected_rows"
 STAGES = (RAW, CLEAN, FEATURES)
-INGESTING = "raw_batches"  # the warehouse lock held while a batch's raw rows are judged and stored
+TABLES = {RAW: (RAW, REJECTED), CLEAN: (CLEAN,), FEATURES: (FEATURES,)}  # what each stage writes
+ATTEMPTS = 3  # passes over a batch whose ids another batch stored meanwhile, before giving up
 NOTHING_LOADED = pl.DataFrame(schema={"encounter_id": pl.Int64, schema.BATCH_ID: pl.String})
 
 
 @dataclass
 class BatchRun:
-    """What one pass over a batch computed, stage by stage, and which stages' tables it wrote."""
+    """What one pass over a batch computed, stage by stage, and which stages' tables it wrote (`written`)."""
 
     batch_id: str
     loaded_elsewhere: pl.DataFrame = field(default_factory=lambda: NOTHING_LOADED)
@@ -40,17 +41,9 @@ class BatchRun:
     written: list[str] = field(default_factory=list)
 
 
-# Called after each stage with what it computed; False stops the stages after it (a blocking check failed).
+# Called for each computed stage, in order, with what the pass computed; False takes back the stages after it (a
+# blocking check failed).
 Gate = Callable[[str, BatchRun], bool]
-
-
-def loaded_elsewhere(store: Warehouse, batch_id: str) -> pl.DataFrame:
-    """(encounter_id, batch_id) of every row other batches have stored."""
-    found = store.query(
-        "SELECT CAST(encounter_id AS BIGINT) AS encounter_id, batch_id FROM raw_batches WHERE batch_id <> $1",
-        [batch_id],
-    )
-    return found if found.width else NOTHING_LOADED
 
 
 def process_batch(
@@ -66,52 +59,66 @@ def process_batch(
     """Compute the given stages of one batch and replace their tables' rows of the batch in one transaction.
 
     raw_batches parses `content` (the landed file, named `source_file`); a stage whose input stage is not computed
-    here reads that input from the warehouse. After each computed stage `gate` may stop the ones after it; the
-    tables of the stages computed so far are written either way. A `BatchFileError` or any other failure writes
-    nothing.
+    here reads that input from the warehouse. Once all are computed, `gate` is asked about each stage in turn, and a
+    stage it stops keeps the stages after it from being written; the stages up to it are written either way. A
+    `BatchFileError` or any other failure writes nothing.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {STAGES}")
     if RAW in stages and (content is None or now is None):
         raise ValueError("raw_batches needs the batch file's content and the time of ingestion")
+    for _ in range(ATTEMPTS - 1):
+        try:
+            return _pass(store, batch_id, stages, content, source_file, now, gate)
+        except ConflictingWrite:
+            continue  # a batch stored some of these encounters while this one was read: read again, rejecting them
+    return _pass(store, batch_id, stages, content, source_file, now, gate)
+
+
+def _pass(
+    store: Warehouse,
+    batch_id: str,
+    stages: Collection[str],
+    content: bytes | None,
+    source_file: str,
+    now: datetime | None,
+    gate: Gate | None,
+) -> BatchRun:
     run = BatchRun(batch_id)
-
-    def done(stage: str) -> bool:
-        run.written.append(stage)
-        return gate is not None and not gate(stage, run)
-
-    # From reading the ids other batches stored to storing this batch's, no other batch is ingested, so an id can
-    # never slip into two batches however many runs write at once.
-    with store.exclusive(INGESTING) if RAW in stages else nullcontext():
-        # Inputs come from the warehouse before anything is written: what was stored, not what is being staged.
+    with store.batch_writer(batch_id) as writer:
+        # Inputs come from the warehouse before anything is put: what was stored, not what is being staged.
         if RAW in stages:
             with ThreadPoolExecutor(1, thread_name_prefix="stored-ids") as lookup:
-                stored = lookup.submit(loaded_elsewhere, store, batch_id)  # the server scans while the file is read
+                stored = lookup.submit(writer.stored_elsewhere, RAW, "encounter_id")  # the server reads while the file is read
                 read = read_batch(content, source_file)
                 run.loaded_elsewhere = stored.result()
         elif CLEAN in stages:
             raw_rows = store.read_table(RAW, batch_id)
         if FEATURES in stages and CLEAN not in stages:
             clean_rows = store.read_table(CLEAN, batch_id)
-        with store.batch_writer(batch_id) as writer:
-            if RAW in stages:
-                run.parsed = judge_batch(
-                    read, batch_id=batch_id, source_file=source_file, loaded_elsewhere=run.loaded_elsewhere, now=now
-                )
-                writer.put(RAW, schema.RAW_SCHEMA, run.parsed.rows)
-                writer.put("rejected_rows", schema.REJECTED_SCHEMA, run.parsed.rejected)
-                if done(RAW):
-                    return run
-                raw_rows = run.parsed.rows
-            if CLEAN in stages:
-                run.cleaned = clean(raw_rows)
-                writer.put(CLEAN, schema.CLEAN_SCHEMA, run.cleaned.frame)
-                if done(CLEAN):
-                    return run
-                clean_rows = run.cleaned.frame
-            if FEATURES in stages:
-                run.features = build_features(clean_rows)
-                writer.put(FEATURES, FEATURE_SCHEMA, run.features)
-                done(FEATURES)
+        # Each stage's tables are put as soon as they are computed, so they load while the next stage computes.
+        if RAW in stages:
+            run.parsed = judge_batch(
+                read, batch_id=batch_id, source_file=source_file, loaded_elsewhere=run.loaded_elsewhere, now=now
+            )
+            writer.put(RAW, schema.RAW_SCHEMA, run.parsed.rows)
+            writer.put(REJECTED, schema.REJECTED_SCHEMA, run.parsed.rejected)
+            raw_rows = run.parsed.rows
+        if CLEAN in stages:
+            run.cleaned = clean(raw_rows)
+            writer.put(CLEAN, schema.CLEAN_SCHEMA, run.cleaned.frame)
+            clean_rows = run.cleaned.frame
+        if FEATURES in stages:
+            run.features = build_features(clean_rows)
+            writer.put(FEATURES, FEATURE_SCHEMA, run.features)
+        # The gates run while the tables load; a stage that stops takes back the stages after it.
+        computed = [stage for stage in STAGES if stage in stages]
+        for i, stage in enumerate(computed):
+            run.written.append(stage)
+            if gate is not None and not gate(stage, run):
+                for later in computed[i + 1 :]:
+                    for table in TABLES[later]:
+                        writer.discard(table)
+                break
     return run

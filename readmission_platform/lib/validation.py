@@ -28,15 +28,23 @@ def _offending(column: schema.Column) -> pl.Expr | None:
     return None
 
 
+# Every rule of every clean column, built once: "null:<column>" for a required column, "value:<column>" for its values.
+_RULES = {
+    **{f"null:{c.name}": pl.col(c.name).is_null() for c in schema.CLEAN_COLUMNS if not c.nullable},
+    **{f"value:{c.name}": rule for c in schema.CLEAN_COLUMNS if (rule := _offending(c)) is not None},
+}
+_COUNTS = [rule.sum().alias(name) for name, rule in _RULES.items()]
+
+
 def clean_violations(frame: pl.DataFrame) -> list[Violation]:
     """Every column whose values the schema does not allow, with counts and examples."""
-    present = [column for column in schema.CLEAN_COLUMNS if column.name in frame.columns]
-    rules = {
-        **{f"null:{c.name}": pl.col(c.name).is_null() for c in present if not c.nullable},
-        **{f"value:{c.name}": rule for c in present if (rule := _offending(c)) is not None},
-    }
+    if all(c.name in frame.columns for c in schema.CLEAN_COLUMNS):
+        counting = _COUNTS
+    else:
+        counting = [count for count in _COUNTS if count.meta.output_name().split(":", 1)[1] in frame.columns]
     # One pass counts every rule's rows; only a rule that some rows break is looked at row by row.
-    counts = frame.select(rule.sum().alias(name) for name, rule in rules.items()).row(0, named=True) if rules else {}
+    counts = frame.select(counting).row(0, named=True) if counting else {}
+    rules = _RULES
     found = []
     for column in schema.CLEAN_COLUMNS:
         if column.name not in frame.columns:

@@ -18,7 +18,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,23 @@ class BatchWriter(ABC):
     def put(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
         """Make `frame` the batch's rows of `table` (created from `columns` if missing) when the block ends."""
 
+    @abstractmethod
+    def discard(self, table: str) -> None:
+        """Take back what was put for `table`: its stored rows stay as they are."""
+
+    @abstractmethod
+    def stored_elsewhere(self, table: str, column: str) -> pl.DataFrame:
+        """(`column` as a BIGINT, batch_id) of every row other batches store in `table` (none before it exists).
+
+        The write then goes through only if, when the block ends, no value of `column` put for `table` is stored by
+        another batch (`ConflictingWrite` otherwise, and nothing is written): a writer of another batch that stored
+        one of them meanwhile is noticed, however many write at once.
+        """
+
+
+class ConflictingWrite(WarehouseError):
+    """Another batch stored some of the values a write needs to be unique; read them again and retry."""
+
 
 class Warehouse(ABC):
     """Replace, read and query the platform's tables.
@@ -140,10 +158,6 @@ class Warehouse(ABC):
     def batch_writer(self, batch_id: str) -> Iterator[BatchWriter]:
         """A context manager: the tables put in the block replace their rows of `batch_id` in one transaction when
         the block ends without an error; after an error nothing stored has changed."""
-
-    @abstractmethod
-    def exclusive(self, name: str) -> Iterator[None]:
-        """A context manager: no other writer holding `name` runs in the block (across processes)."""
 
     @abstractmethod
     def _replace(self, table: str, columns: Columns, frame: pl.DataFrame, *, keep: bool) -> None:
@@ -210,6 +224,20 @@ class Warehouse(ABC):
                 f"table {table} in {self.describe()} has columns {existing}; the platform writes {list(columns)}. "
                 "Drop or rename the old table to let the platform recreate it."
             )
+
+
+def _stored_elsewhere(warehouse: Warehouse, table: str, column: str, batch_id: str, part: str = "") -> pl.DataFrame:
+    """(column, batch_id) of the other batches' rows of `table`; with `part`, a column `part` too, naming the table
+    each row lies in, computed once per batch from `part` (an expression over `tableoid`)."""
+    # One row per batch with its values in a list: a few rows cross the wire instead of one per encounter.
+    grouped = (
+        f"SELECT batch_id{', tableoid' if part else ''}, array_agg(CAST({quote(column)} AS BIGINT)) AS {quote(column)} "
+        f"FROM {_checked(table)} WHERE batch_id <> $1 GROUP BY batch_id{', tableoid' if part else ''}"
+    )
+    found = warehouse.query(f"SELECT *, {part} AS part FROM ({grouped}) AS stored" if part else grouped, [batch_id])
+    if not found.width:  # no table yet: nothing stored
+        return pl.DataFrame(schema={column: pl.Int64, "batch_id": pl.String} | ({"part": pl.String} if part else {}))
+    return found.explode(column).select(column, "batch_id", *(["part"] if part else []))
 
 
 class DuckDBWarehouse(Warehouse):
@@ -280,24 +308,32 @@ class DuckDBWarehouse(Warehouse):
             connection.unregister("incoming")
 
     @contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
-        # The block keeps the file open, and DuckDB lets one process at a time open it for writing.
-        if self._connection is not None:
-            yield
-        else:
-            with self:
-                yield
-
-    @contextmanager
     def batch_writer(self, batch_id: str) -> Iterator[BatchWriter]:
         warehouse = self
 
         class _Writer(BatchWriter):
-            def put(self, table, columns, frame):
-                warehouse._insert(connection, _checked(table), columns, frame, "WHERE batch_id = $1", [batch_id])
+            def __init__(self) -> None:
+                self.tables: dict[str, tuple[Columns, pl.DataFrame]] = {}
 
-        with self._transaction() as connection:
-            yield _Writer()
+            def put(self, table, columns, frame):
+                if table in self.tables:
+                    raise WarehouseError(f"table {table} is put twice for batch {batch_id}")
+                self.tables[_checked(table)] = (columns, frame.select(list(columns)))
+
+            def discard(self, table):
+                self.tables.pop(table, None)
+
+            def stored_elsewhere(self, table, column):
+                return _stored_elsewhere(warehouse, table, column, batch_id)
+
+        # The block keeps the file open, and DuckDB lets one process at a time open it: what is read in the block
+        # stays what is stored until the block writes.
+        with nullcontext() if self._connection is not None else self:
+            writer = _Writer()
+            yield writer
+            with self._transaction() as connection:
+                for table, (columns, frame) in writer.tables.items():
+                    self._insert(connection, table, columns, frame, "WHERE batch_id = $1", [batch_id])
 
     def _replace(self, table, columns, frame, *, keep):
         with self._transaction() as connection:
@@ -450,15 +486,6 @@ class PostgresWarehouse(Warehouse):
                 raise
 
     @contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
-        with self._writer(autocommit=True) as connection:
-            connection.execute(LOCK.format("lock"), [name])
-            try:
-                yield
-            finally:
-                connection.execute(LOCK.format("unlock"), [name])
-
-    @contextmanager
     def batch_writer(self, batch_id: str) -> Iterator[BatchWriter]:
         with self._writer(autocommit=True) as control, _PartitionSwap(self, control, batch_id) as swap:
             yield swap
@@ -469,65 +496,119 @@ class PostgresWarehouse(Warehouse):
 LOCK = "SELECT pg_advisory_{}(hashtextextended(current_schema() || ':' || %s, 0))"
 
 
-def partition_name(table: str, batch_id: str) -> str:
-    """The partition of `table` holding `batch_id`: the id's hash keeps the name short and a plain identifier."""
-    return f"{table}__p{hashlib.blake2b(batch_id.encode(), digest_size=6).hexdigest()}"
+def partition_prefix(table: str, batch_id: str) -> str:
+    """How the partitions (and staging tables) of `table` for `batch_id` are named: the id's hash keeps the name short
+    and a plain identifier; a token after it tells one write's table from another's."""
+    return f"{table}__p{hashlib.blake2b(batch_id.encode(), digest_size=6).hexdigest()}_"
+
+
+@dataclass
+class _Staged:
+    columns: Columns
+    name: str | None  # the staging table; None when the batch has no rows in this table
+    loads: list[Future] = field(default_factory=list)
+    values: pl.Series | None = None  # the rows' values of the column that must stay unique, if any
 
 
 class _PartitionSwap(BatchWriter):
     """Write-then-swap of one batch's partitions on PostgreSQL.
 
-    Each table put gets a staging table of its own, and its rows are cut into chunks that the loader threads COPY in,
-    each on its connection: several chunks, of one table or of several, load at once, and loading starts as soon as a
-    table is put. `publish` then, in one transaction, creates missing parent tables, drops the batch's old partitions
-    and attaches the staged ones. A session advisory lock per batch keeps two writers of one batch apart, and lets a
-    writer drop what a crashed one left staged.
+    Each table put with rows gets a staging table, loaded at once by a loader thread on a connection of its own
+    (COPY FREEZE into a table made in the same transaction), so the tables of a batch load side by side and each
+    starts as soon as it is put. `publish` then, in one transaction, creates missing parent tables, drops the batch's
+    old partitions and attaches the staged tables as its new ones. A session advisory lock per batch keeps two writers
+    of one batch apart, and lets a writer drop what a crashed one left staged.
     """
 
     def __init__(self, warehouse: PostgresWarehouse, control, batch_id: str) -> None:
         self.warehouse, self.control, self.batch_id = warehouse, control, batch_id
-        self.staged: dict[str, tuple[Columns, str, list[Future]]] = {}
+        self.staged: dict[str, _Staged] = {}
         self.token = secrets.token_hex(4)
+        self.unique: dict[str, tuple[str, set[str]]] = {}  # table → (column, the partitions read for it)
 
     def __enter__(self) -> _PartitionSwap:
         self.loaders = ThreadPoolExecutor(self.warehouse.LOADERS, thread_name_prefix="warehouse-loader")
         self.control.execute(LOCK.format("lock"), [f"batch:{self.batch_id}"])
-        self._drop_leftovers()
         return self
 
     def __exit__(self, exc_type, *_) -> None:
         try:
             if exc_type is not None:
-                for _, _, futures in self.staged.values():
-                    for future in futures:
-                        future.cancel()
+                for staged in self.staged.values():
+                    for load in staged.loads:
+                        load.cancel()
             self.loaders.shutdown(wait=True)
             if exc_type is not None:
-                self._drop_leftovers()
+                self._drop_unattached(list(self.staged))
         finally:
             self.control.execute(LOCK.format("unlock"), [f"batch:{self.batch_id}"])
 
-    def _staging_prefix(self, table: str) -> str:
-        return partition_name(table, self.batch_id).replace("__p", "__s", 1) + "_"
+    def _prefixes(self, tables: Sequence[str]) -> list[str]:
+        """LIKE patterns of the tables' partitions and staging tables for this batch."""
+        return [partition_prefix(table, self.batch_id).replace("_", r"\_") + "%" for table in tables]
 
-    def _drop_leftovers(self) -> None:
-        """Drop staging tables of this batch that are not attached: a failed or crashed writer's."""
+    def _drop_unattached(self, tables: Sequence[str]) -> None:
+        """Drop this batch's staging tables that are not attached: this writer's after a failure, or a crashed one's."""
         rows = self.control.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename ~ %s",
-            [r"__s[0-9a-f]{12}_[0-9a-f]{8}$"],
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition AND c.relname LIKE ANY(%s)",
+            [self._prefixes(tables)],
         ).fetchall()
-        prefixes = tuple(self._staging_prefix(table) for table in {name.split("__")[0] for (name,) in rows})
         for (name,) in rows:
-            if name.startswith(prefixes):
-                self.control.execute(f"DROP TABLE IF EXISTS {name}")
+            self.control.execute(f"DROP TABLE IF EXISTS {name}")
 
     def put(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
         _checked(table)
         if table in self.staged:
             raise WarehouseError(f"table {table} is put twice for batch {self.batch_id}")
         incoming = frame.select(list(columns))  # a missing column fails here, before anything is loaded
-        staging = self._staging_prefix(table) + self.token
-        self.staged[table] = (columns, staging, [self.loaders.submit(self._load, staging, columns, incoming)])
+        staged = self.staged[table] = _Staged(columns, None)
+        if table in self.unique:
+            values = incoming[self.unique[table][0]]
+            values = values.str.strip_chars() if values.dtype == pl.String else values
+            staged.values = values.cast(pl.Int64, strict=False).drop_nulls()
+        if incoming.height:
+            staged.name = partition_prefix(table, self.batch_id) + self.token
+            staged.loads.append(self.loaders.submit(self._load, staged.name, columns, incoming))
+
+    def discard(self, table: str) -> None:
+        staged = self.staged.pop(table, None)
+        if staged is None:
+            return
+        for load in staged.loads:
+            if not load.cancel():
+                load.exception()  # wait for it; a failed load of a table taken back fails nothing
+        if staged.name is not None:
+            self.control.execute(f"DROP TABLE IF EXISTS {staged.name}")
+
+    def stored_elsewhere(self, table: str, column: str) -> pl.DataFrame:
+        found = _stored_elsewhere(self.warehouse, table, column, self.batch_id, part="tableoid::regclass::text")
+        self.unique[table] = (column, set(found["part"]))
+        return found.drop("part")
+
+    def _conflicts(self) -> list[str]:
+        """Under the table's lock: values put for a unique table that a batch stored after they were read."""
+        found = []
+        for table, (column, seen) in self.unique.items():
+            staged = self.staged.get(table)
+            if staged is None or staged.values is None:
+                continue
+            self.control.execute("SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || ':unique:' || %s, 0))", [table])
+            partitions = self.control.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(%s)",
+                [table],
+            ).fetchall()
+            own = partition_prefix(table, self.batch_id)
+            for (partition,) in partitions:
+                if partition in seen or partition.startswith(own):
+                    continue
+                # A partition attached since: compare its values with ours here, whatever plan the server would pick.
+                for batch, values in self.control.execute(
+                    f"SELECT batch_id, array_agg(CAST({quote(column)} AS BIGINT)) FROM {partition} GROUP BY batch_id"
+                ).fetchall():
+                    clash = staged.values.filter(staged.values.is_in(pl.Series(values, dtype=pl.Int64).implode()))
+                    found += [f"{table}.{column} {value} (stored meanwhile by batch {batch})" for value in clash.head(5)]
+        return found
 
     def _load(self, staging: str, columns: Columns, rows: pl.DataFrame) -> None:
         # The check lets ATTACH PARTITION trust the rows instead of scanning them; it also holds for the defaults.
@@ -553,34 +634,41 @@ class _PartitionSwap(BatchWriter):
     def publish(self) -> None:
         if not self.staged:
             return
-        # The shape of the tables is checked while the loads run: it does not depend on them.
+        tables = list(self.staged)
+        # The tables' shape and the batch's current partitions are read while the loads run: they do not depend on them.
         found = self.control.execute(
-            "SELECT c.relname, c.relkind::text, a.attname FROM pg_class c "
+            "SELECT c.relname, c.relkind::text, c.relispartition, a.attname FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
-            "WHERE n.nspname = current_schema() AND c.relname = ANY(%s) ORDER BY c.relname, a.attnum",
-            [list(self.staged)],
+            "LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND NOT c.relispartition "
+            "WHERE n.nspname = current_schema() AND (c.relname = ANY(%s) OR c.relname LIKE ANY(%s)) "
+            "ORDER BY c.relname, a.attnum",
+            [tables, self._prefixes(tables)],
         ).fetchall()
-        for table, (columns, _, _) in self.staged.items():
-            if any(name == table and kind == "r" for name, kind, _ in found):
+        parents = {name: kind for name, kind, _, _ in found if name in self.staged}
+        ours = {staged.name for staged in self.staged.values()}
+        # The batch's current partitions, and what a crashed writer of it left staged: all replaced by ours.
+        replaced = sorted({name for name, _, _, _ in found if name not in self.staged and name not in ours})
+        for table, staged in self.staged.items():
+            if parents.get(table) == "r":
                 raise WarehouseError(
                     f"table {table} in {self.warehouse.describe()} is not partitioned by batch_id, as this version writes "
                     f"it; drop it (DROP TABLE {table}) and materialize its batches again"
                 )
-            self.warehouse._check_columns(table, columns, [column for name, _, column in found if name == table])
-        for _, _, futures in self.staged.values():
-            for future in futures:
-                future.result()  # the first failed load fails the batch, before anything is swapped
+            self.warehouse._check_columns(table, staged.columns, [column for name, _, _, column in found if name == table])
+        for staged in self.staged.values():
+            for load in staged.loads:
+                load.result()  # the first failed load fails the batch, before anything is swapped
         swap = []
-        for table, (columns, staging, _) in self.staged.items():
-            partition = partition_name(table, self.batch_id)
-            swap += [
-                f"CREATE TABLE IF NOT EXISTS {table} ({_body(columns)}) PARTITION BY LIST (batch_id)",
-                f"DROP TABLE IF EXISTS {partition}",
-                f"ALTER TABLE {staging} RENAME TO {partition}",
-                f"ALTER TABLE {table} ATTACH PARTITION {partition} FOR VALUES IN ({literal(self.batch_id)})",
-            ]
+        for table, staged in self.staged.items():
+            prefix = partition_prefix(table, self.batch_id)
+            if table not in parents:
+                swap.append(f"CREATE TABLE IF NOT EXISTS {table} ({_body(staged.columns)}) PARTITION BY LIST (batch_id)")
+            swap += [f"DROP TABLE {name}" for name in replaced if name.startswith(prefix)]
+            if staged.name is not None:
+                swap.append(f"ALTER TABLE {table} ATTACH PARTITION {staged.name} FOR VALUES IN ({literal(self.batch_id)})")
         with self.control.transaction():
+            if conflicts := self._conflicts():
+                raise ConflictingWrite(f"batch {self.batch_id} was not written: {'; '.join(conflicts)}")
             self.control.execute(";\n".join(swap))  # one round trip
         self.staged.clear()
 

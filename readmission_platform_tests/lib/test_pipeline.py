@@ -47,7 +47,7 @@ def test_a_gate_that_says_stop_keeps_the_stages_after_it_unwritten(warehouse_url
 
     run = process_batch(open_warehouse(warehouse_url), "b1", content=files[0], source_file="b1.csv", now=NOW, gate=gate)
 
-    assert seen == [RAW, CLEAN] and run.written == [RAW, CLEAN] and run.features is None
+    assert seen == [RAW, CLEAN] and run.written == [RAW, CLEAN]
     assert set(counts(warehouse_url)) == {"raw_batches", "rejected_rows", "clean_batches"}
 
 
@@ -121,3 +121,27 @@ def test_two_writers_ingesting_at_once_never_store_an_id_twice(warehouse_url, fi
     assert len(reasons) == 40 and all(f"was already loaded in batch {winner}" in r for r in reasons)
     stored = open_warehouse(warehouse_url).read_table("raw_batches")
     assert stored.height == 1_000 and stored["encounter_id"].n_unique() == stored.height
+
+
+@pytest.mark.postgres
+def test_a_pass_that_loses_a_race_for_its_ids_reads_again_and_rejects_them(pg_schema_url, files):
+    store = open_warehouse(pg_schema_url)
+    process_batch(store, "b0", content=files[2], source_file="b0.csv", now=NOW)  # the table exists
+    header, *lines = files[0].split(b"\r\n")
+    rival = b"\r\n".join([header, *lines[:10]]) + b"\r\n"
+    passes = []
+
+    def gate(stage, run):
+        if stage == RAW:
+            passes.append(run.loaded_elsewhere["batch_id"].unique().sort().to_list())
+            if len(passes) == 1:  # while b1 is staged, another writer stores ten of its encounters
+                process_batch(store, "rival", content=rival, source_file="rival.csv", now=NOW)
+        return True
+
+    run = process_batch(store, "b1", content=files[0], source_file="b1.csv", now=NOW, gate=gate)
+
+    assert passes == [["b0"], ["b0", "rival"]]
+    assert run.parsed.rejected.height == 10
+    assert all("was already loaded in batch rival" in reason for reason in run.parsed.rejected["reason"])
+    stored = store.read_table("raw_batches")
+    assert stored.height == 500 + 10 + 490 and stored["encounter_id"].n_unique() == stored.height

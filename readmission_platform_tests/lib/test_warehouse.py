@@ -5,6 +5,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import polars as pl
+import psycopg
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -13,11 +14,13 @@ from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.features import FEATURE_SCHEMA, build_features
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.warehouse import (
+    ConflictingWrite,
     DuckDBWarehouse,
     PostgresWarehouse,
     Warehouse,
     WarehouseError,
     open_warehouse,
+    partition_prefix,
     table_ddl,
 )
 
@@ -300,3 +303,40 @@ def test_a_block_shares_one_connection_and_still_sees_its_own_writes(warehouse):
         assert warehouse._connection is kept
     assert warehouse._connection is None
     assert warehouse.read_table("counts", "x")["n"].to_list() == [1]
+
+
+@pytest.mark.postgres
+def test_a_value_another_batch_stores_meanwhile_fails_the_write_and_writes_nothing(pg_schema_url, batches):
+    warehouse = PostgresWarehouse(pg_schema_url)
+    raw_a, rejected_a = batches["a"]
+    seed = raw_a.head(5).with_columns(batch_id=pl.lit("seed"))
+    warehouse.replace_batch(writes(seed, rejected_a.clear()), "seed")  # five of batch a's ids, stored before
+
+    with pytest.raises(ConflictingWrite, match=r"raw_batches.encounter_id \d+ \(stored meanwhile by batch rival\)"):
+        with warehouse.batch_writer("a") as writer:
+            seen = writer.stored_elsewhere(RAW, "encounter_id")
+            writer.put(RAW, schema.RAW_SCHEMA, raw_a)
+            rival = raw_a.slice(100, 3).with_columns(batch_id=pl.lit("rival"))
+            warehouse.replace_batch({RAW: (schema.RAW_SCHEMA, rival)}, "rival")  # committed while "a" is staged
+
+    assert seen["batch_id"].unique().to_list() == ["seed"] and seen.height == 5  # what "a" read before the rival came
+    assert warehouse.query("SELECT count(*) AS n FROM raw_batches WHERE batch_id = 'a'")["n"][0] == 0
+    assert warehouse.tables() == {RAW, REJECTED}  # the staged table is gone too
+    leftovers = warehouse.query("SELECT count(*) AS n FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE '%\\_\\_p%'")
+    assert leftovers["n"][0] == 2  # the raw partitions of seed and rival; no rows, no partition
+
+
+@pytest.mark.postgres
+def test_what_a_crashed_writer_left_staged_is_dropped_by_the_next_write_of_its_batch(pg_schema_url, batches):
+    warehouse = PostgresWarehouse(pg_schema_url)
+    raw, rejected = batches["a"]
+    warehouse.replace_batch(writes(raw, rejected), "a")
+    leftover = partition_prefix(RAW, "a") + "deadbeef"
+    with psycopg.connect(pg_schema_url, autocommit=True) as connection:
+        connection.execute(f"CREATE TABLE {leftover} (LIKE raw_batches)")
+
+    warehouse.replace_batch(writes(raw, rejected), "a")
+
+    names = warehouse.query("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")["tablename"].to_list()
+    assert leftover not in names
+    assert_frame_equal(stored(warehouse, RAW), raw)
