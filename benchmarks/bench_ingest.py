@@ -30,6 +30,7 @@ import polars as pl
 import psycopg
 import sqlalchemy as sa
 
+from readmission_platform.defs.ingestion.assets import BatchTablesConfig, passes, stage_checks
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.features import (
@@ -41,7 +42,6 @@ from readmission_platform.lib.features import (
     NUMERIC_FEATURES,
     build_features,
 )
-from readmission_platform.defs.ingestion.assets import BatchTablesConfig, passes, stage_checks
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.landing import batch_file_name, batch_id_for, split_batches
 from readmission_platform.lib.pipeline import NOTHING_LOADED, BatchRun, process_batch

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import polars as pl
 
 from readmission_platform.lib import schema
-
 
 # The ICD-9 chapter groups of Strack et al. (2014): (group, ranges of the code's whole part, single whole codes).
 # The first matching rule wins; V and E codes, and numbers no rule covers, are 'other'.
@@ -66,8 +65,8 @@ def age_years(bracket: pl.Expr) -> pl.Expr:
     return bracket.replace_strict(AGE_MIDDLES, default=None, return_dtype=pl.Int16)
 
 
-def _typed(column: schema.Column, text: pl.Expr) -> pl.Expr:
-    value = text.str.strip_chars()
+def _typed(column: schema.Column, text: pl.Expr, *, strip: bool = True) -> pl.Expr:
+    value = text.str.strip_chars() if strip else text
     if column.name in NOT_MEASURED_COLUMNS:
         value = pl.when(value == NOT_TAKEN).then(pl.lit(schema.NOT_MEASURED)).otherwise(value)
     if column.dtype != pl.String():
@@ -86,17 +85,26 @@ def _present(name: str) -> pl.Expr:
     return pl.when(pl.col(name) == schema.MISSING).then(None).otherwise(pl.col(name)).alias(name)
 
 
+def _clean_columns(names: Sequence[str], value: Callable[[str], pl.Expr], *, strip: bool) -> list[pl.Expr]:
+    """Each named clean column, from the source column `value(name)` gives: typed, or derived."""
+    derived = {
+        "age_years": lambda: age_years(value("age")),
+        **{f"diag_{i}_group": (lambda i=i: icd9_group(value(f"diag_{i}"))) for i in (1, 2, 3)},
+        schema.LABEL_30D: lambda: value(schema.LABEL) == "<30",
+    }
+    return [
+        (derived[name]() if name in derived else _typed(schema.CLEAN_BY_NAME[name], value(name), strip=strip)).alias(name)
+        for name in names
+    ]
+
+
 # Built once: every clean column from the raw text columns, in CLEAN_SCHEMA order.
-_DERIVED = {
-    "age_years": age_years(_present("age")),
-    **{f"diag_{i}_group": icd9_group(_present(f"diag_{i}")) for i in (1, 2, 3)},
-    schema.LABEL_30D: _present(schema.LABEL) == "<30",
-}
-_TYPED = {name: _typed(schema.CLEAN_BY_NAME[name], _present(name)) for name in schema.RAW_COLUMNS}
-_CLEAN = [
-    pl.col(name) if name == schema.BATCH_ID else (_DERIVED[name] if name in _DERIVED else _TYPED[name]).alias(name)
-    for name in schema.CLEAN_SCHEMA
-]
+_CLEAN = [pl.col(schema.BATCH_ID), *_clean_columns([n for n in schema.CLEAN_SCHEMA if n != schema.BATCH_ID], _present, strip=True)]
+# The clean columns of a validated request: typed already, null where unknown, no identifier and no label.
+REQUEST_CLEAN_COLUMNS = tuple(
+    n for n in schema.CLEAN_SCHEMA if n not in (schema.BATCH_ID, *schema.IDENTIFIERS, schema.LABEL, schema.LABEL_30D)
+)
+_REQUEST = _clean_columns(REQUEST_CLEAN_COLUMNS, pl.col, strip=False)
 _DEATH_OR_HOSPICE = pl.col("discharge_disposition_id").is_in(schema.DEATH_OR_HOSPICE_DISPOSITIONS).fill_null(False)
 _INVALID_GENDER = (pl.col("gender") == schema.INVALID_GENDER).fill_null(False) & ~_DEATH_OR_HOSPICE
 
@@ -110,6 +118,12 @@ def clean(raw: pl.DataFrame) -> CleanResult:
     frame = raw.select(_CLEAN)
     dropped = frame.select(death_or_hospice=_DEATH_OR_HOSPICE.sum(), invalid_gender=_INVALID_GENDER.sum()).row(0, named=True)
     return CleanResult(frame.filter(~_DEATH_OR_HOSPICE & ~_INVALID_GENDER), dropped)
+
+
+def clean_request(typed: pl.DataFrame) -> pl.DataFrame:
+    """Validated encounters as a frame (their typed values, null where unknown) → their clean columns, by the rules of
+    `clean`. Validation has refused the exclusions, and its values need no stripping."""
+    return typed.select(_REQUEST)
 
 
 def clean_record(record: Mapping[str, object]) -> dict[str, object]:

@@ -122,13 +122,19 @@ def _feature_expressions() -> list[pl.Expr]:
     return numeric + categorical
 
 
-_FEATURES = {name: pl.col(name) for name in (*LINEAGE_COLUMNS, *LABEL_COLUMNS)} | {e.meta.output_name(): e for e in _feature_expressions()}
-_IN_ORDER = [_FEATURES[name] for name in FEATURE_SCHEMA]
+_FEATURES = _feature_expressions()  # in FEATURE_COLUMNS order
+_TABLE = [pl.col(name) for name in (schema.BATCH_ID, *schema.IDENTIFIERS, schema.LABEL_30D, schema.LABEL)] + _FEATURES
+assert [e.meta.output_name() for e in _TABLE] == list(FEATURE_SCHEMA)
 
 
 def build_features(clean: pl.DataFrame) -> pl.DataFrame:
     """Clean rows → identifiers, labels and the declared feature columns, in `FEATURE_SCHEMA` order."""
-    return clean.select(_IN_ORDER)
+    return clean.select(_TABLE)
+
+
+def feature_values(clean: pl.DataFrame) -> pl.DataFrame:
+    """Clean rows → only the declared feature columns (`FEATURE_COLUMNS`), by the rules of `build_features`."""
+    return clean.select(_FEATURES)
 
 
 def record_features(clean: Mapping[str, Any]) -> dict[str, float | str]:

@@ -12,7 +12,7 @@ A serving request holds one encounter, so `Scorer.compile` turns a fitted pipeli
 - the fitted sigmoid calibration.
 
 `verify` checks the result against the pipeline's own `predict_proba`; the service refuses a model that fails it.
-Batches go through the pipeline itself (`training.predict_probability`), which is fast per row on many rows.
+Many encounters at once (`probabilities`) are looked up by column and scored by the fitted estimator's own code.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassif
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
+from sklearn.utils._openmp_helpers import _openmp_effective_n_threads
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import ICD9_OTHER, ICD9_RULES, NOT_TAKEN
@@ -172,7 +173,9 @@ def _looked_up(values: pl.Series, table: Mapping[str, float]) -> np.ndarray:
 class Scorer:
     """The probability of readmission of one encounter's features (`features.record_features`), fast."""
 
-    def __init__(self, model: Pipeline) -> None:
+    def __init__(self, model: Pipeline, *, threads: int | None = None) -> None:
+        """`threads`: native threads for many encounters at once (default: as scikit-learn would take)."""
+        self.threads = threads
         try:
             preprocess, classifier = model.named_steps["preprocess"], model.named_steps["classifier"]
         except (AttributeError, KeyError) as error:
@@ -232,9 +235,11 @@ class Scorer:
                 is_categorical = estimator.is_categorical_
                 order = np.concatenate([np.flatnonzero(is_categorical), np.flatnonzero(~is_categorical)])
             self._trees = _boosted_trees(estimator)
+            self._boosting = estimator
             self._float32 = False
         elif isinstance(estimator, RandomForestClassifier):
             self._trees = _forest(estimator)
+            self._boosting = None
             self._float32 = True  # sklearn trees compare float32 inputs
         else:
             raise UnsupportedModel(f"no fast path for {type(estimator).__name__}")
@@ -294,8 +299,9 @@ class Scorer:
     def probabilities(self, frame: pl.DataFrame) -> np.ndarray:
         """The probabilities of every row of a features-table frame: the pipeline's, without its pandas encoding.
 
-        Categories are looked up in the same tables (vectorized by polars); a linear model then sums its terms, trees
-        get the classifier's own predict_proba on the encoded matrix, exactly as the pipeline would hand it over.
+        Categories are looked up in the same tables (vectorized by polars). A linear model then sums its terms;
+        boosting walks its fitted trees on the input its own preprocessing would have made, and a forest gets the
+        classifier's own predict_proba on the matrix the pipeline would hand it.
         """
         if self.linear:
             logit = np.full(frame.height, self._intercept)
@@ -304,6 +310,8 @@ class Scorer:
             for name, slope, offset in self._numeric:
                 logit += slope * frame[name].to_numpy().astype(float) + offset
             return 1.0 / (1.0 + np.exp(self._a * logit + self._b))
+        if self._boosting is not None:
+            return self._boosted_probabilities(frame)
         encoded = np.empty((frame.height, self._width))
         start = self._blocks["categorical"].start
         for i, name in enumerate(CATEGORICAL_FEATURES):
@@ -312,6 +320,20 @@ class Scorer:
         for i, name in enumerate(NUMERIC_FEATURES):
             encoded[:, numeric.start + i] = frame[name].to_numpy().astype(float)
         return self._classifier.predict_proba(encoded)[:, 1]
+
+    def _boosted_probabilities(self, frame: pl.DataFrame) -> np.ndarray:
+        # The matrix boosting's own preprocessing makes (re-coded categories first): the single path's `_input`, by
+        # columns; then its predictors, as its `_raw_predict` runs them after that preprocessing.
+        internal = np.empty((frame.height, self._width))
+        for name, at, codes, unknown in self._categorical:
+            internal[:, at] = frame[name].replace_strict(codes, default=unknown, return_dtype=pl.Float64).to_numpy()
+        for name, at in self._numeric_at:
+            internal[:, at] = frame[name].to_numpy()
+        estimator = self._boosting
+        raw = np.zeros((frame.height, 1), order="F") + estimator._baseline_prediction
+        threads = self.threads or _openmp_effective_n_threads()
+        estimator._predict_iterations(internal, estimator._predictors, raw, False, threads)
+        return 1.0 / (1.0 + np.exp(self._a * raw[:, 0] + self._b))
 
     # -- checks -----------------------------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ import polars as pl
 from sklearn.pipeline import Pipeline
 
 from readmission_platform.lib.encounter import features_frame
-from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.registry import ModelRegistry, RegistryError, decision_threshold, trained_batches
+from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.scoring import Scorer, UnsupportedModel
 from readmission_platform.lib.training import predict_probability
 
@@ -80,11 +80,14 @@ class ServedModel:
             return self.scorer.probabilities(frame)
         return predict_probability(self.pipeline, frame)
 
-    def risk_band(self, probability: float) -> str:
+    def risk_bands(self, probabilities: np.ndarray) -> np.ndarray:
         """high: flagged (at or above the threshold); medium: above the base rate; low: at most the base rate."""
-        if probability >= self.threshold:
-            return HIGH
-        return MEDIUM if probability > self.base_rate else LOW
+        band = np.where(probabilities >= self.threshold, 2, probabilities > self.base_rate)
+        return np.asarray(RISK_BANDS)[band]
+
+    def risk_band(self, probability: float) -> str:
+        """`risk_bands` of one probability."""
+        return str(self.risk_bands(np.asarray(probability)))
 
     @property
     def method(self) -> str:
@@ -135,16 +138,17 @@ def describe(registry: ModelRegistry, version: str) -> dict[str, Any]:
     }
 
 
-def serve(pipeline: Pipeline, info: Mapping[str, Any], *, fast: bool = True) -> ServedModel:
+def serve(pipeline: Pipeline, info: Mapping[str, Any], *, fast: bool = True, threads: int | None = None) -> ServedModel:
     """A loaded pipeline and its facts (`describe`) → a model that passed the smoke test.
 
     `fast=False` scores single encounters through the pipeline itself (READMISSION_FAST_PATH=0 in the service): a
-    switch to rule the fast path out when diagnosing, and the baseline of the load test.
+    switch to rule the fast path out when diagnosing, and the baseline of the load test. `threads`: native threads of
+    a batch (`Scorer`).
     """
     try:
         if not fast:
             raise UnsupportedModel("the fast path is switched off (READMISSION_FAST_PATH=0)")
-        scorer: Scorer | None = Scorer(pipeline)
+        scorer: Scorer | None = Scorer(pipeline, threads=threads)
     except UnsupportedModel as error:
         log.warning("version %s has no fast path (%s); it is scored one row at a time through the pipeline",
                     info["version"], error)
@@ -163,7 +167,7 @@ def serve(pipeline: Pipeline, info: Mapping[str, Any], *, fast: bool = True) -> 
     return model
 
 
-def load_version(registry: ModelRegistry, version: str, *, fast: bool = True) -> ServedModel:
+def load_version(registry: ModelRegistry, version: str, *, fast: bool = True, threads: int | None = None) -> ServedModel:
     """A registered version, loaded from the MLflow store and smoke-tested; `ModelRefused` if it cannot serve."""
     started = time.perf_counter()
     try:
@@ -171,7 +175,7 @@ def load_version(registry: ModelRegistry, version: str, *, fast: bool = True) ->
         pipeline = registry.load_model(version)
     except RegistryError as error:
         raise ModelRefused(str(error)) from error
-    model = serve(pipeline, info, fast=fast)
+    model = serve(pipeline, info, fast=fast, threads=threads)
     log.info("loaded version %s of %s in %.1f s", version, model.name, time.perf_counter() - started)
     return model
 

@@ -26,14 +26,23 @@ import numpy as np
 import polars as pl
 import prometheus_client
 import threadpoolctl
-from pydantic import BaseModel, Field
-from starlette.applications import Starlette
+from fastapi import FastAPI
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from readmission_platform.lib.cleaning import clean_record
-from readmission_platform.lib.encounter import FIELDS, Encounter, columns, features_frame, record, typed_frame
+from readmission_platform.lib.encounter import (
+    FIELDS,
+    MAX_BATCH,
+    REQUEST_ID,
+    BatchRequest,
+    Encounter,
+    decode_batch,
+    features_frame,
+    record,
+)
 from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
 from readmission_platform.lib.reporting import masked
 from readmission_platform.serving.model import ServedModel, load_version, production_version, serve
@@ -43,7 +52,7 @@ from readmission_platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 20_000
+MAX_ERRORS = 1_000  # validation errors listed in one answer; the count says how many there were
 RELOAD_SECONDS = float(os.environ.get("READMISSION_RELOAD_SECONDS") or 30)
 FAST_PATH = os.environ.get("READMISSION_FAST_PATH", "1") != "0"
 # Native threads per worker (OpenMP, BLAS). Scale with workers instead: with more threads than free cores,
@@ -176,7 +185,38 @@ class BearerToken:
         await self.app(scope, receive, counting_send)
 
 
-def _model_info(request: Request) -> JSONResponse:
+def _invalid(error: ValidationError) -> JSONResponse:
+    """A 400 naming each offending field, as BentoML answers for its own routes."""
+    count = error.error_count()
+    listed = f" (the first {MAX_ERRORS:,} listed)" if count > MAX_ERRORS else ""
+    return JSONResponse(
+        {"error": f"{count} validation error{'s' if count > 1 else ''} for {error.title}{listed}",
+         "detail": error.errors(include_context=False, include_input=False)[:MAX_ERRORS]},
+        status_code=400,
+    )  # fmt: skip
+
+
+def _inlined(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its definitions inlined, for an OpenAPI request body of its own."""
+    found = model.model_json_schema()
+    definitions = found.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if set(node) == {"$ref"}:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return inline(found)
+
+
+# Mounted at the root: BentoML mounts apps passively, so this one only takes the paths it has routes for.
+routes = FastAPI(title="readmission", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@routes.get("/model", summary="The model serving now: version, lineage, metrics, threshold.")
+def model_info() -> JSONResponse:
     service = bentoml.get_current_service()
     model = service.model
     if model is None:
@@ -187,8 +227,24 @@ def _model_info(request: Request) -> JSONResponse:
     )  # fmt: skip
 
 
-# Mounted at the root: BentoML mounts apps passively, so this one only takes the paths it has routes for.
-model_info_app = Starlette(routes=[Route("/model", _model_info, methods=["GET"])])
+@routes.post(
+    "/predict_batch",
+    response_model=BatchPrediction,
+    summary=f"Many encounters at once (1 to {MAX_BATCH:,}), answered in order, all by the same model version.",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _inlined(BatchRequest)}}}},
+)
+async def predict_batch(request: Request) -> Response:
+    # The body is read here, not by a request model: msgspec checks it several times faster than pydantic, and only
+    # a body it refuses goes through pydantic, for errors that name every offending field.
+    service = bentoml.get_current_service()
+    if service.model is None:
+        return _not_ready()
+    body = await request.body()
+    try:
+        encounters = await run_in_threadpool(decode_batch, body)
+    except ValidationError as error:
+        return _invalid(error)
+    return await run_in_threadpool(service.answer_batch, encounters)
 
 
 class ModelWatcher(threading.Thread):
@@ -234,7 +290,7 @@ class ModelWatcher(threading.Thread):
             self.refused[version] -= 1
             return
         try:
-            model = load_version(self.registry, version, fast=FAST_PATH)
+            model = load_version(self.registry, version, fast=FAST_PATH, threads=THREADS)
         except Exception as error:
             RELOADS.labels(outcome="failed").inc()
             self.refused[version] = RETRY_REFUSED_AFTER
@@ -257,7 +313,7 @@ def _packed_model() -> ServedModel | None:
 
     try:
         info = json.loads(packed.info.metadata["info"]) | {"served_from": f"BentoML model {packed.tag}"}
-        model = serve(mlflow.sklearn.load_model(packed.path_of(MLFLOW_MODEL_FOLDER)), info, fast=FAST_PATH)
+        model = serve(mlflow.sklearn.load_model(packed.path_of(MLFLOW_MODEL_FOLDER)), info, fast=FAST_PATH, threads=THREADS)
     except Exception as error:
         RELOADS.labels(outcome="failed").inc()
         log.error("the packed model %s cannot serve: %s", packed.tag, error)
@@ -268,7 +324,7 @@ def _packed_model() -> ServedModel | None:
     return model
 
 
-@bentoml.asgi_app(model_info_app, path="/")
+@bentoml.asgi_app(routes, path="/")
 @bentoml.service(
     name="readmission",
     workers=int(os.environ.get("READMISSION_SERVE_WORKERS") or 1),
@@ -327,22 +383,17 @@ class ReadmissionService:
             model_name=model.name, model_version=model.version, request_id=request_id,
         )  # fmt: skip
 
-    @bentoml.api(route="/predict_batch")
-    def predict_batch(
-        self, encounters: list[Encounter] = Field(min_length=1, max_length=MAX_BATCH)
-    ) -> BatchPrediction:
-        """Many encounters at once (at most MAX_BATCH), answered in order, all by the same model version."""
-        if (model := self.model) is None:
-            return _not_ready()  # type: ignore[return-value]
-        typed = typed_frame(columns(encounters))
-        probability = model.probabilities(features_frame(typed))
+    def answer_batch(self, encounters: pl.DataFrame) -> Response:
+        """Score validated encounters (`decode_batch`), log them, and answer in order, all by one model version."""
+        model = self.model
+        probability = model.probabilities(features_frame(encounters))
         batch = uuid.uuid4().hex
         answers = pl.DataFrame(
             {
                 "probability": probability,
                 "decision": probability >= model.threshold,
-                "risk_band": [model.risk_band(p) for p in probability.tolist()],
-                "request_id": [e.request_id or f"{batch}-{i}" for i, e in enumerate(encounters)],
+                "risk_band": model.risk_bands(probability),
+                REQUEST_ID: encounters[REQUEST_ID].fill_null(pl.format(f"{batch}-{{}}", pl.int_range(encounters.height))),
             }
         )
         flagged = int(answers["decision"].sum())
@@ -351,13 +402,12 @@ class ReadmissionService:
         observe_many(PROBABILITY, probability)
         self.log.record_frame(
             answers.with_columns(
-                typed.select(pl.struct(FIELDS).struct.json_encode().alias("inputs")),
+                encounters.select(pl.struct(FIELDS).struct.json_encode().alias("inputs")),
                 endpoint=pl.lit("predict_batch"), model_name=pl.lit(model.name), model_version=pl.lit(model.version),
             )  # fmt: skip
         )
         head = json.dumps({"model_name": model.name, "model_version": model.version, "threshold": model.threshold})
-        body = f'{head[:-1]},"predictions":{answers.write_json()}}}'
-        return Response(body, media_type="application/json")  # type: ignore[return-value]
+        return Response(f'{head[:-1]},"predictions":{answers.write_json()}}}', media_type="application/json")
 
     @bentoml.api(route="/explain")
     def explain(self, encounter: Encounter, /) -> Explanation:

@@ -117,7 +117,7 @@ def test_two_writers_ingesting_at_once_never_store_an_id_twice(warehouse_url, fi
     assert all(isinstance(reasons, list) for reasons in results.values()), results
     rejected = {b: reasons for b, reasons in results.items() if reasons}
     assert len(rejected) == 1, results  # the second writer saw the first one's rows
-    (loser, reasons), winner = next(iter(rejected.items())), ({"x", "y"} - set(rejected)).pop()
+    reasons, winner = next(iter(rejected.values())), ({"x", "y"} - set(rejected)).pop()
     assert len(reasons) == 40 and all(f"was already loaded in batch {winner}" in r for r in reasons)
     stored = open_warehouse(warehouse_url).read_table("raw_batches")
     assert stored.height == 1_000 and stored["encounter_id"].n_unique() == stored.height

@@ -146,6 +146,15 @@ def test_batch_errors_name_the_row_and_field_and_the_limit_is_enforced(server):
     assert server.client.post("/predict_batch", json={"encounters": [GOOD] * 10_000}).status_code == 200
 
 
+def test_the_openapi_spec_shows_the_batch_route_and_its_request_body(server):
+    spec = server.client.get("/docs.json").json()
+    batch = spec["paths"]["/predict_batch"]["post"]
+    encounters = batch["requestBody"]["content"]["application/json"]["schema"]["properties"]["encounters"]
+    assert encounters["maxItems"] == MAX_BATCH and encounters["minItems"] == 1
+    assert {"A1Cresult", "glyburide-metformin", "request_id"} <= set(encounters["items"]["properties"])
+    assert {"/predict", "/explain", "/model"} <= set(spec["paths"])
+
+
 def test_explain_ranks_every_feature_by_its_push(server):
     answer = server.client.post("/explain", json=GOOD | {"request_id": "why"}).json()
     contributions = [c["contribution"] for c in answer["contributions"]]
