@@ -347,8 +347,8 @@ class PostgresWarehouse(Warehouse):
     swapping a partition and read without scanning the others.
     """
 
-    LOADERS = 3  # chunks of a batch's tables loaded side by side, each on a connection of its own
-    CHUNK_ROWS = 4_000  # rows per loaded chunk, and per COPY message of a table written whole
+    LOADERS = 3  # tables of a batch loaded side by side, each on a connection of its own
+    CHUNK_ROWS = 4_000  # rows per COPY message: polars encodes the next while the server parses one
 
     # Connections are kept for the next use in this process (a run's steps share them) instead of paying for a new
     # one each time; a process keeps at most one reader and LOADERS + 1 writers, for one URL. One idle for longer
@@ -541,7 +541,11 @@ class _PartitionSwap(BatchWriter):
             if exc_type is not None:
                 self._drop_unattached(list(self.staged))
         finally:
-            self.control.execute(LOCK.format("unlock"), [f"batch:{self.batch_id}"])
+            try:
+                self.control.execute(LOCK.format("unlock"), [f"batch:{self.batch_id}"])
+            except Exception:
+                if exc_type is None:  # else the failure that got here is the one to tell; the session ends with it
+                    raise
 
     def _prefixes(self, tables: Sequence[str]) -> list[str]:
         """LIKE patterns of the tables' partitions and staging tables for this batch."""
