@@ -173,13 +173,16 @@ def judge_batch(
 ) -> ParsedBatch:
     """Accept or reject each well-formed row (see `parse_batch`) and add the lineage columns."""
     judged = _judge(read.rows, loaded_elsewhere)
-    accepted = judged.filter(pl.col("reason").is_null())
-    rejected = pl.concat([read.malformed, judged.filter(pl.col("reason").is_not_null())], how="diagonal")
     lineage = {schema.BATCH_ID: pl.lit(batch_id), "source_file": pl.lit(source_file)}
-    return ParsedBatch(
-        accepted.with_columns(ingested_at=pl.lit(now), **lineage).select(_RAW_COLUMNS),
-        rejected.sort("line_number").with_columns(rejected_at=pl.lit(now), **lineage).select(_REJECTED_COLUMNS),
+    accepted = judged.lazy().filter(pl.col("reason").is_null()).with_columns(ingested_at=pl.lit(now), **lineage)
+    rejected = pl.concat([read.malformed.lazy(), judged.lazy().filter(pl.col("reason").is_not_null())], how="diagonal")
+    rows, rejected_rows = pl.collect_all(
+        [
+            accepted.select(_RAW_COLUMNS),
+            rejected.sort("line_number").with_columns(rejected_at=pl.lit(now), **lineage).select(_REJECTED_COLUMNS),
+        ]
     )
+    return ParsedBatch(rows, rejected_rows)
 
 
 def parse_batch(
@@ -213,33 +216,35 @@ def _read_fields(lines: pl.Series, header: list[str]) -> pl.DataFrame:
     )
 
 
+def _as_id(name: str) -> pl.Expr:
+    text = pl.col(name).str.strip_chars()
+    return pl.when(text.str.contains(r"^[0-9]{1,18}$")).then(text.cast(pl.Int64, strict=False))
+
+
+# Built once, for `_judge`.
+_IDS = {"_id": _as_id("encounter_id"), "_patient": _as_id("patient_nbr")}
+# Only a row that could load claims its id: a malformed one does not shadow a later good copy.
+_FIRST_LINE = pl.when((pl.col("_id") > 0) & (pl.col("_patient") > 0)).then(pl.col("line_number")).min().over("_id")
+_REASON = (
+    pl.when(pl.col("_id").is_null() | (pl.col("_id") <= 0))
+    .then(pl.format("encounter_id '{}' is not a positive integer", pl.col("encounter_id")))
+    .when(pl.col("_patient").is_null() | (pl.col("_patient") <= 0))
+    .then(pl.format("patient_nbr '{}' is not a positive integer", pl.col("patient_nbr")))
+    .when(pl.col("_first_line") < pl.col("line_number"))
+    .then(pl.format("encounter_id {} repeats line {} of this batch", pl.col("_id"), pl.col("_first_line")))
+    .when(pl.col("_loaded_in").is_not_null())
+    .then(pl.format("encounter_id {} was already loaded in batch {}", pl.col("_id"), pl.col("_loaded_in")))
+)
+
+
 def _judge(rows: pl.DataFrame, loaded_elsewhere: pl.DataFrame) -> pl.DataFrame:
     """Give each row the reason it cannot be accepted, or null."""
-
-    def as_id(name: str) -> pl.Expr:
-        text = pl.col(name).str.strip_chars()
-        return pl.when(text.str.contains(r"^[0-9]{1,18}$")).then(text.cast(pl.Int64, strict=False))
-
-    judged = rows.with_columns(_id=as_id("encounter_id"), _patient=as_id("patient_nbr")).with_columns(
-        # Only a row that could load claims its id: a malformed one does not shadow a later good copy.
-        _first_line=pl.when((pl.col("_id") > 0) & (pl.col("_patient") > 0)).then(pl.col("line_number")).min().over("_id"),
-        _stored=pl.col("_id").is_in(loaded_elsewhere["encounter_id"].cast(pl.Int64).implode()),
-    )
+    judged = rows.with_columns(**_IDS).with_columns(_first_line=_FIRST_LINE)
     # Which batch holds an id is looked up only for the ids another batch holds, usually none.
-    elsewhere = (
-        loaded_elsewhere.select(pl.col("encounter_id").cast(pl.Int64).alias("_id"), pl.col(schema.BATCH_ID).alias("_loaded_in"))
-        .join(judged.filter("_stored").select("_id"), on="_id", how="semi")
-        .unique("_id", keep="first")
-    )
-    judged = judged.join(elsewhere, on="_id", how="left", maintain_order="left")
-    reason = (
-        pl.when(pl.col("_id").is_null() | (pl.col("_id") <= 0))
-        .then(pl.format("encounter_id '{}' is not a positive integer", pl.col("encounter_id")))
-        .when(pl.col("_patient").is_null() | (pl.col("_patient") <= 0))
-        .then(pl.format("patient_nbr '{}' is not a positive integer", pl.col("patient_nbr")))
-        .when(pl.col("_first_line") < pl.col("line_number"))
-        .then(pl.format("encounter_id {} repeats line {} of this batch", pl.col("_id"), pl.col("_first_line")))
-        .when(pl.col("_loaded_in").is_not_null())
-        .then(pl.format("encounter_id {} was already loaded in batch {}", pl.col("_id"), pl.col("_loaded_in")))
-    )
-    return judged.with_columns(reason=reason).drop("_id", "_patient", "_first_line", "_stored", "_loaded_in")
+    stored = loaded_elsewhere.filter(pl.col("encounter_id").cast(pl.Int64).is_in(judged["_id"].drop_nulls().implode()))
+    if stored.height:
+        elsewhere = stored.select(pl.col("encounter_id").cast(pl.Int64).alias("_id"), pl.col(schema.BATCH_ID).alias("_loaded_in"))
+        judged = judged.join(elsewhere.unique("_id", keep="first"), on="_id", how="left", maintain_order="left")
+    else:
+        judged = judged.with_columns(_loaded_in=pl.lit(None, pl.String))
+    return judged.with_columns(reason=_REASON).drop("_id", "_patient", "_first_line", "_loaded_in")
