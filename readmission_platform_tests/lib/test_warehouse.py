@@ -340,3 +340,41 @@ def test_what_a_crashed_writer_left_staged_is_dropped_by_the_next_write_of_its_b
     names = warehouse.query("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")["tablename"].to_list()
     assert leftover not in names
     assert_frame_equal(stored(warehouse, RAW), raw)
+
+
+def test_a_table_put_in_several_frames_keeps_every_row_even_when_a_constant_changes(warehouse, batches):
+    raw, rejected = batches["a"]
+    first, second = raw.head(120), raw.slice(120).with_columns(source_file=pl.lit("a-again.csv"))
+    with warehouse.batch_writer("a") as writer:
+        writer.put(RAW, schema.RAW_SCHEMA, first)  # source_file is one value here: a default of the staged table
+        writer.put(RAW, schema.RAW_SCHEMA, second)  # and another here, so these rows send it
+        writer.put(REJECTED, schema.REJECTED_SCHEMA, rejected)
+
+    assert_frame_equal(stored(warehouse, RAW), pl.concat([first, second]).sort("batch_id", "line_number"))
+    assert stored(warehouse, RAW)["source_file"].value_counts().sort("source_file").rows() == [("a-again.csv", 79), ("a.csv", 120)]
+
+
+def test_a_frame_that_fails_to_load_after_others_of_its_table_writes_nothing(warehouse, batches):
+    raw, rejected = batches["a"]
+    warehouse.replace_batch(writes(raw, rejected), "a")
+
+    with pytest.raises(Exception):
+        with warehouse.batch_writer("a") as writer:
+            writer.put(RAW, schema.RAW_SCHEMA, raw.head(10))
+            writer.put(REJECTED, schema.REJECTED_SCHEMA, rejected)
+            writer.put(REJECTED, schema.REJECTED_SCHEMA, _text_in_a_number_column(rejected))
+
+    assert_frame_equal(stored(warehouse, RAW), raw)
+    assert_frame_equal(stored(warehouse, REJECTED), rejected)
+
+
+def test_a_table_taken_back_keeps_its_stored_rows_and_the_others_are_written(warehouse, batches):
+    raw, rejected = batches["b"]
+    warehouse.replace_batch(writes(raw, rejected), "b")
+    with warehouse.batch_writer("b") as writer:
+        writer.put(RAW, schema.RAW_SCHEMA, raw.head(10))
+        writer.put(REJECTED, schema.REJECTED_SCHEMA, rejected.clear())
+        writer.discard(RAW)
+
+    assert_frame_equal(stored(warehouse, RAW), raw)
+    assert stored(warehouse, REJECTED).is_empty()
