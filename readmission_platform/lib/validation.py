@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import polars as pl
@@ -72,6 +73,27 @@ def clean_violations(frame: pl.DataFrame) -> list[Violation]:
                 )
             )
     return found
+
+
+def shape_problems(table: str, declared: Mapping[str, pl.DataType], frame: pl.DataFrame, batch_id: str) -> list[str]:
+    """What is wrong with the shape of a batch's rows of `table`: other columns than declared, in another order or of
+    other types; no rows."""
+    problems = []
+    if frame.schema != pl.Schema(declared):
+        missing = [c for c in declared if c not in frame.schema]
+        extra = [c for c in frame.columns if c not in declared]
+        retyped = [
+            f"{c} {frame.schema[c]} (declared {t})" for c, t in declared.items() if c in frame.schema and frame.schema[c] != t
+        ]
+        if missing or extra:
+            problems.append(f"{table} columns differ from the declared ones: missing {missing}, unexpected {extra}")
+        elif retyped:
+            problems.append(f"{table} columns have other types than declared: {', '.join(retyped)}")
+        else:
+            problems.append(f"{table} columns are in another order than declared: {frame.columns}")
+    if not frame.height:
+        problems.append(f"batch {batch_id} has no rows in {table}")
+    return problems
 
 
 def duplicate_ids(rows: pl.DataFrame, stored_elsewhere: pl.DataFrame) -> list[str]:

@@ -202,20 +202,6 @@ class Warehouse(ABC):
             raise WarehouseError(f"table {table!r} does not exist in {self.describe()}; materialize its asset first")
         return rows
 
-    def shape_problems(self, table: str, columns: Columns, batch_id: str) -> tuple[list[str], int]:
-        """What is wrong with a batch's rows of `table` (other columns than declared, no rows), and their count."""
-        actual = list(self.columns(table))
-        rows = self.query(f"SELECT count(*) AS n FROM {table} WHERE batch_id = $1", [batch_id]) if actual else pl.DataFrame()
-        count = int(rows["n"][0]) if rows.height else 0
-        problems = []
-        if actual != list(columns):
-            missing = [c for c in columns if c not in actual]
-            extra = [c for c in actual if c not in columns]
-            problems.append(f"{table} columns differ from the declared ones: missing {missing}, unexpected {extra}")
-        if not count:
-            problems.append(f"batch {batch_id} has no rows in {table}")
-        return problems, count
-
     def describe(self) -> str:
         return masked(self.url)
 

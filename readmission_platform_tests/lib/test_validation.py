@@ -2,7 +2,7 @@ import polars as pl
 import pytest
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.validation import clean_violations
+from readmission_platform.lib.validation import clean_violations, shape_problems
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,29 @@ def test_examples_are_capped(valid):
     frame = with_values(valid, "race", {i: f"Race{i}" for i in range(8)})
     [violation] = clean_violations(frame)
     assert "'Race0', 'Race1', 'Race2', 'Race3', 'Race4' … (+3 more) in 8 rows" in violation.message
+
+
+def test_shape_as_declared_has_no_problem(valid):
+    assert shape_problems("clean_batches", schema.CLEAN_SCHEMA, valid, "b1") == []
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda f: f.drop("age"), "clean_batches columns differ from the declared ones: missing ['age'], unexpected []"),
+        (
+            lambda f: f.with_columns(extra=pl.lit(1)),
+            "clean_batches columns differ from the declared ones: missing [], unexpected ['extra']",
+        ),
+        (
+            lambda f: f.with_columns(pl.col("time_in_hospital").cast(pl.Float64)),
+            "clean_batches columns have other types than declared: time_in_hospital Float64 (declared Int",
+        ),
+        (lambda f: f.select(reversed(f.columns)), "clean_batches columns are in another order than declared: ["),
+        (lambda f: f.clear(), "batch b1 has no rows in clean_batches"),
+    ],
+    ids=["missing", "unexpected", "retyped", "reordered", "empty"],
+)
+def test_shape_problem_is_named(valid, change, expected):
+    (problem,) = shape_problems("clean_batches", schema.CLEAN_SCHEMA, change(valid), "b1")
+    assert problem.startswith(expected)

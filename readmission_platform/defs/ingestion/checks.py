@@ -1,12 +1,11 @@
 """The data tests of raw_batches, evaluated by `batch_tables` on the rows it is about to store."""
 
 import dagster as dg
-import polars as pl
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.pipeline import RAW, BatchRun
 from readmission_platform.lib.reporting import examples
-from readmission_platform.lib.validation import duplicate_ids
+from readmission_platform.lib.validation import duplicate_ids, shape_problems
 
 COLUMNS = dg.AssetCheckSpec(
     "check_raw_batches_columns",
@@ -30,15 +29,9 @@ RAW_CHECKS = (COLUMNS, UNIQUE_ENCOUNTER_ID, REJECTED_SHARE)
 
 def check_raw_batches_columns(run: BatchRun) -> dg.AssetCheckResult:
     rows = run.parsed.rows
-    problems = []
-    if rows.schema != pl.Schema(schema.RAW_SCHEMA):
-        declared, actual = list(schema.RAW_SCHEMA), rows.columns
-        problems.append(
-            "raw_batches columns differ from the declared ones: "
-            f"missing {[c for c in declared if c not in actual]}, unexpected {[c for c in actual if c not in declared]}"
-        )
+    problems = shape_problems(RAW, schema.RAW_SCHEMA, rows, run.batch_id)
     if not rows.height:
-        problems.append(f"batch {run.batch_id} has no rows in raw_batches: every row was rejected")
+        problems[-1] += f": every one of its {run.parsed.rejected.height} rows was rejected"
     return dg.AssetCheckResult(
         asset_key=COLUMNS.asset_key,
         check_name=COLUMNS.name,

@@ -6,7 +6,7 @@ import polars as pl
 from readmission_platform.lib import schema
 from readmission_platform.lib.features import FEATURE_COLUMNS, FEATURE_SCHEMA
 from readmission_platform.lib.pipeline import CLEAN, FEATURES
-from readmission_platform.lib.validation import clean_violations
+from readmission_platform.lib.validation import clean_violations, shape_problems
 
 VALUES = dg.AssetCheckSpec(
     "check_clean_batches_values",
@@ -68,15 +68,7 @@ def check_clean_batches_label(frame: pl.DataFrame, min_rate: float, max_rate: fl
 
 
 def check_features_spec(frame: pl.DataFrame, batch_id: str) -> dg.AssetCheckResult:
-    problems = []
-    if frame.schema != pl.Schema(FEATURE_SCHEMA):
-        declared, actual = list(FEATURE_SCHEMA), frame.columns
-        problems.append(
-            "features columns differ from the declared ones: "
-            f"missing {[c for c in declared if c not in actual]}, unexpected {[c for c in actual if c not in declared]}"
-        )
-    if not frame.height:
-        problems.append(f"batch {batch_id} has no rows in features")
+    problems = shape_problems(FEATURES, FEATURE_SCHEMA, frame, batch_id)
     leaked = [c for c in FEATURE_COLUMNS if c in schema.IDENTIFIERS or c in (schema.LABEL, schema.LABEL_30D)]
     if leaked:
         problems.append(f"identifier or label columns declared as features: {leaked}")
