@@ -26,7 +26,6 @@ REJECTED = "rejected_rows"
 STAGES = (RAW, CLEAN, FEATURES)
 TABLES = {RAW: (RAW, REJECTED), CLEAN: (CLEAN,), FEATURES: (FEATURES,)}  # what each stage writes
 ATTEMPTS = 3  # passes over a batch whose ids another batch stored meanwhile, before giving up
-SLICE_ROWS = 5_000  # rows cleaned and featured at a time
 NOTHING_LOADED = pl.DataFrame(schema={"encounter_id": pl.Int64, schema.BATCH_ID: pl.String})
 
 
@@ -107,20 +106,10 @@ def _pass(
             writer.put(REJECTED, schema.REJECTED_SCHEMA, run.parsed.rejected)
             raw_rows = run.parsed.rows
         if CLEAN in stages:
-            # Slice by slice, each put once cleaned and once featured: the last table then loads only its last slice
-            # after the last is computed.
-            cleaned, featured = [], []
-            for part in raw_rows.iter_slices(SLICE_ROWS) if raw_rows.height else [raw_rows]:
-                cleaned.append(clean(part))
-                writer.put(CLEAN, schema.CLEAN_SCHEMA, cleaned[-1].frame)
-                if FEATURES in stages:
-                    featured.append(build_features(cleaned[-1].frame))
-                    writer.put(FEATURES, FEATURE_SCHEMA, featured[-1])
-            dropped = {reason: sum(part.dropped[reason] for part in cleaned) for reason in cleaned[0].dropped}
-            run.cleaned = CleanResult(pl.concat([part.frame for part in cleaned]), dropped)
-            if featured:
-                run.features = pl.concat(featured)
-        elif FEATURES in stages:
+            run.cleaned = clean(raw_rows)
+            writer.put(CLEAN, schema.CLEAN_SCHEMA, run.cleaned.frame)
+            clean_rows = run.cleaned.frame
+        if FEATURES in stages:
             run.features = build_features(clean_rows)
             writer.put(FEATURES, FEATURE_SCHEMA, run.features)
         # The gates run while the tables load; a stage that stops takes back the stages after it.

@@ -10,7 +10,6 @@ failure before that swap leaves every stored row as it was.
 from __future__ import annotations
 
 import hashlib
-import queue
 import random
 import re
 import secrets
@@ -100,8 +99,7 @@ class BatchWriter(ABC):
 
     @abstractmethod
     def put(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
-        """Make `frame` the batch's rows of `table` (created from `columns` if missing) when the block ends; a table put
-        again gets the rows of every frame put, in order."""
+        """Make `frame` the batch's rows of `table` (created from `columns` if missing) when the block ends."""
 
     @abstractmethod
     def discard(self, table: str) -> None:
@@ -301,10 +299,12 @@ class DuckDBWarehouse(Warehouse):
 
         class _Writer(BatchWriter):
             def __init__(self) -> None:
-                self.tables: dict[str, tuple[Columns, list[pl.DataFrame]]] = {}
+                self.tables: dict[str, tuple[Columns, pl.DataFrame]] = {}
 
             def put(self, table, columns, frame):
-                self.tables.setdefault(_checked(table), (columns, []))[1].append(frame.select(list(columns)))
+                if table in self.tables:
+                    raise WarehouseError(f"table {table} is put twice for batch {batch_id}")
+                self.tables[_checked(table)] = (columns, frame.select(list(columns)))
 
             def discard(self, table):
                 self.tables.pop(table, None)
@@ -318,8 +318,8 @@ class DuckDBWarehouse(Warehouse):
             writer = _Writer()
             yield writer
             with self._transaction() as connection:
-                for table, (columns, frames) in writer.tables.items():
-                    self._insert(connection, table, columns, pl.concat(frames), "WHERE batch_id = $1", [batch_id])
+                for table, (columns, frame) in writer.tables.items():
+                    self._insert(connection, table, columns, frame, "WHERE batch_id = $1", [batch_id])
 
     def _replace(self, table, columns, frame, *, keep):
         with self._transaction() as connection:
@@ -333,7 +333,7 @@ class PostgresWarehouse(Warehouse):
     swapping a partition and read without scanning the others.
     """
 
-    LOADERS = 4  # tables of a batch loaded side by side, each on a connection of its own
+    LOADERS = 3  # tables of a batch loaded side by side, each on a connection of its own
     CHUNK_ROWS = 4_000  # rows per COPY message: polars encodes the next while the server parses one
 
     # Connections are kept for the next use in this process (a run's steps share them) instead of paying for a new
@@ -488,26 +488,22 @@ def partition_prefix(table: str, batch_id: str) -> str:
     return f"{table}__p{hashlib.blake2b(batch_id.encode(), digest_size=6).hexdigest()}_"
 
 
-_END, _ABORT = object(), object()  # what ends a table's stream of frames: commit it, or roll it back
-
-
 @dataclass
 class _Staged:
     columns: Columns
-    name: str | None = None  # the staging table; None while the batch has no rows in this table
-    frames: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # what its load has still to COPY, then the end
-    load: Future | None = None
-    values: list[pl.Series] = field(default_factory=list)  # the rows' values of a column that must stay unique
+    name: str | None  # the staging table; None when the batch has no rows in this table
+    loads: list[Future] = field(default_factory=list)
+    values: pl.Series | None = None  # the rows' values of the column that must stay unique, if any
 
 
 class _PartitionSwap(BatchWriter):
     """Write-then-swap of one batch's partitions on PostgreSQL.
 
-    The first rows put for a table start its load: a loader thread, on a connection of its own, makes the staging table
-    and COPYs into it every frame put for the table as it comes (FREEZE: the transaction made the table), so the tables
-    of a batch load side by side, each while the next is computed. `publish` then, in one transaction, creates missing
-    parent tables, drops the batch's old partitions and attaches the staged tables as its new ones. A session advisory
-    lock per batch keeps two writers of one batch apart, and lets a writer drop what a crashed one left staged.
+    Each table put with rows gets a staging table, loaded at once by a loader thread on a connection of its own
+    (COPY FREEZE into a table made in the same transaction), so the tables of a batch load side by side and each
+    starts as soon as it is put. `publish` then, in one transaction, creates missing parent tables, drops the batch's
+    old partitions and attaches the staged tables as its new ones. A session advisory lock per batch keeps two writers
+    of one batch apart, and lets a writer drop what a crashed one left staged.
     """
 
     def __init__(self, warehouse: PostgresWarehouse, control, batch_id: str) -> None:
@@ -524,7 +520,9 @@ class _PartitionSwap(BatchWriter):
     def __exit__(self, exc_type, *_) -> None:
         try:
             if exc_type is not None:
-                self._end(_ABORT)
+                for staged in self.staged.values():
+                    for load in staged.loads:
+                        load.cancel()
             self.loaders.shutdown(wait=True)
             if exc_type is not None:
                 self._drop_unattached(list(self.staged))
@@ -550,30 +548,28 @@ class _PartitionSwap(BatchWriter):
             self.control.execute(f"DROP TABLE IF EXISTS {name}")
 
     def put(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
+        _checked(table)
+        if table in self.staged:
+            raise WarehouseError(f"table {table} is put twice for batch {self.batch_id}")
         incoming = frame.select(list(columns))  # a missing column fails here, before anything is loaded
-        staged = self.staged.setdefault(_checked(table), _Staged(columns))
+        staged = self.staged[table] = _Staged(columns, None)
         if table in self.unique:
             values = incoming[self.unique[table][0]]
             values = values.str.strip_chars() if values.dtype == pl.String else values
-            staged.values.append(values.cast(pl.Int64, strict=False).drop_nulls())
-        if not incoming.height:
-            return
-        if staged.load is None:
+            staged.values = values.cast(pl.Int64, strict=False).drop_nulls()
+        if incoming.height:
             staged.name = partition_prefix(table, self.batch_id) + self.token
-            staged.load = self.loaders.submit(self._load, staged)
-        staged.frames.put(incoming)
-
-    def _end(self, how: object) -> None:
-        for staged in self.staged.values():
-            staged.frames.put(how)
+            staged.loads.append(self.loaders.submit(self._load, staged.name, columns, incoming))
 
     def discard(self, table: str) -> None:
         staged = self.staged.pop(table, None)
-        if staged is None or staged.load is None:
+        if staged is None:
             return
-        staged.frames.put(_ABORT)
-        staged.load.exception()  # wait for it; a failed load of a table taken back fails nothing
-        self.control.execute(f"DROP TABLE IF EXISTS {staged.name}")
+        for load in staged.loads:
+            if not load.cancel():
+                load.exception()  # wait for it; a failed load of a table taken back fails nothing
+        if staged.name is not None:
+            self.control.execute(f"DROP TABLE IF EXISTS {staged.name}")
 
     def stored_elsewhere(self, table: str, column: str) -> pl.DataFrame:
         found = _stored_elsewhere(self.warehouse, table, column, self.batch_id, part="tableoid::regclass::text")
@@ -585,9 +581,8 @@ class _PartitionSwap(BatchWriter):
         found = []
         for table, (column, seen) in self.unique.items():
             staged = self.staged.get(table)
-            if staged is None or staged.name is None:
+            if staged is None or staged.values is None:
                 continue
-            values = pl.concat(staged.values)
             self.control.execute("SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || ':unique:' || %s, 0))", [table])
             partitions = self.control.execute(
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(%s)",
@@ -598,38 +593,30 @@ class _PartitionSwap(BatchWriter):
                 if partition in seen or partition.startswith(own):
                     continue
                 # A partition attached since: compare its values with ours here, whatever plan the server would pick.
-                for batch, theirs in self.control.execute(
+                for batch, values in self.control.execute(
                     f"SELECT batch_id, array_agg(CAST({quote(column)} AS BIGINT)) FROM {partition} GROUP BY batch_id"
                 ).fetchall():
-                    clash = values.filter(values.is_in(pl.Series(theirs, dtype=pl.Int64).implode()))
+                    clash = staged.values.filter(staged.values.is_in(pl.Series(values, dtype=pl.Int64).implode()))
                     found += [f"{table}.{column} {value} (stored meanwhile by batch {batch})" for value in clash.head(5)]
         return found
 
-    def _load(self, staged: _Staged) -> None:
-        """COPY the frames put for a table, as they come, into its staging table, in one transaction that made it."""
-        staging, columns = staged.name, staged.columns
+    def _load(self, staging: str, columns: Columns, rows: pl.DataFrame) -> None:
         # The check lets ATTACH PARTITION trust the rows instead of scanning them; it also holds for the defaults.
         check = f"CONSTRAINT {staging}_batch CHECK (batch_id IS NOT NULL AND batch_id = {literal(self.batch_id)})"
+        # A column with one value in every row (batch_id, the file, the time of ingestion) is the staging table's
+        # default instead of text sent and parsed row by row.
+        constants = _constants(rows)
+        if len(constants) == len(columns):  # COPY needs a column to count the rows by
+            constants.pop(next(iter(columns)))
+        sent = {name: dtype for name, dtype in columns.items() if name not in constants}
         with self.warehouse._writer() as connection:
             try:
                 # Staged rows count only once the swap commits, and that commit waits for the log to reach the disk.
                 connection.execute("SET LOCAL synchronous_commit = off")
-                defaults: dict[str, str] | None = None
-                while (rows := staged.frames.get()) is not _END and rows is not _ABORT:
-                    constants = _constants(rows)
-                    if defaults is None:
-                        # A column with one value in every row of the first frame (the batch, the file, the time) is
-                        # the staging table's default instead of text sent and parsed row by row; FREEZE, into a table
-                        # made in the same transaction, stores the rows frozen so no later read rewrites them.
-                        defaults = constants if len(constants) < len(columns) else dict(list(constants.items())[1:])
-                        connection.execute(f"CREATE TABLE {staging} ({_body(columns, defaults)}, {check})")
-                    kept = {name for name, value in defaults.items() if constants.get(name) == value}
-                    sent = {name: dtype for name, dtype in columns.items() if name not in kept}
-                    self.warehouse._copy(connection, staging, sent, rows, freeze=True)
-                if rows is _ABORT:
-                    connection.rollback()
-                else:
-                    connection.commit()
+                # FREEZE: a table made in the same transaction takes its rows frozen, so no later read rewrites them.
+                connection.execute(f"CREATE TABLE {staging} ({_body(columns, constants)}, {check})")
+                self.warehouse._copy(connection, staging, sent, rows, freeze=True)
+                connection.commit()
             except BaseException:
                 connection.rollback()
                 raise
@@ -658,10 +645,9 @@ class _PartitionSwap(BatchWriter):
                     f"it; drop it (DROP TABLE {table}) and materialize its batches again"
                 )
             self.warehouse._check_columns(table, staged.columns, [column for name, _, _, column in found if name == table])
-        self._end(_END)
         for staged in self.staged.values():
-            if staged.load is not None:
-                staged.load.result()  # the first failed load fails the batch, before anything is swapped
+            for load in staged.loads:
+                load.result()  # the first failed load fails the batch, before anything is swapped
         swap = []
         for table, staged in self.staged.items():
             prefix = partition_prefix(table, self.batch_id)
