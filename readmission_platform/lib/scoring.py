@@ -27,6 +27,8 @@ import polars as pl
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.ensemble._hist_gradient_boosting._binning import _map_to_bins
+from sklearn.ensemble._hist_gradient_boosting.common import X_BINNED_DTYPE
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
@@ -300,8 +302,8 @@ class Scorer:
         """The probabilities of every row of a features-table frame: the pipeline's, without its pandas encoding.
 
         Categories are looked up in the same tables (vectorized by polars). A linear model then sums its terms;
-        boosting walks its fitted trees on the input its own preprocessing would have made, and a forest gets the
-        classifier's own predict_proba on the matrix the pipeline would hand it.
+        boosting walks its fitted trees over the bins of the input its own preprocessing would have made, and a
+        forest gets the classifier's own predict_proba on the matrix the pipeline would hand it.
         """
         if self.linear:
             logit = np.full(frame.height, self._intercept)
@@ -329,11 +331,18 @@ class Scorer:
             internal[:, at] = frame[name].replace_strict(codes, default=unknown, return_dtype=pl.Float64).to_numpy()
         for name, at in self._numeric_at:
             internal[:, at] = frame[name].to_numpy()
-        estimator = self._boosting
-        raw = np.zeros((frame.height, 1), order="F") + estimator._baseline_prediction
+        # The trees then walk the bins their fit made of that input: a byte per value instead of eight, with the same
+        # splits (a value is at most a threshold exactly when its bin is at most the threshold's bin; an unknown
+        # category bins as missing, as the raw walk routes it), about twice as fast over many rows.
+        estimator, mapper = self._boosting, self._boosting._bin_mapper
         threads = self.threads or _openmp_effective_n_threads()
-        estimator._predict_iterations(internal, estimator._predictors, raw, False, threads)
-        return 1.0 / (1.0 + np.exp(self._a * raw[:, 0] + self._b))
+        binned = np.zeros_like(internal, dtype=X_BINNED_DTYPE, order="F")
+        missing = mapper.missing_values_bin_idx_
+        _map_to_bins(internal, mapper.bin_thresholds_, mapper.is_categorical_, missing, threads, binned)
+        raw = np.full(frame.height, float(np.ravel(estimator._baseline_prediction)[0]))
+        for (predictor,) in estimator._predictors:
+            raw += predictor.predict_binned(binned, missing, threads)
+        return 1.0 / (1.0 + np.exp(self._a * raw + self._b))
 
     # -- checks -----------------------------------------------------------------------------------------------------
 
