@@ -105,10 +105,14 @@ BatchRequest: type[BaseModel] = create_model(
 
 
 # The same request for msgspec, which decodes and checks a large body in C several times faster than pydantic. It is
-# only the fast path: whatever it refuses goes to pydantic, whose errors name every offending field.
-def _python_pattern(pattern: str) -> str:
-    # msgspec matches with Python's re, where "$" also matches before a final newline; pydantic's engine does not.
-    return pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern
+# only the fast path: whatever it refuses goes to pydantic, whose errors name every offending field. Text patterns are
+# matched afterwards, a column at a time, by polars, with the Rust regex engine pydantic uses too; msgspec would call
+# Python's re once per value, which costs more than the rest of the decoding and differs at "$" before a final newline.
+_PATTERNS = {
+    name: column.pattern.pattern if column.pattern is not None else TRIMMED
+    for name in FIELDS
+    if (column := schema.CLEAN_BY_NAME[name]).allowed is None and column.range is None
+}
 
 
 def _fast_annotation(column: schema.Column) -> Any:
@@ -120,9 +124,9 @@ def _fast_annotation(column: schema.Column) -> Any:
     elif column.range is not None:
         typ = Annotated[int, msgspec.Meta(ge=column.range[0], le=column.range[1])]
     elif column.pattern is not None:
-        typ = Annotated[str, msgspec.Meta(pattern=_python_pattern(column.pattern.pattern))]
+        typ = str
     else:
-        typ = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT, pattern=_python_pattern(TRIMMED))]
+        typ = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
     return typ | None if column.nullable else typ
 
 
@@ -155,15 +159,21 @@ def decode_batch(body: bytes) -> pl.DataFrame:
     try:
         encounters = _BATCH.decode(body).encounters
     except (msgspec.ValidationError, msgspec.DecodeError):
-        valid = BatchRequest.model_validate_json(body)  # raises, naming each offending field
-        # The fast path refused what the request model accepts: a gap between the two to mend, not the client's fault.
-        log.warning("the fast batch decoder refused a body the request model accepts; decoded by the request model")
-        rows = valid.encounters
-        return typed_frame(columns(rows)).with_columns(pl.Series(REQUEST_ID, [e.request_id for e in rows], pl.String))
+        return _by_request_model(body)
     values = zip(*map(msgspec.structs.astuple, encounters), strict=True)
-    return pl.DataFrame([pl.Series(name, column, _DTYPES[name]) for name, column in zip(_FAST_ORDER, values)]).select(
-        *FIELDS, REQUEST_ID
-    )
+    frame = pl.DataFrame([pl.Series(name, column, _DTYPES[name]) for name, column in zip(_FAST_ORDER, values)])
+    if frame.select(pl.any_horizontal(~pl.col(n).str.contains(p) for n, p in _PATTERNS.items()).any()).item():
+        return _by_request_model(body)
+    return frame.select(*FIELDS, REQUEST_ID)
+
+
+def _by_request_model(body: bytes) -> pl.DataFrame:
+    """`decode_batch` by the request model, for a body the fast path refused: raises, naming each offending field."""
+    valid = BatchRequest.model_validate_json(body)
+    # The fast path refused what the request model accepts: a gap between the two to mend, not the client's fault.
+    log.warning("the fast batch decoder refused a body the request model accepts; decoded by the request model")
+    rows = valid.encounters
+    return typed_frame(columns(rows)).with_columns(pl.Series(REQUEST_ID, [e.request_id for e in rows], pl.String))
 
 
 def record(encounter: BaseModel) -> dict[str, Any]:
