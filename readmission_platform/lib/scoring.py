@@ -333,7 +333,7 @@ class Scorer:
             internal[:, at] = frame[name].to_numpy()
         # The trees then walk the bins their fit made of that input: a byte per value instead of eight, with the same
         # splits (a value is at most a threshold exactly when its bin is at most the threshold's bin; an unknown
-        # category bins as missing, as the raw walk routes it), about twice as fast over many rows.
+        # category bins as missing, as the raw walk routes it): 1.6-1.8 times as fast over 10,000 rows here.
         estimator, mapper = self._boosting, self._boosting._bin_mapper
         threads = self.threads or _openmp_effective_n_threads()
         binned = np.zeros_like(internal, dtype=X_BINNED_DTYPE, order="F")
