@@ -58,6 +58,9 @@ FAST_PATH = os.environ.get("READMISSION_FAST_PATH", "1") != "0"
 # Native threads per worker (OpenMP, BLAS). Scale with workers instead: with more threads than free cores,
 # histogram gradient boosting's OpenMP loops slowed a 10,000-encounter batch from 0.12 s to 0.9 s on 2 loaded cores.
 THREADS = int(os.environ.get("READMISSION_SERVE_THREADS") or 1)
+# Predictions a worker keeps waiting for its log writer; past that they are dropped and counted, never waited for.
+# About 1 KB each: the default holds ten full batch requests, or some seconds of a log database that lags.
+LOG_QUEUE_ROWS = int(os.environ.get("READMISSION_PREDICTION_LOG_QUEUE_ROWS") or 100_000)
 # A version that failed to load is tried again after this many checks, in case the failure was passing.
 RETRY_REFUSED_AFTER = 10
 PROTECTED = ("/predict", "/predict_batch", "/explain", "/model")
@@ -343,7 +346,7 @@ class ReadmissionService:
         threadpoolctl.threadpool_limits(THREADS)
         settings = Settings.from_env()
         self.model = None
-        self.log = PredictionLog(settings.prediction_log_url, on_drop=LOG_DROPPED.inc)
+        self.log = PredictionLog(settings.prediction_log_url, capacity=LOG_QUEUE_ROWS, on_drop=LOG_DROPPED.inc)
         self.watcher = ModelWatcher(self, settings, RELOAD_SECONDS)
         self.watcher.check()
         self.watcher.start()
