@@ -141,7 +141,9 @@ def read_batch(content: bytes, source_file: str) -> ReadBatch:
 
     if (plain := _read_plain(body, header)) is not None:
         return plain
-    body = _lines(body)
+    if b"\r" in body:  # the careful way cuts lines at "\n" alone
+        body = _lines(body)
+        text = pl.Series("raw_line", [body], dtype=pl.Binary).cast(pl.String)
     # Hashing the lines is Python work, cutting them into fields polars work: one runs in a thread beside the other.
     with ThreadPoolExecutor(1, thread_name_prefix="row-hash") as hashing:
         hashes = hashing.submit(lambda: _hashes(body.split(b"\n")))

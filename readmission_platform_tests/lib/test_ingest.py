@@ -100,6 +100,14 @@ def test_truncated_last_row_is_rejected_and_the_good_rows_load(sample_lines):
     assert (rejected["batch_id"], rejected["source_file"], rejected["rejected_at"]) == ("batch_0002", "batch_0002.csv", NOW)
 
 
+def test_a_rejected_line_of_a_crlf_file_is_kept_without_its_line_ending(sample_lines):
+    cut = sample_lines[5][: len(sample_lines[5]) // 2]
+    parsed = parse(batch([*sample_lines[:5], cut, *sample_lines[6:11]]))
+
+    assert parsed.rejected["raw_line"].to_list() == [cut]
+    assert parsed.rows.select(schema.RAW_COLUMNS).rows() == [tuple(line.split(",")) for line in sample_lines[1:11] if line != sample_lines[5]]
+
+
 def test_row_with_too_many_fields_is_rejected(sample_lines):
     parsed = parse(batch([*sample_lines[:3], sample_lines[3] + ",extra", *sample_lines[4:6]]))
 
