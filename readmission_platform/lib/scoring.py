@@ -325,7 +325,7 @@ class Scorer:
 
     def _boosted_probabilities(self, frame: pl.DataFrame) -> np.ndarray:
         # The matrix boosting's own preprocessing makes (re-coded categories first): the single path's `_input`, by
-        # columns; then its predictors, as its `_raw_predict` runs them after that preprocessing.
+        # columns.
         internal = np.empty((frame.height, self._width))
         for name, at, codes, unknown in self._categorical:
             internal[:, at] = frame[name].replace_strict(codes, default=unknown, return_dtype=pl.Float64).to_numpy()

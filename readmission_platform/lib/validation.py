@@ -39,20 +39,16 @@ _COUNTS = [rule.sum().alias(name) for name, rule in _RULES.items()]
 
 def clean_violations(frame: pl.DataFrame) -> list[Violation]:
     """Every column whose values the schema does not allow, with counts and examples."""
-    if all(c.name in frame.columns for c in schema.CLEAN_COLUMNS):
-        counting = _COUNTS
-    else:
-        counting = [count for count in _COUNTS if count.meta.output_name().split(":", 1)[1] in frame.columns]
+    counting = [count for count in _COUNTS if count.meta.output_name().split(":", 1)[1] in frame.columns]
     # One pass counts every rule's rows; only a rule that some rows break is looked at row by row.
     counts = frame.select(counting).row(0, named=True) if counting else {}
-    rules = _RULES
     found = []
     for column in schema.CLEAN_COLUMNS:
         if column.name not in frame.columns:
             found.append(Violation(column.name, frame.height, f"column '{column.name}' is missing"))
             continue
         if counts.get(f"null:{column.name}"):
-            nulls = frame.filter(rules[f"null:{column.name}"])
+            nulls = frame.filter(_RULES[f"null:{column.name}"])
             found.append(
                 Violation(
                     column.name,
@@ -62,7 +58,7 @@ def clean_violations(frame: pl.DataFrame) -> list[Violation]:
                 )
             )
         if counts.get(f"value:{column.name}"):
-            bad = frame.filter(rules[f"value:{column.name}"])
+            bad = frame.filter(_RULES[f"value:{column.name}"])
             values = bad[column.name].unique(maintain_order=True)
             found.append(
                 Violation(
