@@ -6,6 +6,7 @@ rollback leaves tags on the versions involved, so the registry alone tells who r
 
 from __future__ import annotations
 
+import fcntl
 import math
 import shutil
 import tempfile
@@ -133,6 +134,23 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)
 
 
+@contextmanager
+def _first_use(tracking_uri: str) -> Iterator[None]:
+    """For a SQLite store: one process at a time, so that two processes (a run's steps, a sensor's runs, serving
+    workers) opening a new store do not both run MLflow's migrations on it, which fails one of them."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the database file but not its folder
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class ModelRegistry:
     """Candidates, versions and the production alias of one registered model, in the MLflow store at `tracking_uri`.
 
@@ -153,15 +171,13 @@ class ModelRegistry:
         experiment: str = EXPERIMENT,
         ui_url: str = UI_URL,
     ) -> None:
-        if tracking_uri.startswith("sqlite:///"):
-            # SQLite creates the database file but not the folder it lives in.
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.ui_url = ui_url.rstrip("/")
-        # An explicit registry URI, so MLFLOW_REGISTRY_URI or mlflow.set_registry_uri cannot send versions elsewhere.
-        self.client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        self.experiment_id = self._ensure_experiment(experiment, artifact_root)
+        with _first_use(tracking_uri):  # opening the store makes MLflow create (migrate) its tables if missing
+            # An explicit registry URI, so MLFLOW_REGISTRY_URI or mlflow.set_registry_uri cannot send versions elsewhere.
+            self.client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            self.experiment_id = self._ensure_experiment(experiment, artifact_root)
 
     def _ensure_experiment(self, name: str, artifact_root: str | None) -> str:
         found = self.client.get_experiment_by_name(name)

@@ -345,3 +345,28 @@ def test_register_refuses_a_run_without_a_model(registry):
 def test_threshold_must_be_a_probability(registry):
     with pytest.raises(ValueError, match="threshold 1.5 is not a probability"):
         registry.register("any", threshold=1.5, tags={})
+
+
+def _open_registry(tracking_uri: str, start, outcomes) -> None:
+    start.wait()
+    try:
+        ModelRegistry(tracking_uri, None)
+        outcomes.put("opened")
+    except Exception as error:  # the outcome to compare, not a failure of this helper
+        outcomes.put(f"{type(error).__name__}: {error}"[:300])
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_open_it(tmp_path):
+    # A run's steps, a sensor's runs and serving workers may be the first to open the store at the same moment.
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, outcomes = context.Barrier(3), context.Queue()
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    openers = [context.Process(target=_open_registry, args=(uri, start, outcomes)) for _ in range(3)]
+    for opener in openers:
+        opener.start()
+    found = [outcomes.get(timeout=180) for _ in openers]
+    for opener in openers:
+        opener.join()
+    assert found == ["opened"] * 3
