@@ -167,9 +167,23 @@ def _forest(model: RandomForestClassifier) -> _Trees:
     return trees
 
 
-def _looked_up(values: pl.Series, table: Mapping[str, float]) -> np.ndarray:
-    """Each value's entry in `table`; values not in it get the entry of `UNKNOWN`."""
-    return values.replace_strict(table, default=table[UNKNOWN], return_dtype=pl.Float64).to_numpy()
+class _Lookup:
+    """A table of value → entry for a whole column at once: values not in it (or null) get the entry of `UNKNOWN`.
+
+    The column is cast to an enumeration of the table's values, whose codes index an array of the entries: 5-6 times
+    less CPU than a polars `replace_strict` over 10,000 encounters.
+    """
+
+    def __init__(self, table: Mapping[str, float], dtype: type = np.float64) -> None:
+        values = [value for value in table if value != UNKNOWN] + [UNKNOWN]
+        self.enum = pl.Enum(values)
+        self.entries = np.array([table[value] for value in values], dtype=dtype)
+
+    def __call__(self, column: pl.Series) -> np.ndarray:
+        codes = column.cast(self.enum, strict=False).to_physical()
+        if codes.null_count():  # filling costs more than the rest, so only when something is unknown
+            codes = codes.fill_null(len(self.entries) - 1)
+        return self.entries[codes.to_numpy()]
 
 
 class Scorer:
@@ -217,6 +231,7 @@ class Scorer:
                 (name, float(s), float(-s * m)) for name, s, m in zip(NUMERIC_FEATURES, scale, numeric.mean_, strict=True)
             ]
             self._intercept = float(estimator.intercept_[0])
+            self._term_lookups = {name: _Lookup(table) for name, table in self._terms.items()}
             return
         declared = {name: transformer for name, transformer, _ in preprocess.transformers}
         if not (isinstance(encoder, OrdinalEncoder) and declared.get("numeric") == "passthrough"):
@@ -225,7 +240,7 @@ class Scorer:
         order = np.arange(width)
         # What the pipeline's encoder makes of each value: the classifier's input, for scoring whole frames.
         self._pipeline_codes = {
-            name: {value: float(code) for value, code in table.items()}
+            name: _Lookup({value: float(code) for value, code in table.items()})
             for name, table in _tables(domains, encoded, {n: blocks["categorical"].start + i for i, n in enumerate(CATEGORICAL_FEATURES)}).items()
         }
         self._classifier = classifier
@@ -255,6 +270,25 @@ class Scorer:
         ]
         self._numeric_at = [(name, int(landing[blocks["numeric"].start + i])) for i, name in enumerate(NUMERIC_FEATURES)]
         self._width = width
+        if self._boosting is not None:
+            # Many encounters go straight to the bins boosting's fit made of its input: a category to its bin by a
+            # table, made by boosting's own binning of the category's code; numbers binned by that same routine.
+            mapper = self._boosting._bin_mapper
+            self._binned_categorical = [
+                (name, at, _Lookup(dict(zip(codes, self._bins(at, np.array(list(codes.values()))), strict=True)), X_BINNED_DTYPE))
+                for name, at, codes, _ in self._categorical
+            ]  # fmt: skip
+            at = [at for _, at in self._numeric_at]
+            self._numeric_bins = ([mapper.bin_thresholds_[i] for i in at], np.zeros(len(at), dtype=np.uint8))
+
+    def _bins(self, at: int, values: np.ndarray) -> np.ndarray:
+        """The bins boosting's own binning gives `values` as its input column `at`."""
+        mapper = self._boosting._bin_mapper
+        data = np.zeros((len(values), self._width))
+        data[:, at] = values
+        binned = np.zeros_like(data, dtype=X_BINNED_DTYPE, order="F")
+        _map_to_bins(data, mapper.bin_thresholds_, mapper.is_categorical_, mapper.missing_values_bin_idx_, 1, binned)
+        return binned[:, at]
 
     # -- single encounter -------------------------------------------------------------------------------------------
 
@@ -307,8 +341,8 @@ class Scorer:
         """
         if self.linear:
             logit = np.full(frame.height, self._intercept)
-            for name, table in self._terms.items():
-                logit += _looked_up(frame[name], table)
+            for name, lookup in self._term_lookups.items():
+                logit += lookup(frame[name])
             for name, slope, offset in self._numeric:
                 logit += slope * frame[name].to_numpy().astype(float) + offset
             return 1.0 / (1.0 + np.exp(self._a * logit + self._b))
@@ -317,28 +351,26 @@ class Scorer:
         encoded = np.empty((frame.height, self._width))
         start = self._blocks["categorical"].start
         for i, name in enumerate(CATEGORICAL_FEATURES):
-            encoded[:, start + i] = _looked_up(frame[name], self._pipeline_codes[name])
+            encoded[:, start + i] = self._pipeline_codes[name](frame[name])
         numeric = self._blocks["numeric"]
         for i, name in enumerate(NUMERIC_FEATURES):
             encoded[:, numeric.start + i] = frame[name].to_numpy().astype(float)
         return self._classifier.predict_proba(encoded)[:, 1]
 
     def _boosted_probabilities(self, frame: pl.DataFrame) -> np.ndarray:
-        # The matrix boosting's own preprocessing makes (re-coded categories first): the single path's `_input`, by
-        # columns.
-        internal = np.empty((frame.height, self._width))
-        for name, at, codes, unknown in self._categorical:
-            internal[:, at] = frame[name].replace_strict(codes, default=unknown, return_dtype=pl.Float64).to_numpy()
-        for name, at in self._numeric_at:
-            internal[:, at] = frame[name].to_numpy()
-        # The trees then walk the bins their fit made of that input: a byte per value instead of eight, with the same
-        # splits (a value is at most a threshold exactly when its bin is at most the threshold's bin; an unknown
-        # category bins as missing, as the raw walk routes it): 1.6-1.8 times as fast over 10,000 rows here.
-        estimator, mapper = self._boosting, self._boosting._bin_mapper
+        # The trees walk the bins their fit made of the input boosting's own preprocessing would make (re-coded
+        # categories first): a byte per value, with the same splits (a value is at most a threshold exactly when its
+        # bin is at most the threshold's bin; an unknown category bins as missing, as the raw walk routes it). The
+        # bins come straight from the features, never through the matrix of floats they would be binned from.
+        estimator, missing = self._boosting, self._boosting._bin_mapper.missing_values_bin_idx_
         threads = self.threads or _openmp_effective_n_threads()
-        binned = np.zeros_like(internal, dtype=X_BINNED_DTYPE, order="F")
-        missing = mapper.missing_values_bin_idx_
-        _map_to_bins(internal, mapper.bin_thresholds_, mapper.is_categorical_, missing, threads, binned)
+        binned = np.empty((frame.height, self._width), dtype=X_BINNED_DTYPE, order="F")
+        for name, at, lookup in self._binned_categorical:
+            binned[:, at] = lookup(frame[name])
+        numbers = frame.select(name for name, _ in self._numeric_at).to_numpy().astype(np.float64, copy=False)
+        numeric_bins = np.empty(numbers.shape, dtype=X_BINNED_DTYPE, order="F")
+        _map_to_bins(numbers, self._numeric_bins[0], self._numeric_bins[1], missing, threads, numeric_bins)
+        binned[:, [at for _, at in self._numeric_at]] = numeric_bins
         raw = np.full(frame.height, float(np.ravel(estimator._baseline_prediction)[0]))
         for (predictor,) in estimator._predictors:
             raw += predictor.predict_binned(binned, missing, threads)
