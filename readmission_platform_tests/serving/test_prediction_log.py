@@ -76,3 +76,40 @@ def test_a_log_database_that_is_down_costs_the_rows_not_the_caller(free_port_url
     assert time.perf_counter() - started < 0.1
     log.close()
     assert log.dropped == 10 == sum(drops) and log.failed == 10 and log.written == 0
+
+
+def test_single_rows_and_frames_keep_the_order_they_were_recorded_in(url):
+    import polars as pl
+
+    frame = pl.DataFrame([row(i) for i in range(100, 103)]).with_columns(
+        pl.col("inputs").map_elements(lambda d: json.dumps(d), return_dtype=pl.String)
+    )
+    log = PredictionLog(url, flush_seconds=5)
+    log.record([row(1), row(2)])
+    log.record_frame(frame)
+    log.record([row(3)])
+    log.close()  # everything is written at once, in one batch
+    stored = read_predictions(url)
+    assert [r["request_id"] for r in stored] == ["r1", "r2", "r100", "r101", "r102", "r3"]
+    assert [r["decision"] for r in stored] == [False, True, True, False, True, False]
+    assert stored[3]["inputs"] == {"age": "[70-80)", "n": 101} and stored[3]["probability"] == 0.101
+    assert {r["predicted_at"].tzinfo is None or r["predicted_at"].utcoffset().total_seconds() == 0 for r in stored} == {True}
+
+
+def test_rows_a_sqlite_table_refuses_are_counted_and_the_writer_goes_on(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "p.sqlite"
+    with sqlite3.connect(path) as connection:  # a table of that name, of another shape
+        connection.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL)")
+    log = PredictionLog(f"sqlite:///{path}", flush_seconds=0.05)
+    assert log.record([row(i) for i in range(4)]) == 0
+    deadline = time.perf_counter() + 10
+    while log.failed < 4 and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert log.failed == 4 and log.dropped == 4 and log.written == 0
+    assert log.record([row(9)]) == 0  # still taking rows
+    log.close()
+    assert log.failed == 5
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM predictions").fetchone() == (0,)
