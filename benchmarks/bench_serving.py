@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serving_setup import prepare  # noqa: E402
 
 from readmission_platform.lib.cleaning import clean_record  # noqa: E402
-from readmission_platform.lib.encounter import INPUTS, BatchRequest, Encounter, columns, decode_batch, features_frame, record  # noqa: E402
+from readmission_platform.lib.encounter import FIELDS, BatchRequest, Encounter, columns, decode_batch, features_frame, record  # noqa: E402
 from readmission_platform.lib.features import record_features  # noqa: E402
 from readmission_platform.lib.training import model_input  # noqa: E402
 from readmission_platform.serving.model import serve  # noqa: E402
@@ -113,7 +113,7 @@ def batch_parts(setup, body: bytes) -> dict:
         answers = pl.DataFrame({"probability": probability, "decision": probability >= 0.5, "risk_band": model.risk_bands(probability),
                                 "request_id": [f"r{i}" for i in range(BATCH)]})  # fmt: skip
         logged = answers.with_columns(
-            encounters[INPUTS],
+            encounters.select(pl.struct(FIELDS).struct.json_encode().alias("inputs")),
             endpoint=pl.lit("predict_batch"), model_name=pl.lit("bench"), model_version=pl.lit("1"),
             predicted_at=pl.lit(datetime.now(UTC)),
         )  # fmt: skip
@@ -124,7 +124,7 @@ def batch_parts(setup, body: bytes) -> dict:
             "score": cpu_ms(lambda: model.probabilities(features)),
         }
         logging = {
-            "answer": cpu_ms(answers.write_json),
+            "answer + log rows": cpu_ms(lambda: (answers.write_json(), encounters.select(pl.struct(FIELDS).struct.json_encode()))),
             "log insert (SQLite)": cpu_ms(lambda: log._write([logged])),
         }
         log.close()

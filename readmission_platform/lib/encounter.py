@@ -31,7 +31,6 @@ from readmission_platform.lib.features import feature_values
 log = logging.getLogger(__name__)
 
 REQUEST_ID = "request_id"
-INPUTS = "inputs"  # a decoded batch's column of each encounter's fields as JSON text, as the prediction log keeps them
 FIELDS: tuple[str, ...] = tuple(n for n in schema.RAW_COLUMNS if n not in schema.IDENTIFIERS and n != schema.LABEL)
 MAX_TEXT = 100
 MAX_REQUEST_ID = 128
@@ -149,15 +148,10 @@ _FastBatch = msgspec.defstruct(
 )
 _BATCH = msgspec.json.Decoder(_FastBatch)
 _DTYPES = {**_REQUEST_DTYPES, REQUEST_ID: pl.String()}
-_ENCODER = msgspec.json.Encoder()
-# An encoded encounter ends with its request id (the struct's last field) and the closing brace. A quote cannot occur
-# unescaped inside a JSON string, so only the real key matches.
-_REQUEST_ID_AT_END = r',"request_id":(?:null|"(?:[^"\\]|\\.)*")\}$'
 
 
 def decode_batch(body: bytes) -> pl.DataFrame:
-    """A batch request's body → its encounters as a frame: FIELDS typed as `typed_frame` gives them, request_id, and
-    INPUTS, each encounter's fields as JSON text (every field, null where unknown; no request id).
+    """A batch request's body → its encounters as a frame: FIELDS typed as `typed_frame` gives them, and request_id.
 
     Raises pydantic's `ValidationError`, which names every offending field (`["encounters", 12, "age"]`), for a body
     that is not a valid batch request.
@@ -170,12 +164,7 @@ def decode_batch(body: bytes) -> pl.DataFrame:
     frame = pl.DataFrame([pl.Series(name, column, _DTYPES[name]) for name, column in zip(_FAST_ORDER, values)])
     if frame.select(pl.any_horizontal(~pl.col(n).str.contains(p) for n, p in _PATTERNS.items()).any()).item():
         return _by_request_model(body)
-    # One line per encounter, encoded by msgspec from what it decoded (a newline in a value is escaped): a third of
-    # the CPU polars takes to encode the frame's columns again.
-    lines = _ENCODER.encode_lines(encounters).decode().split("\n")
-    lines.pop()  # after the last newline
-    inputs = pl.Series(INPUTS, lines, pl.String).str.replace(_REQUEST_ID_AT_END, "}")
-    return frame.select(*FIELDS, REQUEST_ID).with_columns(inputs)
+    return frame.select(*FIELDS, REQUEST_ID)
 
 
 def _by_request_model(body: bytes) -> pl.DataFrame:
@@ -184,8 +173,7 @@ def _by_request_model(body: bytes) -> pl.DataFrame:
     # The fast path refused what the request model accepts: a gap between the two to mend, not the client's fault.
     log.warning("the fast batch decoder refused a body the request model accepts; decoded by the request model")
     rows = valid.encounters
-    frame = typed_frame(columns(rows)).with_columns(pl.Series(REQUEST_ID, [e.request_id for e in rows], pl.String))
-    return frame.with_columns(pl.struct(FIELDS).struct.json_encode().alias(INPUTS))
+    return typed_frame(columns(rows)).with_columns(pl.Series(REQUEST_ID, [e.request_id for e in rows], pl.String))
 
 
 def record(encounter: BaseModel) -> dict[str, Any]:

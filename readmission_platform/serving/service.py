@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 
 from readmission_platform.lib.cleaning import clean_record
 from readmission_platform.lib.encounter import (
-    INPUTS,
+    FIELDS,
     MAX_BATCH,
     REQUEST_ID,
     BatchRequest,
@@ -415,7 +415,7 @@ class ReadmissionService:
         observe_many(PROBABILITY, probability)
         self.log.record_frame(
             answers.with_columns(
-                encounters[INPUTS],
+                encounters.select(pl.struct(FIELDS).struct.json_encode().alias("inputs")),
                 endpoint=pl.lit("predict_batch"), model_name=pl.lit(model.name), model_version=pl.lit(model.version),
             )  # fmt: skip
         )

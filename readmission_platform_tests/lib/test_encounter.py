@@ -8,7 +8,6 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean_record
 from readmission_platform.lib.encounter import (
     FIELDS,
-    INPUTS,
     MAX_BATCH,
     REQUEST_ID,
     BatchRequest,
@@ -117,29 +116,7 @@ def test_the_batch_decoder_gives_what_the_request_model_gives_for_every_encounte
         decoded = decode_batch(body)
         assert decoded.select(FIELDS).equals(typed_frame(columns(expected)))
         assert decoded[REQUEST_ID].to_list() == [e.request_id for e in expected]
-        assert [json.loads(text) for text in decoded[INPUTS]] == [record(e) for e in expected]
     assert "refused a body the request model accepts" not in caplog.text  # the fast path took every one
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "request model"])
-def test_the_inputs_of_a_batch_are_the_fields_as_sent_without_the_request_id(fast, monkeypatch):
-    import msgspec
-
-    from readmission_platform.lib import encounter
-
-    if not fast:
-        monkeypatch.setattr(encounter, "_BATCH", msgspec.json.Decoder(int))  # everything through the request model
-    tricky = [
-        GOOD | {"request_id": 'a "quoted" \\ id,"request_id":"x"}'},
-        GOOD | {"medical_specialty": 'Surgery","request_id":null}', "request_id": "r\u00e9\n2"},
-        {k: v for k, v in GOOD.items() if not schema.CLEAN_BY_NAME[k].nullable},
-        GOOD | {"medical_specialty": "Cardiology\u2028Pediatrics"},
-    ]
-    decoded = decode_batch(batch_body(*tricky))
-    inputs = [json.loads(text) for text in decoded[INPUTS]]
-    assert inputs == [record(Encounter.model_validate(e)) for e in tricky]
-    assert inputs[1]["medical_specialty"] == 'Surgery","request_id":null}' and all(REQUEST_ID not in i for i in inputs)
-    assert decoded[REQUEST_ID].to_list() == ['a "quoted" \\ id,"request_id":"x"}', "r\u00e9\n2", None, None]
 
 
 BAD_IN_A_BATCH = [
