@@ -22,7 +22,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_setup import prepare  # noqa: E402
 
-from readmission_platform.serving.prediction_log import read_predictions  # noqa: E402
+from readmission_platform.serving.prediction_log import count_predictions  # noqa: E402
 from readmission_platform.serving.server import running_server  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -66,7 +66,7 @@ def measure(setup, encounters: Path, fast: str, users: int, seconds: int, folder
     # The service's own count of predictions answered since it started, warm-up included, against the log's rows
     # once the server has stopped (its workers flush the log on the way out).
     result["answered"] = int(sum(float(line.split()[-1]) for line in metrics if line.startswith("readmission_predictions_total")))
-    result["logged_rows"] = len(read_predictions(log_url))
+    result["logged_rows"] = count_predictions(log_url)
     result["log_dropped"] = sum(float(line.split()[-1]) for line in metrics if line.startswith("readmission_prediction_log_dropped_total"))
     return result
 

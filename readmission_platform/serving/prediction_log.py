@@ -290,3 +290,13 @@ def read_predictions(url: str) -> list[dict[str, Any]]:
         return [dict(row) | {"inputs": json.loads(row["inputs"])} for row in rows]
     finally:
         engine.dispose()
+
+
+def count_predictions(url: str) -> int:
+    """How many rows the log holds."""
+    engine = engine_for(url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one())
+    finally:
+        engine.dispose()

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from readmission_platform.serving.prediction_log import PredictionLog, read_predictions
+from readmission_platform.serving.prediction_log import PredictionLog, count_predictions, read_predictions
 
 
 def row(i: int) -> dict:
@@ -28,7 +28,7 @@ def test_every_row_is_written_and_a_clean_close_loses_nothing(url):
     stored = read_predictions(url)
     assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(1_000)]
     assert stored[7]["inputs"] == {"age": "[70-80)", "n": 7} and stored[7]["decision"] is False
-    assert log.written == 1_000 and log.dropped == 0
+    assert log.written == 1_000 and log.dropped == 0 and count_predictions(url) == 1_000
 
 
 def test_a_full_queue_drops_rows_and_counts_them_without_waiting(tmp_path):
