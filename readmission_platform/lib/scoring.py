@@ -278,8 +278,8 @@ class Scorer:
                 (name, at, _Lookup(dict(zip(codes, self._bins(at, np.array(list(codes.values()))), strict=True)), X_BINNED_DTYPE))
                 for name, at, codes, _ in self._categorical
             ]  # fmt: skip
-            at = [at for _, at in self._numeric_at]
-            self._numeric_bins = ([mapper.bin_thresholds_[i] for i in at], np.zeros(len(at), dtype=np.uint8))
+            self._numeric_columns = [at for _, at in self._numeric_at]
+            self._numeric_thresholds = [mapper.bin_thresholds_[at] for at in self._numeric_columns]
 
     def _bins(self, at: int, values: np.ndarray) -> np.ndarray:
         """The bins boosting's own binning gives `values` as its input column `at`."""
@@ -369,8 +369,9 @@ class Scorer:
             binned[:, at] = lookup(frame[name])
         numbers = frame.select(name for name, _ in self._numeric_at).to_numpy().astype(np.float64, copy=False)
         numeric_bins = np.empty(numbers.shape, dtype=X_BINNED_DTYPE, order="F")
-        _map_to_bins(numbers, self._numeric_bins[0], self._numeric_bins[1], missing, threads, numeric_bins)
-        binned[:, [at for _, at in self._numeric_at]] = numeric_bins
+        not_categorical = np.zeros(len(self._numeric_columns), dtype=np.uint8)
+        _map_to_bins(numbers, self._numeric_thresholds, not_categorical, missing, threads, numeric_bins)
+        binned[:, self._numeric_columns] = numeric_bins
         raw = np.full(frame.height, float(np.ravel(estimator._baseline_prediction)[0]))
         for (predictor,) in estimator._predictors:
             raw += predictor.predict_binned(binned, missing, threads)
