@@ -4,13 +4,18 @@
 thread takes them off in batches and inserts each batch in one transaction: into SQLite as one Arrow table through
 ADBC, into PostgreSQL by COPY. When the queue is full the rows are dropped and counted (`dropped`), so
 overload slows nothing down and loses nothing silently. `close` drains the queue, so a clean stop loses nothing.
-Rows hold the encounter's fields as sent (the request model refuses identifiers), never a patient identifier.
+
+A row holds the prediction and the encounter's fields as sent, one typed column each, named as the data set names
+them (`A1Cresult`, `glyburide-metformin`): the request model refuses identifiers, so no patient identifier is stored.
+A table of another layout (an earlier version's kept the fields as one JSON text) is renamed, with its rows, to
+`predictions_until_<UTC time>`, and a new one is made.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -23,44 +28,73 @@ import adbc_driver_sqlite.dbapi
 import polars as pl
 import pyarrow as pa
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from adbc_driver_manager import Error as AdbcError
 
+from readmission_platform.lib import schema
+from readmission_platform.lib.encounter import FIELDS
 from readmission_platform.lib.reporting import masked
 
 log = logging.getLogger(__name__)
 
 TABLE = "predictions"
-COLUMNS = (
-    "request_id", "predicted_at", "endpoint", "model_name", "model_version",
-    "probability", "decision", "risk_band", "inputs",
+RESULT_COLUMNS = (
+    "request_id", "predicted_at", "endpoint", "model_name", "model_version", "probability", "decision", "risk_band",
 )  # fmt: skip
+COLUMNS = (*RESULT_COLUMNS, *FIELDS)
+_INTEGER_FIELDS = frozenset(name for name in FIELDS if schema.CLEAN_BY_NAME[name].dtype.is_integer())
+_FIELD_TYPES = {name: pl.Int64 if name in _INTEGER_FIELDS else pl.String for name in FIELDS}
 # The columns as they go into SQLite: the time as SQLAlchemy stores a DateTime there (UTC, without the offset), the
 # decision as 0 or 1.
 _SQLITE_TYPES = {
     "request_id": pl.String, "predicted_at": pl.String, "endpoint": pl.String, "model_name": pl.String,
     "model_version": pl.String, "probability": pl.Float64, "decision": pl.Int64, "risk_band": pl.String,
-    "inputs": pl.String,
+    **_FIELD_TYPES,
 }  # fmt: skip
+
+
+def _columns() -> list[sa.Column]:
+    return [
+        sa.Column("request_id", sa.String(128), nullable=False),
+        sa.Column("predicted_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("endpoint", sa.String(32), nullable=False),
+        sa.Column("model_name", sa.String(128), nullable=False),
+        sa.Column("model_version", sa.String(32), nullable=False),
+        sa.Column("probability", sa.Float(), nullable=False),
+        sa.Column("decision", sa.Boolean(), nullable=False),
+        sa.Column("risk_band", sa.String(16), nullable=False),
+        # The encounter's fields, typed as the request model validated them. One JSON text of them cost as much to
+        # encode as the rest of a batch's log row, and took 3.5 times the bytes on disk.
+        *(
+            sa.Column(name, sa.Integer() if name in _INTEGER_FIELDS else sa.Text(), nullable=schema.CLEAN_BY_NAME[name].nullable)
+            for name in FIELDS
+        ),
+    ]
+
+
 _metadata = sa.MetaData()
-predictions = sa.Table(
-    TABLE,
-    _metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
-    sa.Column("request_id", sa.String(128), nullable=False),
-    sa.Column("predicted_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("endpoint", sa.String(32), nullable=False),
-    sa.Column("model_name", sa.String(128), nullable=False),
-    sa.Column("model_version", sa.String(32), nullable=False),
-    sa.Column("probability", sa.Float(), nullable=False),
-    sa.Column("decision", sa.Boolean(), nullable=False),
-    sa.Column("risk_band", sa.String(16), nullable=False),
-    sa.Column("inputs", sa.Text(), nullable=False),
-)
-# Rows are appended in time order, so `id` orders them by time too. SQLite keeps no other index: on the hot path each
-# would cost a third of an insert. PostgreSQL gets a BRIN index on the time, which appends nearly for free, and one on
-# the version.
+predictions = sa.Table(TABLE, _metadata, sa.Column("id", sa.BigInteger(), primary_key=True, autoincrement=True), *_columns())
+# Rows are appended in time order, so `id` orders them by time too. PostgreSQL gets a BRIN index on the time, which
+# appends nearly for free, and one on the version.
 sa.Index("predictions_predicted_at", predictions.c.predicted_at, postgresql_using="brin").ddl_if(dialect="postgresql")
 sa.Index("predictions_model_version", predictions.c.model_version).ddl_if(dialect="postgresql")
+# SQLite: the table's own rowid is the id, and there is no other index (on the hot path each would cost a third of an
+# insert). Without a column of its own for the id, a batch staged in a temporary table of the same columns is copied
+# in under the write lock record by record, as stored, without decoding (SQLite's transfer optimization): 3 ms for
+# 10,000 rows, where binding them from Arrow takes 28. Two loaded workers held the lock for 100 ms a batch when it
+# covered the binding, and their writers fell behind.
+_sqlite_metadata = sa.MetaData()
+sqlite_predictions = sa.Table(TABLE, _sqlite_metadata, *_columns())
+_STAGED = f"{TABLE}_staged"
+_CREATE_STAGED = str(
+    sa.schema.CreateTable(sa.Table(_STAGED, sa.MetaData(), *_columns(), prefixes=["TEMPORARY"])).compile(
+        dialect=sqlite_dialect.dialect()
+    )
+).replace("CREATE TEMPORARY TABLE", "CREATE TEMPORARY TABLE IF NOT EXISTS", 1)
+
+
+def _table(engine: sa.Engine) -> sa.Table:
+    return sqlite_predictions if engine.dialect.name == "sqlite" else predictions
 
 
 def engine_for(url: str, *, create: bool = True) -> sa.Engine:
@@ -84,16 +118,44 @@ def engine_for(url: str, *, create: bool = True) -> sa.Engine:
     else:
         raise ValueError(f"prediction log URL {masked(url)!r} is neither sqlite:///… nor postgresql://…")
     if create:
-        _metadata.create_all(engine)
+        ensure_table(engine)
     return engine
+
+
+def ensure_table(engine: sa.Engine) -> None:
+    """Make the table if missing. One of another layout is renamed, with its indexes and id sequence, and kept."""
+    table = _table(engine)
+    with engine.begin() as connection:
+        found = sa.inspect(connection)
+        if found.has_table(TABLE):
+            if [column["name"] for column in found.get_columns(TABLE)] == list(table.columns.keys()):
+                return
+            kept = f"{TABLE}_until_{datetime.now(UTC):%Y%m%d_%H%M%S}"
+            renames = [f'ALTER TABLE {TABLE} RENAME TO "{kept}"']
+            if engine.dialect.name == "postgresql":  # index and sequence names are the schema's, not the table's
+                indexes = [index["name"] for index in found.get_indexes(TABLE)]
+                indexes += [name] if (name := found.get_pk_constraint(TABLE).get("name")) else []
+                renames += [f'ALTER INDEX "{n}" RENAME TO "{kept}{n.removeprefix(TABLE)}"' for n in indexes]
+                sequence = connection.execute(sa.text(f"SELECT pg_get_serial_sequence('{TABLE}', 'id')")).scalar()
+                renames += [f'ALTER SEQUENCE {sequence} RENAME TO "{kept}_id_seq"'] if sequence else []
+            for statement in renames:
+                connection.execute(sa.text(statement))
+            log.warning("prediction log: the table %r had another layout; it is kept, with its rows, as %r", TABLE, kept)
+        table.metadata.create_all(connection)
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _sqlite_time(at: datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def _inputs_as_text(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {**row, "inputs": json.dumps(row["inputs"], separators=(",", ":"))}
+def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded row (`inputs` a dict of the encounter's fields) with a value of every column."""
+    inputs = row["inputs"]
+    return {**{c: row[c] for c in RESULT_COLUMNS}, **{name: inputs.get(name) for name in FIELDS}}
 
 
 class PredictionLog:
@@ -110,8 +172,13 @@ class PredictionLog:
         batch_rows: int = 5_000,
         flush_seconds: float = 0.5,
         on_drop: Callable[[int], None] = lambda n: None,
+        nice: int = 0,
     ) -> None:
+        """`nice`: the writer thread's niceness on Linux (0: as the thread that made the log). Below 0 it gets more of
+        the CPU than the threads that make predictions, so that under load it keeps up instead of dropping rows; that
+        needs CAP_SYS_NICE (root has it), and without it the writer keeps the default and says so once."""
         self.url = url
+        self._nice = nice
         # The table is made by the writer on its first write: a log database that is down when the service starts
         # costs the rows it cannot take (counted), not the service.
         self.engine = engine_for(url, create=False)
@@ -147,12 +214,14 @@ class PredictionLog:
         return dropped
 
     def record(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        """Queue rows (COLUMNS but `predicted_at`, which is now, and `inputs`, a dict); the number dropped."""
+        """Queue rows (RESULT_COLUMNS but `predicted_at`, which is now, and `inputs`: the encounter's fields, None or
+        absent where unknown); the number dropped."""
         now = datetime.now(UTC)
         return sum(self._offer({**row, "predicted_at": now}, 1) for row in rows)
 
     def record_frame(self, frame: pl.DataFrame) -> int:
-        """Queue a frame of rows (COLUMNS but `predicted_at`; `inputs` already JSON text) at once; the number dropped."""
+        """Queue a frame of rows (COLUMNS but `predicted_at`, the fields typed as `encounter.decode_batch` gives them)
+        at once; the number dropped."""
         return self._offer(frame.with_columns(pl.lit(datetime.now(UTC)).alias("predicted_at")), frame.height)
 
     def _take(self) -> tuple[list[dict[str, Any] | pl.DataFrame], bool]:
@@ -179,7 +248,7 @@ class PredictionLog:
                 at = item["predicted_at"][0]
                 rows.extend(zip(*(item[c].to_list() if c != "predicted_at" else [at] * item.height for c in COLUMNS)))
             else:
-                rows.append(tuple(_inputs_as_text(item)[c] for c in COLUMNS))
+                rows.append(tuple(_flat(item).values()))
         return rows
 
     @staticmethod
@@ -199,31 +268,36 @@ class PredictionLog:
                 at = _sqlite_time(item["predicted_at"][0])  # a frame's rows share one time
                 parts.append(item.select(COLUMNS).with_columns(predicted_at=pl.lit(at)).cast(_SQLITE_TYPES))
             else:
-                singles.append(_inputs_as_text(item) | {"predicted_at": _sqlite_time(item["predicted_at"])})
+                singles.append(_flat(item) | {"predicted_at": _sqlite_time(item["predicted_at"])})
         take_singles()
         return pl.concat(parts).to_arrow()
 
     def _insert_sqlite(self, table: pa.Table) -> None:
         # ADBC binds the Arrow columns in C: the driver's executemany spent most of its time turning every value of
-        # 10,000 rows into a Python object and back, and the log fell behind a loaded service.
+        # 10,000 rows into a Python object and back, and the log fell behind a loaded service. The rows are bound
+        # into this connection's temporary table first, outside the write lock, then copied in (`sqlite_predictions`).
         if self._adbc is None:
             connection = adbc_driver_sqlite.dbapi.connect(self.url.removeprefix("sqlite:///"), autocommit=True)
             with connection.cursor() as cursor:
                 for pragma in ("busy_timeout=30000", "synchronous=NORMAL"):  # the file is in WAL mode (`engine_for`)
                     cursor.execute(f"PRAGMA {pragma}")
+                cursor.execute(_CREATE_STAGED)
             self._adbc = connection
         with self._adbc.cursor() as cursor:
+            cursor.execute(f"DELETE FROM temp.{_STAGED}")  # what a failed write left
+            cursor.adbc_ingest(_STAGED, table, mode="append", temporary=True)
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                cursor.adbc_ingest(TABLE, table, mode="append")
+                cursor.execute(f"INSERT INTO main.{TABLE} SELECT * FROM temp.{_STAGED}")
             except BaseException:
                 cursor.execute("ROLLBACK")
                 raise
             cursor.execute("COMMIT")
+            cursor.execute(f"DELETE FROM temp.{_STAGED}")
 
     def _insert_postgres(self, rows: list[tuple]) -> None:
         with self.engine.begin() as connection:
-            with connection.connection.driver_connection.cursor().copy(f"COPY {TABLE} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            with connection.connection.driver_connection.cursor().copy(f"COPY {TABLE} ({', '.join(map(_quoted, COLUMNS))}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
 
@@ -241,7 +315,7 @@ class PredictionLog:
         for attempt in range(3):
             try:
                 if not self._table_ready:
-                    _metadata.create_all(self.engine)
+                    ensure_table(self.engine)
                     self._table_ready = True
                 if self._sqlite:
                     self._insert_sqlite(rows)
@@ -259,6 +333,12 @@ class PredictionLog:
         log.error("prediction log: %d rows dropped after 3 failed writes to %s", count, masked(self.url))
 
     def _run(self) -> None:
+        if self._nice and sys.platform == "linux":
+            try:  # on Linux a thread has a niceness of its own
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            except OSError as error:
+                log.info("prediction log: the writer keeps its priority (niceness %d not permitted: %s); under a CPU "
+                         "overload it may drop rows, which are counted", self._nice, error)  # fmt: skip
         while True:
             items, finished = self._take()
             if items:
@@ -283,12 +363,15 @@ class PredictionLog:
 
 
 def read_predictions(url: str) -> list[dict[str, Any]]:
-    """Every logged row, oldest first (for tests, reports and audits)."""
+    """Every logged row, oldest first (for tests, reports and audits): id, RESULT_COLUMNS, and `inputs`, the
+    encounter's fields as a dict (None where unknown)."""
     engine = engine_for(url)
+    table = _table(engine)
+    order = table.c.id if "id" in table.c else sa.literal_column("rowid")
     try:
         with engine.connect() as connection:
-            rows = connection.execute(sa.select(predictions).order_by(predictions.c.id)).mappings().all()
-        return [dict(row) | {"inputs": json.loads(row["inputs"])} for row in rows]
+            rows = connection.execute(sa.select(order.label("id"), *table.c).order_by(order)).mappings().all()
+        return [{"id": row["id"], **{c: row[c] for c in RESULT_COLUMNS}, "inputs": {n: row[n] for n in FIELDS}} for row in rows]
     finally:
         engine.dispose()
 
@@ -298,6 +381,6 @@ def count_predictions(url: str) -> int:
     engine = engine_for(url)
     try:
         with engine.connect() as connection:
-            return int(connection.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one())
+            return int(connection.execute(sa.select(sa.func.count()).select_from(_table(engine))).scalar_one())
     finally:
         engine.dispose()

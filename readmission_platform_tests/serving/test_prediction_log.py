@@ -1,16 +1,41 @@
-import json
+import os
+import sqlite3
+import sys
 import time
 
+import polars as pl
 import pytest
+import sqlalchemy as sa
 
-from readmission_platform.serving.prediction_log import PredictionLog, count_predictions, read_predictions
+from readmission_platform.lib.encounter import FIELDS, typed_frame
+from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+from readmission_platform.serving.prediction_log import (
+    _CREATE_STAGED,
+    _STAGED,
+    PredictionLog,
+    count_predictions,
+    engine_for,
+    read_predictions,
+)
+
+
+def inputs(i: int) -> dict:
+    """A real encounter, as the service records it (every field, None where unknown), told apart by its lab count."""
+    encounter = SMOKE_ENCOUNTERS[i % len(SMOKE_ENCOUNTERS)]
+    return {name: encounter.get(name) for name in FIELDS} | {"num_lab_procedures": i % 300}
 
 
 def row(i: int) -> dict:
     return {
         "request_id": f"r{i}", "endpoint": "predict", "model_name": "m", "model_version": "3",
-        "probability": i / 1000, "decision": i % 2 == 0, "risk_band": "low", "inputs": {"age": "[70-80)", "n": i},
+        "probability": i / 1000, "decision": i % 2 == 0, "risk_band": "low", "inputs": inputs(i),
     }  # fmt: skip
+
+
+def frame_of(rows: list[dict]) -> pl.DataFrame:
+    """Rows as `record_frame` takes them from the service: the fields as columns, typed as the request decodes them."""
+    results = pl.DataFrame([{k: v for k, v in r.items() if k != "inputs"} for r in rows])
+    return pl.concat([results, typed_frame([r["inputs"] for r in rows])], how="horizontal")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -27,7 +52,7 @@ def test_every_row_is_written_and_a_clean_close_loses_nothing(url):
     log.close()
     stored = read_predictions(url)
     assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(1_000)]
-    assert stored[7]["inputs"] == {"age": "[70-80)", "n": 7} and stored[7]["decision"] is False
+    assert stored[7]["inputs"] == inputs(7) and stored[7]["decision"] is False
     assert log.written == 1_000 and log.dropped == 0 and count_predictions(url) == 1_000
 
 
@@ -54,18 +79,14 @@ def test_an_unsupported_url_is_named():
 
 
 def test_a_frame_of_rows_is_written_whole_and_counts_against_the_capacity(tmp_path):
-    import polars as pl
-
-    frame = pl.DataFrame([row(i) for i in range(300)]).with_columns(
-        pl.col("inputs").map_elements(lambda d: json.dumps(d), return_dtype=pl.String)
-    )
+    frame = frame_of([row(i) for i in range(300)])
     log = PredictionLog(f"sqlite:///{tmp_path / 'p.sqlite'}", capacity=500, flush_seconds=5)
     assert log.record_frame(pl.concat([frame, frame])) == 600  # more rows than the capacity: dropped whole
     assert log.record_frame(frame) == 0
     log.close()
     stored = read_predictions(log.url)
     assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(300)]
-    assert stored[3]["inputs"] == {"age": "[70-80)", "n": 3} and log.dropped == 600
+    assert stored[3]["inputs"] == inputs(3) and log.dropped == 600
 
 
 def test_a_log_database_that_is_down_costs_the_rows_not_the_caller(free_port_url="postgresql://nobody@127.0.0.1:9/none"):
@@ -79,11 +100,7 @@ def test_a_log_database_that_is_down_costs_the_rows_not_the_caller(free_port_url
 
 
 def test_single_rows_and_frames_keep_the_order_they_were_recorded_in(url):
-    import polars as pl
-
-    frame = pl.DataFrame([row(i) for i in range(100, 103)]).with_columns(
-        pl.col("inputs").map_elements(lambda d: json.dumps(d), return_dtype=pl.String)
-    )
+    frame = frame_of([row(i) for i in range(100, 103)])
     log = PredictionLog(url, flush_seconds=5)
     log.record([row(1), row(2)])
     log.record_frame(frame)
@@ -92,16 +109,15 @@ def test_single_rows_and_frames_keep_the_order_they_were_recorded_in(url):
     stored = read_predictions(url)
     assert [r["request_id"] for r in stored] == ["r1", "r2", "r100", "r101", "r102", "r3"]
     assert [r["decision"] for r in stored] == [False, True, True, False, True, False]
-    assert stored[3]["inputs"] == {"age": "[70-80)", "n": 101} and stored[3]["probability"] == 0.101
+    assert stored[3]["inputs"] == inputs(101) and stored[3]["probability"] == 0.101
     assert {r["predicted_at"].tzinfo is None or r["predicted_at"].utcoffset().total_seconds() == 0 for r in stored} == {True}
 
 
 def test_rows_a_sqlite_table_refuses_are_counted_and_the_writer_goes_on(tmp_path):
-    import sqlite3
-
     path = tmp_path / "p.sqlite"
-    with sqlite3.connect(path) as connection:  # a table of that name, of another shape
-        connection.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL)")
+    engine_for(f"sqlite:///{path}").dispose()
+    with sqlite3.connect(path) as connection:  # the log's own table, refusing every row
+        connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON predictions BEGIN SELECT RAISE(ABORT, 'no'); END")
     log = PredictionLog(f"sqlite:///{path}", flush_seconds=0.05)
     assert log.record([row(i) for i in range(4)]) == 0
     deadline = time.perf_counter() + 10
@@ -113,3 +129,73 @@ def test_rows_a_sqlite_table_refuses_are_counted_and_the_writer_goes_on(tmp_path
     assert log.failed == 5
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT count(*) FROM predictions").fetchone() == (0,)
+
+
+def test_the_fields_are_typed_columns_named_as_the_data_set_names_them(url):
+    log = PredictionLog(url, flush_seconds=0.05)
+    log.record([row(1)])
+    log.record_frame(frame_of([row(2)]))
+    log.close()
+    engine = engine_for(url)
+    with engine.connect() as connection:
+        found = connection.execute(sa.text('SELECT "glyburide-metformin", "A1Cresult", num_lab_procedures, weight '
+                                           "FROM predictions ORDER BY request_id")).all()  # fmt: skip
+    engine.dispose()
+    expected = [(inputs(i)["glyburide-metformin"], inputs(i)["A1Cresult"], i, inputs(i)["weight"]) for i in (1, 2)]
+    assert [tuple(r) for r in found] == expected and isinstance(found[0][2], int)
+
+
+OLD_LAYOUT = (
+    "CREATE TABLE predictions (id {id} PRIMARY KEY, request_id VARCHAR(128) NOT NULL, predicted_at {time} NOT NULL, "
+    "endpoint VARCHAR(32) NOT NULL, model_name VARCHAR(128) NOT NULL, model_version VARCHAR(32) NOT NULL, "
+    "probability FLOAT NOT NULL, decision BOOLEAN NOT NULL, risk_band VARCHAR(16) NOT NULL, inputs TEXT NOT NULL)"
+)
+
+
+def test_a_table_of_an_earlier_layout_is_kept_under_another_name_and_a_new_one_is_made(url):
+    engine = engine_for(url, create=False)
+    postgres = engine.dialect.name == "postgresql"
+    with engine.begin() as connection:  # as the version that logged the fields as one JSON text made it
+        layout = {"id": "BIGSERIAL", "time": "TIMESTAMP WITH TIME ZONE"} if postgres else {"id": "INTEGER", "time": "DATETIME"}
+        connection.execute(sa.text(OLD_LAYOUT.format(**layout)))
+        if postgres:
+            connection.execute(sa.text("CREATE INDEX predictions_model_version ON predictions (model_version)"))
+        connection.execute(sa.text(
+            "INSERT INTO predictions (request_id, predicted_at, endpoint, model_name, model_version, probability, "
+            "decision, risk_band, inputs) VALUES ('old-1', '2026-01-01 00:00:00', 'predict', 'm', '1', 0.5, true, "
+            "'high', '{\"age\": \"[70-80)\"}')"
+        ))  # fmt: skip
+    log = PredictionLog(url, flush_seconds=0.05)
+    log.record([row(1)])
+    log.close()
+    assert log.written == 1 and [r["request_id"] for r in read_predictions(url)] == ["r1"]
+    tables = sa.inspect(engine).get_table_names()
+    (kept,) = [name for name in tables if name.startswith("predictions_until_")]
+    with engine.connect() as connection:
+        assert connection.execute(sa.text(f'SELECT request_id, inputs FROM "{kept}"')).all() == [("old-1", '{"age": "[70-80)"}')]
+    engine.dispose()
+
+
+def test_a_staged_batch_is_copied_into_the_sqlite_table_as_stored(tmp_path):
+    # The write lock covers only this copy: it must stay SQLite's transfer of whole records (OP_RowData), which any
+    # difference between the two tables' columns would turn into a row-by-row insert.
+    path = tmp_path / "p.sqlite"
+    engine_for(f"sqlite:///{path}").dispose()
+    with sqlite3.connect(path) as connection:
+        connection.execute(_CREATE_STAGED)
+        plan = [step[1] for step in connection.execute(f"EXPLAIN INSERT INTO main.predictions SELECT * FROM temp.{_STAGED}")]
+    assert "RowData" in plan and "Column" not in plan
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="a thread's own niceness below 0: Linux, as root")
+def test_the_writer_runs_at_the_niceness_it_is_given(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'p.sqlite'}", nice=-5)
+    default = PredictionLog(f"sqlite:///{tmp_path / 'q.sqlite'}")
+    deadline = time.perf_counter() + 5
+    while (log._writer.native_id is None or default._writer.native_id is None) and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the writer sets its niceness as it starts
+    assert os.getpriority(os.PRIO_PROCESS, log._writer.native_id) == -5
+    assert os.getpriority(os.PRIO_PROCESS, default._writer.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
+    log.close()
+    default.close()
