@@ -5,7 +5,7 @@
   for the model alone);
 - /predict_batch: the CPU of each part of a 10,000-encounter request in process, beside the straightforward way
   (pydantic's request model and the pipeline's predict_proba); then over HTTP with one worker and one client, and with
-  two workers and four client processes, prediction log on.
+  two workers and eight client processes, prediction log on; the target counts only a setting whose log kept every row.
 """
 
 from __future__ import annotations
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.batch_rounds) for workers, clients in BATCH_SETTINGS]  # fmt: skip
     over_http = [
         {"workers": workers, "clients": clients, "runs": group,
-         "median_per_s": statistics.median(run["per_s"] for run in group)}
+         "median_per_s": statistics.median(run["per_s"] for run in group),
+         "all_logged": all(run["logged"] == run["answered_encounters"] for run in group)}
         for workers, clients in BATCH_SETTINGS
         if (group := [run for run in runs if (run["workers"], run["clients"]) == (workers, clients)])
     ]  # fmt: skip
@@ -262,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(f'{s:.1f} s' for s in run['server_cpu_s'])} of {run['seconds']:.1f} s)")  # fmt: skip
             if run["logged"] + run["log_dropped"] != run["answered_encounters"]:
                 print(f"      the log misses predictions it did not count as dropped; see {run['server_log']}")
-    best = max(setting["median_per_s"] for setting in over_http)
-    print(f"target ≥ {TARGET_BATCH_PER_S:,} encounters/s: {'met' if best >= TARGET_BATCH_PER_S else 'NOT met'} "
-          f"(best median {best:,.0f})")  # fmt: skip
+    # A setting counts only if its log kept every prediction: a writer that falls behind drops rows (counted), which
+    # frees CPU for answering and would flatter the figure.
+    best = max((setting["median_per_s"] for setting in over_http if setting["all_logged"]), default=0.0)
+    print(f"target ≥ {TARGET_BATCH_PER_S:,} encounters/s with every prediction logged: "
+          f"{'met' if best >= TARGET_BATCH_PER_S else 'NOT met'} (best median of a setting whose log kept every row: "
+          f"{best:,.0f})")  # fmt: skip
     many = {"parts": parts, "over_http": over_http}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"single": one, "batch": many}, indent=2))

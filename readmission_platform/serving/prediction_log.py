@@ -1,8 +1,8 @@
 """Every prediction, written in the background to SQLite (default) or PostgreSQL, without making inference wait.
 
 `PredictionLog.record` (or `record_frame`, for a batch) puts rows on a bounded queue and returns at once; a writer
-thread takes them off in batches and inserts each batch in one transaction: into SQLite as one Arrow table through
-ADBC, into PostgreSQL by COPY. When the queue is full the rows are dropped and counted (`dropped`), so
+thread takes them off in batches and inserts each batch in one transaction: into SQLite through ADBC, bound outside
+the write lock and copied in under it (`sqlite_predictions`), into PostgreSQL by COPY. When the queue is full the rows are dropped and counted (`dropped`), so
 overload slows nothing down and loses nothing silently. `close` drains the queue, so a clean stop loses nothing.
 
 A row holds the prediction and the encounter's fields as sent, one typed column each, named as the data set names

@@ -60,7 +60,8 @@ FAST_PATH = os.environ.get("READMISSION_FAST_PATH", "1") != "0"
 # histogram gradient boosting's OpenMP loops slowed a 10,000-encounter batch from 0.12 s to 0.9 s on 2 loaded cores.
 THREADS = int(os.environ.get("READMISSION_SERVE_THREADS") or 1)
 # Predictions a worker keeps waiting for its log writer; past that they are dropped and counted, never waited for.
-# About 1 KB each: the default holds ten full batch requests, or some seconds of a log database that lags.
+# A batch's rows take about 250 bytes each there, a single prediction's a few KB: the default holds ten full batch
+# requests, or some seconds of a log database that lags.
 LOG_QUEUE_ROWS = int(os.environ.get("READMISSION_PREDICTION_LOG_QUEUE_ROWS") or 100_000)
 # The log writer's niceness (see `PredictionLog`): with two workers saturating 2 cores, writers at the default priority
 # fell behind and dropped 13-17 % of the rows; at -5 they kept every row, at 118,000-121,000 encounters/s.
