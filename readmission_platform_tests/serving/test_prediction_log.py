@@ -133,9 +133,10 @@ def test_rows_a_sqlite_table_refuses_are_counted_and_the_writer_goes_on(tmp_path
 
 def test_the_fields_are_typed_columns_named_as_the_data_set_names_them(url):
     log = PredictionLog(url, flush_seconds=0.05)
-    log.record([row(1)])
-    log.record_frame(frame_of([row(2)]))
+    log.record([row(1) | {"probability": 1 / 3}])
+    log.record_frame(frame_of([row(2) | {"probability": 2 / 3}]))
     log.close()
+    assert [r["probability"] for r in read_predictions(url)] == [1 / 3, 2 / 3]  # every digit kept
     engine = engine_for(url)
     with engine.connect() as connection:
         found = connection.execute(sa.text('SELECT "glyburide-metformin", "A1Cresult", num_lab_procedures, weight '
