@@ -1,5 +1,7 @@
 import os
+import shutil
 import sqlite3
+import subprocess
 import sys
 import time
 
@@ -200,3 +202,31 @@ def test_the_writer_runs_at_the_niceness_it_is_given(tmp_path):
     assert os.getpriority(os.PRIO_PROCESS, default._writer.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
     log.close()
     default.close()
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="a child process of root's without CAP_SYS_NICE, by util-linux's setpriv",
+)
+def test_a_writer_not_permitted_its_niceness_says_so_and_still_writes_every_row(tmp_path):
+    child = f"""
+import logging, os, sys
+try:
+    os.setpriority(os.PRIO_PROCESS, 0, -1)
+    sys.exit("this process may still lower a niceness")
+except PermissionError:
+    pass
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_prediction_log import row
+from readmission_platform.serving.prediction_log import PredictionLog, count_predictions
+log = PredictionLog("sqlite:///{tmp_path}/p.sqlite", nice=-5, flush_seconds=0.05)
+log.record([row(i) for i in range(20)])
+log.close()
+print("written", log.written, "logged", count_predictions(log.url))
+"""
+    without_nice = ["setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice"]
+    done = subprocess.run([*without_nice, sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the writer keeps its priority (niceness -5 not permitted" in done.stdout
+    assert "written 20 logged 20" in done.stdout
