@@ -64,7 +64,7 @@ THREADS = int(os.environ.get("READMISSION_SERVE_THREADS") or 1)
 # requests, or some seconds of a log database that lags.
 LOG_QUEUE_ROWS = int(os.environ.get("READMISSION_PREDICTION_LOG_QUEUE_ROWS") or 100_000)
 # The log writer's niceness (see `PredictionLog`): with two workers saturating 2 cores, writers at the default priority
-# fell behind and dropped 13-17 % of the rows; at -5 they kept every row, at 118,000-121,000 encounters/s.
+# fell behind and dropped 15-26 % of the rows; at -5 they kept every row, at a median of 132,105 encounters/s.
 LOG_WRITER_NICE = int(os.environ.get("READMISSION_PREDICTION_LOG_NICE") or -5)
 # The cyclic garbage collector's thresholds in a worker, once it has started (see `ReadmissionService.__init__`).
 GC_THRESHOLDS = (10_000, 20, 20)
