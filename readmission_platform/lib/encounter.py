@@ -94,7 +94,7 @@ Encounter: type[BaseModel] = create_model(
 )
 _ATTRIBUTES = tuple((_attribute(name), name) for name in FIELDS)
 # Validated values are ints for the integer columns and text for the rest.
-_REQUEST_DTYPES = {name: pl.Int64() if schema.CLEAN_BY_NAME[name].dtype.is_integer() else pl.String() for name in FIELDS}
+REQUEST_DTYPES = {name: pl.Int64() if schema.CLEAN_BY_NAME[name].dtype.is_integer() else pl.String() for name in FIELDS}
 
 BatchRequest: type[BaseModel] = create_model(
     "BatchRequest",
@@ -147,7 +147,7 @@ _FastBatch = msgspec.defstruct(
     forbid_unknown_fields=True,
 )
 _BATCH = msgspec.json.Decoder(_FastBatch)
-_DTYPES = {**_REQUEST_DTYPES, REQUEST_ID: pl.String()}
+_DTYPES = {**REQUEST_DTYPES, REQUEST_ID: pl.String()}
 
 
 def decode_batch(body: bytes) -> pl.DataFrame:
@@ -190,7 +190,7 @@ def typed_frame(values: Mapping[str, list[Any]] | Sequence[Mapping[str, Any]]) -
     """Validated encounters (columns, or records as `record` gives them) as a frame: integers and text, null if unknown."""
     if not isinstance(values, Mapping):
         values = {name: [e[name] for e in values] for name in FIELDS}
-    return pl.DataFrame({name: pl.Series(name, values[name], _REQUEST_DTYPES[name], strict=False) for name in FIELDS})
+    return pl.DataFrame({name: pl.Series(name, values[name], REQUEST_DTYPES[name], strict=False) for name in FIELDS})
 
 
 def features_frame(values: Mapping[str, list[Any]] | Sequence[Mapping[str, Any]] | pl.DataFrame) -> pl.DataFrame:

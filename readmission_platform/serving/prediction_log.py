@@ -2,8 +2,9 @@
 
 `PredictionLog.record` (or `record_frame`, for a batch) puts rows on a bounded queue and returns at once; a writer
 thread takes them off in batches and inserts each batch in one transaction: into SQLite through ADBC, bound outside
-the write lock and copied in under it (`sqlite_predictions`), into PostgreSQL by COPY. When the queue is full the rows are dropped and counted (`dropped`), so
-overload slows nothing down and loses nothing silently. `close` drains the queue, so a clean stop loses nothing.
+the write lock and copied in under it (`sqlite_predictions`), into PostgreSQL by COPY. When the queue is full the rows
+are dropped and counted (`dropped`), so overload slows nothing down and loses nothing silently. `close` drains the
+queue, so a clean stop loses nothing.
 
 A row holds the prediction and the encounter's fields as sent, one typed column each, named as the data set names
 them (`A1Cresult`, `glyburide-metformin`): the request model refuses identifiers, so no patient identifier is stored.
@@ -28,11 +29,11 @@ import adbc_driver_sqlite.dbapi
 import polars as pl
 import pyarrow as pa
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from adbc_driver_manager import Error as AdbcError
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.encounter import FIELDS
+from readmission_platform.lib.encounter import FIELDS, REQUEST_DTYPES
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.warehouse import quote
 
@@ -43,14 +44,13 @@ RESULT_COLUMNS = (
     "request_id", "predicted_at", "endpoint", "model_name", "model_version", "probability", "decision", "risk_band",
 )  # fmt: skip
 COLUMNS = (*RESULT_COLUMNS, *FIELDS)
-_INTEGER_FIELDS = frozenset(name for name in FIELDS if schema.CLEAN_BY_NAME[name].dtype.is_integer())
-_FIELD_TYPES = {name: pl.Int64 if name in _INTEGER_FIELDS else pl.String for name in FIELDS}
+_INTEGER_FIELDS = frozenset(name for name, dtype in REQUEST_DTYPES.items() if dtype.is_integer())
 # The columns as they are handed to the database: the time as UTC text, for SQLite as SQLAlchemy stores a DateTime
 # there (without the offset), and there the decision as 0 or 1.
 _POSTGRES_TYPES = {
     "request_id": pl.String, "predicted_at": pl.String, "endpoint": pl.String, "model_name": pl.String,
     "model_version": pl.String, "probability": pl.Float64, "decision": pl.Boolean, "risk_band": pl.String,
-    **_FIELD_TYPES,
+    **REQUEST_DTYPES,
 }  # fmt: skip
 _SQLITE_TYPES = _POSTGRES_TYPES | {"decision": pl.Int64}
 _SQLITE_TIME, _POSTGRES_TIME = "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S.%f+00:00"
@@ -90,10 +90,9 @@ _sqlite_metadata = sa.MetaData()
 sqlite_predictions = sa.Table(TABLE, _sqlite_metadata, *_columns())
 _STAGED = f"{TABLE}_staged"
 _CREATE_STAGED = str(
-    sa.schema.CreateTable(sa.Table(_STAGED, sa.MetaData(), *_columns(), prefixes=["TEMPORARY"])).compile(
-        dialect=sqlite_dialect.dialect()
-    )
-).replace("CREATE TEMPORARY TABLE", "CREATE TEMPORARY TABLE IF NOT EXISTS", 1)
+    sa.schema.CreateTable(sa.Table(_STAGED, sa.MetaData(), *_columns(), prefixes=["TEMPORARY"]), if_not_exists=True)
+    .compile(dialect=sqlite_dialect.dialect())
+)
 
 
 def _table(engine: sa.Engine) -> sa.Table:
