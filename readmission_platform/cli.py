@@ -9,7 +9,7 @@ import time
 
 from readmission_platform.lib.warehouse import WarehouseError
 from readmission_platform.lib.reporting import masked
-from readmission_platform.settings import Settings
+from readmission_platform.settings import Settings, keep_private
 
 
 def _say(message: str) -> None:
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.from_env()
     try:
+        keep_private(settings.home)
         if args.command == "land":
             if args.count is not None and args.count < 1:
                 parser.error("--count takes a number of batches of at least 1")

@@ -10,12 +10,14 @@ from readmission_platform.defs.resources import (
     ServingResource,
     WarehouseResource,
 )
-from readmission_platform.settings import Settings
+from readmission_platform.settings import Settings, keep_private
 
 # Partitioned asset checks are a preview feature of Dagster 1.13; the platform relies on them knowingly.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 settings = Settings.from_env()
+# Code servers and run workers write the warehouse, MLflow's store and the Bentos.
+keep_private(settings.home)
 
 defs = dg.Definitions.merge(
     dg.load_from_defs_folder(path_within_project=Path(__file__).parent),

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+# What the platform creates holds patient identifiers and clinical values: its user's alone (files 0600, folders 0700).
+PRIVATE_UMASK = 0o077
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -56,3 +59,11 @@ class Settings:
             or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
             prediction_log_url=env.get("READMISSION_PREDICTION_LOG_URL") or f"sqlite:///{home / 'predictions.sqlite'}",
         )
+
+
+def keep_private(home: Path) -> None:
+    """From now on this process and its children create files 0600 and folders 0700, whatever umask they inherited;
+    `home` is made (or narrowed to) 0700, so that what an older version left there is out of others' reach too."""
+    os.umask(PRIVATE_UMASK)
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)

@@ -13,13 +13,25 @@ import pytest
 DEMO_ROWS = 15_500  # two batches: 15,000 + 500
 
 
-def readmission(*args: str, home: Path, source: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def readmission(
+    *args: str, home: Path, source: Path | None = None, timeout: float = 60, umask: int = 0o022
+) -> subprocess.CompletedProcess:
+    """The command in a child process with the given umask (the usual one by default), on a clean environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("READMISSION_", "DAGSTER_"))}
     env["READMISSION_HOME"] = str(home)
     if source is not None:
         env["READMISSION_SOURCE"] = str(source)
     command = [str(Path(sys.executable).with_name("readmission")), *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, umask=umask)
+
+
+def reachable_by_others(home: Path) -> list[str]:
+    """Every file or folder under `home` (itself included) that its user's group or other users may open."""
+    return [
+        f"{path.relative_to(home)} {oct(path.stat().st_mode & 0o777)}"
+        for path in (home, *home.rglob("*"))
+        if not path.is_symlink() and path.stat().st_mode & 0o077
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +52,17 @@ def test_land_drops_the_next_batches_then_the_rest(tmp_path, demo_source):
     assert "batch_0002.csv (500 encounters)" in rest.stdout
     assert "already in" in nothing_left.stdout
     assert (tmp_path / "landing" / "batch_0001.csv").read_bytes().count(b"\r\n") == 15_001
+
+
+def test_landed_files_are_private_whatever_the_umask(tmp_path, demo_source):
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+
+    result = readmission("land", "--count", "1", home=home, source=demo_source, umask=0o000)
+
+    assert result.returncode == 0, result.stderr
+    assert (home / "landing" / "batch_0001.csv").stat().st_mode & 0o777 == 0o600
+    assert reachable_by_others(home) == []
 
 
 def test_land_refuses_a_source_of_another_schema_and_lands_nothing(tmp_path):
@@ -81,6 +104,8 @@ def test_demo_lands_batches_one_by_one_and_the_sensors_ingest_and_retrain(tmp_pa
     again = readmission("status", home=tmp_path)
     assert again.returncode == 0
     assert summary.splitlines()[2] in again.stdout  # the same rows, read back from the instance
+    # The warehouse, MLflow's store, Dagster's, the Bentos, the prediction log and the logs, made under umask 0022.
+    assert reachable_by_others(tmp_path) == []
 
 
 def register_two_promoted_versions(home: Path) -> None:

@@ -82,7 +82,15 @@ def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile
         return result | {"bento": str(latest.tag), "built": False}
     options["labels"] = {**options.get("labels", {}), "model_version": version, "source_digest": source}
     bento = bentoml.bentos.build(**options, models=[str(packed.tag)], build_ctx=str(bentofile.parent))
+    _keep_private(Path(bento.path))
     return result | {"bento": str(bento.tag), "built": True}
+
+
+def _keep_private(folder: Path) -> None:
+    """The build copies the repository's files with their own modes (0644): take group and others' bits away."""
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode & 0o700)
 
 
 def main(argv: list[str] | None = None) -> int:
