@@ -106,12 +106,25 @@ def rollback(settings: Settings, reason: str) -> int:
 
 
 def ui(settings: Settings, port: int) -> int:
+    from readmission_platform.demo import daemon_command
     from readmission_platform.instance import REPO_ROOT, prepare_dagster_home
+    from readmission_platform.supervisor import Supervised
 
     prepare_dagster_home(settings)
-    executable = os.path.join(os.path.dirname(sys.executable), "dagster")
-    workspace = str(REPO_ROOT / "workspace.yaml")
-    os.execv(executable, [executable, "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)])
+    logs = settings.home / "logs"
+    webserver = [os.path.join(os.path.dirname(sys.executable), "dagster-webserver"), "-w", str(REPO_ROOT / "workspace.yaml"),
+                 "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    # The webserver and the daemon apart (not `dagster dev`, which ends both when one dies), each started again if it dies.
+    with (
+        Supervised("dagster-daemon", daemon_command(), logs / "dagster-daemon.log", _say, REPO_ROOT),
+        Supervised("dagster-webserver", webserver, logs / "dagster-webserver.log", _say, REPO_ROOT),
+    ):
+        _say(f"Dagster UI on http://127.0.0.1:{port}, daemon running; logs in {logs}. Ctrl-C stops both.")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
 
 
 def mlflow_ui(settings: Settings, port: int) -> int:
