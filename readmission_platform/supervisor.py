@@ -19,14 +19,23 @@ class Supervised:
     """Runs `command` with its output appended to `log_path`; whenever it exits before `stop`, starts it again.
 
     Each restart is written to the log and told to `say`. A process that keeps dying at once is restarted after
-    a delay doubling from one second up to a minute, so a broken configuration does not spin.
+    a delay doubling from one second up to a minute, so a broken configuration does not spin. Processes that stop
+    together share `stopping`: once it is set, none is started again.
     """
 
-    def __init__(self, name: str, command: Sequence[str], log_path: Path, say: Callable[[str], None], cwd: Path):
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        log_path: Path,
+        say: Callable[[str], None],
+        cwd: Path,
+        stopping: threading.Event | None = None,
+    ):
         self.name, self.command, self.log_path, self.say, self.cwd = name, list(command), log_path, say, cwd
         self.restarts = 0
         self.process: subprocess.Popen | None = None
-        self._stopping = threading.Event()
+        self._stopping = stopping or threading.Event()
         self._watcher = threading.Thread(target=self._watch, name=f"supervise-{name}", daemon=True)
 
     def __enter__(self) -> Supervised:
@@ -66,7 +75,7 @@ class Supervised:
         delay = FIRST_DELAY_SECONDS
         while not self._stopping.wait(0.5):
             code = self.process.poll()
-            if code is None:
+            if code is None or self._stopping.is_set():
                 continue
             lived = time.monotonic() - self._started
             delay = FIRST_DELAY_SECONDS if lived > STEADY_SECONDS else min(delay * 2, LONGEST_DELAY_SECONDS)
