@@ -123,6 +123,21 @@ def test_a_failing_gate_keeps_production_and_fails_the_blocking_check(platform, 
 
 
 @pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_deciding_again_on_a_promoted_challenger_keeps_it_and_judges_it_as_first_decided(platform, instance, resources, mlflow, training_batches):
+    for i, data in enumerate(training_batches[:3], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    retrain(instance, resources)
+
+    # What the retry of a run killed after moving the alias does: decide on the same challenger once more.
+    again = dg.materialize([promotion_decision, trained_model], selection=[promotion_decision], resources=resources, instance=instance)
+
+    decided = metadata(again, "promotion_decision")
+    assert decided["promoted"] is True and decided["production_version"] == "1" and decided["challenger_version"] == "1"
+    assert "first production model" in decided["reason"] and decided["previous_production_version"] is None
+    assert str(mlflow.registry().production().version) == "1"
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
 def test_drift_is_measured_against_the_production_models_training_rows(platform, instance, resources, training_batches):
     first = ingest(platform, instance, resources, training_batches[0], "batch_0001")
     assert metadata(first, "batch_drift")["reference_version"] is None  # nothing in production yet
