@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui serve status test bench loadtest clean
+.PHONY: install demo ui mlflow-ui serve status test chaos bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
@@ -33,6 +33,10 @@ status: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# kill -9 of run workers, the daemon and its code server under a real daemon; a few minutes, so not in `make test`.
+chaos: install
+	$(BIN)/python -m pytest -m chaos
 
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 from readmission_platform.lib.warehouse import WarehouseError
@@ -106,12 +108,27 @@ def rollback(settings: Settings, reason: str) -> int:
 
 
 def ui(settings: Settings, port: int) -> int:
+    from readmission_platform.demo import daemon_command
     from readmission_platform.instance import REPO_ROOT, prepare_dagster_home
+    from readmission_platform.supervisor import Supervised
 
     prepare_dagster_home(settings)
-    executable = os.path.join(os.path.dirname(sys.executable), "dagster")
-    workspace = str(REPO_ROOT / "workspace.yaml")
-    os.execv(executable, [executable, "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)])
+    logs = settings.home / "logs"
+    webserver = [os.path.join(os.path.dirname(sys.executable), "dagster-webserver"), "-w", str(REPO_ROOT / "workspace.yaml"),
+                 "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    # The webserver and the daemon apart (not `dagster dev`, which ends both when one dies), each started again if it dies.
+    stopping = threading.Event()
+    with (
+        Supervised("dagster-daemon", daemon_command(), logs / "dagster-daemon.log", _say, REPO_ROOT, stopping),
+        Supervised("dagster-webserver", webserver, logs / "dagster-webserver.log", _say, REPO_ROOT, stopping),
+    ):
+        # Ctrl-C reaches both processes too: from then on neither is started again.
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, lambda *_: stopping.set())
+        _say(f"Dagster UI on http://127.0.0.1:{port}, daemon running; logs in {logs}. Ctrl-C stops both.")
+        while not stopping.wait(1):
+            pass
+    return 0
 
 
 def mlflow_ui(settings: Settings, port: int) -> int:

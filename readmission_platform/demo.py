@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -15,9 +14,11 @@ import dagster as dg
 from readmission_platform.instance import REPO_ROOT
 from readmission_platform.lib.landing import batch_id_for, content_hash
 from readmission_platform.report import FINISHED, PARTITION_TAG
+from readmission_platform.supervisor import Supervised
 
 SHA_TAG = "readmission/sha256"
 NEWEST_BATCH_TAG = "readmission/newest_batch"
+WILL_RETRY_TAG = "dagster/will_retry"
 
 
 def daemon_is_alive(instance: dg.DagsterInstance, within_seconds: float = 60) -> bool:
@@ -27,33 +28,34 @@ def daemon_is_alive(instance: dg.DagsterInstance, within_seconds: float = 60) ->
     return any(now - beat.timestamp < within_seconds for beat in heartbeats.values())
 
 
+def daemon_command() -> list[str]:
+    return [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(REPO_ROOT / "workspace.yaml")]
+
+
 @contextmanager
 def running_daemon(instance: dg.DagsterInstance, log_path: Path, say):
-    """Run `dagster-daemon` on this instance for the duration, unless one is already running."""
+    """Run `dagster-daemon` on this instance for the duration, started again if it dies, unless one is already
+    running; yields its supervisor (None when another daemon does the work)."""
     if daemon_is_alive(instance):
         say("a Dagster daemon is already running on this instance; its sensors will do the work")
-        yield
+        yield None
         return
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    executable = Path(sys.executable).with_name("dagster-daemon")
-    with open(log_path, "ab") as log:
-        daemon = subprocess.Popen(
-            [str(executable), "run", "-w", str(REPO_ROOT / "workspace.yaml")],
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    say(f"started the Dagster daemon (sensors, run queue); its log: {log_path}")
     try:
-        yield
+        with Supervised("dagster-daemon", daemon_command(), log_path, say, REPO_ROOT) as daemon:
+            say(f"started the Dagster daemon (sensors, run queue, run monitoring and retries); its log: {log_path}")
+            yield daemon
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
         # Its last heartbeat would make the next demo believe a daemon is still running.
         instance.wipe_daemon_heartbeats()
+
+
+def settled(runs: list[dg.DagsterRun]) -> bool:
+    """Every run finished, and none failed with an automatic retry still to come (the daemon starts it)."""
+    retried = {run.parent_run_id for run in runs}
+    return all(run.status in FINISHED for run in runs) and not any(
+        run.status == dg.DagsterRunStatus.FAILURE and run.tags.get(WILL_RETRY_TAG) == "true" and run.run_id not in retried
+        for run in runs
+    )
 
 
 class RunWatcher:
@@ -79,7 +81,7 @@ class RunWatcher:
                 if self.shown.get(run.run_id) != state:
                     self.shown[run.run_id] = state
                     self.say(f"  {self._label(run):<44} run {run.run_id[:8]} {state}")
-            if runs and all(run.status in FINISHED for run in runs):
+            if runs and settled(runs):
                 return runs
             waited = time.monotonic() - started
             if not runs and appear_within is not None and waited > appear_within:

@@ -6,3 +6,14 @@ batches = dg.DynamicPartitionsDefinition(name="batches")
 # DuckDB admits one writing process: every step that touches the warehouse takes a slot of this
 # pool, whose limit dagster.yaml sets to 1. On PostgreSQL the limit can be raised.
 WAREHOUSE_POOL = "warehouse"
+
+
+def latest_by_partition(instance: dg.DagsterInstance, asset: str) -> dict[str, dg.EventLogRecord]:
+    """The newest materialization record of each partition of an asset."""
+    newest: dict[str, dg.EventLogRecord] = {}
+    result = instance.fetch_materializations(dg.AssetKey(asset), limit=10_000, ascending=False)
+    for record in result.records:
+        key = record.asset_materialization.partition
+        if key and key not in newest:
+            newest[key] = record
+    return newest

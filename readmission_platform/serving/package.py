@@ -37,6 +37,14 @@ def _source_digest(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _drop_unfinished(bentoml_home: Path) -> None:
+    """Remove store entries a killed packer left without their manifest; BentoML refuses to list or load them."""
+    for store, manifest in (("models", "model.yaml"), ("bentos", "bento.yaml")):
+        for entry in (bentoml_home / store).glob("*/*/"):
+            if not (entry / manifest).is_file():
+                shutil.rmtree(entry)
+
+
 def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile: Path = BENTOFILE) -> dict[str, Any]:
     os.environ["BENTOML_HOME"] = str(bentoml_home)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -49,6 +57,7 @@ def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile
 
     if not bentofile.is_file():
         raise PackagingError(f"no {bentofile.name} at {bentofile}; build Bentos from a checkout of the repository")
+    _drop_unfinished(bentoml_home)
     registry = ModelRegistry(tracking_uri, artifact_root)
     production = registry.production()
     if production is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 import psycopg
 import pytest
+import yaml
 
 from readmission_platform.defs.ingestion.assets import batch_tables
 from readmission_platform.defs.partitions import batches
@@ -83,3 +84,22 @@ def test_switching_back_to_sqlite_relinks_the_configuration(tmp_path, monkeypatc
     prepare_dagster_home(settings_for(tmp_path, "postgresql://elsewhere/db"))
     home = prepare_dagster_home(settings_for(tmp_path))
     assert (home / "dagster.yaml").resolve() == INSTANCE_CONFIGS["sqlite"].resolve()
+
+
+def test_the_instance_frees_a_dead_runs_slots_and_retries_crashes_not_failed_assets(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", "unset")
+    prepare_dagster_home(settings_for(tmp_path))
+
+    with dg.DagsterInstance.get() as instance:
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_settings.get("free_slots_after_run_end_seconds", 0) > 0
+        assert instance.run_retries_enabled and instance.run_retries_max_retries >= 1
+        assert not instance.run_retries_retry_on_asset_or_op_failure
+
+
+def test_the_postgresql_instance_config_is_the_sqlite_one_with_postgresql_storage():
+    sqlite = yaml.safe_load(INSTANCE_CONFIGS["sqlite"].read_text())
+    postgres = yaml.safe_load(INSTANCE_CONFIGS["postgres"].read_text())
+
+    assert set(postgres.pop("storage")) == {"postgres"}
+    assert postgres == sqlite

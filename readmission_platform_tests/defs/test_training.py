@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import dagster as dg
 import mlflow as mlflow_module
 import pytest
@@ -17,6 +19,7 @@ from readmission_platform.defs.training import checks as training_checks
 from readmission_platform.defs.training.assets import trained_model, training_set
 from readmission_platform.defs.training.sensors import retrain_sensor
 from readmission_platform.lib.landing import split_batches
+from readmission_platform.lib.pipeline import process_batch
 
 BATCH = 3_000
 INGEST = [batch_tables, batch_drift]
@@ -120,6 +123,21 @@ def test_a_failing_gate_keeps_production_and_fails_the_blocking_check(platform, 
 
 
 @pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_deciding_again_on_a_promoted_challenger_keeps_it_and_judges_it_as_first_decided(platform, instance, resources, mlflow, training_batches):
+    for i, data in enumerate(training_batches[:3], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    retrain(instance, resources)
+
+    # What the retry of a run killed after moving the alias does: decide on the same challenger once more.
+    again = dg.materialize([promotion_decision, trained_model], selection=[promotion_decision], resources=resources, instance=instance)
+
+    decided = metadata(again, "promotion_decision")
+    assert decided["promoted"] is True and decided["production_version"] == "1" and decided["challenger_version"] == "1"
+    assert "first production model" in decided["reason"] and decided["previous_production_version"] is None
+    assert str(mlflow.registry().production().version) == "1"
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
 def test_drift_is_measured_against_the_production_models_training_rows(platform, instance, resources, training_batches):
     first = ingest(platform, instance, resources, training_batches[0], "batch_0001")
     assert metadata(first, "batch_drift")["reference_version"] is None  # nothing in production yet
@@ -135,6 +153,28 @@ def test_drift_is_measured_against_the_production_models_training_rows(platform,
     check = checks_of(later)["check_batch_drift_psi"]
     assert check.severity == dg.AssetCheckSeverity.WARN
     assert check.passed == (drift["max_psi"] < 0.2)
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_the_training_set_holds_only_batches_dagster_recorded_and_names_the_others(platform, instance, resources, training_batches):
+    for i, data in enumerate(training_batches[:2], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    # batch_0003 as a run killed between the warehouse's commit and Dagster's record of it leaves it: stored, unrecorded.
+    with platform.warehouse as store:
+        process_batch(store, "batch_0003", content=training_batches[2], source_file="batch_0003.csv", now=datetime.now(UTC))
+
+    def training_set_metadata() -> dict:
+        result = dg.materialize([training_set, batch_tables], selection=[training_set], resources=resources, instance=instance)
+        return metadata(result, "training_set")
+
+    before = training_set_metadata()
+    assert before["batches"] == "batch_0001, batch_0002" and before["batches_left_out"] == "batch_0003"
+    assert set(platform.warehouse.read_table("training_set")["batch_id"]) == {"batch_0001", "batch_0002"}
+
+    ingest(platform, instance, resources, training_batches[2], "batch_0003")  # the run's retry records it
+    after = training_set_metadata()
+    assert after["batches"] == "batch_0001, batch_0002, batch_0003" and after["batches_left_out"] == "none"
+    assert after["dagster/row_count"] == platform.warehouse.read_table("features").height
 
 
 def tick(instance, mlflow, cursor=None, policy=None):

@@ -30,6 +30,18 @@ def challenger_version(context: dg.AssetExecutionContext) -> str:
     return str(event.asset_materialization.metadata["model_version"].value)
 
 
+def decided_in_run_group(context: dg.AssetExecutionContext, store, version: str) -> bool:
+    """An earlier attempt of this run (one its automatic retry replaces) already recorded its decision on `version`."""
+    group = context.instance.get_run_group(context.run.run_id)
+    run_ids = [run.run_id for run in group[1]] if group else [context.run.run_id]
+    found = store.query(
+        "SELECT count(*) AS n FROM promotion_decisions WHERE challenger_version = $1 AND dagster_run_id IN "
+        f"({', '.join(f'${i}' for i in range(2, len(run_ids) + 2))})",
+        [version, *run_ids],
+    )
+    return bool(found.height and found["n"][0])
+
+
 @dg.asset(
     deps=[trained_model],
     group_name="promotion",
@@ -39,7 +51,7 @@ def challenger_version(context: dg.AssetExecutionContext) -> str:
 def promotion_decision(
     context: dg.AssetExecutionContext, config: PromotionConfig, warehouse: WarehouseResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
-    from readmission_platform.lib.registry import ModelLoadError, decision_threshold
+    from readmission_platform.lib.registry import PREVIOUS_PRODUCTION, ModelLoadError, decision_threshold
 
     registry = mlflow.registry()
     parts = read_parts(warehouse)
@@ -50,9 +62,14 @@ def promotion_decision(
     challenger_metrics = evaluate_model(challenger, test, threshold=threshold, prevalence=prevalence)
 
     production = registry.production()
+    # A retry of a run killed after it moved the alias: decide again against the version it replaced, the same way.
+    already_promoted = production is not None and str(production.version) == version
+    if already_promoted:
+        previous = production.tags.get(PREVIOUS_PRODUCTION)
+        production = registry.version(previous) if previous else None
     champion_version = champion_metrics = None
     notes = []
-    if production is not None and str(production.version) != version:
+    if production is not None:
         try:
             champion = registry.load_model(production.version)
             champion_metrics = evaluate_model(
@@ -79,13 +96,14 @@ def promotion_decision(
         subgroups=subgroups,
         now=datetime.now(UTC),
     )
-    if decision.promoted:
+    if decision.promoted and not already_promoted:
         registry.promote(version, reason=decision.reason)
     after = registry.production()
     production_metrics = challenger_metrics if decision.promoted else champion_metrics
     row = decision.as_row() | {"dagster_run_id": context.run.run_id, "production_version": str(after.version) if after else None}
     with warehouse.open() as store:
-        store.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
+        if not decided_in_run_group(context, store, version):
+            store.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
     context.log.info(decision.reason)
 
     compared = pl.DataFrame(

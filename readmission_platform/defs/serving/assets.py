@@ -23,6 +23,9 @@ def serving_bento(context: dg.AssetExecutionContext, mlflow: MlflowResource, ser
         *(["--artifact-root", mlflow.artifact_root] if mlflow.artifact_root else []),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "BENTOML_HOME": serving.bentoml_home})
+    if done.returncode < 0:
+        # Killed by a signal: a crash, not a bad model, so pack again; the packer drops what the killed one left half-made.
+        raise dg.RetryRequested(max_retries=2, seconds_to_wait=1) from None
     if done.returncode != 0:
         raise dg.Failure(
             description=f"packaging the production model failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"

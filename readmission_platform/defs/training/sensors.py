@@ -2,6 +2,7 @@ import hashlib
 
 import dagster as dg
 
+from readmission_platform.defs.partitions import latest_by_partition
 from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
 
 retrain_job = dg.define_asset_job(
@@ -19,17 +20,6 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
-
-
-def latest_by_partition(instance: dg.DagsterInstance, asset: str) -> dict[str, dg.EventLogRecord]:
-    """The newest materialization record of each partition of an asset."""
-    newest: dict[str, dg.EventLogRecord] = {}
-    result = instance.fetch_materializations(dg.AssetKey(asset), limit=10_000, ascending=False)
-    for record in result.records:
-        key = record.asset_materialization.partition
-        if key and key not in newest:
-            newest[key] = record
-    return newest
 
 
 def _metadata_value(record: dg.EventLogRecord, key: str):

@@ -1,0 +1,218 @@
+"""kill -9 of the platform's processes under a real daemon: the platform heals by itself (`make chaos`).
+
+A `sitecustomize.py` on the processes' PYTHONPATH wraps the DuckDB warehouse's batch transaction: when the file
+`point` in the test's control folder names `before_commit` or `after_commit`, the first process to get there
+SIGKILLs itself at that point (a marker file makes it once only, so the retry gets through).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+
+from readmission_platform.demo import PARTITION_TAG, running_daemon, settled
+from readmission_platform.instance import prepare_dagster_home
+from readmission_platform.lib.landing import split_batches
+from readmission_platform.lib.warehouse import open_warehouse
+from readmission_platform.settings import Settings
+
+pytestmark = pytest.mark.chaos
+
+BATCH = 3_000
+RECOVERY_SECONDS = 240  # a run retried and done, or a code server back (the daemon reloads its workspace each 60 s)
+
+SITECUSTOMIZE = textwrap.dedent(
+    '''
+    import contextlib
+    import os
+    import signal
+    from pathlib import Path
+
+    CONTROL = Path(os.environ["READMISSION_CHAOS_DIR"])
+
+
+    def _die_at(point):
+        wanted = CONTROL / "point"
+        marker = CONTROL / f"killed-{point}"
+        if not wanted.exists() or wanted.read_text().strip() != point:
+            return
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+    def _patch():
+        from readmission_platform.lib.warehouse import DuckDBWarehouse
+
+        batch_writer, transaction = DuckDBWarehouse.batch_writer, DuckDBWarehouse._transaction
+
+        @contextlib.contextmanager
+        def chaotic_batch_writer(self, batch_id):
+            self._chaos_batch = True
+            try:
+                with batch_writer(self, batch_id) as writer:
+                    yield writer
+            finally:
+                self._chaos_batch = False
+            _die_at("after_commit")
+
+        @contextlib.contextmanager
+        def chaotic_transaction(self):
+            with transaction(self) as connection:
+                yield connection
+                if getattr(self, "_chaos_batch", False):
+                    _die_at("before_commit")  # the batch's rows are inserted, the transaction not committed
+
+        DuckDBWarehouse.batch_writer, DuckDBWarehouse._transaction = chaotic_batch_writer, chaotic_transaction
+
+
+    try:
+        _patch()
+    except ImportError:
+        pass
+    '''
+)
+
+
+@pytest.fixture
+def chaos_home(tmp_path, monkeypatch, full_source_bytes):
+    """A platform home with four 3,000-encounter batches to land, and the kill hook on every process's path."""
+    hooks, control = tmp_path / "hooks", tmp_path / "control"
+    hooks.mkdir()
+    control.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    for name in [k for k in os.environ if k.startswith(("READMISSION_", "DAGSTER_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("READMISSION_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("READMISSION_CHAOS_DIR", str(control))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("DAGSTER_HOME", "unset")
+    settings = Settings.from_env()
+    prepare_dagster_home(settings)
+    settings.landing_dir.mkdir(parents=True)
+    lines = full_source_bytes.splitlines(keepends=True)
+    return settings, control, split_batches(b"".join(lines[: 4 * BATCH + 1]), BATCH)
+
+
+def wait_for(what: str, condition, seconds: float = RECOVERY_SECONDS):
+    """Poll `condition` until it gives something true; that value, and the seconds it took."""
+    started = time.monotonic()
+    while not (found := condition()):
+        assert time.monotonic() - started < seconds, f"not within {seconds} s: {what}"
+        time.sleep(0.5)
+    return found, time.monotonic() - started
+
+
+def run_worker_pid(instance, run_id: str, step: str) -> int | None:
+    """The pid of the process running `step` of the run, once the step started."""
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START):
+        if record.dagster_event.step_key == step:
+            return record.dagster_event.pid
+    return None
+
+
+def code_servers(daemon_pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(daemon_pid).children(recursive=True) if "grpc" in " ".join(p.cmdline())]
+
+
+def describe(runs: list[dg.DagsterRun]) -> str:
+    return "; ".join(f"{r.run_id[:8]} {r.status.value} {r.tags.get('dagster/failure_reason')} retry {r.tags.get('dagster/will_retry')}" for r in runs)
+
+
+def batch_runs(instance, batch_id: str) -> list[dg.DagsterRun]:
+    return instance.get_runs(dg.RunsFilter(job_name="ingest_batch", tags={PARTITION_TAG: batch_id}))
+
+
+def ingested(instance, batch_id: str):
+    runs = batch_runs(instance, batch_id)
+    return runs if runs and settled(runs) and runs[0].status == dg.DagsterRunStatus.SUCCESS else None
+
+
+def retrains_settled(instance, newest_batch: str):
+    runs = instance.get_runs(dg.RunsFilter(job_name="retrain", tags={"readmission/newest_batch": newest_batch}))
+    return runs if runs and settled(runs) else None
+
+
+def test_kill_9_anywhere_and_the_platform_heals_by_itself(chaos_home):
+    settings, control, data = chaos_home
+    said: list[str] = []
+    recovery: dict[str, float] = {}
+    with dg.DagsterInstance.get() as instance, running_daemon(instance, settings.home / "logs" / "dagster-daemon.log", said.append) as daemon:
+        # 1. The run worker dies inside the batch's transaction, before the commit.
+        (control / "point").write_text("before_commit")
+        (settings.landing_dir / "batch_0001.csv").write_bytes(data[0])
+        runs, recovery["run worker killed before the commit"] = wait_for("batch_0001 ingested", lambda: ingested(instance, "batch_0001"))
+        assert (control / "killed-before_commit").exists() and len(runs) == 2
+
+        # 3. The run worker of the retrain dies while training.
+        (control / "point").write_text("")
+        retrain = wait_for("a retrain after batch_0001", lambda: instance.get_runs(dg.RunsFilter(job_name="retrain"), limit=1))[0][0]
+        pid = wait_for("trained_model started", lambda: run_worker_pid(instance, retrain.run_id, "trained_model"))[0]
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        runs = wait_for("the retrain retried", lambda: retrains_settled(instance, "batch_0001"))[0]
+        recovery["run worker killed in a retrain"] = time.monotonic() - killed
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE], describe(runs)
+
+        # 2. The run worker dies after the commit, before Dagster records the materialization.
+        (control / "point").write_text("after_commit")
+        (settings.landing_dir / "batch_0002.csv").write_bytes(data[1])
+        runs, recovery["run worker killed after the commit"] = wait_for("batch_0002 ingested", lambda: ingested(instance, "batch_0002"))
+        assert (control / "killed-after_commit").exists() and len(runs) == 2
+        wait_for("the retrain after batch_0002", lambda: retrains_settled(instance, "batch_0002"))
+
+        # The daemon dies: its supervisor starts it again, and it goes on with the next batch.
+        first_daemon = daemon.pid
+        os.kill(first_daemon, signal.SIGKILL)
+        wait_for("the daemon started again", lambda: daemon.restarts == 1, 30)
+        (settings.landing_dir / "batch_0003.csv").write_bytes(data[2])
+        _, recovery["daemon killed (to the next batch ingested)"] = wait_for("batch_0003 ingested", lambda: ingested(instance, "batch_0003"))
+        wait_for("the retrain after batch_0003", lambda: retrains_settled(instance, "batch_0003"))
+
+        # The code server dies: the daemon starts another when it next reloads its workspace, and landing goes on.
+        server = wait_for("the daemon's code server", lambda: code_servers(daemon.pid))[0][0]
+        server.kill()
+        server.wait(10)
+        (settings.landing_dir / "batch_0004.csv").write_bytes(data[3])
+        _, recovery["code server killed (to the next batch ingested)"] = wait_for("batch_0004 ingested", lambda: ingested(instance, "batch_0004"))
+        assert server.pid not in {p.pid for p in code_servers(daemon.pid)}
+        wait_for("the retrain after batch_0004", lambda: retrains_settled(instance, "batch_0004"))
+
+        assert daemon.restarts == 1 and daemon.pid != first_daemon
+        assert f"dagster-daemon (pid {first_daemon}) exited with code -9" in said[1]
+        info = instance.event_log_storage.get_concurrency_info("warehouse")
+        assert info.claimed_slots == [] and info.pending_steps == []
+
+    with open_warehouse(settings.warehouse_url) as store:
+        raw = store.query("SELECT batch_id, count(*) AS n, count(DISTINCT encounter_id) AS ids FROM raw_batches GROUP BY 1 ORDER BY 1")
+        clean = store.query("SELECT batch_id, count(*) AS n FROM clean_batches GROUP BY 1 ORDER BY 1")
+        features = store.query("SELECT batch_id, count(*) AS n FROM features GROUP BY 1 ORDER BY 1")
+        duplicates = store.query("SELECT count(*) - count(DISTINCT encounter_id) AS d FROM raw_batches")["d"][0]
+        trained_on = set(store.query("SELECT DISTINCT batch_id FROM training_set")["batch_id"])
+    batches = ["batch_0001", "batch_0002", "batch_0003", "batch_0004"]
+    assert raw["batch_id"].to_list() == batches and raw["n"].to_list() == [BATCH] * 4 and raw["ids"].to_list() == [BATCH] * 4
+    assert duplicates == 0
+    assert clean.rows() == features.rows()
+    with dg.DagsterInstance.get() as instance:
+        for asset, table in (("raw_batches", raw), ("features", features)):
+            recorded = instance.get_materialized_partitions(dg.AssetKey(asset))
+            assert recorded == set(batches), asset
+            for batch_id, rows in table.select("batch_id", "n").rows():
+                newest = instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[batch_id]), limit=1
+                ).records[0]
+                assert newest.asset_materialization.metadata["dagster/row_count"].value == rows
+    assert trained_on == set(batches)
+    for what, seconds in recovery.items():
+        print(f"recovery: {what}: {seconds:.0f} s", file=sys.stderr)
+    assert recovery and all(seconds < RECOVERY_SECONDS for seconds in recovery.values())
