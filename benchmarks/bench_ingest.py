@@ -120,17 +120,13 @@ def read_seed_csv(csv_bytes: bytes) -> pd.DataFrame:
 def pandas_icd9_group(codes: pd.Series) -> pd.Series:
     """The groups of lib/cleaning.icd9_group, the first matching rule winning; V and E codes are 'other'."""
     whole = np.floor(pd.to_numeric(codes, errors="coerce"))
-    rules = {
-        "circulatory": whole.between(390, 459) | (whole == 785),
-        "respiratory": whole.between(460, 519) | (whole == 786),
-        "digestive": whole.between(520, 579) | (whole == 787),
-        "diabetes": whole == 250,
-        "injury": whole.between(800, 999),
-        "musculoskeletal": whole.between(710, 739),
-        "genitourinary": whole.between(580, 629) | (whole == 788),
-        "neoplasms": whole.between(140, 239),
-    }
-    groups = np.select(list(rules.values()), list(rules), default="other")
+    conditions = []
+    for _, ranges, singles in schema.ICD9_RULES:
+        condition = whole.isin(singles)
+        for lo, hi in ranges:
+            condition |= whole.between(lo, hi)
+        conditions.append(condition)
+    groups = np.select(conditions, [group for group, _, _ in schema.ICD9_RULES], default=schema.ICD9_OTHER)
     return pd.Series(groups, index=codes.index, dtype=object).where(codes.notna())
 
 
@@ -138,12 +134,12 @@ def pandas_clean(raw: pd.DataFrame) -> pd.DataFrame:
     """The clinical exclusions, age in years, ICD-9 groups and the 30-day label, in pandas."""
     death_or_hospice = raw["discharge_disposition_id"].isin(schema.DEATH_OR_HOSPICE_DISPOSITIONS)
     frame = raw[~death_or_hospice & (raw["gender"] != schema.INVALID_GENDER)].copy()
-    frame["age_years"] = frame["age"].map({b: int(b[1:-1].split("-")[0]) + 5 for b in schema.AGE_BRACKETS})
+    frame["age_years"] = frame["age"].map(schema.AGE_MIDDLES)
     for i in (1, 2, 3):
         frame[f"diag_{i}_group"] = pandas_icd9_group(frame[f"diag_{i}"])
-    for name in ("A1Cresult", "max_glu_serum"):
-        frame[name] = frame[name].replace("None", schema.NOT_MEASURED)
-    frame[schema.LABEL_30D] = frame[schema.LABEL] == "<30"
+    for name in schema.NOT_MEASURED_COLUMNS:
+        frame[name] = frame[name].replace(schema.NOT_TAKEN, schema.NOT_MEASURED)
+    frame[schema.LABEL_30D] = frame[schema.LABEL] == schema.READMITTED_WITHIN_30_DAYS
     return frame[[c.name for c in schema.CLEAN_COLUMNS]]
 
 

@@ -25,8 +25,9 @@ from pydantic import (
 )
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.cleaning import NOT_MEASURED_COLUMNS, NOT_TAKEN, clean_request
+from readmission_platform.lib.cleaning import clean_request
 from readmission_platform.lib.features import feature_values
+from readmission_platform.lib.schema import NOT_MEASURED_COLUMNS, NOT_TAKEN
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,19 @@ from dataclasses import dataclass
 import polars as pl
 
 MISSING = "?"
+# The data set writes "None" for a lab test not taken: a category of its own, not a missing value.
+NOT_TAKEN = "None"
 NOT_MEASURED = "not measured"
+NOT_MEASURED_COLUMNS = ("A1Cresult", "max_glu_serum")
 
 IDENTIFIERS = ("encounter_id", "patient_nbr")
 LABEL = "readmitted"
 LABEL_30D = "readmitted_30d"
+READMITTED_WITHIN_30_DAYS = "<30"
 
 AGE_BRACKETS = tuple(f"[{lo}-{lo + 10})" for lo in range(0, 100, 10))
+# '[70-80)' → 75, the middle of the bracket.
+AGE_MIDDLES = {bracket: int(bracket[1:-1].split("-")[0]) + 5 for bracket in AGE_BRACKETS}
 WEIGHT_BRACKETS = (
     "[0-25)", "[25-50)", "[50-75)", "[75-100)", "[100-125)",
     "[125-150)", "[150-175)", "[175-200)", ">200",
@@ -42,10 +48,20 @@ INVALID_GENDER = "Unknown/Invalid"
 
 # ICD-9 as the data set writes it: leading zeros dropped ("8", "42"), V and E codes kept.
 ICD9_PATTERN = re.compile(r"^(\d{1,3}(\.\d{1,2})?|V\d{1,2}(\.\d{1,2})?|E\d{3}(\.\d{1,2})?)$")
-ICD9_GROUPS = (
-    "circulatory", "respiratory", "digestive", "diabetes", "injury",
-    "musculoskeletal", "genitourinary", "neoplasms", "other",
-)  # fmt: skip
+# The ICD-9 chapter groups of Strack et al. (2014): (group, ranges of the code's whole part, single whole codes).
+# The first matching rule wins; V and E codes, and numbers no rule covers, are 'other'.
+ICD9_RULES: tuple[tuple[str, tuple[tuple[int, int], ...], tuple[int, ...]], ...] = (
+    ("circulatory", ((390, 459),), (785,)),
+    ("respiratory", ((460, 519),), (786,)),
+    ("digestive", ((520, 579),), (787,)),
+    ("diabetes", (), (250,)),
+    ("injury", ((800, 999),), ()),
+    ("musculoskeletal", ((710, 739),), ()),
+    ("genitourinary", ((580, 629),), (788,)),
+    ("neoplasms", ((140, 239),), ()),
+)
+ICD9_OTHER = "other"
+ICD9_GROUPS = (*(group for group, _, _ in ICD9_RULES), ICD9_OTHER)
 
 
 @dataclass(frozen=True)
@@ -59,10 +75,11 @@ class Column:
     range: tuple[int, int] | None = None
     pattern: re.Pattern | None = None
     description: str = ""
+    derived_from: str | None = None  # the raw column `cleaning` computes it from; None: typed from its own raw column
 
 
-def _category(name: str, allowed: tuple, nullable: bool = False, description: str = "") -> Column:
-    return Column(name, pl.String(), nullable=nullable, allowed=allowed, description=description)
+def _category(name: str, allowed: tuple, nullable: bool = False, description: str = "", **more) -> Column:
+    return Column(name, pl.String(), nullable=nullable, allowed=allowed, description=description, **more)
 
 
 def _count(name: str, lo: int, hi: int, description: str) -> Column:
@@ -75,7 +92,7 @@ CLEAN_COLUMNS: tuple[Column, ...] = (
     _category("race", ("Caucasian", "AfricanAmerican", "Hispanic", "Asian", "Other"), nullable=True),
     _category("gender", ("Female", "Male")),
     _category("age", AGE_BRACKETS, description="age bracket as recorded"),
-    Column("age_years", pl.Int16(), range=(5, 95), description="middle of the age bracket"),
+    Column("age_years", pl.Int16(), range=(5, 95), description="middle of the age bracket", derived_from="age"),
     _category("weight", WEIGHT_BRACKETS, nullable=True, description="weight bracket in pounds"),
     Column("admission_type_id", pl.Int16(), allowed=ADMISSION_TYPE_IDS),
     Column("discharge_disposition_id", pl.Int16(), allowed=DISCHARGE_DISPOSITION_IDS),
@@ -94,7 +111,9 @@ CLEAN_COLUMNS: tuple[Column, ...] = (
         for i in (1, 2, 3)
         for column in (
             Column(f"diag_{i}", pl.String(), nullable=True, pattern=ICD9_PATTERN, description="ICD-9 code"),
-            _category(f"diag_{i}_group", ICD9_GROUPS, nullable=True, description="ICD-9 chapter group"),
+            _category(
+                f"diag_{i}_group", ICD9_GROUPS, nullable=True, description="ICD-9 chapter group", derived_from=f"diag_{i}"
+            ),
         )
     ),
     _count("number_diagnoses", 1, 50, "diagnoses entered"),
@@ -104,12 +123,12 @@ CLEAN_COLUMNS: tuple[Column, ...] = (
     _category("change", ("No", "Ch"), description="a diabetes medication was changed"),
     _category("diabetesMed", ("No", "Yes"), description="a diabetes medication was prescribed"),
     _category(LABEL, ("NO", ">30", "<30"), description="readmission: never, after 30 days, within 30 days"),
-    Column(LABEL_30D, pl.Boolean(), description="readmitted within 30 days"),
+    Column(LABEL_30D, pl.Boolean(), description="readmitted within 30 days", derived_from=LABEL),
 )
 CLEAN_BY_NAME = {column.name: column for column in CLEAN_COLUMNS}
 
 # The file as the hospital system exports it: every column of the clean table that is not derived.
-DERIVED = frozenset({"age_years", "diag_1_group", "diag_2_group", "diag_3_group", LABEL_30D})
+DERIVED = frozenset(c.name for c in CLEAN_COLUMNS if c.derived_from is not None)
 RAW_COLUMNS: tuple[str, ...] = tuple(c.name for c in CLEAN_COLUMNS if c.name not in DERIVED)
 
 # Columns the warehouse adds to every table. batch_id, the partition key, comes first: PostgreSQL reads a row's

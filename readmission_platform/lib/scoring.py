@@ -35,7 +35,6 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 from sklearn.utils._openmp_helpers import _openmp_effective_n_threads
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.cleaning import ICD9_OTHER, ICD9_RULES, NOT_TAKEN
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_COLUMNS, MISSING_CATEGORY, NUMERIC_FEATURES
 from readmission_platform.lib.training import predict_probability
 
@@ -57,7 +56,6 @@ def _expit(x: float) -> float:
 
 def _domains(encoder: OneHotEncoder | OrdinalEncoder) -> dict[str, list[str]]:
     """Every value a categorical feature may take that the encoder could treat differently, and `UNKNOWN`."""
-    icd9_groups = [group for group, _, _ in ICD9_RULES] + [ICD9_OTHER]
     domains = {}
     for name, known in zip(CATEGORICAL_FEATURES, encoder.categories_, strict=True):
         values = {str(v) for v in known} | {MISSING_CATEGORY, UNKNOWN}
@@ -65,8 +63,8 @@ def _domains(encoder: OneHotEncoder | OrdinalEncoder) -> dict[str, list[str]]:
         if column is not None and column.allowed is not None:
             values |= {str(v) for v in column.allowed}
         if name.endswith("_group"):
-            values |= set(icd9_groups)
-        domains[name] = sorted(values - {NOT_TAKEN})
+            values |= set(schema.ICD9_GROUPS)
+        domains[name] = sorted(values - {schema.NOT_TAKEN})
     return domains
 
 

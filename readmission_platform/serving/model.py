@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 from sklearn.pipeline import Pipeline
 
+from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import features_frame
 from readmission_platform.lib.registry import ModelRegistry, RegistryError, decision_threshold, trained_batches
 from readmission_platform.lib.reporting import masked
@@ -35,12 +36,9 @@ _BASE = {
     "discharge_disposition_id": 1, "admission_source_id": 7, "time_in_hospital": 4, "payer_code": "MC",
     "medical_specialty": "InternalMedicine", "num_lab_procedures": 45, "num_procedures": 1, "num_medications": 16,
     "number_outpatient": 0, "number_emergency": 0, "number_inpatient": 1, "diag_1": "428", "diag_2": "250.02",
-    "diag_3": "401", "number_diagnoses": 9, "max_glu_serum": "None", "A1Cresult": ">8", "metformin": "Steady",
-    "repaglinide": "No", "nateglinide": "No", "chlorpropamide": "No", "glimepiride": "No", "acetohexamide": "No",
-    "glipizide": "No", "glyburide": "No", "tolbutamide": "No", "pioglitazone": "No", "rosiglitazone": "No",
-    "acarbose": "No", "miglitol": "No", "troglitazone": "No", "tolazamide": "No", "examide": "No", "citoglipton": "No",
-    "insulin": "Up", "glyburide-metformin": "No", "glipizide-metformin": "No", "glimepiride-pioglitazone": "No",
-    "metformin-rosiglitazone": "No", "metformin-pioglitazone": "No", "change": "Ch", "diabetesMed": "Yes",
+    "diag_3": "401", "number_diagnoses": 9, "max_glu_serum": "None", "A1Cresult": ">8",
+} | {name: "No" for name in schema.MEDICATIONS} | {
+    "metformin": "Steady", "insulin": "Up", "change": "Ch", "diabetesMed": "Yes",
 }  # fmt: skip
 SMOKE_ENCOUNTERS: tuple[dict[str, Any], ...] = (
     _BASE,
