@@ -13,10 +13,12 @@ import pytest
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import CleanResult, clean
 from readmission_platform.lib.ingest import parse_batch
+from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.source import read_source_bytes
 
 SAMPLE_ROWS = 3_000
+SAMPLE_BATCH = 1_000
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 NOTHING_LOADED = pl.DataFrame(schema={"encounter_id": pl.Int64, schema.BATCH_ID: pl.String})
 INGESTED_AT = datetime(2024, 1, 1, tzinfo=UTC)
@@ -32,6 +34,12 @@ def full_source_bytes() -> bytes:
 def sample_source_bytes(full_source_bytes: bytes) -> bytes:
     """The real header and the first 3,000 data lines, byte for byte (CRLF endings kept)."""
     return b"".join(full_source_bytes.splitlines(keepends=True)[: SAMPLE_ROWS + 1])
+
+
+@pytest.fixture(scope="session")
+def sample_batches(sample_source_bytes: bytes) -> list[bytes]:
+    """Three batch files of 1,000 real encounters each, the original text kept."""
+    return split_batches(sample_source_bytes, SAMPLE_BATCH)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ import dagster as dg
 import psutil
 import pytest
 
-from readmission_platform.demo import PARTITION_TAG, running_daemon, settled
-from readmission_platform.instance import prepare_dagster_home
+from readmission_platform.cli.demo import PARTITION_TAG, running_daemon, settled
+from readmission_platform.cli.instance import prepare_dagster_home
 from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.warehouse import open_warehouse
 from readmission_platform.settings import Settings

@@ -9,17 +9,7 @@ import dagster as dg
 import pytest
 
 from readmission_platform.defs.resources import LandingResource, WarehouseResource
-from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
-
-SAMPLE_BATCH = 1_000
-
-
-@pytest.fixture(scope="session")
-def sample_batches(sample_source_bytes: bytes) -> list[bytes]:
-    """Three batch files of 1,000 real encounters each, the original text kept."""
-    return split_batches(sample_source_bytes, SAMPLE_BATCH)
-
 
 @dataclass
 class Platform:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 import polars as pl
-from dagster._core.events import DagsterEventType
 
 PARTITION_TAG = "dagster/partition"
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
@@ -42,18 +41,18 @@ def read_batch_report(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Batch
     seconds = stats.end_time - stats.start_time if stats.start_time and stats.end_time else None
     report = BatchReport(run.tags[PARTITION_TAG], run.run_id, run.status.value.lower(), seconds)
     wanted = {
-        DagsterEventType.ASSET_MATERIALIZATION,
-        DagsterEventType.ASSET_CHECK_EVALUATION,
-        DagsterEventType.STEP_FAILURE,
+        dg.DagsterEventType.ASSET_MATERIALIZATION,
+        dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+        dg.DagsterEventType.STEP_FAILURE,
     }
     for entry in instance.all_logs(run.run_id, of_type=wanted):
         event = entry.dagster_event
         data = event.event_specific_data
-        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+        if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
             report.materialized[data.materialization.asset_key.to_user_string()] = _metadata(
                 data.materialization.metadata
             )
-        elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+        elif event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             result = "passed" if data.passed else ("warn" if data.severity == dg.AssetCheckSeverity.WARN else "FAILED")
             report.checks[data.check_name] = (result, data.description or "")
         elif report.failure is None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from readmission_platform.instance import REPO_ROOT
+from readmission_platform.cli.instance import REPO_ROOT
 from readmission_platform.lib.landing import batch_id_for, content_hash
-from readmission_platform.report import FINISHED, PARTITION_TAG
-from readmission_platform.supervisor import Supervised
+from readmission_platform.cli.report import FINISHED, PARTITION_TAG
+from readmission_platform.cli.supervisor import Supervised
 
 SHA_TAG = "readmission/sha256"
 NEWEST_BATCH_TAG = "readmission/newest_batch"

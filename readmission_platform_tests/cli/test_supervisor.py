@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from readmission_platform.supervisor import Supervised
+from readmission_platform.cli.supervisor import Supervised
 
 SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"]
 

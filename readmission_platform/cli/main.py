@@ -38,8 +38,8 @@ def land(settings: Settings, count: int | None, every: float | None) -> int:
 def demo(settings: Settings, timeout: float) -> int:
     import dagster as dg
 
-    from readmission_platform.demo import land_and_process, running_daemon, serve_one_prediction
-    from readmission_platform.instance import prepare_dagster_home
+    from readmission_platform.cli.demo import land_and_process, running_daemon, serve_one_prediction
+    from readmission_platform.cli.instance import prepare_dagster_home
     from readmission_platform.lib.landing import land as land_batches
     from readmission_platform.lib.source import read_source_bytes
 
@@ -74,7 +74,7 @@ def summarize(settings: Settings) -> bool:
     """Print what the instance, the warehouse and the registry hold; False if a batch's last run failed."""
     import dagster as dg
 
-    from readmission_platform.report import latest_batch_reports, render, render_models
+    from readmission_platform.cli.report import latest_batch_reports, render, render_models
 
     with dg.DagsterInstance.get() as instance:
         reports = latest_batch_reports(instance)
@@ -84,7 +84,7 @@ def summarize(settings: Settings) -> bool:
 
 
 def status(settings: Settings) -> int:
-    from readmission_platform.instance import prepare_dagster_home
+    from readmission_platform.cli.instance import prepare_dagster_home
 
     prepare_dagster_home(settings)
     return 0 if summarize(settings) else 1
@@ -108,9 +108,9 @@ def rollback(settings: Settings, reason: str) -> int:
 
 
 def ui(settings: Settings, port: int) -> int:
-    from readmission_platform.demo import daemon_command
-    from readmission_platform.instance import REPO_ROOT, prepare_dagster_home
-    from readmission_platform.supervisor import Supervised
+    from readmission_platform.cli.demo import daemon_command
+    from readmission_platform.cli.instance import REPO_ROOT, prepare_dagster_home
+    from readmission_platform.cli.supervisor import Supervised
 
     prepare_dagster_home(settings)
     logs = settings.home / "logs"
