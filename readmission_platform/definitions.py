@@ -19,14 +19,22 @@ settings = Settings.from_env()
 # Code servers and run workers write the warehouse, MLflow's store and the Bentos.
 keep_private(settings.home)
 
+
+def from_variable(setting: str) -> str:
+    """The setting as a `dg.EnvVar` of the variable that set it, so the UI names that variable; a default derived
+    from READMISSION_HOME has no variable behind it (an EnvVar cannot compute one) and is bound as its value."""
+    variable = settings.variables.get(setting)
+    return dg.EnvVar(variable) if variable else getattr(settings, setting)
+
+
 defs = dg.Definitions.merge(
     dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
     dg.Definitions(
         resources={
-            "warehouse": WarehouseResource(url=settings.warehouse_url),
+            "warehouse": WarehouseResource(url=from_variable("warehouse_url")),
             "landing": LandingResource(folder=str(settings.landing_dir)),
             "mlflow": MlflowResource(
-                tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root.as_uri()
+                tracking_uri=from_variable("mlflow_tracking_uri"), artifact_root=settings.mlflow_artifact_root.as_uri()
             ),
             "retrain_policy": RetrainPolicy(),
             "serving": ServingResource(bentoml_home=str(settings.bentoml_home)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # What the platform creates holds patient identifiers and clinical values: its user's alone (files 0600, folders 0700).
@@ -19,6 +19,8 @@ class Settings:
     dagster_storage_url: str | None
     mlflow_tracking_uri: str
     prediction_log_url: str
+    # Setting → the variable whose text it is; settings left to their defaults are not in it.
+    variables: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def landing_dir(self) -> Path:
@@ -49,15 +51,26 @@ class Settings:
         READMISSION_PREDICTION_LOG_URL (default SQLite under the home)."""
         home = Path(env.get("READMISSION_HOME") or ".readmission").expanduser().resolve()
         source = env.get("READMISSION_SOURCE")
+        variables: dict[str, str] = {}
+
+        def given(setting: str, *names: str) -> str | None:
+            """The first of the variables `names` that is set, noted as the one behind `setting`."""
+            for name in names:
+                if env.get(name):
+                    variables[setting] = name
+                    return env[name]
+            return None
+
         return cls(
             home=home,
-            warehouse_url=env.get("READMISSION_WAREHOUSE_URL") or f"duckdb:///{home / 'warehouse.duckdb'}",
+            warehouse_url=given("warehouse_url", "READMISSION_WAREHOUSE_URL") or f"duckdb:///{home / 'warehouse.duckdb'}",
             source=Path(source).expanduser().resolve() if source else None,
-            dagster_storage_url=env.get("READMISSION_DAGSTER_STORAGE_URL") or None,
-            mlflow_tracking_uri=env.get("READMISSION_MLFLOW_TRACKING_URI")
-            or env.get("MLFLOW_TRACKING_URI")
+            dagster_storage_url=given("dagster_storage_url", "READMISSION_DAGSTER_STORAGE_URL"),
+            mlflow_tracking_uri=given("mlflow_tracking_uri", "READMISSION_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
             or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-            prediction_log_url=env.get("READMISSION_PREDICTION_LOG_URL") or f"sqlite:///{home / 'predictions.sqlite'}",
+            prediction_log_url=given("prediction_log_url", "READMISSION_PREDICTION_LOG_URL")
+            or f"sqlite:///{home / 'predictions.sqlite'}",
+            variables=variables,
         )
 
 
