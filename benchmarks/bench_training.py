@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 RESULTS = Path(__file__).parent / "results" / "training.json"
 TARGET_ROC_AUC, TARGET_SECONDS = 0.665, 60.0
+# Published models of this data set reach about 0.67; far above it, a label or patient leaks into the features.
+LEAK_ROC_AUC = 0.72
 
 
 def load_features(url: str) -> pl.DataFrame:
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "baseline_bare_hgb": {"fit_seconds": round(bare_seconds, 2), "roc_auc": round(bare["roc_auc"], 4), "pr_auc": round(bare["pr_auc"], 4), "brier": round(bare["brier"], 4)},
         "targets": {
             "roc_auc_at_least_0.665": row["roc_auc"]["estimate"] >= TARGET_ROC_AUC,
+            "roc_auc_below_0.72_no_leak": row["roc_auc"]["estimate"] < LEAK_ROC_AUC,
             "brier_below_base_rate": row["brier"]["estimate"] < base_rate,
             "retrain_under_60_s": median_seconds < TARGET_SECONDS,
         },

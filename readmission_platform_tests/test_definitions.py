@@ -2,8 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+from readmission_platform.cli.instance import REPO_ROOT
 
 # In a process of its own: loading the definitions narrows the umask and makes the home.
 PROBE = """
@@ -30,9 +34,13 @@ print(json.dumps({
 """
 
 
+def environment(tmp_path, **variables) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("READMISSION_", "MLFLOW_", "DAGSTER_"))}
+    return env | {"READMISSION_HOME": str(tmp_path / "home"), **variables}
+
+
 def probe(tmp_path, **variables) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("READMISSION_", "MLFLOW_"))}
-    env |= {"READMISSION_HOME": str(tmp_path / "home"), **variables}
+    env = environment(tmp_path, **variables)
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
@@ -55,3 +63,21 @@ def test_the_platform_variable_wins_over_mlflow_s_own(tmp_path):
     )
     assert seen["bound"] == {"url": "READMISSION_WAREHOUSE_URL", "tracking_uri": "READMISSION_MLFLOW_TRACKING_URI"}
     assert seen["in_run"] == {"url": warehouse, "tracking_uri": "sqlite:///platform.db"}
+
+
+def test_both_sensors_run_on_a_fresh_instance_without_being_started(tmp_path):
+    (tmp_path / "dagster").mkdir()
+    dagster = Path(sys.executable).with_name("dagster")
+    done = subprocess.run(
+        [str(dagster), "sensor", "list", "-w", str(REPO_ROOT / "workspace.yaml")],
+        env=environment(tmp_path, DAGSTER_HOME=str(tmp_path / "dagster")),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert dict(re.findall(r"Sensor: (\w+) \[(\w+)\]", done.stdout)) == {
+        "landing_sensor": "RUNNING",
+        "retrain_sensor": "RUNNING",
+    }

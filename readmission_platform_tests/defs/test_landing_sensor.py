@@ -93,8 +93,3 @@ def test_files_being_written_are_ignored_and_odd_names_become_valid_keys(instanc
     result = tick(instance, landing)
 
     assert keys(result) == ["export_2026_11_21"]
-
-
-def test_the_sensor_runs_by_default_and_targets_the_ingestion_job():
-    assert landing_sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert landing_sensor.job_name == "ingest_batch"

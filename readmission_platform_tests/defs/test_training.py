@@ -206,11 +206,6 @@ def test_the_retrain_sensor_asks_for_a_run_after_new_batches_and_not_before(plat
     assert tick(instance, mlflow).run_key == again.run_key  # the same data never makes a second run
 
 
-def test_both_sensors_run_by_default():
-    assert retrain_sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert retrain_sensor.job_name == "retrain"
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("platform", ["postgres"], indirect=True)
 def test_the_retrain_path_on_postgresql_for_the_warehouse_and_mlflow(platform, instance, new_pg_database, tmp_path, training_batches):
