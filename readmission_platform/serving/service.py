@@ -613,7 +613,7 @@ class ReadmissionService:
             platform_log.setLevel(logging.INFO)
             platform_log.propagate = False
         logging.getLogger("bentoml._internal.server.http_app").addFilter(_WithoutValidationTracebacks())
-        logging.getLogger("bentoml.access").addFilter(_RoutesOnly(frozenset(ReadmissionService.openapi_spec.paths)))
+        logging.getLogger("bentoml.access").addFilter(_RoutesOnly(frozenset({"/", "/docs.json", *ReadmissionService.openapi_spec.paths})))
         threadpoolctl.threadpool_limits(THREADS)
         settings = Settings.from_env()
         self.model = None
