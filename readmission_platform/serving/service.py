@@ -58,7 +58,7 @@ from readmission_platform.lib.reporting import masked
 from readmission_platform.serving.model import ServedModel, load_version, production_version, serve
 from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MODEL
 from readmission_platform.serving.prediction_log import PredictionLog
-from readmission_platform.settings import Settings
+from readmission_platform.settings import Settings, keep_private
 
 log = logging.getLogger(__name__)
 
@@ -615,6 +615,7 @@ class ReadmissionService:
         logging.getLogger("bentoml._internal.server.http_app").addFilter(_WithoutValidationTracebacks())
         logging.getLogger("bentoml.access").addFilter(_RoutesOnly(frozenset({"/", "/docs.json", *ReadmissionService.openapi_spec.paths})))
         threadpoolctl.threadpool_limits(THREADS)
+        keep_private()  # the prediction log, when it is a SQLite file of this worker's making
         settings = Settings.from_env()
         self.model = None
         self.log = PredictionLog(

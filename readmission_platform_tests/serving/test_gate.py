@@ -232,3 +232,16 @@ def test_a_printable_request_id_is_echoed_and_the_schema_says_which_characters(g
     spec = gated_server.client.get("/docs.json").json()
     declared = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert declared["request_id"]["pattern"] == "^[ -~]+$" and declared["request_id"]["nullable"] is True
+
+
+def test_the_prediction_log_a_worker_makes_is_private_though_the_server_started_under_umask_022(gated_server):
+    answer = gated_server.client.post("/predict", json=GOOD | {"request_id": "private-log"})
+    assert answer.status_code == 200, answer.text
+    log_file = gated_server.settings.home / "predictions.sqlite"
+    deadline = time.monotonic() + 30
+    while not log_file.exists() and time.monotonic() < deadline:  # made by the worker's log writer, on its first row
+        time.sleep(0.2)
+
+    made = list(log_file.parent.glob("predictions.sqlite*"))
+    assert log_file in made
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o600" for p in made}
