@@ -30,7 +30,7 @@ import polars as pl
 import psycopg
 import sqlalchemy as sa
 
-from readmission_platform.defs.ingestion.assets import BatchTablesConfig, passes, stage_checks
+from readmission_platform.defs.ingestion.assets import BatchTablesConfig, evaluate, passes
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.features import (
@@ -70,7 +70,7 @@ class Run:
 
 def gate(stage: str, run: BatchRun) -> bool:
     """The op's gate: every check of the stage, on what the pass computed."""
-    return passes(stage_checks(stage, run, CHECKS))
+    return passes(evaluate(stage, run, CHECKS))
 
 
 def run_platform(url: str, batches: list[bytes]) -> Run:

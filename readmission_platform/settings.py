@@ -74,9 +74,10 @@ class Settings:
         )
 
 
-def keep_private(home: Path) -> None:
+def keep_private(home: Path | None = None) -> None:
     """From now on this process and its children create files 0600 and folders 0700, whatever umask they inherited;
-    `home` is made (or narrowed to) 0700, so that what an older version left there is out of others' reach too."""
+    `home`, if given, is made (or narrowed to) 0700, so that what an older version left there is out of others' reach."""
     os.umask(PRIVATE_UMASK)
-    home.mkdir(parents=True, exist_ok=True)
-    home.chmod(0o700)
+    if home is not None:
+        home.mkdir(parents=True, exist_ok=True)
+        home.chmod(0o700)

@@ -1,8 +1,9 @@
 """kill -9 of the platform's processes under a real daemon: the platform heals by itself (`make chaos`).
 
-A `sitecustomize.py` on the processes' PYTHONPATH wraps the DuckDB warehouse's batch transaction: when the file
-`point` in the test's control folder names `before_commit` or `after_commit`, the first process to get there
-SIGKILLs itself at that point (a marker file makes it once only, so the retry gets through).
+A `sitecustomize.py` on the processes' PYTHONPATH wraps the DuckDB warehouse's batch transaction and BentoML's copy of a
+Bento into its store: when the file `point` in the test's control folder names `before_commit`, `after_commit` or
+`bento_copy`, the first process to get there SIGKILLs itself at that point; at `stall` it writes its pid into the
+marker and waits inside the transaction to be killed (a marker file makes each once only, so the retry gets through).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import dagster as dg
 import psutil
 import pytest
 
-from readmission_platform.cli.demo import PARTITION_TAG, running_daemon, settled
+from readmission_platform.cli.demo import PARTITION_TAG, WILL_RETRY_TAG, running_daemon, settled
 from readmission_platform.cli.instance import prepare_dagster_home
 from readmission_platform.lib.landing import split_batches
+from readmission_platform.lib.registry import RUN_GROUP_TAG, ModelRegistry
 from readmission_platform.lib.warehouse import open_warehouse
 from readmission_platform.settings import Settings
 
@@ -33,22 +35,47 @@ SITECUSTOMIZE = textwrap.dedent(
     '''
     import contextlib
     import os
+    import shutil
     import signal
+    import time
     from pathlib import Path
 
     CONTROL = Path(os.environ["READMISSION_CHAOS_DIR"])
 
 
-    def _die_at(point):
+    def _first_at(point):
         wanted = CONTROL / "point"
-        marker = CONTROL / f"killed-{point}"
         if not wanted.exists() or wanted.read_text().strip() != point:
-            return
+            return False
         try:
-            marker.touch(exist_ok=False)
+            (CONTROL / f"killed-{point}").touch(exist_ok=False)
         except FileExistsError:
-            return
-        os.kill(os.getpid(), signal.SIGKILL)
+            return False
+        return True
+
+
+    def _die_at(point):
+        if _first_at(point):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+    def _stall_at(point):
+        if _first_at(point):
+            (CONTROL / f"killed-{point}").write_text(str(os.getpid()))
+            time.sleep(600)
+
+
+    copy = shutil.copy
+
+
+    def copy_then_die(source, destination, **kwargs):
+        copied = copy(source, destination, **kwargs)
+        if os.path.basename(str(copied)) == "bento.yaml":
+            _die_at("bento_copy")
+        return copied
+
+
+    shutil.copy = copy_then_die
 
 
     def _patch():
@@ -72,6 +99,7 @@ SITECUSTOMIZE = textwrap.dedent(
                 yield connection
                 if getattr(self, "_chaos_batch", False):
                     _die_at("before_commit")  # the batch's rows are inserted, the transaction not committed
+                    _stall_at("stall")
 
         DuckDBWarehouse.batch_writer, DuckDBWarehouse._transaction = chaotic_batch_writer, chaotic_transaction
 
@@ -133,14 +161,23 @@ def batch_runs(instance, batch_id: str) -> list[dg.DagsterRun]:
     return instance.get_runs(dg.RunsFilter(job_name="ingest_batch", tags={PARTITION_TAG: batch_id}))
 
 
+def decided(runs: list[dg.DagsterRun]) -> bool:
+    """settled, and each failed run already tagged whether it will be retried (the tag follows the failure by a moment)."""
+    return settled(runs) and all(r.status != dg.DagsterRunStatus.FAILURE or WILL_RETRY_TAG in r.tags for r in runs)
+
+
+def started(instance, batch_id: str):
+    return [r for r in batch_runs(instance, batch_id) if r.status == dg.DagsterRunStatus.STARTED]
+
+
 def ingested(instance, batch_id: str):
     runs = batch_runs(instance, batch_id)
-    return runs if runs and settled(runs) and runs[0].status == dg.DagsterRunStatus.SUCCESS else None
+    return runs if runs and decided(runs) and runs[0].status == dg.DagsterRunStatus.SUCCESS else None
 
 
 def retrains_settled(instance, newest_batch: str):
     runs = instance.get_runs(dg.RunsFilter(job_name="retrain", tags={"readmission/newest_batch": newest_batch}))
-    return runs if runs and settled(runs) else None
+    return runs if runs and decided(runs) else None
 
 
 def test_kill_9_anywhere_and_the_platform_heals_by_itself(chaos_home):
@@ -154,8 +191,8 @@ def test_kill_9_anywhere_and_the_platform_heals_by_itself(chaos_home):
         runs, recovery["run worker killed before the commit"] = wait_for("batch_0001 ingested", lambda: ingested(instance, "batch_0001"))
         assert (control / "killed-before_commit").exists() and len(runs) == 2
 
-        # 3. The run worker of the retrain dies while training.
-        (control / "point").write_text("")
+        # 3. The run worker of the retrain dies while training; the retry's packer dies copying the Bento into the store.
+        (control / "point").write_text("bento_copy")
         retrain = wait_for("a retrain after batch_0001", lambda: instance.get_runs(dg.RunsFilter(job_name="retrain"), limit=1))[0][0]
         pid = wait_for("trained_model started", lambda: run_worker_pid(instance, retrain.run_id, "trained_model"))[0]
         os.kill(pid, signal.SIGKILL)
@@ -163,6 +200,7 @@ def test_kill_9_anywhere_and_the_platform_heals_by_itself(chaos_home):
         runs = wait_for("the retrain retried", lambda: retrains_settled(instance, "batch_0001"))[0]
         recovery["run worker killed in a retrain"] = time.monotonic() - killed
         assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE], describe(runs)
+        assert (control / "killed-bento_copy").exists()
 
         # 2. The run worker dies after the commit, before Dagster records the materialization.
         (control / "point").write_text("after_commit")
@@ -171,20 +209,32 @@ def test_kill_9_anywhere_and_the_platform_heals_by_itself(chaos_home):
         assert (control / "killed-after_commit").exists() and len(runs) == 2
         wait_for("the retrain after batch_0002", lambda: retrains_settled(instance, "batch_0002"))
 
-        # The daemon dies: its supervisor starts it again, and it goes on with the next batch.
+        # The daemon dies while a batch's run is in flight: its supervisor starts it again, and the run goes on.
+        (settings.landing_dir / "batch_0003.csv").write_bytes(data[2])
+        wait_for("batch_0003 started", lambda: started(instance, "batch_0003"))
         first_daemon = daemon.pid
         os.kill(first_daemon, signal.SIGKILL)
+        killed = time.monotonic()
         wait_for("the daemon started again", lambda: daemon.restarts == 1, 30)
-        (settings.landing_dir / "batch_0003.csv").write_bytes(data[2])
-        _, recovery["daemon killed (to the next batch ingested)"] = wait_for("batch_0003 ingested", lambda: ingested(instance, "batch_0003"))
+        wait_for("batch_0003 ingested", lambda: ingested(instance, "batch_0003"))
+        recovery["daemon killed with a run in flight (to the batch ingested)"] = time.monotonic() - killed
         wait_for("the retrain after batch_0003", lambda: retrains_settled(instance, "batch_0003"))
 
-        # The code server dies: the daemon starts another when it next reloads its workspace, and landing goes on.
-        server = wait_for("the daemon's code server", lambda: code_servers(daemon.pid))[0][0]
+        # The code server dies while a batch's worker waits in its transaction, then the worker dies: the launcher's
+        # health check fails the run, and the retry daemon's retry or, when the code server is still down, the landing
+        # sensor's new run ingests the batch; the daemon starts another code server when it next reloads its workspace.
+        (control / "point").write_text("stall")
+        (settings.landing_dir / "batch_0004.csv").write_bytes(data[3])
+        marker = control / "killed-stall"
+        worker = int(wait_for("batch_0004's worker waiting", lambda: marker.exists() and marker.read_text())[0])
+        server = code_servers(daemon.pid)[0]
         server.kill()
         server.wait(10)
-        (settings.landing_dir / "batch_0004.csv").write_bytes(data[3])
-        _, recovery["code server killed (to the next batch ingested)"] = wait_for("batch_0004 ingested", lambda: ingested(instance, "batch_0004"))
+        os.kill(worker, signal.SIGKILL)
+        killed = time.monotonic()
+        runs = wait_for("batch_0004 ingested", lambda: ingested(instance, "batch_0004"))[0]
+        recovery["code server, then the run worker killed (to the batch ingested)"] = time.monotonic() - killed
+        assert runs[-1].status == dg.DagsterRunStatus.FAILURE and len(runs) >= 2, describe(runs)
         assert server.pid not in {p.pid for p in code_servers(daemon.pid)}
         wait_for("the retrain after batch_0004", lambda: retrains_settled(instance, "batch_0004"))
 
@@ -213,6 +263,13 @@ def test_kill_9_anywhere_and_the_platform_heals_by_itself(chaos_home):
                 ).records[0]
                 assert newest.asset_materialization.metadata["dagster/row_count"].value == rows
     assert trained_on == set(batches)
+    # One version per retrain's run group, no MLflow run left RUNNING by a killed worker, no Bento half-copied.
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+    groups = [v.tags[RUN_GROUP_TAG] for v in registry.versions()]
+    assert len(groups) == len(set(groups))
+    assert not registry.client.search_runs([registry.experiment_id], "attributes.status = 'RUNNING'")
+    bentos = settings.bentoml_home / "bentos" / "readmission"
+    assert all((entry / "src" / "readmission_platform" / "serving" / "service.py").is_file() for entry in bentos.iterdir() if entry.is_dir())
     for what, seconds in recovery.items():
         print(f"recovery: {what}: {seconds:.0f} s", file=sys.stderr)
     assert recovery and all(seconds < RECOVERY_SECONDS for seconds in recovery.values())

@@ -8,6 +8,7 @@ be null or absent; every other one is required. Extra fields are refused, so no 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
@@ -15,7 +16,6 @@ from typing import Annotated, Any, Literal
 import msgspec
 import polars as pl
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -36,17 +36,39 @@ FIELDS: tuple[str, ...] = tuple(n for n in schema.RAW_COLUMNS if n not in schema
 MAX_TEXT = 100
 MAX_REQUEST_ID = 128
 MAX_BATCH = 20_000  # encounters in one batch request
+# Printable ASCII only: a request_id is echoed into answers, logs and the prediction log, where a NUL, a line break or
+# an ANSI escape would forge or garble lines.
+REQUEST_ID_PATTERN = r"^[ -~]+$"
+# Why an encounter gets no probability: discharged to death or hospice, after which no readmission can follow.
+DEATH_OR_HOSPICE = "death_or_hospice"
 # Free text has no space at either end: the training data's text was stripped, so " Surgery" would not be "Surgery".
 TRIMMED = r"^\S(?:.*\S)?$"
 
 
-def _not_death_or_hospice(value: int) -> int:
-    if value in schema.DEATH_OR_HOSPICE_DISPOSITIONS:
-        raise ValueError(
-            f"discharge disposition {value} means the patient died or went to hospice "
-            f"({', '.join(map(str, schema.DEATH_OR_HOSPICE_DISPOSITIONS))}); no readmission risk is predicted for them"
-        )
-    return value
+def out_of_scope(disposition: int) -> str:
+    """Why no readmission risk is predicted for an encounter with this discharge disposition."""
+    return (
+        f"discharge disposition {disposition} means the patient died or went to hospice "
+        f"({', '.join(map(str, schema.DEATH_OR_HOSPICE_DISPOSITIONS))}); no readmission risk is predicted for them"
+    )
+
+
+def openapi_3_0(model_schema: dict[str, Any]) -> None:
+    """A model's fields as OpenAPI 3.0 writes them: `nullable` (null in the enum too), a one-value enum for `const`.
+
+    BentoML's document is an OpenAPI 3.0 one, and keeps only the first branch of pydantic's `anyOf: [..., {"type":
+    "null"}]`: the field would be declared not null.
+    """
+    for field in model_schema["properties"].values():
+        branches = field.get("anyOf", ())
+        if {"type": "null"} in branches and len(branches) == 2:
+            (kept,) = (b for b in branches if b != {"type": "null"})
+            del field["anyOf"]
+            field.update(kept, nullable=True)
+        if "const" in field:
+            field["enum"] = [field.pop("const")]
+        if field.get("nullable") and "enum" in field:
+            field["enum"] = [*field["enum"], None]
 
 
 def _allowed(column: schema.Column) -> tuple:
@@ -57,8 +79,6 @@ def _allowed(column: schema.Column) -> tuple:
 def _annotation(column: schema.Column) -> Any:
     if column.allowed is not None:
         typ: Any = Literal[_allowed(column)]  # type: ignore[valid-type]
-        if column.name == "discharge_disposition_id":
-            typ = Annotated[typ, AfterValidator(_not_death_or_hospice)]
     elif column.range is not None:
         typ = Annotated[StrictInt, Field(ge=column.range[0], le=column.range[1])]
     elif column.pattern is not None:
@@ -72,7 +92,7 @@ def _attribute(name: str) -> str:
     return name.replace("-", "_")
 
 
-def _field(name: str) -> tuple[Any, Any]:
+def _field(name: str, *, single: bool) -> tuple[Any, Any]:
     column = schema.CLEAN_BY_NAME[name]
     default = None if column.nullable else ...
     described = column.description or (
@@ -80,19 +100,36 @@ def _field(name: str) -> tuple[Any, Any]:
         if name not in NOT_MEASURED_COLUMNS
         else f"{name}: {NOT_TAKEN} (not measured), or the result"
     )
-    return _annotation(column), Field(default, alias=name, description=described)
+    extra = None
+    if name == "discharge_disposition_id":
+        deaths = ", ".join(map(str, schema.DEATH_OR_HOSPICE_DISPOSITIONS))
+        if single:
+            # Declared out of the contract, yet validated as codes: the service answers them 422 with the reason.
+            extra = {"enum": [v for v in column.allowed if v not in schema.DEATH_OR_HOSPICE_DISPOSITIONS]}
+            described = f"{name}: one of {', '.join(map(str, extra['enum']))}; {deaths} (death or hospice) are " \
+                        "answered 422, as no readmission risk is predicted for them"  # fmt: skip
+        else:
+            described += f"; {deaths} (death or hospice) are answered without a probability (reason '{DEATH_OR_HOSPICE}')"
+    return _annotation(column), Field(default, alias=name, description=described, json_schema_extra=extra)
 
 
-Encounter: type[BaseModel] = create_model(
-    "Encounter",
-    __config__=ConfigDict(extra="forbid", title="Encounter"),
-    __doc__="One encounter as the hospital system records it, without patient identifiers.",
-    **{_attribute(name): _field(name) for name in FIELDS},
-    request_id=(
-        Annotated[str, StringConstraints(min_length=1, max_length=MAX_REQUEST_ID)] | None,
-        Field(None, description="The client's id for this request, echoed in the answer and the prediction log."),
-    ),
-)
+def _encounter_model(title: str, *, single: bool) -> type[BaseModel]:
+    return create_model(
+        title,
+        __config__=ConfigDict(extra="forbid", title=title, json_schema_extra=openapi_3_0),
+        __doc__="One encounter as the hospital system records it, without patient identifiers.",
+        **{_attribute(name): _field(name, single=single) for name in FIELDS},
+        request_id=(
+            Annotated[str, StringConstraints(min_length=1, max_length=MAX_REQUEST_ID, pattern=REQUEST_ID_PATTERN)] | None,
+            Field(None, description="The client's id for this request (printable ASCII), echoed in the answer and the "
+                                    "prediction log."),  # fmt: skip
+        ),
+    )
+
+
+# The two differ in their declared schema only: one encounter out of scope is answered 422, one in a batch per item.
+Encounter = _encounter_model("Encounter", single=True)
+BatchEncounter = _encounter_model("BatchEncounter", single=False)
 _ATTRIBUTES = tuple((_attribute(name), name) for name in FIELDS)
 # Validated values are ints for the integer columns and text for the rest.
 REQUEST_DTYPES = {name: pl.Int64() if schema.CLEAN_BY_NAME[name].dtype.is_integer() else pl.String() for name in FIELDS}
@@ -101,7 +138,7 @@ BatchRequest: type[BaseModel] = create_model(
     "BatchRequest",
     __config__=ConfigDict(extra="forbid", title="BatchRequest"),
     __doc__="Many encounters, answered in the order sent, all by one model version.",
-    encounters=(list[Encounter], Field(min_length=1, max_length=MAX_BATCH)),
+    encounters=(list[BatchEncounter], Field(min_length=1, max_length=MAX_BATCH)),
 )
 
 
@@ -113,15 +150,12 @@ _PATTERNS = {
     name: column.pattern.pattern if column.pattern is not None else TRIMMED
     for name in FIELDS
     if (column := schema.CLEAN_BY_NAME[name]).allowed is None and column.range is None
-}
+} | {REQUEST_ID: REQUEST_ID_PATTERN}
 
 
 def _fast_annotation(column: schema.Column) -> Any:
     if column.allowed is not None:
-        allowed = _allowed(column)
-        if column.name == "discharge_disposition_id":
-            allowed = tuple(v for v in allowed if v not in schema.DEATH_OR_HOSPICE_DISPOSITIONS)
-        typ: Any = Literal[allowed]  # type: ignore[valid-type]
+        typ: Any = Literal[_allowed(column)]  # type: ignore[valid-type]
     elif column.range is not None:
         typ = Annotated[int, msgspec.Meta(ge=column.range[0], le=column.range[1])]
     elif column.pattern is not None:
@@ -148,6 +182,26 @@ _FastBatch = msgspec.defstruct(
     forbid_unknown_fields=True,
 )
 _BATCH = msgspec.json.Decoder(_FastBatch)
+
+
+def _largest_encounter() -> dict[str, Any]:
+    """An encounter with every field at its longest: the longest allowed value or bound, text at MAX_TEXT characters."""
+
+    def longest(column: schema.Column) -> Any:
+        if column.allowed is not None:
+            return max(_allowed(column), key=lambda v: len(json.dumps(v)))
+        if column.range is not None:
+            return max(column.range, key=lambda v: len(str(v)))
+        return "x" * MAX_TEXT
+
+    return {**{name: longest(schema.CLEAN_BY_NAME[name]) for name in FIELDS}, REQUEST_ID: "x" * MAX_REQUEST_ID}
+
+
+# The body a batch request may have: MAX_BATCH of the largest encounters in compact JSON, twice over for indentation
+# and escaped characters.
+MAX_BATCH_BYTES = 2 * (
+    len('{"encounters":[]}') + MAX_BATCH * (len(json.dumps(_largest_encounter(), separators=(",", ":"))) + 1)
+)
 _DTYPES = {**REQUEST_DTYPES, REQUEST_ID: pl.String()}
 
 

@@ -41,6 +41,8 @@ INPUT_EXAMPLE_ROWS = 5
 THRESHOLD_TAG = "threshold"
 # The batches a version was trained on, comma-separated: drift and retraining compare new batches with them.
 BATCHES_TAG = "batch_ids"
+# The Dagster run group (the root run's id) that trained a candidate or registered a version: a run and its retries.
+RUN_GROUP_TAG = "dagster_run_group"
 PROMOTED_AT, PROMOTION_REASON, PREVIOUS_PRODUCTION = "promoted_at", "promotion_reason", "previous_production"
 REPLACED_AT, REPLACED_BY, REPLACED_REASON = "replaced_at", "replaced_by", "replaced_reason"
 ROLLED_BACK_AT, ROLLED_BACK_TO, ROLLED_BACK_REASON = "rolled_back_at", "rolled_back_to", "rolled_back_reason"
@@ -288,6 +290,19 @@ class ModelRegistry:
                 ),
             )
         return str(version.version)
+
+    def end_killed_runs(self, tags: Mapping[str, str]) -> list[str]:
+        """Mark the runs carrying `tags` that are still RUNNING, as a killed process leaves them, KILLED; their ids."""
+        query = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'RUNNING'"])
+        killed = [run.info.run_id for run in self.client.search_runs([self.experiment_id], query)]
+        for run_id in killed:
+            self.client.set_terminated(run_id, "KILLED")
+        return killed
+
+    def registered_by(self, run_group: str) -> ModelVersion | None:
+        """The version a Dagster run group registered (`register` with RUN_GROUP_TAG), if it did."""
+        found = self.client.search_model_versions(f"name = '{self.model_name}' and tags.`{RUN_GROUP_TAG}` = '{run_group}'")
+        return min(found, key=lambda v: int(v.version)) if found else None
 
     def version(self, version: str) -> ModelVersion:
         """One registered version, with its tags and aliases."""

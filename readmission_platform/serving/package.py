@@ -8,12 +8,15 @@ JSON object: the Bento tag, the packed model's tag and the registry version.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,35 @@ def _source_digest(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _drop_unfinished(bentoml_home: Path) -> None:
-    """Remove store entries a killed packer left without their manifest; BentoML refuses to list or load them."""
-    for store, manifest in (("models", "model.yaml"), ("bentos", "bento.yaml")):
-        for entry in (bentoml_home / store).glob("*/*/"):
-            if not (entry / manifest).is_file():
-                shutil.rmtree(entry)
+@contextmanager
+def _staging(bentoml_home: Path) -> Iterator[Path]:
+    """An empty folder beside the stores, on their file system, for this packer alone; removed afterwards.
+
+    Packers take turns on a lock the kernel releases when one is killed, so the next clears what a killed one left.
+    """
+    bentoml_home.mkdir(parents=True, exist_ok=True)
+    with open(bentoml_home / ".packing.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        staging = bentoml_home / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staged: Path, store: Path, name: str, version: str) -> None:
+    """Move a finished entry from a staging store into `store` in one rename, then point the name's `latest` at it.
+
+    BentoML copies an entry into its store file by file, so one killed mid-copy would be listed and served half-made.
+    """
+    target = store / name / version
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staged / name / version, target)
+    pointer = target.parent / ".latest.new"
+    pointer.write_text(version)
+    os.replace(pointer, target.parent / "latest")
 
 
 def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile: Path = BENTOFILE) -> dict[str, Any]:
@@ -51,13 +77,14 @@ def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile
     import bentoml
     import mlflow.artifacts
     import yaml
+    from bentoml._internal.bento import BentoStore
+    from bentoml._internal.models import ModelStore
 
     from readmission_platform.lib.registry import ModelRegistry, _global_tracking_uri
     from readmission_platform.serving.model import describe
 
     if not bentofile.is_file():
         raise PackagingError(f"no {bentofile.name} at {bentofile}; build Bentos from a checkout of the repository")
-    _drop_unfinished(bentoml_home)
     registry = ModelRegistry(tracking_uri, artifact_root)
     production = registry.production()
     if production is None:
@@ -65,34 +92,42 @@ def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile
     version = str(production.version)
     info = describe(registry, version)
     tag = f"{PACKED_MODEL}:v{version}"
-    try:
-        packed = bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound:
-        with tempfile.TemporaryDirectory() as folder, _global_tracking_uri(tracking_uri):
-            source = registry.client.get_model_version_download_uri(registry.model_name, version)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=folder)
-            labels = {"registry_name": registry.model_name, "registry_version": version, "alias": "production",
-                      "mlflow_run_id": production.run_id}  # fmt: skip
-            with bentoml.models.create(tag, labels=labels, metadata={"info": json.dumps(info)}) as packed:
-                shutil.copytree(local, packed.path_of(MLFLOW_MODEL_FOLDER))
-    options = yaml.safe_load(bentofile.read_text())
-    result = {"model": str(packed.tag), "version": version, "bentoml_home": str(bentoml_home)}
-    try:
-        latest = bentoml.bentos.get(f"{options['name']}:latest")
-    except bentoml.exceptions.NotFound:
-        latest = None
-    source = _source_digest(bentofile.parent)
-    if (
-        latest is not None
-        and [str(m.tag) for m in latest.info.models] == [str(packed.tag)]
-        and latest.info.labels.get("source_digest") == source
-    ):
-        # Neither production nor the code changed since the last build (the challenger was not promoted): keep it.
-        return result | {"bento": str(latest.tag), "built": False}
-    options["labels"] = {**options.get("labels", {}), "model_version": version, "source_digest": source}
-    bento = bentoml.bentos.build(**options, models=[str(packed.tag)], build_ctx=str(bentofile.parent))
-    _keep_private(Path(bento.path))
-    return result | {"bento": str(bento.tag), "built": True}
+    with _staging(bentoml_home) as staging:
+        try:
+            packed = bentoml.models.get(tag)
+        except bentoml.exceptions.NotFound:
+            with tempfile.TemporaryDirectory() as folder, _global_tracking_uri(tracking_uri):
+                source = registry.client.get_model_version_download_uri(registry.model_name, version)
+                local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=folder)
+                labels = {"registry_name": registry.model_name, "registry_version": version, "alias": "production",
+                          "mlflow_run_id": production.run_id}  # fmt: skip
+                with bentoml.models.create(
+                    tag, labels=labels, metadata={"info": json.dumps(info)}, _model_store=ModelStore(staging / "models")
+                ) as staged:
+                    shutil.copytree(local, staged.path_of(MLFLOW_MODEL_FOLDER))
+            _publish(staging / "models", bentoml_home / "models", PACKED_MODEL, staged.tag.version)
+            packed = bentoml.models.get(tag)
+        options = yaml.safe_load(bentofile.read_text())
+        result = {"model": str(packed.tag), "version": version, "bentoml_home": str(bentoml_home)}
+        try:
+            latest = bentoml.bentos.get(f"{options['name']}:latest")
+        except bentoml.exceptions.NotFound:
+            latest = None
+        source = _source_digest(bentofile.parent)
+        if (
+            latest is not None
+            and [str(m.tag) for m in latest.info.models] == [str(packed.tag)]
+            and latest.info.labels.get("source_digest") == source
+        ):
+            # Neither production nor the code changed since the last build (the challenger was not promoted): keep it.
+            return result | {"bento": str(latest.tag), "built": False}
+        options["labels"] = {**options.get("labels", {}), "model_version": version, "source_digest": source}
+        staged = bentoml.bentos.build(
+            **options, models=[str(packed.tag)], build_ctx=str(bentofile.parent), _bento_store=BentoStore(staging / "bentos")
+        )
+        _keep_private(Path(staged.path))
+        _publish(staging / "bentos", bentoml_home / "bentos", staged.tag.name, staged.tag.version)
+    return result | {"bento": str(staged.tag), "built": True}
 
 
 def _keep_private(folder: Path) -> None:

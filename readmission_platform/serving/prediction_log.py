@@ -216,6 +216,8 @@ class PredictionLog:
     def record_frame(self, frame: pl.DataFrame) -> int:
         """Queue a frame of rows (COLUMNS but `predicted_at`, the fields typed as `encounter.decode_batch` gives them)
         at once; the number dropped."""
+        if frame.is_empty():  # a batch of encounters none of which was scored: the writer takes a frame's time from its first row
+            return 0
         return self._offer(frame.with_columns(pl.lit(datetime.now(UTC)).alias("predicted_at")), frame.height)
 
     def _take(self) -> tuple[list[dict[str, Any] | pl.DataFrame], bool]:

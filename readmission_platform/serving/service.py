@@ -6,6 +6,8 @@ Each worker serves the version behind the MLflow alias `production` and checks t
 READMISSION_RELOAD_SECONDS (default 30), swapping to a new version only once it has loaded and passed its smoke
 test. Every prediction goes to the prediction log (READMISSION_PREDICTION_LOG_URL, default SQLite under
 READMISSION_HOME). With READMISSION_API_TOKEN set, the prediction routes and /model need `Authorization: Bearer <token>`.
+The prediction routes take `application/json` bodies of at most READMISSION_MAX_BODY_BYTES (default: a full batch at
+its largest, `encounter.MAX_BATCH_BYTES`); /docs.json is the contract, every answer of every route declared.
 
 Run it from the repository root with `bentoml serve .`, or a built Bento with `bentoml serve readmission:latest`
 (BENTOML_HOME=$READMISSION_HOME/bentoml); `readmission serve` does the latter.
@@ -17,8 +19,10 @@ import gc
 import json
 import logging
 import os
+import re
 import secrets
 import threading
+import time
 import uuid
 from typing import Any, Literal
 
@@ -28,20 +32,25 @@ import polars as pl
 import prometheus_client
 import threadpoolctl
 from fastapi import FastAPI
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean_record
 from readmission_platform.lib.encounter import (
+    DEATH_OR_HOSPICE,
     FIELDS,
     MAX_BATCH,
+    MAX_BATCH_BYTES,
     REQUEST_ID,
     BatchRequest,
     Encounter,
     decode_batch,
     features_frame,
+    openapi_3_0,
+    out_of_scope,
     record,
 )
 from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
@@ -49,7 +58,7 @@ from readmission_platform.lib.reporting import masked
 from readmission_platform.serving.model import ServedModel, load_version, production_version, serve
 from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MODEL
 from readmission_platform.serving.prediction_log import PredictionLog
-from readmission_platform.settings import Settings
+from readmission_platform.settings import Settings, keep_private
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +80,11 @@ GC_THRESHOLDS = (10_000, 20, 20)
 # A version that failed to load is tried again after this many checks, in case the failure was passing.
 RETRY_REFUSED_AFTER = 10
 PROTECTED = ("/predict", "/predict_batch", "/explain", "/model")
+POSTED = ("/predict", "/predict_batch", "/explain")
+MAX_BODY_BYTES = int(os.environ.get("READMISSION_MAX_BODY_BYTES") or MAX_BATCH_BYTES)
+# Refused requests are logged one line each, at most this many in a burst and then one a second (per worker), so that
+# a flood of bad requests cannot grow the log without bound; the rest are counted in readmission_refusals_unlogged.
+REFUSAL_LOG_BURST = 60
 
 PREDICTIONS = prometheus_client.Counter(
     name="readmission_predictions", documentation="Predictions made, by model version and decision.",
@@ -91,6 +105,9 @@ RELOADS = prometheus_client.Counter(
 LOG_DROPPED = prometheus_client.Counter(
     name="readmission_prediction_log_dropped", documentation="Predictions the log could not keep (queue full, writes failing).",
 )  # fmt: skip
+UNLOGGED = prometheus_client.Counter(
+    name="readmission_refusals_unlogged", documentation="Refused requests not written to the log, past its rate limit.",
+)  # fmt: skip
 
 
 class Prediction(BaseModel):
@@ -106,10 +123,15 @@ class Prediction(BaseModel):
 
 
 class BatchItem(BaseModel):
-    probability: float
-    decision: bool
-    risk_band: Literal["low", "medium", "high"]
+    model_config = ConfigDict(json_schema_extra=openapi_3_0)
+
+    probability: float | None = Field(description="null when the encounter is not scored (see `reason`).")
+    decision: bool | None
+    risk_band: Literal["low", "medium", "high"] | None
     request_id: str
+    reason: Literal["death_or_hospice"] | None = Field(
+        None, description="Why the encounter is not scored: discharged to death or hospice. Absent or null when scored."
+    )
 
 
 class BatchPrediction(BaseModel):
@@ -123,6 +145,14 @@ class Contribution(BaseModel):
     feature: str
     value: float | str
     contribution: float
+
+
+class OutOfScope(BaseModel):
+    model_config = ConfigDict(json_schema_extra=openapi_3_0)
+
+    error: str
+    reason: Literal["death_or_hospice"]
+    request_id: str
 
 
 class Explanation(BaseModel):
@@ -158,41 +188,199 @@ def _not_ready() -> JSONResponse:
     )
 
 
-class BearerToken:
-    """ASGI middleware: 401 on the prediction routes unless `Authorization: Bearer <READMISSION_API_TOKEN>`.
+def _out_of_scope(encounter: BaseModel) -> JSONResponse | None:
+    """The 422 for an encounter no readmission risk is predicted for, or None."""
+    if (disposition := encounter.discharge_disposition_id) not in schema.DEATH_OR_HOSPICE_DISPOSITIONS:
+        return None
+    return JSONResponse(
+        {"error": out_of_scope(disposition), "reason": DEATH_OR_HOSPICE, "request_id": encounter.request_id or uuid.uuid4().hex},
+        status_code=422,
+    )
 
-    Also counts every 4xx answer of those routes (validation errors included) in `readmission_rejected_requests`.
+
+def _refusal(status: int, message: str) -> JSONResponse:
+    # The body may be left unread: closing the connection saves reading the rest of it.
+    return JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"})
+
+
+class RequestGate:
+    """ASGI middleware in front of the prediction routes: the bearer token (READMISSION_API_TOKEN), a JSON body of at
+    most `max_body` bytes, the count of 4xx answers, and one log line per refused request.
+
+    Also answers /docs.json with the service's contract (`openapi_document`).
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, max_body: int = MAX_BODY_BYTES) -> None:
         self.app = app
-        token = os.environ.get("READMISSION_API_TOKEN") or ""
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.max_body = max_body
+        self.token = (os.environ.get("READMISSION_API_TOKEN") or "").encode() or None
+        self.refusals = RefusalLog(REFUSAL_LOG_BURST)
+        self._document: bytes | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(PROTECTED):
+        route = scope.get("path", "").rstrip("/")
+        if scope["type"] != "http" or route not in PROTECTED:
+            if route == "/docs.json" and scope["type"] == "http":
+                await self._send_document(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
-        route = path.rstrip("/") or "/"
-        if self.expected is not None:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                REJECTED.labels(route=route, status="401").inc()
-                response = JSONResponse(
-                    {"error": "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await response(scope, receive, send)
-                return
+        authorization = content_type = content_length = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                content_length = value
+        refused = None
+        if self.token is not None and not self._authorized(authorization):
+            refused = JSONResponse(
+                {"error": "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"},
+                status_code=401, headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+        elif route in POSTED and scope["method"] != "POST":
+            # Answered here: past BentoML's routes, the app mounted at the root would say 404.
+            refused = JSONResponse({"error": f"{route} takes POST"}, status_code=405, headers={"Allow": "POST"})
+        elif route in POSTED:
+            if content_type is None or content_type.partition(b";")[0].strip().lower() != b"application/json":
+                refused = _refusal(415, "the body must be JSON: send the header 'Content-Type: application/json'")
+            elif content_length is not None and int(content_length) > self.max_body:
+                refused = _refusal(413, f"the body is larger than {self.max_body:,} bytes")
+            elif content_length is None:  # chunked: counted as it arrives, and the app given it once it is whole
+                receive = await self._read_limited(receive)
+                if receive is None:
+                    refused = _refusal(413, f"the body is larger than {self.max_body:,} bytes")
+        if refused is not None:
+            REJECTED.labels(route=route, status=str(refused.status_code)).inc()
+            self.refusals.write(route, refused.status_code, "")
+            await refused(scope, receive, send)
+            return
+
+        status = 0
+        answer: list[bytes] = []
 
         async def counting_send(message: dict) -> None:
-            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
-                REJECTED.labels(route=route, status=str(message["status"])).inc()
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if 400 <= status < 500:
+                    REJECTED.labels(route=route, status=str(status)).inc()
+            elif 400 <= status < 500 and message["type"] == "http.response.body":
+                answer.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    self.refusals.write(route, status, _offending(b"".join(answer)))
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+    def _authorized(self, authorization: bytes | None) -> bool:
+        """`Bearer <token>`, the scheme in any case (RFC 7235), the token compared in constant time."""
+        scheme, _, token = (authorization or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(b" "), self.token)
+
+    async def _read_limited(self, receive: Any) -> Any:
+        """A `receive` replaying the body read so far, or None once it passes `max_body`."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: the app sees it too
+                messages.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return None
+            messages.append(message)
+            if not message.get("more_body"):
+                break
+        replay = iter(messages)
+
+        async def replaying() -> dict:
+            return next(replay, None) or await receive()
+
+        return replaying
+
+    async def _send_document(self, scope: dict, receive: Any, send: Any) -> None:
+        if self._document is None:
+            self._document = json.dumps(openapi_document(ReadmissionService.openapi_spec.asdict(), self.token is not None)).encode()
+        await Response(self._document, media_type="application/json")(scope, receive, send)
+
+
+# Names a log line may hold; a key the client made up is a value of theirs and is written as "(unknown)".
+_KNOWN_NAMES = frozenset({*schema.RAW_COLUMNS, REQUEST_ID, "encounters"})
+_MAX_NAMED = 20
+
+
+def _offending(answer: bytes) -> str:
+    """The fields and error kinds of a refusal's answer (`detail`'s loc and type, or `reason`), values left out."""
+    try:
+        found = json.loads(answer)
+    except ValueError:
+        return ""
+    if not isinstance(found, dict):
+        return ""
+    if found.get("reason") == DEATH_OR_HOSPICE:
+        return f"discharge_disposition_id ({DEATH_OR_HOSPICE})"
+    detail = found.get("detail")
+    counts: dict[str, int] = {}
+    for error in (e for e in detail if isinstance(e, dict)) if isinstance(detail, list) else ():
+        where = ".".join(
+            "*" if isinstance(p, int) else p if str(p) in _KNOWN_NAMES else "(unknown)" for p in error.get("loc", ())
+        )
+        kind = error.get("type")
+        key = f"{where or '(body)'} ({kind if isinstance(kind, str) and kind.isidentifier() else '?'})"
+        counts[key] = counts.get(key, 0) + 1
+    named = [f"{key} x{count:,}" if count > 1 else key for key, count in list(counts.items())[:_MAX_NAMED]]
+    more = f", and {len(counts) - _MAX_NAMED:,} more" if len(counts) > _MAX_NAMED else ""
+    return ", ".join(named) + more
+
+
+class RefusalLog:
+    """One WARNING line per refused request, through a token bucket: `burst` lines at once, then one a second."""
+
+    def __init__(self, burst: int) -> None:
+        self.burst = burst
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+
+    def write(self, route: str, status: int, offending: str) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + now - self.last)
+        self.last = now
+        if self.tokens < 1:
+            UNLOGGED.inc()
+            return
+        self.tokens -= 1
+        log.warning("refused %s %d%s", route, status, f": {offending}" if offending else "")
+
+
+class _WithoutValidationTracebacks(logging.Filter):
+    """Drops BentoML's ERROR with traceback for a request its request model refused: the traceback holds pydantic's
+    `input_value`s, and `RequestGate` logs the refusal in one line without them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ValidationError))
+
+
+class _RoutesOnly(logging.Filter):
+    """Names in BentoML's access log only the paths that are routes: any other path is the client's, and may hold
+    an identifier (`/patients/8222157`)."""
+
+    def __init__(self, routes: frozenset[str]) -> None:
+        super().__init__()
+        self.routes = routes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # BentoML's format: address, "scheme=…,method=…,path=…[,length=…]", the response, the latency.
+        if isinstance(record.args, tuple) and len(record.args) == 4 and isinstance(record.args[1], str):
+            request = _ACCESS_REQUEST.fullmatch(record.args[1])
+            if request is None or request["path"] not in self.routes:
+                head, length = (request["head"], request["length"] or "") if request else ("", "")
+                record.args = (record.args[0], f"{head}path=(not a route){length}", *record.args[2:])
+        return True
+
+
+_ACCESS_REQUEST = re.compile(r"(?P<head>.*?,)path=(?P<path>.*?)(?P<length>,length=[0-9]*)?", re.DOTALL)
 
 
 def _invalid(error: ValidationError) -> JSONResponse:
@@ -219,6 +407,78 @@ def _inlined(model: type[BaseModel]) -> dict[str, Any]:
         return [inline(v) for v in node] if isinstance(node, list) else node
 
     return inline(found)
+
+
+def _answer_of(description: str, component: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{component}"}}}}
+
+
+_ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "What was wrong, and what would be right."}},
+}  # fmt: skip
+_VALIDATION_ERRORS = {
+    "type": "object", "required": ["error", "detail"],
+    "properties": {
+        "error": {"type": "string", "description": "How many validation errors there were."},
+        "detail": {
+            "type": "array", "maxItems": MAX_ERRORS, "description": "Each offending field: where, what it expects.",
+            "items": {
+                "type": "object", "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": {"type": "string"}, "type": {"type": "string"},
+                },
+            },
+        },
+    },
+}  # fmt: skip
+
+
+def openapi_document(bentoml_document: dict[str, Any], token: bool) -> dict[str, Any]:
+    """BentoML's OpenAPI document with the answers each route really gives; `token`: the bearer token is required.
+
+    BentoML declares the same errors for every @bentoml.api route (`detail` a string, a 404 and a 500) and none for
+    the mounted routes.
+    """
+    document = json.loads(json.dumps(bentoml_document))
+    components = document["components"]["schemas"]
+    for unused in ("InvalidArgument", "NotFound", "InternalServerError", "TaskStatusResponse"):
+        components.pop(unused, None)
+    components |= {"Error": _ERROR, "ValidationErrors": _VALIDATION_ERRORS, "OutOfScope": _inlined(OutOfScope)}
+    refused = {
+        "401": _answer_of("Missing or wrong bearer token (`Authorization: Bearer <token>`).", "Error"),
+        "503": _answer_of("No model loaded yet: nothing is promoted to 'production', and none is packed here.", "Error"),
+    }
+    if not token:
+        del refused["401"]
+    bodies = {
+        "400": _answer_of("Malformed input, every offending field named (`loc`, `msg`, `type`).", "ValidationErrors"),
+        "413": _answer_of(f"A body of more than READMISSION_MAX_BODY_BYTES bytes ({MAX_BODY_BYTES:,} here).", "Error"),
+        "415": _answer_of("A body not declared `Content-Type: application/json`.", "Error"),
+    }
+    out_of_scope = {"422": _answer_of("The encounter is out of the model's scope (`reason`): no probability.", "OutOfScope")}
+    bentoml_failed = {"500": _answer_of("A defect in the service; its log says more.", "Error")}
+    answers = {
+        "/predict": refused | bodies | out_of_scope | bentoml_failed,
+        "/explain": refused | bodies | out_of_scope | bentoml_failed
+        | {"501": _answer_of("The model serving has no way to be explained.", "Error")},
+        "/predict_batch": refused | bodies,
+        "/model": refused,
+    }
+    for route, declared in answers.items():
+        for operation in document["paths"][route].values():
+            operation["responses"] = {"200": operation["responses"].get("200") or operation["responses"][200]} | declared
+            if "requestBody" in operation:
+                operation["requestBody"]["required"] = True
+            if token:
+                operation["security"] = [{"bearer": []}]
+    if token:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    document["paths"]["/readyz"]["get"]["responses"]["503"] = {
+        "description": "No model loaded yet.", "content": {"text/plain": {"schema": {"type": "string"}}},
+    }  # fmt: skip
+    return document
 
 
 # Mounted at the root: BentoML mounts apps passively, so this one only takes the paths it has routes for.
@@ -339,6 +599,8 @@ def _packed_model() -> ServedModel | None:
     name="readmission",
     workers=int(os.environ.get("READMISSION_SERVE_WORKERS") or 1),
     traffic={"timeout": 120},
+    # A request's Content-Type is the client's text: left out of the access log, with the paths that are not routes.
+    logging={"access": {"request_content_type": False}},
 )
 class ReadmissionService:
     model: ServedModel | None
@@ -350,7 +612,10 @@ class ReadmissionService:
             platform_log.handlers = logging.getLogger("bentoml").handlers
             platform_log.setLevel(logging.INFO)
             platform_log.propagate = False
+        logging.getLogger("bentoml._internal.server.http_app").addFilter(_WithoutValidationTracebacks())
+        logging.getLogger("bentoml.access").addFilter(_RoutesOnly(frozenset({"/", "/docs.json", *ReadmissionService.openapi_spec.paths})))
         threadpoolctl.threadpool_limits(THREADS)
+        keep_private()  # the prediction log, when it is a SQLite file of this worker's making
         settings = Settings.from_env()
         self.model = None
         self.log = PredictionLog(
@@ -394,6 +659,8 @@ class ReadmissionService:
         """The probability of readmission within 30 days of one encounter, its decision and risk band."""
         if (model := self.model) is None:
             return _not_ready()  # type: ignore[return-value]
+        if (refused := _out_of_scope(encounter)) is not None:
+            return refused  # type: ignore[return-value]
         given = record(encounter)
         probability = model.probability(record_features(clean_record(given)))
         decision, band, request_id = self._answer(model, probability, "predict", given, encounter.request_id)
@@ -403,16 +670,20 @@ class ReadmissionService:
         )  # fmt: skip
 
     def answer_batch(self, encounters: pl.DataFrame) -> Response:
-        """Score validated encounters (`decode_batch`), log them, and answer in order, all by one model version."""
+        """Score validated encounters (`decode_batch`), log them, and answer in order, all by one model version; an
+        encounter out of scope is answered without a probability, with its reason, and not logged."""
         model = self.model
-        probability = model.probabilities(features_frame(encounters))
         batch = uuid.uuid4().hex
+        request_ids = encounters[REQUEST_ID].fill_null(pl.format(f"{batch}-{{}}", pl.int_range(encounters.height)))
+        out = encounters["discharge_disposition_id"].is_in(schema.DEATH_OR_HOSPICE_DISPOSITIONS)
+        scored = encounters.filter(~out) if (unscored := int(out.sum())) else encounters
+        probability = model.probabilities(features_frame(scored))
         answers = pl.DataFrame(
             {
                 "probability": probability,
                 "decision": probability >= model.threshold,
                 "risk_band": model.risk_bands(probability),
-                REQUEST_ID: encounters[REQUEST_ID].fill_null(pl.format(f"{batch}-{{}}", pl.int_range(encounters.height))),
+                REQUEST_ID: request_ids.filter(~out) if unscored else request_ids,
             }
         )
         flagged = int(answers["decision"].sum())
@@ -421,10 +692,18 @@ class ReadmissionService:
         observe_many(PROBABILITY, probability)
         self.log.record_frame(
             answers.with_columns(
-                encounters.select(FIELDS),
+                scored.select(FIELDS),
                 endpoint=pl.lit("predict_batch"), model_name=pl.lit(model.name), model_version=pl.lit(model.version),
             )  # fmt: skip
         )
+        if unscored:
+            answers = (
+                pl.concat([answers, pl.DataFrame({REQUEST_ID: request_ids.filter(out)})], how="diagonal")
+                .with_columns(reason=pl.when(pl.col("probability").is_null()).then(pl.lit(DEATH_OR_HOSPICE)))
+                .with_columns(order=pl.concat([(~out).arg_true(), out.arg_true()]))
+                .sort("order")
+                .drop("order")
+            )
         head = json.dumps({"model_name": model.name, "model_version": model.version, "threshold": model.threshold})
         return Response(f'{head[:-1]},"predictions":{answers.write_json()}}}', media_type="application/json")
 
@@ -434,6 +713,8 @@ class ReadmissionService:
         # A plain function: BentoML runs it in a thread, as withholding each feature in turn takes milliseconds.
         if (model := self.model) is None:
             return _not_ready()  # type: ignore[return-value]
+        if (refused := _out_of_scope(encounter)) is not None:
+            return refused  # type: ignore[return-value]
         given = record(encounter)
         features = record_features(clean_record(given))
         if model.scorer is None:
@@ -449,4 +730,4 @@ class ReadmissionService:
         )  # fmt: skip
 
 
-ReadmissionService.add_asgi_middleware(BearerToken)
+ReadmissionService.add_asgi_middleware(RequestGate)

@@ -215,3 +215,32 @@ def test_a_batch_whose_file_vanished_fails_with_the_folder_named(platform, insta
     result = run_batch(platform, instance, "batch_0009")
     assert not result.success
     assert f"no file for batch 'batch_0009' in {platform.landing}" in failure_message(result)
+
+
+def test_a_check_selected_alone_is_evaluated_again_on_the_stored_rows(platform, instance, sample_batches):
+    platform.drop("batch_0001.csv", sample_batches[0])
+    assert run_batch(platform, instance, "batch_0001").success
+    store = platform.warehouse
+    clean = store.read_table("clean_batches", "batch_0001")
+    first_age = pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("[100-110)")).otherwise(pl.col("age")).alias("age")
+    store.replace_batch({"clean_batches": (schema.CLEAN_SCHEMA, clean.with_columns(first_age))}, "batch_0001")
+    before = snapshot(platform)
+    check = dg.AssetCheckKey(dg.AssetKey("clean_batches"), "check_clean_batches_values")
+
+    # As the UI launches a check of a partition alone: a run of that check tagged with the partition, no asset.
+    result = dg.materialize(
+        [batch_tables],
+        selection=dg.AssetSelection.checks(check),
+        tags={"dagster/partition": "batch_0001"},
+        resources=platform.resources,
+        instance=instance,
+        raise_on_error=False,
+    )
+
+    assert set(check_results(result)) == {"check_clean_batches_values"}
+    values = check_results(result)["check_clean_batches_values"]
+    assert not values.passed and "column 'age' holds '[100-110)' in 1 rows" in values.description
+    assert not result.get_asset_materialization_events()
+    after = snapshot(platform)
+    for table in TABLES:
+        assert after[table].equals(before[table]), table

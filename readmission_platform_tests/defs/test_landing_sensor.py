@@ -93,3 +93,52 @@ def test_files_being_written_are_ignored_and_odd_names_become_valid_keys(instanc
     result = tick(instance, landing)
 
     assert keys(result) == ["export_2026_11_21"]
+
+
+@pytest.fixture
+def retrying_instance():
+    with dg.instance_for_test(overrides={"run_retries": {"enabled": True, "max_retries": 2}}) as instance:
+        yield instance
+
+
+def failed_run(instance, result: dg.SensorResult, reason: str, **tags: str) -> dg.DagsterRun:
+    """A failed run of the ingestion a tick requested, as the daemon leaves it after giving up on retrying it."""
+    request = result.run_requests[0]
+    run = dg.DagsterRun(
+        job_name="ingest_batch",
+        status=dg.DagsterRunStatus.FAILURE,
+        tags={**request.tags, "dagster/partition": request.partition_key, "dagster/failure_reason": reason,
+              "dagster/will_retry": "false", **tags},
+    )  # fmt: skip
+    return instance.add_run(run)
+
+
+def test_a_crash_the_retry_daemon_gave_up_on_is_run_again_while_retries_last(retrying_instance, landing, sample_batches):
+    (landing / "batch_0001.csv").write_bytes(sample_batches[0])
+    first = tick(retrying_instance, landing)
+    crashed = failed_run(retrying_instance, first, "UNEXPECTED_TERMINATION")
+
+    again = tick(retrying_instance, landing, first.cursor)
+
+    assert keys(again) == ["batch_0001"]
+    assert again.run_requests[0].run_key.endswith(crashed.run_id)
+    assert again.run_requests[0].tags["readmission/after_crash_of"] == crashed.run_id
+    failed_run(retrying_instance, again, "UNEXPECTED_TERMINATION")
+    assert keys(tick(retrying_instance, landing, first.cursor)) == ["batch_0001"]
+    failed_run(retrying_instance, again, "UNEXPECTED_TERMINATION")  # three attempts: the two retries are spent
+    assert keys(tick(retrying_instance, landing, first.cursor)) == []
+
+
+def test_a_bad_file_a_retried_crash_and_a_changed_file_are_not_run_again(retrying_instance, landing, sample_batches):
+    (landing / "batch_0001.csv").write_bytes(sample_batches[0])
+    first = tick(retrying_instance, landing)
+    bad = failed_run(retrying_instance, first, "STEP_FAILURE")
+    assert keys(tick(retrying_instance, landing, first.cursor)) == []
+
+    retrying_instance.delete_run(bad.run_id)
+    failed_run(retrying_instance, first, "UNEXPECTED_TERMINATION", **{"dagster/auto_retry_run_id": "retry"})
+    assert keys(tick(retrying_instance, landing, first.cursor)) == []
+
+    (landing / "batch_0001.csv").write_bytes(sample_batches[1])
+    changed = tick(retrying_instance, landing, first.cursor)
+    assert [r.run_key.count(":") for r in changed.run_requests] == [1]  # the new content's own run, nothing else

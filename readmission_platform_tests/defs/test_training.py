@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -240,3 +243,29 @@ def test_a_drifted_batch_retrains_even_when_too_few_rows_arrived(platform, insta
     assert isinstance(quiet, dg.SkipReason) and "no batch drifted" in quiet.skip_message
     assert isinstance(drifted, dg.RunRequest)
     assert drifted.tags["readmission/trigger"] == "drift" and drifted.tags["readmission/drifted_batches"] == "batch_0004"
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_a_retried_trained_model_ends_the_killed_attempts_runs_and_registers_once(platform, instance, resources, mlflow, training_batches, tmp_path):
+    for i, data in enumerate(training_batches[:3], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    first = retrain(instance, resources)
+    registry = mlflow.registry()
+    # A worker of the same run group killed while it logged a candidate: its MLflow run stays RUNNING.
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal, mlflow
+        client = mlflow.MlflowClient({mlflow.tracking_uri!r})
+        client.create_run({registry.experiment_id!r}, tags={{"dagster_run_group": {first.run_id!r}}})
+        os.kill(os.getpid(), signal.SIGKILL)
+        """)], check=False)  # fmt: skip
+    assert killed.returncode == -9
+
+    # The retry belongs to the first run's group; a run id of the group is what tells trained_model so.
+    job = dg.Definitions(assets=RETRAIN, resources=resources, jobs=[dg.define_asset_job("retry", [trained_model])]).resolve_job_def("retry")
+    with dg.instance_for_test() as elsewhere:
+        retried = job.execute_in_process(instance=elsewhere, run_id=first.run_id, run_config=FAST)
+
+    assert metadata(retried, "trained_model")["model_version"] == metadata(first, "trained_model")["model_version"] == "1"
+    assert [str(v.version) for v in registry.versions()] == ["1"]
+    statuses = {r.info.status for r in mlflow_module.MlflowClient(mlflow.tracking_uri).search_runs([registry.experiment_id])}
+    assert statuses == {"FINISHED", "KILLED"}

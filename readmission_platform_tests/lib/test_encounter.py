@@ -13,9 +13,12 @@ from readmission_platform.lib.encounter import (
     BatchRequest,
     Encounter,
     columns,
+    MAX_BATCH_BYTES,
+    _largest_encounter,
     decode_batch,
     features_frame,
     from_clean,
+    out_of_scope,
     record,
     typed_frame,
 )
@@ -78,7 +81,8 @@ BAD_VALUES = [
         ({"A1Cresult": "high"}, "A1Cresult", "'None', 'Norm', '>7' or '>8'"),
         ({"metformin": "Yes"}, "metformin", "'No', 'Steady', 'Up' or 'Down'"),
         ({"admission_source_id": 16}, "admission_source_id", "Input should be 1"),
-        ({"discharge_disposition_id": 11}, "discharge_disposition_id", "died or went to hospice"),
+        ({"discharge_disposition_id": 31}, "discharge_disposition_id", "Input should be 1"),
+        ({"request_id": "ward\n7"}, "request_id", "should match pattern"),
         ({"gender": None}, "gender", "'Female' or 'Male'"),
         ({"encounter_id": 12}, "encounter_id", "Extra inputs are not permitted"),
         ({"patient_nbr": 12}, "patient_nbr", "Extra inputs are not permitted"),
@@ -129,6 +133,7 @@ BAD_IN_A_BATCH = [
     ({"number_inpatient": 10**30}, "number_inpatient"),
     ({"request_id": ""}, "request_id"),
     ({"request_id": "r" * 129}, "request_id"),
+    *[({"request_id": f"r{c}1"}, "request_id") for c in ("\x00", "\r", "\x1b[31m", "\x7f", "é")],
 ]
 
 
@@ -173,3 +178,30 @@ def test_a_body_the_fast_decoder_refuses_but_the_request_model_accepts_is_served
     decoded = decode_batch(body)
     assert decoded.select(FIELDS).equals(typed_frame([GOOD, GOOD])) and decoded[REQUEST_ID].to_list() == [None, "r2"]
     assert "refused a body the request model accepts" in caplog.text
+
+
+def test_death_or_hospice_is_a_valid_encounter_whose_single_schema_leaves_it_out():
+    """Validated as codes, answered by the service (422 alone, per item in a batch); the single route's schema says so."""
+    for disposition in schema.DEATH_OR_HOSPICE_DISPOSITIONS:
+        assert Encounter.model_validate(GOOD | {"discharge_disposition_id": disposition}).discharge_disposition_id == disposition
+        decoded = decode_batch(batch_body(GOOD, GOOD | {"discharge_disposition_id": disposition}))
+        assert decoded["discharge_disposition_id"].to_list() == [GOOD["discharge_disposition_id"], disposition]
+    single = Encounter.model_json_schema()["properties"]["discharge_disposition_id"]
+    assert not set(single["enum"]) & set(schema.DEATH_OR_HOSPICE_DISPOSITIONS) and "422" in single["description"]
+    item = BatchRequest.model_json_schema()["$defs"]["BatchEncounter"]["properties"]["discharge_disposition_id"]
+    assert set(item["enum"]) == set(schema.DISCHARGE_DISPOSITION_IDS)
+    assert "died or went to hospice" in out_of_scope(11)
+
+
+def test_nullable_fields_are_declared_nullable_for_openapi_3_0():
+    properties = Encounter.model_json_schema()["properties"]
+    assert properties["race"]["nullable"] is True and None in properties["race"]["enum"]
+    assert properties["request_id"]["nullable"] is True and properties["request_id"]["pattern"] == "^[ -~]+$"
+    assert "nullable" not in properties["gender"] and "anyOf" not in str(properties)
+
+
+def test_the_body_cap_fits_a_full_batch_of_the_largest_encounters():
+    largest = json.dumps({"encounters": [_largest_encounter()] * MAX_BATCH}, indent=1).encode()
+    BatchRequest.model_validate_json(json.dumps({"encounters": [_largest_encounter() | {"diag_1": "E123.45",
+        "diag_2": "V12.34", "diag_3": "250.02", "payer_code": "MC"}]}))  # fmt: skip
+    assert len(largest) < MAX_BATCH_BYTES < 100_000_000

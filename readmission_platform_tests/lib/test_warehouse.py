@@ -340,3 +340,28 @@ def test_what_a_crashed_writer_left_staged_is_dropped_by_the_next_write_of_its_b
     names = warehouse.query("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")["tablename"].to_list()
     assert leftover not in names
     assert_frame_equal(stored(warehouse, RAW), raw)
+
+
+@pytest.mark.postgres
+def test_writers_come_from_a_pool_that_replaces_connections_the_server_closed(pg_schema_url, batches):
+    from psycopg_pool import ConnectionPool
+
+    warehouse = PostgresWarehouse(pg_schema_url)
+    raw, rejected = batches["a"]
+    warehouse.replace_batch(writes(raw, rejected), "a")
+    pool = PostgresWarehouse._pools[pg_schema_url]
+    assert isinstance(pool, ConnectionPool)
+    kept = [pool.getconn() for _ in range(pool.get_stats()["pool_available"])]
+    pids = {connection.info.backend_pid for connection in kept}
+    for connection in kept:
+        pool.putconn(connection)
+    assert pids  # the write's connections wait in the pool for the next one
+    with psycopg.connect(pg_schema_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [sorted(pids)])
+
+    raw_b, rejected_b = batches["b"]
+    warehouse.replace_batch(writes(raw_b, rejected_b), "b")
+
+    assert_frame_equal(stored(warehouse, RAW), pl.concat([raw, raw_b]).sort("batch_id", "line_number"))
+    with warehouse._writer() as connection:
+        assert connection.info.backend_pid not in pids

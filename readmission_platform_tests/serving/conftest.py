@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import polars as pl
 import pytest
 
 from readmission_platform.lib.encounter import from_clean
 from readmission_platform.lib.registry import ModelRegistry
 from readmission_platform.lib.training import Candidate, model_input
+from readmission_platform.serving.server import running_server
 from readmission_platform.settings import Settings
 
 
@@ -54,3 +58,25 @@ def test_encounters(full_features, full_clean) -> tuple[list[dict], pl.DataFrame
     rows = full_features.slice(20_000).filter(pl.col("split") == "test").head(1_000)
     clean_rows = rows.select("encounter_id").join(full_clean.frame, on="encounter_id", how="left", maintain_order="left")
     return [from_clean(r) for r in clean_rows.iter_rows(named=True)], rows
+
+
+TOKEN = "gate-token"
+
+
+@dataclass
+class GatedServer:
+    url: str
+    log_path: Path
+    settings: Settings
+    client: httpx.Client  # sends the token
+
+
+@pytest.fixture(scope="session")
+def gated_server(tmp_path_factory, sample_candidates, sample_parts) -> Iterator[GatedServer]:
+    """One `bentoml serve .` with a bearer token and the default body cap, shared by the tests of the service's edge."""
+    settings = settings_in(tmp_path_factory.mktemp("gated"))
+    register(registry_of(settings), sample_candidates["hist_gradient_boosting"], sample_parts, promote=True)
+    log_path = settings.home / "logs" / "gated.log"
+    with running_server(settings, bento=None, env={"READMISSION_API_TOKEN": TOKEN}, log_path=log_path) as url:
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+            yield GatedServer(url, log_path, settings, client)

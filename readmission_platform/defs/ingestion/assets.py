@@ -1,10 +1,11 @@
-"""raw_batches → clean_batches → features: three assets of one landed batch, computed in one pass.
+"""raw_batches, and the op that computes it with the preparation assets in one pass over a landed batch.
 
-One op computes the three in memory and writes their tables of the batch together (`lib/pipeline.process_batch`),
-so no stage reads back what the one before it just wrote. Each asset's checks are evaluated on its rows before the
-next stage runs: a blocking check that fails keeps the assets after it unmaterialized, as a blocking check between
-separate steps would. Any one of the three can still be materialized alone; it then reads its input from the
-warehouse.
+`batch_tables` computes raw_batches, clean_batches and features (`defs/preparation/assets.py`) in memory and writes
+their tables of the batch together (`lib/pipeline.process_batch`), so no stage reads back what the one before it just
+wrote. Each asset's checks are evaluated on its rows before the next stage is written: a blocking check that fails
+keeps the assets after it unmaterialized, as a blocking check between separate steps would. Any one of the three can
+be materialized alone (it then reads its input from the warehouse), and a check selected without its asset is
+evaluated on the rows the warehouse holds.
 """
 
 from datetime import UTC, datetime
@@ -14,16 +15,17 @@ import polars as pl
 
 from readmission_platform.defs.ingestion import checks as raw_checks
 from readmission_platform.defs.partitions import WAREHOUSE_POOL, batches
+from readmission_platform.defs.preparation import assets as prepared
 from readmission_platform.defs.preparation import checks as prepared_checks
 from readmission_platform.defs.resources import LandingResource, WarehouseResource
-from readmission_platform.lib import schema
-from readmission_platform.lib.features import FEATURE_COLUMNS
 from readmission_platform.lib.ingest import BatchFileError
 from readmission_platform.lib.landing import content_hash, find_batch_file
 from readmission_platform.lib.pipeline import CLEAN, FEATURES, RAW, STAGES, BatchRun, process_batch
 from readmission_platform.lib.reporting import markdown_table
 
-KINDS = {"polars", "sql"}
+# Each stage's checks, each with the function that evaluates it on a BatchRun, and how to read that stage back.
+CHECKS = {RAW: raw_checks.CHECKS, CLEAN: prepared_checks.CLEAN_CHECKS, FEATURES: prepared_checks.FEATURE_CHECKS}
+STORED = {RAW: raw_checks.stored, CLEAN: prepared_checks.stored_clean, FEATURES: prepared_checks.stored_features}
 
 
 class BatchTablesConfig(dg.Config):
@@ -41,28 +43,13 @@ class BatchTablesConfig(dg.Config):
         dg.AssetSpec(
             RAW,
             group_name="ingestion",
-            kinds=KINDS,
+            kinds=prepared.KINDS,
             skippable=True,
             description="Each landed batch file as delivered (text columns), with rows that cannot be accepted set aside in rejected_rows.",
         ),
-        dg.AssetSpec(
-            CLEAN,
-            deps=[RAW],
-            group_name="preparation",
-            kinds=KINDS,
-            skippable=True,
-            description="Typed encounters with ICD-9 groups and the 30-day label; deaths, hospice and invalid gender dropped.",
-        ),
-        dg.AssetSpec(
-            FEATURES,
-            deps=[CLEAN],
-            group_name="preparation",
-            kinds=KINDS,
-            skippable=True,
-            description="Model-ready feature columns of lib/features.py, with identifiers and labels kept for lineage and splitting.",
-        ),
+        *prepared.SPECS,
     ],
-    check_specs=[*raw_checks.RAW_CHECKS, *prepared_checks.CLEAN_CHECKS, *prepared_checks.FEATURE_CHECKS],
+    check_specs=[spec for stage in STAGES for spec, _ in CHECKS[stage]],
     partitions_def=batches,
     can_subset=True,
     pool=WAREHOUSE_POOL,
@@ -74,6 +61,8 @@ def batch_tables(
     selected = {key.path[-1] for key in context.selected_asset_keys}
     stages = [stage for stage in STAGES if stage in selected]
     selected_checks = {key.name for key in context.selected_asset_check_keys}
+    # A check selected without its asset: what it tests is what the warehouse holds.
+    on_stored = [s for s in STAGES if s not in stages and any(spec.name in selected_checks for spec, _ in CHECKS[s])]
     content, source_file = None, ""
     if RAW in stages:
         path = find_batch_file(landing.path, batch_id)
@@ -83,46 +72,38 @@ def batch_tables(
     results: list[dg.AssetCheckResult] = []
 
     def gate(stage: str, run: BatchRun) -> bool:
-        evaluated = [r for r in stage_checks(stage, run, config) if r.check_name in selected_checks]
+        evaluated = evaluate(stage, run, config, selected_checks)
         results.extend(evaluated)
         return passes(evaluated)
 
+    run = None
     try:
         with warehouse.open() as store:
-            run = process_batch(
-                store, batch_id, stages=stages, content=content, source_file=source_file, now=datetime.now(UTC), gate=gate
-            )
+            if stages:
+                run = process_batch(
+                    store, batch_id, stages=stages, content=content, source_file=source_file, now=datetime.now(UTC), gate=gate
+                )
+            for stage in on_stored:
+                results += evaluate(stage, STORED[stage](store, batch_id), config, selected_checks)
     except BatchFileError as error:
         raise dg.Failure(description=f"batch {batch_id} was not loaded, nothing was written: {error}") from None
-    materialized = {RAW: _raw_metadata, CLEAN: _clean_metadata, FEATURES: _features_metadata}
-    for stage in run.written:
+    materialized = {RAW: _raw_metadata, CLEAN: prepared.clean_metadata, FEATURES: prepared.features_metadata}
+    for stage in run.written if run else []:
         metadata = materialized[stage](run) | {"warehouse": store.describe()}
         if stage == RAW:
             metadata |= {"source_file": source_file, "sha256": content_hash(content)}
         yield dg.MaterializeResult(asset_key=stage, metadata=metadata)
-    for result in results:
-        yield result
-    if len(run.written) < len(stages):
+    yield from results
+    if run and len(run.written) < len(stages):
         stopped = [stage for stage in stages if stage not in run.written]
         context.log.warning(f"{batch_id}: {', '.join(stopped)} not materialized: a blocking check of {run.written[-1]} failed")
     if content is not None:
         context.log.info(f"{batch_id}: {run.parsed.rows.height} rows loaded, {run.parsed.rejected.height} rejected")
 
 
-def stage_checks(stage: str, run: BatchRun, config: BatchTablesConfig) -> list[dg.AssetCheckResult]:
-    """Every check of one stage, on what the pass computed for it."""
-    if stage == RAW:
-        return [
-            raw_checks.check_raw_batches_columns(run),
-            raw_checks.check_raw_batches_unique_encounter_id(run),
-            raw_checks.check_raw_batches_rejected_share(run, config.max_rejected_share),
-        ]
-    if stage == CLEAN:
-        return [
-            prepared_checks.check_clean_batches_values(run.cleaned.frame),
-            prepared_checks.check_clean_batches_label(run.cleaned.frame, config.min_label_rate, config.max_label_rate),
-        ]
-    return [prepared_checks.check_features_spec(run.features, run.batch_id)]
+def evaluate(stage: str, run: BatchRun, config: BatchTablesConfig, names: set[str] | None = None) -> list[dg.AssetCheckResult]:
+    """The checks of one stage named in `names` (every one without it), on the rows `run` holds."""
+    return [check(run, config) for spec, check in CHECKS[stage] if names is None or spec.name in names]
 
 
 def passes(results: list[dg.AssetCheckResult]) -> bool:
@@ -142,23 +123,4 @@ def _raw_metadata(run: BatchRun) -> dict:
         "dagster/row_count": parsed.rows.height,
         "rejected_rows": parsed.rejected.height,
         "rejection_reasons": dg.MetadataValue.md(markdown_table(reasons) if reasons.height else "none"),
-    }
-
-
-def _clean_metadata(run: BatchRun) -> dict:
-    frame = run.cleaned.frame
-    rate = frame[schema.LABEL_30D].mean() if frame.height else None
-    return {
-        "dagster/row_count": frame.height,
-        **{f"dropped_{reason}": count for reason, count in run.cleaned.dropped.items()},
-        "readmitted_30d_rate": float(rate) if rate is not None else None,
-        "preview": dg.MetadataValue.md(markdown_table(frame.head(5))),
-    }
-
-
-def _features_metadata(run: BatchRun) -> dict:
-    return {
-        "dagster/row_count": run.features.height,
-        "feature_columns": len(FEATURE_COLUMNS),
-        "preview": dg.MetadataValue.md(markdown_table(run.features.select(FEATURE_COLUMNS[:12]).head(5))),
     }

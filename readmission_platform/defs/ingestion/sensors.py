@@ -1,6 +1,8 @@
 import json
 
 import dagster as dg
+from dagster._core.events import RunFailureReason
+from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG, RUN_FAILURE_REASON_TAG, WILL_RETRY_TAG
 
 from readmission_platform.defs.partitions import batches
 from readmission_platform.defs.resources import LandingResource
@@ -13,11 +15,52 @@ ingest_batch_job = dg.define_asset_job(
 )
 
 
+SOURCE_FILE_TAG, SHA_TAG = "readmission/source_file", "readmission/sha256"
+AFTER_CRASH_OF_TAG = "readmission/after_crash_of"
+# Failed runs looked at each tick for a crash left unretried; far more than batches land between two ticks.
+RECENT_FAILURES = 50
+
+
+def crashes_left_unretried(instance: dg.DagsterInstance, seen: dict[str, dict]) -> list[dg.RunRequest]:
+    """A new run for each batch whose newest run died in a crash that the retry daemon gave up on, while the batch's
+    crash retries (run_retries.max_retries) last.
+
+    The retry daemon marks a run it fails to re-execute (its code server is down) as not to be retried, for good; a
+    batch failed in an asset (a bad file, a blocking check) is not run again, nor one whose file changed since.
+    """
+    if not instance.run_retries_enabled:
+        return []
+    failed = instance.get_runs(
+        dg.RunsFilter(job_name=ingest_batch_job.name, statuses=[dg.DagsterRunStatus.FAILURE], tags={WILL_RETRY_TAG: "false"}),
+        limit=RECENT_FAILURES,
+    )
+    requests = []
+    for run in failed:
+        if run.tags.get(RUN_FAILURE_REASON_TAG) == RunFailureReason.STEP_FAILURE.value or AUTO_RETRY_RUN_ID_TAG in run.tags:
+            continue
+        landed = seen.get(run.tags.get(SOURCE_FILE_TAG, ""))
+        if landed is None or landed["sha256"] != run.tags.get(SHA_TAG):
+            continue
+        batch_id = run.tags[PARTITION_NAME_TAG]
+        attempts = instance.get_runs(dg.RunsFilter(job_name=ingest_batch_job.name, tags={PARTITION_NAME_TAG: batch_id}))
+        if attempts[0].run_id != run.run_id or len(attempts) > instance.run_retries_max_retries:
+            continue
+        requests.append(
+            dg.RunRequest(
+                # One request per crashed run: the next crash of this batch gets one of its own.
+                run_key=f"{batch_id}:{run.tags[SHA_TAG][:16]}:after:{run.run_id}",
+                partition_key=batch_id,
+                tags={SOURCE_FILE_TAG: run.tags[SOURCE_FILE_TAG], SHA_TAG: run.tags[SHA_TAG], AFTER_CRASH_OF_TAG: run.run_id},
+            )
+        )
+    return requests
+
+
 @dg.sensor(
     job=ingest_batch_job,
     minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Makes each new or changed file in the landing folder a partition of `batches` and runs it.",
+    description="Makes each new or changed file in the landing folder a partition of `batches` and runs it; runs again a batch whose crash was not retried.",
 )
 def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingResource) -> dg.SensorResult:
     # Cursor: file name → its size, mtime and sha256 when last seen; unchanged files are not reread.
@@ -45,9 +88,10 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
             dg.RunRequest(
                 run_key=f"{batch_id}:{digest[:16]}",
                 partition_key=batch_id,
-                tags={"readmission/source_file": path.name, "readmission/sha256": digest},
+                tags={SOURCE_FILE_TAG: path.name, SHA_TAG: digest},
             )
         )
+    run_requests.extend(crashes_left_unretried(context.instance, seen))
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[batches.build_add_request(new_keys)] if new_keys else [],

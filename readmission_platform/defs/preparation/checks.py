@@ -1,12 +1,14 @@
-"""The data tests of clean_batches and features, evaluated by `batch_tables` on the rows it is about to store."""
+"""The data tests of clean_batches and features: evaluated by `batch_tables` on the rows it is about to store, or
+alone (a check selected without its asset) on the rows the warehouse holds."""
 
 import dagster as dg
-import polars as pl
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.features import FEATURE_COLUMNS, FEATURE_SCHEMA
-from readmission_platform.lib.pipeline import CLEAN, FEATURES
+from readmission_platform.lib.cleaning import CleanResult
+from readmission_platform.lib.pipeline import CLEAN, FEATURES, BatchRun
 from readmission_platform.lib.validation import clean_violations, shape_problems
+from readmission_platform.lib.warehouse import Warehouse
 
 VALUES = dg.AssetCheckSpec(
     "check_clean_batches_values",
@@ -26,11 +28,10 @@ SPEC = dg.AssetCheckSpec(
     blocking=True,
     description="The features table has exactly the declared feature spec, and no identifier is a feature column.",
 )
-CLEAN_CHECKS = (VALUES, LABEL)
-FEATURE_CHECKS = (SPEC,)
 
 
-def check_clean_batches_values(frame: pl.DataFrame) -> dg.AssetCheckResult:
+def check_clean_batches_values(run: BatchRun, config) -> dg.AssetCheckResult:
+    frame = run.cleaned.frame
     violations = clean_violations(frame)
     return dg.AssetCheckResult(
         asset_key=VALUES.asset_key,
@@ -42,8 +43,9 @@ def check_clean_batches_values(frame: pl.DataFrame) -> dg.AssetCheckResult:
     )
 
 
-def check_clean_batches_label(frame: pl.DataFrame, min_rate: float, max_rate: float) -> dg.AssetCheckResult:
-    labels = frame[schema.LABEL_30D]
+def check_clean_batches_label(run: BatchRun, config) -> dg.AssetCheckResult:
+    min_rate, max_rate = config.min_label_rate, config.max_label_rate
+    labels = run.cleaned.frame[schema.LABEL_30D]
     missing = labels.null_count()
     rate = labels.mean() if labels.len() > missing else None
     metadata = {"rows": labels.len(), "missing_labels": missing, "readmitted_30d_rate": rate}
@@ -67,8 +69,9 @@ def check_clean_batches_label(frame: pl.DataFrame, min_rate: float, max_rate: fl
     )
 
 
-def check_features_spec(frame: pl.DataFrame, batch_id: str) -> dg.AssetCheckResult:
-    problems = shape_problems(FEATURES, FEATURE_SCHEMA, frame, batch_id)
+def check_features_spec(run: BatchRun, config) -> dg.AssetCheckResult:
+    frame = run.features
+    problems = shape_problems(FEATURES, FEATURE_SCHEMA, frame, run.batch_id)
     leaked = [c for c in FEATURE_COLUMNS if c in schema.IDENTIFIERS or c in (schema.LABEL, schema.LABEL_30D)]
     if leaked:
         problems.append(f"identifier or label columns declared as features: {leaked}")
@@ -79,3 +82,17 @@ def check_features_spec(frame: pl.DataFrame, batch_id: str) -> dg.AssetCheckResu
         description="; ".join(problems) or f"{len(FEATURE_COLUMNS)} feature columns as declared, {frame.height} rows",
         metadata={"rows": frame.height, "feature_columns": len(FEATURE_COLUMNS)},
     )
+
+
+CLEAN_CHECKS = ((VALUES, check_clean_batches_values), (LABEL, check_clean_batches_label))
+FEATURE_CHECKS = ((SPEC, check_features_spec),)
+
+
+def stored_clean(store: Warehouse, batch_id: str) -> BatchRun:
+    """The batch's clean rows as the warehouse holds them (what was dropped is not stored)."""
+    return BatchRun(batch_id, cleaned=CleanResult(store.read_table(CLEAN, batch_id), {}))
+
+
+def stored_features(store: Warehouse, batch_id: str) -> BatchRun:
+    """The batch's feature rows as the warehouse holds them."""
+    return BatchRun(batch_id, features=store.read_table(FEATURES, batch_id))

@@ -24,7 +24,7 @@ def serving_bento(context: dg.AssetExecutionContext, mlflow: MlflowResource, ser
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "BENTOML_HOME": serving.bentoml_home})
     if done.returncode < 0:
-        # Killed by a signal: a crash, not a bad model, so pack again; the packer drops what the killed one left half-made.
+        # Killed by a signal: a crash, not a bad model, so pack again; the killed packer left nothing in the stores.
         raise dg.RetryRequested(max_retries=2, seconds_to_wait=1) from None
     if done.returncode != 0:
         raise dg.Failure(

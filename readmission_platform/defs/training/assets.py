@@ -1,6 +1,7 @@
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
@@ -23,6 +24,11 @@ from readmission_platform.lib.training import (
     predict_probability,
     train_candidates,
 )
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+    from readmission_platform.lib.registry import ModelRegistry
 
 TRAINING_SET_SCHEMA = FEATURE_SCHEMA | {SPLIT: pl.String()}
 
@@ -74,12 +80,13 @@ class TrainingConfig(dg.Config):
     seed: int = 0
 
 
-def _lineage(context: dg.AssetExecutionContext, parts: dict[str, pl.DataFrame], batches_tag: str) -> dict[str, str]:
+def _lineage(context: dg.AssetExecutionContext, parts: dict[str, pl.DataFrame], batches_tag: str, group_tag: str) -> dict[str, str]:
     batches = sorted(pl.concat([p[schema.BATCH_ID] for p in parts.values()]).unique())
     return {
         batches_tag: ",".join(batches),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "dagster_run_id": context.run.run_id,
+        group_tag: context.run.root_run_id or context.run.run_id,
         "dagster_partition_keys": ",".join(batches),
         **{f"{name}_rows": str(part.height) for name, part in parts.items()},
     }
@@ -94,13 +101,21 @@ def _lineage(context: dg.AssetExecutionContext, parts: dict[str, pl.DataFrame], 
 def trained_model(
     context: dg.AssetExecutionContext, config: TrainingConfig, warehouse: WarehouseResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
-    from readmission_platform.lib.registry import BATCHES_TAG
+    from readmission_platform.lib.registry import BATCHES_TAG, RUN_GROUP_TAG
 
+    registry = mlflow.registry()
+    # An attempt of this run killed in this step left its MLflow runs RUNNING, and maybe a challenger it registered
+    # before Dagster recorded it: the runs are ended, and that version stands instead of a second one.
+    group = context.run.root_run_id or context.run.run_id
+    if killed := registry.end_killed_runs({RUN_GROUP_TAG: group}):
+        context.log.warning(f"marked MLflow runs {', '.join(killed)} KILLED: an attempt of this run died while logging them")
+    if (registered := registry.registered_by(group)) is not None:
+        context.log.info(f"version {registered.version} was registered by run {registered.tags['dagster_run_id']} of this run group; not registering another")
+        return _registered_before(registry, registered)
     parts = read_parts(warehouse)
     train, validation = parts["train"], parts["validation"]
     candidates = train_candidates(train, validation, families=tuple(config.families), seed=config.seed)
-    registry = mlflow.registry()
-    lineage = _lineage(context, parts, BATCHES_TAG)
+    lineage = _lineage(context, parts, BATCHES_TAG, RUN_GROUP_TAG)
     run_ids, subgroups = {}, {}
     y = labels(validation)
     for candidate in candidates:
@@ -149,5 +164,26 @@ def trained_model(
             "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
             "batch_ids": lineage[BATCHES_TAG],
             "train_rows": train.height,
+        }
+    )
+
+
+def _registered_before(registry: "ModelRegistry", version: "ModelVersion") -> dg.MaterializeResult:
+    """trained_model's metadata for a challenger an earlier attempt of the run registered, from the registry."""
+    from readmission_platform.lib.registry import BATCHES_TAG, decision_threshold
+
+    metrics = registry.client.get_run(version.run_id).data.metrics
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": str(version.version),
+            "family": version.tags["family"],
+            "threshold": decision_threshold(version),
+            "threshold_rule": "maximises F1 on the validation part",
+            **{f"validation_{k}": metrics[f"validation_{k}"] for k in ("roc_auc", "pr_auc", "brier")},
+            "registered_by_run": dg.MetadataValue.dagster_run(version.tags["dagster_run_id"]),
+            "mlflow_run": dg.MetadataValue.url(registry.run_url(version.run_id)),
+            "mlflow_model": dg.MetadataValue.url(registry.version_url(str(version.version))),
+            "batch_ids": version.tags[BATCHES_TAG],
+            "train_rows": int(version.tags["train_rows"]),
         }
     )

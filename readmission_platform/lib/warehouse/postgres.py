@@ -1,72 +1,38 @@
-"""The warehouse: one DuckDB file by default, PostgreSQL for a team; the same calls for both.
+"""The PostgreSQL warehouse: every table written by batch is partitioned by `batch_id`.
 
-Tables are created from the polars schemas of `lib/schema.py`. A batch's rows of several tables are replaced together
-in one transaction (`Warehouse.batch_writer`). On PostgreSQL every table written by batch is partitioned by
-`batch_id`: each table's new rows are streamed by COPY into a staging table of their own, several tables at once on
-separate connections, and one short transaction then swaps the staged tables in for the batch's old partitions. A
-failure before that swap leaves every stored row as it was.
+Each table's new rows are streamed by COPY into a staging table of their own, several tables at once on separate
+connections of a psycopg_pool pool, and one short transaction then swaps the staged tables in for the batch's old
+partitions. A failure before that swap leaves every stored row as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
-import re
 import secrets
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from readmission_platform.lib.reporting import masked
-
-SQL_TYPES = {
-    pl.Int16: "SMALLINT",
-    pl.Int32: "INTEGER",
-    pl.Int64: "BIGINT",
-    pl.Float64: "DOUBLE PRECISION",
-    pl.String: "TEXT",
-    pl.Boolean: "BOOLEAN",
-    pl.Datetime: "TIMESTAMP WITH TIME ZONE",
-}
-# Names with a double underscore are the warehouse's own (partitions, staging tables), never a platform table.
-IDENTIFIER = re.compile(r"^[a-z](?:[a-z0-9]|_(?!_))*_?$")
-Columns = Mapping[str, pl.DataType]
-Writes = Mapping[str, tuple[Columns, pl.DataFrame]]
-
-
-class WarehouseError(Exception):
-    """A table does not have the shape the platform writes, or the warehouse cannot be reached."""
-
-
-def quote(name: str) -> str:
-    # Column names such as "A1Cresult" and "glyburide-metformin" need quoting in both dialects.
-    return '"' + name.replace('"', '""') + '"'
-
-
-def literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _checked(table: str) -> str:
-    if not IDENTIFIER.match(table):
-        raise WarehouseError(f"table name {table!r} is not a plain lower-case SQL identifier")
-    return table
-
-
-def _body(columns: Columns, defaults: Mapping[str, str] | None = None) -> str:
-    defaults = defaults or {}
-    return ", ".join(
-        f"{quote(name)} {SQL_TYPES[dtype.base_type()]}" + (f" DEFAULT {defaults[name]}" if name in defaults else "")
-        for name, dtype in columns.items()
-    )
+from readmission_platform.lib.warehouse.base import (
+    SQL_TYPES,
+    BatchWriter,
+    Columns,
+    ConflictingWrite,
+    Warehouse,
+    WarehouseError,
+    body,
+    checked,
+    literal,
+    quote,
+    stored_elsewhere,
+    table_ddl,
+)
 
 
 def _constants(frame: pl.DataFrame) -> dict[str, str]:
@@ -90,242 +56,6 @@ def _constants(frame: pl.DataFrame) -> dict[str, str]:
     return found
 
 
-def table_ddl(table: str, columns: Columns) -> str:
-    return f"CREATE TABLE IF NOT EXISTS {_checked(table)} ({_body(columns)})"
-
-
-class BatchWriter(ABC):
-    """Collects the tables of one batch; `Warehouse.batch_writer` makes them the batch's rows together, or none."""
-
-    @abstractmethod
-    def put(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
-        """Make `frame` the batch's rows of `table` (created from `columns` if missing) when the block ends."""
-
-    @abstractmethod
-    def discard(self, table: str) -> None:
-        """Take back what was put for `table`: its stored rows stay as they are."""
-
-    @abstractmethod
-    def stored_elsewhere(self, table: str, column: str) -> pl.DataFrame:
-        """(`column` as a BIGINT, batch_id) of every row other batches store in `table` (none before it exists).
-
-        The write then goes through only if, when the block ends, no value of `column` put for `table` is stored by
-        another batch (`ConflictingWrite` otherwise, and nothing is written): a writer of another batch that stored
-        one of them meanwhile is noticed, however many write at once.
-        """
-
-
-class ConflictingWrite(WarehouseError):
-    """Another batch stored some of the values a write needs to be unique; read them again and retry."""
-
-
-class Warehouse(ABC):
-    """Replace, read and query the platform's tables.
-
-    Used as a context manager it keeps one connection for everything inside the block (an asset's
-    reads and writes); outside a block each call opens and closes its own.
-    """
-
-    url: str
-    _connection: Any = None
-
-    def __enter__(self) -> Warehouse:
-        self._session = self._connect()
-        self._connection = self._session.__enter__()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._connection = None
-        self._session.__exit__(*exc_info)
-
-    @contextmanager
-    def _connected(self):
-        if self._connection is not None:
-            yield self._connection
-        else:
-            with self._connect() as connection:
-                yield connection
-
-    @abstractmethod
-    def _connect(self):
-        """A context manager giving a new connection."""
-
-    @abstractmethod
-    def query(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
-        """Run a query (parameters as $1, $2, …) and return its rows; a missing table reads as no rows."""
-
-    @abstractmethod
-    def batch_writer(self, batch_id: str) -> Iterator[BatchWriter]:
-        """A context manager: the tables put in the block replace their rows of `batch_id` in one transaction when
-        the block ends without an error; after an error nothing stored has changed."""
-
-    @abstractmethod
-    def _replace(self, table: str, columns: Columns, frame: pl.DataFrame, *, keep: bool) -> None:
-        """In one transaction: create the table if needed, delete its rows unless `keep`, insert the frame."""
-
-    def replace_batch(self, writes: Writes, batch_id: str) -> None:
-        """In one transaction, make each table's rows for `batch_id` exactly the given frame's rows."""
-        with self.batch_writer(batch_id) as writer:
-            for table, (columns, frame) in writes.items():
-                writer.put(table, columns, frame)
-
-    def replace_table(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
-        """In one transaction, make the table's rows exactly the frame's rows."""
-        self._replace(_checked(table), columns, frame, keep=False)
-
-    def append(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
-        """Add the frame's rows to the table."""
-        self._replace(_checked(table), columns, frame, keep=True)
-
-    def tables(self) -> set[str]:
-        """Names of the tables that exist."""
-        rows = self.query("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
-        return {name for name in rows["table_name"] if "__" not in name} if rows.height else set()
-
-    def columns(self, table: str) -> dict[str, str]:
-        """Column name → SQL type name of an existing table, in table order."""
-        rows = self.query(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
-            [table],
-        )
-        return dict(zip(rows["column_name"], rows["data_type"])) if rows.height else {}
-
-    def read_table(self, table: str, batch_id: str | None = None) -> pl.DataFrame:
-        if batch_id is None:
-            rows = self.query(f"SELECT * FROM {table}")
-        else:
-            rows = self.query(f"SELECT * FROM {table} WHERE batch_id = $1", [batch_id])
-        if not rows.width:
-            raise WarehouseError(f"table {table!r} does not exist in {self.describe()}; materialize its asset first")
-        return rows
-
-    def describe(self) -> str:
-        return masked(self.url)
-
-    def _check_columns(self, table: str, columns: Columns, existing: Sequence[str] | None = None) -> None:
-        existing = list(self.columns(table)) if existing is None else list(existing)
-        if existing and existing != list(columns):
-            raise WarehouseError(
-                f"table {table} in {self.describe()} has columns {existing}; the platform writes {list(columns)}. "
-                "Drop or rename the old table to let the platform recreate it."
-            )
-
-
-def _stored_elsewhere(warehouse: Warehouse, table: str, column: str, batch_id: str, part: str = "") -> pl.DataFrame:
-    """(column, batch_id) of the other batches' rows of `table`; with `part`, a column `part` too, naming the table
-    each row lies in, computed once per batch from `part` (an expression over `tableoid`)."""
-    # One row per batch with its values in a list: a few rows cross the wire instead of one per encounter.
-    grouped = (
-        f"SELECT batch_id{', tableoid' if part else ''}, array_agg(CAST({quote(column)} AS BIGINT)) AS {quote(column)} "
-        f"FROM {_checked(table)} WHERE batch_id <> $1 GROUP BY batch_id{', tableoid' if part else ''}"
-    )
-    found = warehouse.query(f"SELECT *, {part} AS part FROM ({grouped}) AS stored" if part else grouped, [batch_id])
-    if not found.width:  # no table yet: nothing stored
-        return pl.DataFrame(schema={column: pl.Int64, "batch_id": pl.String} | ({"part": pl.String} if part else {}))
-    return found.explode(column).select(column, "batch_id", *(["part"] if part else []))
-
-
-class DuckDBWarehouse(Warehouse):
-    """A DuckDB file. DuckDB admits one writing process; a second one waits here for the lock."""
-
-    LOCK_WAIT_SECONDS = 120.0
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.url = f"duckdb:///{self.path}"
-
-    @contextmanager
-    def _connect(self):
-        import duckdb
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.LOCK_WAIT_SECONDS
-        while True:
-            try:
-                connection = duckdb.connect(str(self.path))
-                break
-            except duckdb.IOException as error:
-                if "lock" not in str(error).lower() or time.monotonic() > deadline:
-                    raise WarehouseError(f"cannot open {self.path}: {error}") from error
-                time.sleep(random.uniform(0.05, 0.3))
-        try:
-            # Timestamps then read back as UTC, as written and as PostgreSQL returns them, not in the host's zone.
-            connection.execute("SET TimeZone = 'UTC'")
-            yield connection
-        finally:
-            connection.close()
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
-        import duckdb
-
-        with self._connected() as connection:
-            try:
-                return pl.from_arrow(connection.sql(sql, params=list(params) or None).to_arrow_table())
-            except duckdb.CatalogException as error:
-                if "does not exist" in str(error):
-                    return pl.DataFrame()
-                raise
-
-    @contextmanager
-    def _transaction(self):
-        with self._connected() as connection:
-            connection.begin()
-            try:
-                yield connection
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
-
-    def _insert(self, connection, table: str, columns: Columns, frame: pl.DataFrame, where: str | None, params) -> None:
-        existing = connection.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1 "
-            "ORDER BY ordinal_position",
-            [table],
-        ).fetchall()
-        self._check_columns(table, columns, [name for (name,) in existing])
-        connection.execute(table_ddl(table, columns))
-        if where is not None:
-            connection.execute(f"DELETE FROM {table} {where}", params)
-        if frame.height:
-            connection.register("incoming", frame.select(list(columns)).to_arrow())
-            connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
-            connection.unregister("incoming")
-
-    @contextmanager
-    def batch_writer(self, batch_id: str) -> Iterator[BatchWriter]:
-        warehouse = self
-
-        class _Writer(BatchWriter):
-            def __init__(self) -> None:
-                self.tables: dict[str, tuple[Columns, pl.DataFrame]] = {}
-
-            def put(self, table, columns, frame):
-                if table in self.tables:
-                    raise WarehouseError(f"table {table} is put twice for batch {batch_id}")
-                self.tables[_checked(table)] = (columns, frame.select(list(columns)))
-
-            def discard(self, table):
-                self.tables.pop(table, None)
-
-            def stored_elsewhere(self, table, column):
-                return _stored_elsewhere(warehouse, table, column, batch_id)
-
-        # The block keeps the file open, and DuckDB lets one process at a time open it: what is read in the block
-        # stays what is stored until the block writes.
-        with nullcontext() if self._connection is not None else self:
-            writer = _Writer()
-            yield writer
-            with self._transaction() as connection:
-                for table, (columns, frame) in writer.tables.items():
-                    self._insert(connection, table, columns, frame, "WHERE batch_id = $1", [batch_id])
-
-    def _replace(self, table, columns, frame, *, keep):
-        with self._transaction() as connection:
-            self._insert(connection, table, columns, frame, None if keep else "", [])
-
-
 class PostgresWarehouse(Warehouse):
     """A PostgreSQL database: reads through ADBC (Arrow), bulk loads by COPY through psycopg.
 
@@ -335,14 +65,16 @@ class PostgresWarehouse(Warehouse):
 
     LOADERS = 3  # tables of a batch loaded side by side, each on a connection of its own
     CHUNK_ROWS = 4_000  # rows per COPY message: polars encodes the next while the server parses one
+    CONNECT_SECONDS = 10.0
 
     # Connections are kept for the next use in this process (a run's steps share them) instead of paying for a new
-    # one each time; a process keeps at most one reader and LOADERS + 1 writers, for one URL. One idle for longer
-    # than TRUSTED_IDLE_SECONDS is checked first: the server may have closed it meanwhile (restart, dropped database).
+    # one each time: one reader (ADBC, which has no pool) and a pool of LOADERS + 1 writers, for the latest URL only
+    # (tests use a schema each). A reader idle for longer than TRUSTED_IDLE_SECONDS is checked first: the server may
+    # have closed it meanwhile (restart, dropped database); the pool checks each writer it hands out.
     _idle: dict[str, tuple[Any, float]] = {}
-    _idle_writers: dict[str, list[tuple[Any, float]]] = {}
     TRUSTED_IDLE_SECONDS = 5.0
-    _writers_lock = threading.Lock()
+    _pools: dict[str, Any] = {}
+    _pools_lock = threading.Lock()
 
     def __init__(self, url: str):
         self.url = url
@@ -375,41 +107,43 @@ class PostgresWarehouse(Warehouse):
             else:
                 connection.close()
 
+    def _pool(self):
+        from psycopg_pool import ConnectionPool
+
+        with self._pools_lock:
+            pool = self._pools.get(self.url)
+            if pool is None:
+                for stale in self._pools.values():
+                    stale.close()
+                self._pools.clear()
+                pool = self._pools[self.url] = ConnectionPool(
+                    self.url,
+                    min_size=0,
+                    max_size=self.LOADERS + 1,
+                    kwargs={"connect_timeout": int(self.CONNECT_SECONDS)},
+                    configure=_in_utc,
+                    check=ConnectionPool.check_connection,
+                    timeout=self.CONNECT_SECONDS,
+                    name="warehouse-writers",
+                    open=True,
+                )
+            return pool
+
     @contextmanager
     def _writer(self, *, autocommit: bool = False):
-        """A psycopg connection for loading, in UTC, taken from this process's idle ones or opened."""
-        import psycopg
+        """A psycopg connection for loading, in UTC, from this process's pool."""
+        from psycopg_pool import PoolTimeout
 
-        with self._writers_lock:
-            for url in [u for u in self._idle_writers if u != self.url]:
-                for stale, _ in self._idle_writers.pop(url):
-                    stale.close()
-            idle = self._idle_writers.setdefault(self.url, [])
-            connection, since = idle.pop() if idle else (None, 0.0)
-        if connection is not None and time.monotonic() - since > self.TRUSTED_IDLE_SECONDS and not _writer_alive(connection):
-            connection.close()
-            connection = None
-        if connection is None:
-            try:
-                connection = psycopg.connect(self.url, connect_timeout=10)
-                connection.execute("SET TIME ZONE 'UTC'")
-                connection.commit()
-            except psycopg.Error as error:
-                raise WarehouseError(f"cannot connect to {self.describe()}: {error}") from error
-        connection.autocommit = autocommit
-        healthy = False
+        pool = self._pool()
         try:
+            connection = pool.getconn()
+        except PoolTimeout as error:
+            raise WarehouseError(f"cannot connect to {self.describe()}: {error}") from error
+        try:
+            connection.autocommit = autocommit
             yield connection
-            healthy = True
         finally:
-            if healthy and connection.info.transaction_status == 0:
-                with self._writers_lock:
-                    idle = self._idle_writers.setdefault(self.url, [])
-                    if len(idle) <= self.LOADERS:
-                        idle.append((connection, time.monotonic()))
-                        connection = None
-            if connection is not None:
-                connection.close()
+            pool.putconn(connection)  # a connection left in a transaction is rolled back, a broken one discarded
 
     # -- reads ------------------------------------------------------------------------------------------------------
 
@@ -548,7 +282,7 @@ class _PartitionSwap(BatchWriter):
             self.control.execute(f"DROP TABLE IF EXISTS {name}")
 
     def put(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
-        _checked(table)
+        checked(table)
         if table in self.staged:
             raise WarehouseError(f"table {table} is put twice for batch {self.batch_id}")
         incoming = frame.select(list(columns))  # a missing column fails here, before anything is loaded
@@ -572,7 +306,7 @@ class _PartitionSwap(BatchWriter):
             self.control.execute(f"DROP TABLE IF EXISTS {staged.name}")
 
     def stored_elsewhere(self, table: str, column: str) -> pl.DataFrame:
-        found = _stored_elsewhere(self.warehouse, table, column, self.batch_id, part="tableoid::regclass::text")
+        found = stored_elsewhere(self.warehouse, table, column, self.batch_id, part="tableoid::regclass::text")
         self.unique[table] = (column, set(found["part"]))
         return found.drop("part")
 
@@ -614,7 +348,7 @@ class _PartitionSwap(BatchWriter):
                 # Staged rows count only once the swap commits, and that commit waits for the log to reach the disk.
                 connection.execute("SET LOCAL synchronous_commit = off")
                 # FREEZE: a table made in the same transaction takes its rows frozen, so no later read rewrites them.
-                connection.execute(f"CREATE TABLE {staging} ({_body(columns, constants)}, {check})")
+                connection.execute(f"CREATE TABLE {staging} ({body(columns, constants)}, {check})")
                 self.warehouse._copy(connection, staging, sent, rows, freeze=True)
                 connection.commit()
             except BaseException:
@@ -652,7 +386,7 @@ class _PartitionSwap(BatchWriter):
         for table, staged in self.staged.items():
             prefix = partition_prefix(table, self.batch_id)
             if table not in parents:
-                swap.append(f"CREATE TABLE IF NOT EXISTS {table} ({_body(staged.columns)}) PARTITION BY LIST (batch_id)")
+                swap.append(f"CREATE TABLE IF NOT EXISTS {table} ({body(staged.columns)}) PARTITION BY LIST (batch_id)")
             swap += [f"DROP TABLE {name}" for name in replaced if name.startswith(prefix)]
             if staged.name is not None:
                 swap.append(f"ALTER TABLE {table} ATTACH PARTITION {staged.name} FOR VALUES IN ({literal(self.batch_id)})")
@@ -661,18 +395,6 @@ class _PartitionSwap(BatchWriter):
                 raise ConflictingWrite(f"batch {self.batch_id} was not written: {'; '.join(conflicts)}")
             self.control.execute(";\n".join(swap))  # one round trip
         self.staged.clear()
-
-
-def _writer_alive(connection) -> bool:
-    try:
-        if connection.closed or connection.info.transaction_status != 0:
-            return False
-        connection.execute("SELECT 1")
-        if not connection.autocommit:
-            connection.commit()
-        return True
-    except Exception:
-        return False
 
 
 def _alive(connection) -> bool:
@@ -686,11 +408,6 @@ def _alive(connection) -> bool:
         return False
 
 
-def open_warehouse(url: str) -> Warehouse:
-    """`postgresql://…` → PostgreSQL; `duckdb:///path`, or a plain path → that DuckDB file."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresWarehouse(url)
-    path = url.removeprefix("duckdb:///") if url.startswith("duckdb:///") else url.removeprefix("duckdb://")
-    if "://" in path:
-        raise WarehouseError(f"warehouse URL {url!r} is neither postgresql://… nor duckdb:///path")
-    return DuckDBWarehouse(Path(path))
+def _in_utc(connection) -> None:
+    connection.execute("SET TIME ZONE 'UTC'")
+    connection.commit()

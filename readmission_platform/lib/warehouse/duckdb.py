@@ -1,0 +1,203 @@
+"""The DuckDB warehouse: one file, written by one process at a time, a batch's tables replaced in one transaction."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from readmission_platform.lib.warehouse.base import (
+    BatchWriter,
+    Columns,
+    Warehouse,
+    WarehouseError,
+    checked,
+    literal,
+    stored_elsewhere,
+    table_ddl,
+)
+
+# A commit of rows that do not fill a row group writes them into the row group being filled, and DuckDB rewrites
+# that whole row group (every batch before it that shares it) when it checkpoints, as it does at each large commit.
+# Row groups about a batch's size keep a commit's work to the batch's own rows.
+ROW_GROUP_SIZE = 16_384
+ALIAS = "warehouse"
+
+
+class _Attached:
+    """The process's one in-memory DuckDB with the file attached; connections are its cursors.
+
+    DuckDB takes the row group size only when a file is attached, and refuses to attach one file twice in a process.
+    The file is detached when its last connection closes, so another process can take the lock.
+    """
+
+    _open: dict[Path, tuple[Any, int]] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    @contextmanager
+    def cursor(cls, path: Path, lock_wait_seconds: float):
+        with cls._lock:
+            host, users = cls._open.get(path, (None, 0))
+            if host is None:
+                host = cls._attach(path, lock_wait_seconds)
+            cls._open[path] = (host, users + 1)
+        try:
+            cursor = host.cursor()
+            try:
+                cursor.execute(f"USE {ALIAS}")
+                # Timestamps then read back as UTC, as written and as PostgreSQL returns them, not in the host's zone.
+                cursor.execute("SET TimeZone = 'UTC'")
+                yield cursor
+            finally:
+                cursor.close()
+        finally:
+            with cls._lock:
+                host, users = cls._open.pop(path)
+                if users > 1:
+                    cls._open[path] = (host, users - 1)
+                else:
+                    host.close()
+
+    @staticmethod
+    def _attach(path: Path, lock_wait_seconds: float):
+        import duckdb
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + lock_wait_seconds
+        # One thread: the pass computes its next stage in polars beside the load, on the same cores.
+        host = duckdb.connect(config={"threads": 1})
+        while True:
+            try:
+                host.execute(f"ATTACH {literal(str(path))} AS {ALIAS} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+                return host
+            except duckdb.IOException as error:
+                if "lock" not in str(error).lower() or time.monotonic() > deadline:
+                    host.close()
+                    raise WarehouseError(f"cannot open {path}: {error}") from error
+                time.sleep(random.uniform(0.05, 0.3))
+
+
+class DuckDBWarehouse(Warehouse):
+    """A DuckDB file. DuckDB admits one writing process; a second one waits here for the lock."""
+
+    LOCK_WAIT_SECONDS = 120.0
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.url = f"duckdb:///{self.path}"
+
+    def _connect(self):
+        return _Attached.cursor(self.path.absolute(), self.LOCK_WAIT_SECONDS)
+
+    def query(self, sql: str, params=()) -> pl.DataFrame:
+        import duckdb
+
+        with self._connected() as connection:
+            try:
+                return pl.from_arrow(connection.sql(sql, params=list(params) or None).to_arrow_table())
+            except duckdb.CatalogException as error:
+                if "does not exist" in str(error):
+                    return pl.DataFrame()
+                raise
+
+    def _insert(self, connection, table: str, columns: Columns, frame: pl.DataFrame, where: str | None, params) -> None:
+        existing = connection.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database() "
+            "AND table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        self._check_columns(table, columns, [name for (name,) in existing])
+        if not existing:
+            connection.execute(table_ddl(table, columns))
+        elif where is not None:
+            connection.execute(f"DELETE FROM {table} {where}", params)
+        if frame.height:
+            connection.register("incoming", frame.select(list(columns)).to_arrow())
+            connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
+            connection.unregister("incoming")
+
+    @contextmanager
+    def batch_writer(self, batch_id: str) -> Iterator[BatchWriter]:
+        # The block keeps the file open, and DuckDB lets one process at a time open it: what is read in the block
+        # stays what is stored until the block writes.
+        with nullcontext() if self._connection is not None else self:
+            with _Load(self, batch_id) as load:
+                yield load
+                load.commit()
+
+    def _replace(self, table, columns, frame, *, keep):
+        with self._connected() as connection:
+            connection.begin()
+            try:
+                self._insert(connection, table, columns, frame, None if keep else "", [])
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+
+
+class _Load(BatchWriter):
+    """One transaction on a cursor of its own, fed by a loader thread: each table is inserted as soon as it is put,
+    while the pass computes the next stage (DuckDB lets go of the GIL while it inserts).
+
+    A table taken back after it was inserted makes the commit start the transaction again with the tables kept.
+    """
+
+    def __init__(self, warehouse: DuckDBWarehouse, batch_id: str) -> None:
+        self.warehouse, self.batch_id = warehouse, batch_id
+        self.tables: dict[str, tuple[Columns, pl.DataFrame]] = {}
+        self.loads: list[Future] = []
+        self.retaken = False
+
+    def __enter__(self) -> _Load:
+        self.connection = self.warehouse._connection.cursor()
+        self.connection.execute(f"USE {ALIAS}")
+        self.connection.begin()
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="warehouse-loader")
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        import duckdb
+
+        try:
+            self.loader.shutdown(wait=True, cancel_futures=exc_type is not None)
+            if exc_type is not None:
+                self.connection.rollback()
+        except duckdb.TransactionException:
+            pass  # a commit that failed has already rolled the transaction back
+        finally:
+            self.connection.close()
+
+    def _insert(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
+        self.warehouse._insert(self.connection, table, columns, frame, "WHERE batch_id = $1", [self.batch_id])
+
+    def put(self, table, columns, frame):
+        if table in self.tables:
+            raise WarehouseError(f"table {table} is put twice for batch {self.batch_id}")
+        self.tables[checked(table)] = (columns, frame.select(list(columns)))
+        self.loads.append(self.loader.submit(self._insert, table, *self.tables[table]))
+
+    def discard(self, table):
+        if self.tables.pop(table, None) is not None:
+            self.retaken = True
+
+    def stored_elsewhere(self, table, column):
+        return stored_elsewhere(self.warehouse, table, column, self.batch_id)
+
+    def commit(self) -> None:
+        for load in self.loads:
+            load.result()  # the first failed insert fails the batch; __exit__ rolls back
+        if self.retaken:
+            self.connection.rollback()
+            self.connection.begin()
+            for table, (columns, frame) in self.tables.items():
+                self._insert(table, columns, frame)
+        self.connection.commit()
