@@ -15,7 +15,7 @@ from dagster._daemon.monitoring.run_monitoring import monitor_started_run
 
 from readmission_platform.cli.instance import prepare_dagster_home
 from readmission_platform.launcher import LocalRunLauncher
-from readmission_platform_tests.defs.test_instance import settings_for
+from readmission_platform_tests.cli.test_instance import settings_for
 
 # A run worker with no code server behind it: it materializes an asset that sleeps until it is killed.
 WORKER = textwrap.dedent(
