@@ -80,28 +80,24 @@ SITECUSTOMIZE = textwrap.dedent(
 
     def _patch():
         from readmission_platform.lib.warehouse import DuckDBWarehouse
+        from readmission_platform.lib.warehouse.duckdb import _Load
 
-        batch_writer, transaction = DuckDBWarehouse.batch_writer, DuckDBWarehouse._transaction
+        batch_writer, commit = DuckDBWarehouse.batch_writer, _Load.commit
 
         @contextlib.contextmanager
         def chaotic_batch_writer(self, batch_id):
-            self._chaos_batch = True
-            try:
-                with batch_writer(self, batch_id) as writer:
-                    yield writer
-            finally:
-                self._chaos_batch = False
+            with batch_writer(self, batch_id) as writer:
+                yield writer
             _die_at("after_commit")
 
-        @contextlib.contextmanager
-        def chaotic_transaction(self):
-            with transaction(self) as connection:
-                yield connection
-                if getattr(self, "_chaos_batch", False):
-                    _die_at("before_commit")  # the batch's rows are inserted, the transaction not committed
-                    _stall_at("stall")
+        def chaotic_commit(self):
+            for load in self.loads:
+                load.result()
+            _die_at("before_commit")  # the batch's rows are inserted, the transaction not committed
+            _stall_at("stall")
+            commit(self)
 
-        DuckDBWarehouse.batch_writer, DuckDBWarehouse._transaction = chaotic_batch_writer, chaotic_transaction
+        DuckDBWarehouse.batch_writer, _Load.commit = chaotic_batch_writer, chaotic_commit
 
 
     try:
