@@ -1,4 +1,5 @@
-"""Where the platform keeps its state, read once from the environment at the edge (definitions, CLI)."""
+"""The environment, read once at the edge: `Settings` for the definitions, the CLI and the service; `ServingSettings`
+for the knobs of a serving worker."""
 
 from __future__ import annotations
 
@@ -71,6 +72,52 @@ class Settings:
             prediction_log_url=given("prediction_log_url", "READMISSION_PREDICTION_LOG_URL")
             or f"sqlite:///{home / 'predictions.sqlite'}",
             variables=variables,
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: int | float, kind: type = int) -> int | float:
+    """The variable `name` as a `kind`, `default` when unset or empty; a ValueError naming the variable otherwise."""
+    text = env.get(name) or ""
+    if not text:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name} is {text!r}; expected {expected}") from None
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """What a serving worker reads besides `Settings`: the token, how often it checks the alias, its threads and log."""
+
+    api_token: str | None = None
+    reload_seconds: float = 30.0
+    workers: int = 1
+    # Native threads per worker (OpenMP, BLAS): scale with workers instead, as more threads than free cores slow
+    # gradient boosting's OpenMP loops many times over on a loaded machine.
+    threads: int = 1
+    # Predictions a worker keeps waiting for its log writer; past that they are dropped and counted, never waited for.
+    log_queue_rows: int = 100_000
+    # The log writer thread's niceness (see `PredictionLog`); 0 leaves it alone.
+    log_writer_nice: int = -5
+    fast_path: bool = True
+    max_body_bytes: int | None = None  # None: a full batch at its largest (`encounter.MAX_BATCH_BYTES`)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
+        """READMISSION_API_TOKEN (unset: open), READMISSION_RELOAD_SECONDS (30), READMISSION_SERVE_WORKERS (1),
+        READMISSION_SERVE_THREADS (1), READMISSION_PREDICTION_LOG_QUEUE_ROWS (100,000), READMISSION_PREDICTION_LOG_NICE
+        (-5), READMISSION_FAST_PATH (`0` switches it off), READMISSION_MAX_BODY_BYTES (a full batch at its largest)."""
+        return cls(
+            api_token=env.get("READMISSION_API_TOKEN") or None,
+            reload_seconds=_number(env, "READMISSION_RELOAD_SECONDS", cls.reload_seconds, float),
+            workers=_number(env, "READMISSION_SERVE_WORKERS", cls.workers),
+            threads=_number(env, "READMISSION_SERVE_THREADS", cls.threads),
+            log_queue_rows=_number(env, "READMISSION_PREDICTION_LOG_QUEUE_ROWS", cls.log_queue_rows),
+            log_writer_nice=_number(env, "READMISSION_PREDICTION_LOG_NICE", cls.log_writer_nice),
+            fast_path=env.get("READMISSION_FAST_PATH", "1") != "0",
+            max_body_bytes=_number(env, "READMISSION_MAX_BODY_BYTES", 0) or None,
         )
 
 

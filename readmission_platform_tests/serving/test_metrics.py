@@ -2,7 +2,7 @@ import numpy as np
 import prometheus_client
 import pytest
 
-from readmission_platform.serving.service import observe_many
+from readmission_platform.serving.metrics import observe_many
 
 
 def buckets(histogram) -> dict[str, float]:

@@ -1,0 +1,199 @@
+"""The service's contract: the answers' models, the 400 for malformed input, and the OpenAPI document that declares
+every answer each route gives (/docs.json)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Literal
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import JSONResponse, Response
+
+from readmission_platform.lib import schema
+from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, openapi_3_0, out_of_scope
+
+MAX_ERRORS = 1_000  # validation errors listed in one answer; the count says how many there were
+
+
+class Prediction(BaseModel):
+    probability: float = Field(description="Probability of readmission within 30 days.")
+    decision: bool = Field(description="True when the probability is at least the model's threshold: flag for follow-up.")
+    risk_band: Literal["low", "medium", "high"] = Field(
+        description="high: flagged; medium: above the base rate of readmission but not flagged; low: the rest."
+    )
+    threshold: float
+    model_name: str
+    model_version: str
+    request_id: str = Field(description="The client's request_id, or one made up for this prediction.")
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(json_schema_extra=openapi_3_0)
+
+    probability: float | None = Field(description="null when the encounter is not scored (see `reason`).")
+    decision: bool | None
+    risk_band: Literal["low", "medium", "high"] | None
+    request_id: str
+    reason: Literal["death_or_hospice"] | None = Field(
+        None, description="Why the encounter is not scored: discharged to death or hospice. Absent or null when scored."
+    )
+
+
+class BatchPrediction(BaseModel):
+    model_name: str
+    model_version: str
+    threshold: float
+    predictions: list[BatchItem] = Field(description="One per encounter, in the order sent.")
+
+
+class Contribution(BaseModel):
+    feature: str
+    value: float | str
+    contribution: float
+
+
+class OutOfScope(BaseModel):
+    model_config = ConfigDict(json_schema_extra=openapi_3_0)
+
+    error: str
+    reason: Literal["death_or_hospice"]
+    request_id: str
+
+
+class Explanation(BaseModel):
+    probability: float
+    decision: bool
+    model_name: str
+    model_version: str
+    method: str = Field(description="How contributions are computed, and their unit.")
+    contributions: list[Contribution] = Field(description="Every feature, the strongest push (up or down) first.")
+    request_id: str
+
+
+
+def not_ready() -> JSONResponse:
+    """What every route answers before a model is loaded (BentoML would hide the reason of a raised 5xx)."""
+    return JSONResponse(
+        {"error": "no model loaded: nothing is promoted to 'production' in the registry, and no model is packed here"},
+        status_code=503,
+    )
+
+
+def out_of_scope_answer(encounter: BaseModel) -> JSONResponse | None:
+    """The 422 for an encounter no readmission risk is predicted for, or None."""
+    if (disposition := encounter.discharge_disposition_id) not in schema.DEATH_OR_HOSPICE_DISPOSITIONS:
+        return None
+    return JSONResponse(
+        {"error": out_of_scope(disposition), "reason": DEATH_OR_HOSPICE, "request_id": encounter.request_id or uuid.uuid4().hex},
+        status_code=422,
+    )
+
+
+
+def invalid(error: ValidationError) -> JSONResponse:
+    """A 400 naming each offending field, as BentoML answers for its own routes."""
+    count = error.error_count()
+    listed = f" (the first {MAX_ERRORS:,} listed)" if count > MAX_ERRORS else ""
+    return JSONResponse(
+        {"error": f"{count} validation error{'s' if count > 1 else ''} for {error.title}{listed}",
+         "detail": error.errors(include_context=False, include_input=False)[:MAX_ERRORS]},
+        status_code=400,
+    )  # fmt: skip
+
+
+def inlined(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its definitions inlined, for an OpenAPI request body of its own."""
+    found = model.model_json_schema()
+    definitions = found.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if set(node) == {"$ref"}:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return inline(found)
+
+
+def _answer_of(description: str, component: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{component}"}}}}
+
+
+_ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "What was wrong, and what would be right."}},
+}  # fmt: skip
+_VALIDATION_ERRORS = {
+    "type": "object", "required": ["error", "detail"],
+    "properties": {
+        "error": {"type": "string", "description": "How many validation errors there were."},
+        "detail": {
+            "type": "array", "maxItems": MAX_ERRORS, "description": "Each offending field: where, what it expects.",
+            "items": {
+                "type": "object", "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": {"type": "string"}, "type": {"type": "string"},
+                },
+            },
+        },
+    },
+}  # fmt: skip
+
+
+def openapi_document(bentoml_document: dict[str, Any], *, token: bool, max_body: int) -> dict[str, Any]:
+    """BentoML's OpenAPI document with the answers each route really gives; `token`: the bearer token is required;
+    `max_body`: the largest body taken, in bytes.
+
+    BentoML declares the same errors for every @bentoml.api route (`detail` a string, a 404 and a 500) and none for
+    the mounted routes.
+    """
+    document = json.loads(json.dumps(bentoml_document))
+    components = document["components"]["schemas"]
+    for unused in ("InvalidArgument", "NotFound", "InternalServerError", "TaskStatusResponse"):
+        components.pop(unused, None)
+    components |= {"Error": _ERROR, "ValidationErrors": _VALIDATION_ERRORS, "OutOfScope": inlined(OutOfScope)}
+    refused = {
+        "401": _answer_of("Missing or wrong bearer token (`Authorization: Bearer <token>`).", "Error"),
+        "503": _answer_of("No model loaded yet: nothing is promoted to 'production', and none is packed here.", "Error"),
+    }
+    if not token:
+        del refused["401"]
+    bodies = {
+        "400": _answer_of("Malformed input, every offending field named (`loc`, `msg`, `type`).", "ValidationErrors"),
+        "413": _answer_of(f"A body of more than READMISSION_MAX_BODY_BYTES bytes ({max_body:,} here).", "Error"),
+        "415": _answer_of("A body not declared `Content-Type: application/json`.", "Error"),
+    }
+    out_of_scope = {"422": _answer_of("The encounter is out of the model's scope (`reason`): no probability.", "OutOfScope")}
+    bentoml_failed = {"500": _answer_of("A defect in the service; its log says more.", "Error")}
+    answers = {
+        "/predict": refused | bodies | out_of_scope | bentoml_failed,
+        "/explain": refused | bodies | out_of_scope | bentoml_failed
+        | {"501": _answer_of("The model serving has no way to be explained.", "Error")},
+        "/predict_batch": refused | bodies,
+        "/model": refused,
+    }
+    for route, declared in answers.items():
+        for operation in document["paths"][route].values():
+            operation["responses"] = {"200": operation["responses"].get("200") or operation["responses"][200]} | declared
+            if "requestBody" in operation:
+                operation["requestBody"]["required"] = True
+            if token:
+                operation["security"] = [{"bearer": []}]
+    if token:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    document["paths"]["/readyz"]["get"]["responses"]["503"] = {
+        "description": "No model loaded yet.", "content": {"text/plain": {"schema": {"type": "string"}}},
+    }  # fmt: skip
+    return document
+
+
+
+def batch_answer(model_name: str, model_version: str, threshold: float, answers: pl.DataFrame) -> Response:
+    """A `BatchPrediction` from the answers' frame, its rows written by polars in one pass rather than as pydantic
+    models one by one."""
+    head = json.dumps({"model_name": model_name, "model_version": model_version, "threshold": threshold})
+    return Response(f'{head[:-1]},"predictions":{answers.write_json()}}}', media_type="application/json")

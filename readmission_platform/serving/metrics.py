@@ -1,0 +1,48 @@
+"""The service's Prometheus metrics, each named once here; the service, its gate and its model watcher count in them.
+
+BentoML sets up prometheus_client's multiprocess mode in each worker before the service is imported, so these are
+the same metrics `/metrics` gathers from every worker (`bentoml.metrics` is now only an alias of prometheus_client).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import prometheus_client
+
+PREDICTIONS = prometheus_client.Counter(
+    name="readmission_predictions", documentation="Predictions made, by model version and decision.",
+    labelnames=["model_version", "decision"],
+)  # fmt: skip
+PROBABILITY = prometheus_client.Histogram(
+    name="readmission_prediction_probability", documentation="Predicted probabilities of readmission within 30 days.",
+    buckets=(0.02, 0.05, 0.08, 0.11, 0.14, 0.17, 0.2, 0.3, 0.4, 0.6, 1.0),
+)  # fmt: skip
+REJECTED = prometheus_client.Counter(
+    name="readmission_rejected_requests", documentation="Requests answered with a 4xx status, by route and status.",
+    labelnames=["route", "status"],
+)  # fmt: skip
+RELOADS = prometheus_client.Counter(
+    name="readmission_model_reloads", documentation="Model loads by outcome: loaded (now serving) or failed.",
+    labelnames=["outcome"],
+)  # fmt: skip
+LOG_DROPPED = prometheus_client.Counter(
+    name="readmission_prediction_log_dropped", documentation="Predictions the log could not keep (queue full, writes failing).",
+)  # fmt: skip
+UNLOGGED = prometheus_client.Counter(
+    name="readmission_refusals_unlogged", documentation="Refused requests not written to the log, past its rate limit.",
+)  # fmt: skip
+
+
+def observe_many(histogram: prometheus_client.Histogram, values: np.ndarray) -> None:
+    """`histogram.observe` for every value, with one increment per bucket instead of one call per value."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    if bounds is None or buckets is None or len(bounds) != len(buckets):  # prometheus_client changed: the slow way
+        for value in values:
+            histogram.observe(float(value))
+        return
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for bucket, count in zip(buckets, counts, strict=False):
+        if count:
+            bucket.inc(int(count))
+    histogram._sum.inc(float(np.sum(values)))

@@ -1,0 +1,107 @@
+"""Keeps a serving worker on the version behind the alias `production`, or on the model packed in its Bento."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Protocol
+
+import bentoml
+
+from readmission_platform.lib.reporting import masked
+from readmission_platform.serving.metrics import RELOADS
+from readmission_platform.serving.model import ServedModel, load_version, production_version, serve
+from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MODEL
+from readmission_platform.settings import ServingSettings, Settings
+
+log = logging.getLogger(__name__)
+
+
+class Serving(Protocol):
+    """What the watcher keeps up to date: the model a worker answers with."""
+
+    model: ServedModel | None
+
+
+# A version that failed to load is tried again after this many checks, in case the failure was passing.
+RETRY_REFUSED_AFTER = 10
+
+
+class ModelWatcher(threading.Thread):
+    """Keeps a worker on the version behind `production`: a first load, then a check every `interval` seconds."""
+
+    def __init__(self, service: Serving, settings: Settings, serving: ServingSettings) -> None:
+        super().__init__(name="model-watcher", daemon=True)
+        self.service = service
+        self.interval = serving.reload_seconds
+        self.fast, self.threads = serving.fast_path, serving.threads
+        self.settings = settings
+        self._registry = None  # opened on first use, so an unreachable store cannot stop a worker from starting
+        self.refused: dict[str, int] = {}  # version → checks left before trying it again
+        self.packed_tried = False
+        self.stopped = threading.Event()
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from readmission_platform.lib.registry import ModelRegistry
+
+            self._registry = ModelRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root.as_uri())
+        return self._registry
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.check()
+
+    def check(self) -> None:
+        try:
+            version = production_version(self.registry)
+        except Exception as error:  # the registry's database is unreachable
+            log.warning("cannot read the 'production' alias from %s: %s", masked(self.settings.mlflow_tracking_uri), error)
+            version = None
+        current = self.service.model
+        if version is None:
+            if current is None and not self.packed_tried:
+                self.packed_tried = True  # once: it is packed in the Bento and does not change
+                self.service.model = _packed_model(self.fast, self.threads)
+            return
+        if current is not None and current.version == version:
+            return
+        if self.refused.get(version, 0) > 0:
+            self.refused[version] -= 1
+            return
+        try:
+            model = load_version(self.registry, version, fast=self.fast, threads=self.threads)
+        except Exception as error:
+            RELOADS.labels(outcome="failed").inc()
+            self.refused[version] = RETRY_REFUSED_AFTER
+            log.error("version %s stays unserved, %s: %s", version,
+                      f"version {current.version} keeps serving" if current else "no model serves", error)  # fmt: skip
+            return
+        self.service.model = model
+        self.refused.pop(version, None)
+        RELOADS.labels(outcome="loaded").inc()
+        log.info("now serving version %s of %s (was %s)", version, model.name, current.version if current else "none")
+
+
+def _packed_model(fast: bool, threads: int) -> ServedModel | None:
+    """The model packed in this Bento (or BentoML's model store), for when the registry has none to give."""
+    try:
+        packed = bentoml.models.get(f"{PACKED_MODEL}:latest")
+    except bentoml.exceptions.NotFound:
+        return None
+    import mlflow.sklearn
+
+    try:
+        info = json.loads(packed.info.metadata["info"]) | {"served_from": f"BentoML model {packed.tag}"}
+        model = serve(mlflow.sklearn.load_model(packed.path_of(MLFLOW_MODEL_FOLDER)), info, fast=fast, threads=threads)
+    except Exception as error:
+        RELOADS.labels(outcome="failed").inc()
+        log.error("the packed model %s cannot serve: %s", packed.tag, error)
+        return None
+    RELOADS.labels(outcome="loaded").inc()
+    log.info("serving the packed model %s (version %s): the registry has no 'production' version to give", packed.tag,
+             model.version)  # fmt: skip
+    return model
+

@@ -1,0 +1,36 @@
+import pytest
+
+from readmission_platform.settings import ServingSettings, Settings
+
+
+def test_serving_settings_default_to_the_documented_values():
+    serving = ServingSettings.from_env({})
+    assert (serving.api_token, serving.reload_seconds, serving.workers, serving.threads) == (None, 30.0, 1, 1)
+    assert (serving.log_queue_rows, serving.log_writer_nice, serving.fast_path, serving.max_body_bytes) == (
+        100_000, -5, True, None,
+    )  # fmt: skip
+
+
+def test_serving_settings_read_every_variable():
+    serving = ServingSettings.from_env(
+        {"READMISSION_API_TOKEN": "s3cret", "READMISSION_RELOAD_SECONDS": "0.5", "READMISSION_SERVE_WORKERS": "4",
+         "READMISSION_SERVE_THREADS": "2", "READMISSION_PREDICTION_LOG_QUEUE_ROWS": "7",
+         "READMISSION_PREDICTION_LOG_NICE": "0", "READMISSION_FAST_PATH": "0", "READMISSION_MAX_BODY_BYTES": "1024"}
+    )  # fmt: skip
+    assert serving == ServingSettings("s3cret", 0.5, 4, 2, 7, 0, False, 1024)
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "expected"),
+    [("READMISSION_SERVE_WORKERS", "two", "a whole number"), ("READMISSION_RELOAD_SECONDS", "soon", "a number")],
+)
+def test_a_malformed_number_names_its_variable(variable, text, expected):
+    with pytest.raises(ValueError, match=f"{variable} is '{text}'; expected {expected}"):
+        ServingSettings.from_env({variable: text})
+
+
+def test_settings_name_the_variable_behind_each_value(tmp_path):
+    settings = Settings.from_env({"READMISSION_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert settings.mlflow_tracking_uri == "http://127.0.0.1:5000"
+    assert settings.variables == {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI"}
+    assert settings.warehouse_url == f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
