@@ -34,7 +34,13 @@ UNLOGGED = prometheus_client.Counter(
 
 
 def observe_many(histogram: prometheus_client.Histogram, values: np.ndarray) -> None:
-    """`histogram.observe` for every value, with one increment per bucket instead of one call per value."""
+    """`histogram.observe` for every value, with one increment per bucket instead of one call per value.
+
+    prometheus_client has no public way to observe many values at once (its maintainers declined one: client_python
+    #733, #911), and in multiprocess mode each `observe` is a locked write to a memory-mapped file, which for a
+    20,000-encounter batch would cost more than scoring it. So this one function reaches into the histogram; the
+    tests hold it to `observe` value by value, and should prometheus_client change, it falls back to that loop.
+    """
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     if bounds is None or buckets is None or len(bounds) != len(buckets):  # prometheus_client changed: the slow way
