@@ -19,8 +19,9 @@ import dagster as dg
 import psutil
 import pytest
 
-from readmission_platform.cli.demo import PARTITION_TAG, WILL_RETRY_TAG, running_daemon, settled
+from readmission_platform.cli.demo import running_daemon, settled
 from readmission_platform.cli.instance import prepare_dagster_home
+from readmission_platform.defs import run_tags
 from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.registry import RUN_GROUP_TAG, ModelRegistry
 from readmission_platform.lib.warehouse import open_warehouse
@@ -154,12 +155,12 @@ def describe(runs: list[dg.DagsterRun]) -> str:
 
 
 def batch_runs(instance, batch_id: str) -> list[dg.DagsterRun]:
-    return instance.get_runs(dg.RunsFilter(job_name="ingest_batch", tags={PARTITION_TAG: batch_id}))
+    return instance.get_runs(dg.RunsFilter(job_name="ingest_batch", tags={run_tags.PARTITION: batch_id}))
 
 
 def decided(runs: list[dg.DagsterRun]) -> bool:
     """settled, and each failed run already tagged whether it will be retried (the tag follows the failure by a moment)."""
-    return settled(runs) and all(r.status != dg.DagsterRunStatus.FAILURE or WILL_RETRY_TAG in r.tags for r in runs)
+    return settled(runs) and all(r.status != dg.DagsterRunStatus.FAILURE or run_tags.WILL_RETRY in r.tags for r in runs)
 
 
 def started(instance, batch_id: str):

@@ -12,13 +12,10 @@ from pathlib import Path
 import dagster as dg
 
 from readmission_platform.cli.instance import REPO_ROOT
-from readmission_platform.lib.landing import batch_id_for, content_hash
-from readmission_platform.cli.report import FINISHED, PARTITION_TAG
+from readmission_platform.cli.report import FINISHED
 from readmission_platform.cli.supervisor import Supervised
-
-SHA_TAG = "readmission/sha256"
-NEWEST_BATCH_TAG = "readmission/newest_batch"
-WILL_RETRY_TAG = "dagster/will_retry"
+from readmission_platform.defs import run_tags
+from readmission_platform.lib.landing import batch_id_for, content_hash
 
 
 def daemon_is_alive(instance: dg.DagsterInstance, within_seconds: float = 60) -> bool:
@@ -53,7 +50,7 @@ def settled(runs: list[dg.DagsterRun]) -> bool:
     """Every run finished, and none failed with an automatic retry still to come (the daemon starts it)."""
     retried = {run.parent_run_id for run in runs}
     return all(run.status in FINISHED for run in runs) and not any(
-        run.status == dg.DagsterRunStatus.FAILURE and run.tags.get(WILL_RETRY_TAG) == "true" and run.run_id not in retried
+        run.status == dg.DagsterRunStatus.FAILURE and run.tags.get(run_tags.WILL_RETRY) == "true" and run.run_id not in retried
         for run in runs
     )
 
@@ -66,10 +63,10 @@ class RunWatcher:
         self.shown: dict[str, str] = {}
 
     def _label(self, run: dg.DagsterRun) -> str:
-        if PARTITION_TAG in run.tags:
-            return f"{run.job_name} {run.tags[PARTITION_TAG]}"
+        if run_tags.PARTITION in run.tags:
+            return f"{run.job_name} {run.tags[run_tags.PARTITION]}"
         trigger = run.tags.get("readmission/trigger")
-        return f"{run.job_name} (after {run.tags.get(NEWEST_BATCH_TAG, '?')}, {trigger})" if trigger else run.job_name
+        return f"{run.job_name} (after {run.tags.get(run_tags.NEWEST_BATCH, '?')}, {trigger})" if trigger else run.job_name
 
     def wait(self, tags: dict, describe: str, timeout: float, log_path: Path, appear_within: float | None = None):
         """The finished runs tagged `tags`; None when `appear_within` seconds pass and no such run exists."""
@@ -101,9 +98,9 @@ def land_and_process(
         landed_count += 1
         batch = landed[0]
         say(f"landed {batch.path.name} ({batch.rows:,} encounters)")
-        watcher.wait({SHA_TAG: content_hash(batch.path.read_bytes())}, f"ingestion of {batch.path.name}", timeout, log_path)
+        watcher.wait({run_tags.SHA: content_hash(batch.path.read_bytes())}, f"ingestion of {batch.path.name}", timeout, log_path)
         found = watcher.wait(
-            {NEWEST_BATCH_TAG: batch_id_for(batch.path)}, f"the retrain after {batch.path.name}", timeout, log_path, appear_within=90
+            {run_tags.NEWEST_BATCH: batch_id_for(batch.path)}, f"the retrain after {batch.path.name}", timeout, log_path, appear_within=90
         )
         if found is None:
             say("  retrain_sensor started no retrain (see its skip reason under Automation in the UI)")

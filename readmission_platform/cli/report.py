@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import dagster as dg
 import polars as pl
 
-PARTITION_TAG = "dagster/partition"
+from readmission_platform.defs import run_tags
+
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
@@ -39,7 +40,7 @@ def _failure_message(data) -> str:
 def read_batch_report(instance: dg.DagsterInstance, run: dg.DagsterRun) -> BatchReport:
     stats = instance.get_run_stats(run.run_id)
     seconds = stats.end_time - stats.start_time if stats.start_time and stats.end_time else None
-    report = BatchReport(run.tags[PARTITION_TAG], run.run_id, run.status.value.lower(), seconds)
+    report = BatchReport(run.tags[run_tags.PARTITION], run.run_id, run.status.value.lower(), seconds)
     wanted = {
         dg.DagsterEventType.ASSET_MATERIALIZATION,
         dg.DagsterEventType.ASSET_CHECK_EVALUATION,
@@ -64,7 +65,7 @@ def latest_batch_reports(instance: dg.DagsterInstance) -> list[BatchReport]:
     """The newest finished run of every batch partition, in batch order."""
     newest: dict[str, dg.DagsterRun] = {}
     for run in instance.get_runs(dg.RunsFilter(statuses=list(FINISHED)), limit=1000):
-        partition = run.tags.get(PARTITION_TAG)
+        partition = run.tags.get(run_tags.PARTITION)
         if partition and partition not in newest:
             newest[partition] = run
     return [read_batch_report(instance, newest[key]) for key in sorted(newest)]

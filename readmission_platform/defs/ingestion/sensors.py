@@ -1,9 +1,8 @@
 import json
 
 import dagster as dg
-from dagster._core.events import RunFailureReason
-from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, PARTITION_NAME_TAG, RUN_FAILURE_REASON_TAG, WILL_RETRY_TAG
 
+from readmission_platform.defs import run_tags
 from readmission_platform.defs.partitions import batches
 from readmission_platform.defs.resources import LandingResource
 from readmission_platform.lib.landing import batch_id_for, content_hash, landed_files
@@ -15,8 +14,6 @@ ingest_batch_job = dg.define_asset_job(
 )
 
 
-SOURCE_FILE_TAG, SHA_TAG = "readmission/source_file", "readmission/sha256"
-AFTER_CRASH_OF_TAG = "readmission/after_crash_of"
 # Failed runs looked at each tick for a crash left unretried; far more than batches land between two ticks.
 RECENT_FAILURES = 50
 
@@ -31,26 +28,26 @@ def crashes_left_unretried(instance: dg.DagsterInstance, seen: dict[str, dict]) 
     if not instance.run_retries_enabled:
         return []
     failed = instance.get_runs(
-        dg.RunsFilter(job_name=ingest_batch_job.name, statuses=[dg.DagsterRunStatus.FAILURE], tags={WILL_RETRY_TAG: "false"}),
+        dg.RunsFilter(job_name=ingest_batch_job.name, statuses=[dg.DagsterRunStatus.FAILURE], tags={run_tags.WILL_RETRY: "false"}),
         limit=RECENT_FAILURES,
     )
     requests = []
     for run in failed:
-        if run.tags.get(RUN_FAILURE_REASON_TAG) == RunFailureReason.STEP_FAILURE.value or AUTO_RETRY_RUN_ID_TAG in run.tags:
+        if run.tags.get(run_tags.FAILURE_REASON) == run_tags.STEP_FAILURE or run_tags.AUTO_RETRY_RUN_ID in run.tags:
             continue
-        landed = seen.get(run.tags.get(SOURCE_FILE_TAG, ""))
-        if landed is None or landed["sha256"] != run.tags.get(SHA_TAG):
+        landed = seen.get(run.tags.get(run_tags.SOURCE_FILE, ""))
+        if landed is None or landed["sha256"] != run.tags.get(run_tags.SHA):
             continue
-        batch_id = run.tags[PARTITION_NAME_TAG]
-        attempts = instance.get_runs(dg.RunsFilter(job_name=ingest_batch_job.name, tags={PARTITION_NAME_TAG: batch_id}))
+        batch_id = run.tags[run_tags.PARTITION]
+        attempts = instance.get_runs(dg.RunsFilter(job_name=ingest_batch_job.name, tags={run_tags.PARTITION: batch_id}))
         if attempts[0].run_id != run.run_id or len(attempts) > instance.run_retries_max_retries:
             continue
         requests.append(
             dg.RunRequest(
                 # One request per crashed run: the next crash of this batch gets one of its own.
-                run_key=f"{batch_id}:{run.tags[SHA_TAG][:16]}:after:{run.run_id}",
+                run_key=f"{batch_id}:{run.tags[run_tags.SHA][:16]}:after:{run.run_id}",
                 partition_key=batch_id,
-                tags={SOURCE_FILE_TAG: run.tags[SOURCE_FILE_TAG], SHA_TAG: run.tags[SHA_TAG], AFTER_CRASH_OF_TAG: run.run_id},
+                tags={run_tags.SOURCE_FILE: run.tags[run_tags.SOURCE_FILE], run_tags.SHA: run.tags[run_tags.SHA], run_tags.AFTER_CRASH_OF: run.run_id},
             )
         )
     return requests
@@ -88,7 +85,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
             dg.RunRequest(
                 run_key=f"{batch_id}:{digest[:16]}",
                 partition_key=batch_id,
-                tags={SOURCE_FILE_TAG: path.name, SHA_TAG: digest},
+                tags={run_tags.SOURCE_FILE: path.name, run_tags.SHA: digest},
             )
         )
     run_requests.extend(crashes_left_unretried(context.instance, seen))

@@ -2,6 +2,7 @@ import hashlib
 
 import dagster as dg
 
+from readmission_platform.defs import run_tags
 from readmission_platform.defs.partitions import latest_by_partition
 from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
 
@@ -66,7 +67,7 @@ def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, 
         run_key=f"{trigger}:{hashlib.sha256(state.encode()).hexdigest()[:20]}",
         tags={
             "readmission/trigger": trigger,
-            "readmission/newest_batch": max(batches),
+            run_tags.NEWEST_BATCH: max(batches),
             "readmission/new_batches": ",".join(sorted(new)),
             "readmission/drifted_batches": ",".join(sorted(drifted)),
         },
