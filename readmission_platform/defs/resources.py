@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dagster as dg
+import polars as pl
 
+from readmission_platform.lib.splitting import SPLIT, SPLITS
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 
 if TYPE_CHECKING:
@@ -20,6 +22,12 @@ class WarehouseResource(dg.ConfigurableResource):
 
     def open(self) -> Warehouse:
         return open_warehouse(self.url)
+
+    def training_parts(self) -> dict[str, pl.DataFrame]:
+        """The stored training set's train, validation and test parts."""
+        with self.open() as store:
+            frame = store.read_table("training_set")
+        return {name: frame.filter(pl.col(SPLIT) == name) for name in SPLITS}
 
 
 class LandingResource(dg.ConfigurableResource):

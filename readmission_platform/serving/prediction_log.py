@@ -83,9 +83,9 @@ sa.Index("predictions_predicted_at", predictions.c.predicted_at, postgresql_usin
 sa.Index("predictions_model_version", predictions.c.model_version).ddl_if(dialect="postgresql")
 # SQLite: the table's own rowid is the id, and there is no other index (on the hot path each would cost a third of an
 # insert). Without a column of its own for the id, a batch staged in a temporary table of the same columns is copied
-# in under the write lock record by record, as stored, without decoding (SQLite's transfer optimization): 3 ms for
-# 10,000 rows, where binding them from Arrow takes 28. Two loaded workers held the lock for 100 ms a batch when it
-# covered the binding, and their writers fell behind.
+# in under the write lock record by record, as stored, without decoding (SQLite's transfer optimization), a small
+# fraction of what binding them from Arrow takes. Loaded workers whose lock covered the binding fell behind
+# (benchmarks/README.md).
 _sqlite_metadata = sa.MetaData()
 sqlite_predictions = sa.Table(TABLE, _sqlite_metadata, *_columns())
 _STAGED = f"{TABLE}_staged"
@@ -279,7 +279,7 @@ class PredictionLog:
             cursor.execute(f"DELETE FROM temp.{_STAGED}")
 
     def _insert_postgres(self, frame: pl.DataFrame) -> None:
-        # CSV written by polars: handing COPY 53 Python values a row took 100 ms of the worker's CPU per 10,000 rows.
+        # CSV written by polars: handing COPY a Python value per field cost the worker many times more CPU.
         names = ", ".join(quote(name) for name in COLUMNS)
         with self.engine.begin() as connection:
             with connection.connection.driver_connection.cursor().copy(f"COPY {TABLE} ({names}) FROM STDIN (FORMAT csv)") as copy:

@@ -4,8 +4,8 @@ alone (a check selected without its asset) on the rows the warehouse holds."""
 import dagster as dg
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.features import FEATURE_COLUMNS, FEATURE_SCHEMA
 from readmission_platform.lib.cleaning import CleanResult
+from readmission_platform.lib.features import FEATURE_COLUMNS, FEATURE_SCHEMA
 from readmission_platform.lib.pipeline import CLEAN, FEATURES, BatchRun
 from readmission_platform.lib.validation import clean_violations, shape_problems
 from readmission_platform.lib.warehouse import Warehouse

@@ -4,11 +4,11 @@ import dagster as dg
 import polars as pl
 
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
-from readmission_platform.defs.training.assets import read_parts, trained_model
 from readmission_platform.lib.evaluation import evaluate_model, subgroup_tables
 from readmission_platform.lib.promotion import DECISION_SCHEMA, Gates, decide, gate_failures, gate_warnings
 from readmission_platform.lib.reporting import markdown_table
 
+TRAINED_MODEL = dg.AssetKey("trained_model")
 REPORTED = ("roc_auc", "pr_auc", "brier", "base_rate_brier", "log_loss", "precision", "recall", "f1", "positive_rate")
 
 
@@ -24,7 +24,7 @@ class PromotionConfig(dg.Config):
 
 
 def challenger_version(context: dg.AssetExecutionContext) -> str:
-    event = context.instance.get_latest_materialization_event(trained_model.key)
+    event = context.instance.get_latest_materialization_event(TRAINED_MODEL)
     if event is None or event.asset_materialization is None:
         raise dg.Failure("trained_model has never been materialized; there is no challenger to decide on")
     return str(event.asset_materialization.metadata["model_version"].value)
@@ -43,7 +43,7 @@ def decided_in_run_group(context: dg.AssetExecutionContext, store, version: str)
 
 
 @dg.asset(
-    deps=[trained_model],
+    deps=[TRAINED_MODEL],
     group_name="promotion",
     kinds={"mlflow"},
     description="Scores the challenger and production on the same test patients; moves the alias `production` when the challenger wins and passes the gates.",
@@ -54,7 +54,7 @@ def promotion_decision(
     from readmission_platform.lib.registry import PREVIOUS_PRODUCTION, ModelLoadError, decision_threshold
 
     registry = mlflow.registry()
-    parts = read_parts(warehouse)
+    parts = warehouse.training_parts()
     test, prevalence = parts["test"], float(parts["train"]["readmitted_30d"].mean())
     version = challenger_version(context)
     challenger = registry.load_model(version)

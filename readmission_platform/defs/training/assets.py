@@ -14,7 +14,7 @@ from readmission_platform.lib.features import FEATURE_SCHEMA
 from readmission_platform.lib.pipeline import FEATURES
 from readmission_platform.lib.plots import evaluation_plots
 from readmission_platform.lib.reporting import markdown_table
-from readmission_platform.lib.splitting import SPLIT, SPLITS, assign_split, split_overlap
+from readmission_platform.lib.splitting import SPLIT, assign_split, split_overlap
 from readmission_platform.lib.training import (
     FAMILIES,
     choose_challenger,
@@ -31,13 +31,6 @@ if TYPE_CHECKING:
     from readmission_platform.lib.registry import ModelRegistry
 
 TRAINING_SET_SCHEMA = FEATURE_SCHEMA | {SPLIT: pl.String()}
-
-
-def read_parts(warehouse: WarehouseResource) -> dict[str, pl.DataFrame]:
-    """The training set's train, validation and test parts."""
-    with warehouse.open() as store:
-        frame = store.read_table("training_set")
-    return {name: frame.filter(pl.col(SPLIT) == name) for name in SPLITS}
 
 
 @dg.asset(
@@ -112,7 +105,7 @@ def trained_model(
     if (registered := registry.registered_by(group)) is not None:
         context.log.info(f"version {registered.version} was registered by run {registered.tags['dagster_run_id']} of this run group; not registering another")
         return _registered_before(registry, registered)
-    parts = read_parts(warehouse)
+    parts = warehouse.training_parts()
     train, validation = parts["train"], parts["validation"]
     candidates = train_candidates(train, validation, families=tuple(config.families), seed=config.seed)
     lineage = _lineage(context, parts, BATCHES_TAG, RUN_GROUP_TAG)
