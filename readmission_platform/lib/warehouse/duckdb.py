@@ -24,10 +24,11 @@ from readmission_platform.lib.warehouse.base import (
     table_ddl,
 )
 
-# A commit of rows that do not fill a row group writes them into the row group being filled, and DuckDB rewrites
-# that whole row group (every batch before it that shares it) when it checkpoints, as it does at each large commit.
-# Row groups about a batch's size keep a commit's work to the batch's own rows.
-ROW_GROUP_SIZE = 16_384
+# DuckDB compresses and writes an insert's rows to the file during the INSERT only once they fill a row group; rows
+# that fill none wait for the commit, which then compresses them on the committing thread, after the pass has
+# computed everything. Row groups smaller than a batch move that work into the loader thread, while the pass computes
+# the next stage, and leave the commit little more than the WAL's pointers to the blocks already written.
+ROW_GROUP_SIZE = 8_192
 ALIAS = "warehouse"
 
 
@@ -72,8 +73,9 @@ class _Attached:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + lock_wait_seconds
-        # One thread: the pass computes its next stage in polars beside the load, on the same cores.
-        host = duckdb.connect(config={"threads": 1})
+        # A filled row group is written at once instead of after four more (the default buffers five), so a batch's
+        # groups are written during its INSERT, two at a time with two threads.
+        host = duckdb.connect(config={"threads": 2, "write_buffer_row_group_count": 1})
         while True:
             try:
                 host.execute(f"ATTACH {literal(str(path))} AS {ALIAS} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
@@ -109,9 +111,10 @@ class DuckDBWarehouse(Warehouse):
                 raise
 
     def _insert(self, connection, table: str, columns: Columns, frame: pl.DataFrame, where: str | None, params) -> None:
+        # duckdb_columns() rather than the information_schema view over it, whose binding costs tens of milliseconds.
         existing = connection.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database() "
-            "AND table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND table_name = $1 ORDER BY column_index",
             [table],
         ).fetchall()
         self._check_columns(table, columns, [name for (name,) in existing])
@@ -120,7 +123,8 @@ class DuckDBWarehouse(Warehouse):
         elif where is not None:
             connection.execute(f"DELETE FROM {table} {where}", params)
         if frame.height:
-            connection.register("incoming", frame.select(list(columns)).to_arrow())
+            # Arrow's string views are polars' own strings and DuckDB's layout: no copy into offsets and bytes first.
+            connection.register("incoming", frame.select(list(columns)).to_arrow(compat_level=pl.CompatLevel.newest()))
             connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
             connection.unregister("incoming")
 
