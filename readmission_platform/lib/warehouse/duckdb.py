@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -33,27 +34,32 @@ ALIAS = "warehouse"
 
 
 class _Attached:
-    """The process's one in-memory DuckDB with the file attached; connections are its cursors.
+    """The process's one in-memory DuckDB, which attaches the file while anything uses it; connections are its cursors.
 
     DuckDB takes the row group size only when a file is attached, and refuses to attach one file twice in a process.
-    The file is detached when its last connection closes, so another process can take the lock.
+    The instance lives as long as the process (starting one costs ten times what attaching a file does); the file is
+    detached when its last connection closes, so another process can take the lock.
     """
 
-    _open: dict[Path, tuple[Any, int]] = {}
+    _host: Any = None
+    _host_pid = 0
+    _open: dict[Path, tuple[str, int]] = {}  # path → (its alias in the instance, connections using it)
+    _attached = 0
     _lock = threading.Lock()
 
     @classmethod
     @contextmanager
     def cursor(cls, path: Path, lock_wait_seconds: float):
         with cls._lock:
-            host, users = cls._open.get(path, (None, 0))
-            if host is None:
-                host = cls._attach(path, lock_wait_seconds)
-            cls._open[path] = (host, users + 1)
+            cls._start()
+            alias, users = cls._open.get(path, ("", 0))
+            if not users:
+                alias = cls._attach(path, lock_wait_seconds)
+            cls._open[path] = (alias, users + 1)
         try:
-            cursor = host.cursor()
+            cursor = cls._host.cursor()
             try:
-                cursor.execute(f"USE {ALIAS}")
+                cursor.execute(f"USE {alias}")
                 # Timestamps then read back as UTC, as written and as PostgreSQL returns them, not in the host's zone.
                 cursor.execute("SET TimeZone = 'UTC'")
                 yield cursor
@@ -61,28 +67,42 @@ class _Attached:
                 cursor.close()
         finally:
             with cls._lock:
-                host, users = cls._open.pop(path)
+                alias, users = cls._open.pop(path)
                 if users > 1:
-                    cls._open[path] = (host, users - 1)
+                    cls._open[path] = (alias, users - 1)
                 else:
-                    host.close()
+                    cls._host.execute(f"DETACH {alias}")
 
-    @staticmethod
-    def _attach(path: Path, lock_wait_seconds: float):
+    @classmethod
+    def alias(cls, path: Path) -> str:
+        return cls._open[path][0]
+
+    @classmethod
+    def _start(cls) -> None:
+        import duckdb
+
+        # An instance inherited through fork is not safe to use, nor are its files': the child starts its own.
+        if cls._host is None or cls._host_pid != os.getpid():
+            # A filled row group is written at once instead of after four more (the default buffers five), so a
+            # batch's groups are written during its INSERT, two at a time with two threads.
+            cls._host = duckdb.connect(config={"threads": 2, "write_buffer_row_group_count": 1})
+            cls._host_pid = os.getpid()
+            cls._open = {}
+
+    @classmethod
+    def _attach(cls, path: Path, lock_wait_seconds: float) -> str:
         import duckdb
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        cls._attached += 1
+        alias = f"{ALIAS}_{cls._attached}"
         deadline = time.monotonic() + lock_wait_seconds
-        # A filled row group is written at once instead of after four more (the default buffers five), so a batch's
-        # groups are written during its INSERT, two at a time with two threads.
-        host = duckdb.connect(config={"threads": 2, "write_buffer_row_group_count": 1})
         while True:
             try:
-                host.execute(f"ATTACH {literal(str(path))} AS {ALIAS} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
-                return host
+                cls._host.execute(f"ATTACH {literal(str(path))} AS {alias} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+                return alias
             except duckdb.IOException as error:
                 if "lock" not in str(error).lower() or time.monotonic() > deadline:
-                    host.close()
                     raise WarehouseError(f"cannot open {path}: {error}") from error
                 time.sleep(random.uniform(0.05, 0.3))
 
@@ -163,7 +183,7 @@ class _Load(BatchWriter):
 
     def __enter__(self) -> _Load:
         self.connection = self.warehouse._connection.cursor()
-        self.connection.execute(f"USE {ALIAS}")
+        self.connection.execute(f"USE {_Attached.alias(self.warehouse.path.absolute())}")
         self.connection.begin()
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="warehouse-loader")
         return self
