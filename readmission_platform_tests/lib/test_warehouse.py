@@ -23,6 +23,7 @@ from readmission_platform.lib.warehouse import (
     partition_prefix,
     table_ddl,
 )
+from readmission_platform.lib.warehouse.duckdb import ROW_GROUP_SIZE
 
 RAW = "raw_batches"
 REJECTED = "rejected_rows"
@@ -282,6 +283,23 @@ def test_two_processes_writing_one_duckdb_file_both_succeed(tmp_path):
         'SELECT batch_id, MIN("round") AS first, MAX("round") AS last, COUNT(*) AS n FROM counter GROUP BY batch_id ORDER BY batch_id'
     )
     assert counts.rows() == [("x", rounds - 1, rounds - 1, 500), ("y", rounds - 1, rounds - 1, 500)]
+
+
+def test_duckdb_writes_filled_row_groups_into_the_file_before_the_commit(tmp_path):
+    # Compressing a batch at the commit, after the pass, is what made the DuckDB path slow; the loader does it now.
+    columns = {"batch_id": pl.String(), "n": pl.Int64(), "note": pl.String()}
+    rows = 2 * ROW_GROUP_SIZE
+    frame = pl.DataFrame({"batch_id": "a", "n": range(rows), "note": [f"note {i % 97}" for i in range(rows)]}, schema=columns)
+    path = tmp_path / "w.duckdb"
+    warehouse = DuckDBWarehouse(path)
+    with warehouse.batch_writer("a") as writer:
+        empty = path.stat().st_size
+        writer.put("notes", columns, frame)
+        for load in writer.loads:
+            load.result()
+        written = path.stat().st_size
+    assert written - empty > 32_768, f"the file grew by {written - empty} bytes before the commit"
+    assert_frame_equal(warehouse.read_table("notes").sort("n"), frame)
 
 
 def test_replace_table_swaps_every_row_and_append_adds(warehouse):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -24,35 +25,41 @@ from readmission_platform.lib.warehouse.base import (
     table_ddl,
 )
 
-# A commit of rows that do not fill a row group writes them into the row group being filled, and DuckDB rewrites
-# that whole row group (every batch before it that shares it) when it checkpoints, as it does at each large commit.
-# Row groups about a batch's size keep a commit's work to the batch's own rows.
-ROW_GROUP_SIZE = 16_384
+# DuckDB compresses and writes an insert's rows to the file during the INSERT only once they fill a row group; rows
+# that fill none wait for the commit, which then compresses them on the committing thread, after the pass has
+# computed everything. Row groups smaller than a batch move that work into the loader thread, while the pass computes
+# the next stage, and leave the commit little more than the WAL's pointers to the blocks already written.
+ROW_GROUP_SIZE = 8_192
 ALIAS = "warehouse"
 
 
 class _Attached:
-    """The process's one in-memory DuckDB with the file attached; connections are its cursors.
+    """The process's one in-memory DuckDB, which attaches the file while anything uses it; connections are its cursors.
 
     DuckDB takes the row group size only when a file is attached, and refuses to attach one file twice in a process.
-    The file is detached when its last connection closes, so another process can take the lock.
+    The instance lives as long as the process (starting one costs ten times what attaching a file does); the file is
+    detached when its last connection closes, so another process can take the lock.
     """
 
-    _open: dict[Path, tuple[Any, int]] = {}
+    _host: Any = None
+    _host_pid = 0
+    _open: dict[Path, tuple[str, int]] = {}  # path → (its alias in the instance, connections using it)
+    _attached = 0
     _lock = threading.Lock()
 
     @classmethod
     @contextmanager
     def cursor(cls, path: Path, lock_wait_seconds: float):
         with cls._lock:
-            host, users = cls._open.get(path, (None, 0))
-            if host is None:
-                host = cls._attach(path, lock_wait_seconds)
-            cls._open[path] = (host, users + 1)
+            cls._start()
+            alias, users = cls._open.get(path, ("", 0))
+            if not users:
+                alias = cls._attach(path, lock_wait_seconds)
+            cls._open[path] = (alias, users + 1)
         try:
-            cursor = host.cursor()
+            cursor = cls._host.cursor()
             try:
-                cursor.execute(f"USE {ALIAS}")
+                cursor.execute(f"USE {alias}")
                 # Timestamps then read back as UTC, as written and as PostgreSQL returns them, not in the host's zone.
                 cursor.execute("SET TimeZone = 'UTC'")
                 yield cursor
@@ -60,27 +67,42 @@ class _Attached:
                 cursor.close()
         finally:
             with cls._lock:
-                host, users = cls._open.pop(path)
+                alias, users = cls._open.pop(path)
                 if users > 1:
-                    cls._open[path] = (host, users - 1)
+                    cls._open[path] = (alias, users - 1)
                 else:
-                    host.close()
+                    cls._host.execute(f"DETACH {alias}")
 
-    @staticmethod
-    def _attach(path: Path, lock_wait_seconds: float):
+    @classmethod
+    def alias(cls, path: Path) -> str:
+        return cls._open[path][0]
+
+    @classmethod
+    def _start(cls) -> None:
+        import duckdb
+
+        # An instance inherited through fork is not safe to use, nor are its files': the child starts its own.
+        if cls._host is None or cls._host_pid != os.getpid():
+            # A filled row group is written at once instead of after four more (the default buffers five), so a
+            # batch's groups are written during its INSERT, two at a time with two threads.
+            cls._host = duckdb.connect(config={"threads": 2, "write_buffer_row_group_count": 1})
+            cls._host_pid = os.getpid()
+            cls._open = {}
+
+    @classmethod
+    def _attach(cls, path: Path, lock_wait_seconds: float) -> str:
         import duckdb
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        cls._attached += 1
+        alias = f"{ALIAS}_{cls._attached}"
         deadline = time.monotonic() + lock_wait_seconds
-        # One thread: the pass computes its next stage in polars beside the load, on the same cores.
-        host = duckdb.connect(config={"threads": 1})
         while True:
             try:
-                host.execute(f"ATTACH {literal(str(path))} AS {ALIAS} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
-                return host
+                cls._host.execute(f"ATTACH {literal(str(path))} AS {alias} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+                return alias
             except duckdb.IOException as error:
                 if "lock" not in str(error).lower() or time.monotonic() > deadline:
-                    host.close()
                     raise WarehouseError(f"cannot open {path}: {error}") from error
                 time.sleep(random.uniform(0.05, 0.3))
 
@@ -109,9 +131,10 @@ class DuckDBWarehouse(Warehouse):
                 raise
 
     def _insert(self, connection, table: str, columns: Columns, frame: pl.DataFrame, where: str | None, params) -> None:
+        # duckdb_columns() rather than the information_schema view over it, whose binding costs tens of milliseconds.
         existing = connection.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database() "
-            "AND table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND table_name = $1 ORDER BY column_index",
             [table],
         ).fetchall()
         self._check_columns(table, columns, [name for (name,) in existing])
@@ -120,7 +143,8 @@ class DuckDBWarehouse(Warehouse):
         elif where is not None:
             connection.execute(f"DELETE FROM {table} {where}", params)
         if frame.height:
-            connection.register("incoming", frame.select(list(columns)).to_arrow())
+            # Arrow's string views are polars' own strings and DuckDB's layout: no copy into offsets and bytes first.
+            connection.register("incoming", frame.select(list(columns)).to_arrow(compat_level=pl.CompatLevel.newest()))
             connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
             connection.unregister("incoming")
 
@@ -159,7 +183,7 @@ class _Load(BatchWriter):
 
     def __enter__(self) -> _Load:
         self.connection = self.warehouse._connection.cursor()
-        self.connection.execute(f"USE {ALIAS}")
+        self.connection.execute(f"USE {_Attached.alias(self.warehouse.path.absolute())}")
         self.connection.begin()
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="warehouse-loader")
         return self
