@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from readmission_platform.lib.drift import PSI_SIGNIFICANT
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 
 if TYPE_CHECKING:
@@ -64,5 +65,5 @@ class RetrainPolicy(dg.ConfigurableResource):
     """Feature batches materialized since the production model was trained (default: one batch)."""
     min_new_rows: int = 1
     """Feature rows in those batches."""
-    drift_psi_threshold: float = 0.2
-    """A batch whose largest population stability index reaches this drifted (0.2: significant shift)."""
+    drift_psi_threshold: float = PSI_SIGNIFICANT
+    """A batch whose largest population stability index reaches this drifted (0.25: significant shift)."""
