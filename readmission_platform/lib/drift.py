@@ -34,22 +34,27 @@ def _numeric_breaks(reference: pl.DataFrame, numeric: tuple[str, ...]) -> dict[s
 
 
 def _binned(name: str, breaks: list[float] | None) -> pl.Expr:
+    """A feature's bin: its category, or for a number the index of its decile; null (a bin of its own) stays null."""
     value = pl.col(name)
     if breaks is None:
-        binned = value.cast(pl.String)
-    else:
-        # Bin i holds (breaks[i-1], breaks[i]]; with no breaks (an all-null reference) every value shares bin 0.
-        edges = pl.lit(pl.Series(breaks, dtype=pl.Float64))
-        binned = edges.search_sorted(value.cast(pl.Float64), side="left").cast(pl.String)
-    return pl.when(value.is_null()).then(pl.lit(MISSING_BIN)).otherwise(binned).alias(name)
+        return value.cast(pl.String)
+    # Bin i holds (breaks[i-1], breaks[i]]; with no breaks (an all-null reference) every value shares bin 0.
+    edges = pl.lit(pl.Series(breaks, dtype=pl.Float64))
+    return pl.when(value.is_not_null()).then(edges.search_sorted(value.cast(pl.Float64), side="left"))
 
 
-def _shares(frame: pl.DataFrame, bins: list[pl.Expr], by: list[str]) -> pl.DataFrame:
-    return (
-        frame.select(*by, *bins)
-        .unpivot(index=by, variable_name="feature", value_name="bin")
-        .group_by(*by, "feature", "bin")
+def _shares(frame: pl.DataFrame, bins: dict[str, pl.Expr], by: list[str]) -> pl.DataFrame:
+    # A group-by per feature on the bins as they are, named as text only once counted: on a million rows this is
+    # several times faster than one group-by over every feature's bins unpivoted as text.
+    lazy = frame.lazy()
+    counts = pl.collect_all(
+        lazy.group_by(*by, expr.alias("bin"))
         .len()
+        .select(*by, pl.lit(name).alias("feature"), pl.col("bin").cast(pl.String).fill_null(MISSING_BIN), "len")
+        for name, expr in bins.items()
+    )
+    return (
+        pl.concat(counts)
         .with_columns((pl.col("len") / pl.col("len").sum().over(*by, "feature")).alias("share"))
         .drop("len")
     )
@@ -80,7 +85,7 @@ def grouped_psi_report(
     if by not in current.columns:
         raise ValueError(f"the current frame lacks the column {by!r} to group by; its columns are {current.columns}")
     breaks = _numeric_breaks(reference, numeric)
-    bins = [_binned(name, breaks[name]) for name in numeric] + [_binned(name, None) for name in categorical]
+    bins = {name: _binned(name, breaks[name]) for name in numeric} | {name: _binned(name, None) for name in categorical}
     rows = current.group_by(by).len("rows")
     expected = rows.select(by).join(_shares(reference, bins, []), how="cross")
     actual = _shares(current, bins, [by])
