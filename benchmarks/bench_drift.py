@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 import polars as pl
 
-from readmission_platform.lib.cleaning import clean
+from readmission_platform.lib.cleaning import clean, clean_request
 from readmission_platform.lib.drift import EMPTY_SHARE, NUMERIC_BINS, PSI_SIGNIFICANT, psi_report, serving_psi
 from readmission_platform.lib.encounter import REQUEST_DTYPES
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, build_features, feature_values
@@ -20,7 +21,6 @@ from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.pipeline import NOTHING_LOADED
 from readmission_platform.lib.source import read_source_bytes
 from readmission_platform.lib.splitting import SPLIT, assign_split
-from readmission_platform.lib.cleaning import clean_request
 
 VERSIONS = ("1", "2", "3", "4")
 # A stand-in for the model's probability: the PSI's cost does not depend on where the numbers came from.
@@ -30,7 +30,7 @@ PROBABILITY = (1 / (1 + (2 - 0.5 * pl.col("number_inpatient")).exp())).alias("pr
 def bundled_batches() -> list[pl.DataFrame]:
     frames = []
     for i, data in enumerate(split_batches(read_source_bytes()), start=1):
-        parsed = parse_batch(data, batch_id=f"batch_{i:04d}", source_file="f.csv", loaded_elsewhere=NOTHING_LOADED, now=None)
+        parsed = parse_batch(data, batch_id=f"batch_{i:04d}", source_file="f.csv", loaded_elsewhere=NOTHING_LOADED, now=datetime.now(UTC))
         frames.append(clean(parsed.rows).frame)
     return frames
 
