@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import dagster as dg
 import polars as pl
 import pytest
 
 from readmission_platform.defs.monitoring.assets import serving_drift
+from readmission_platform.defs.monitoring.sensors import serving_drift_schedule
 from readmission_platform.defs.resources import PredictionLogResource
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.encounter import REQUEST_DTYPES
@@ -52,13 +55,19 @@ def test_serving_drift_names_a_planted_shift_and_passes_an_undisturbed_day(platf
     shifted = served(steady_batches[3], model, "2").with_columns(pl.col("num_lab_procedures") + 25)
     quiet_url, shifted_url = (f"sqlite:///{tmp_path / name}" for name in ("quiet.sqlite", "shifted.sqlite"))
 
-    def run(url: str, day: str) -> dg.ExecuteInProcessResult:
+    def run(url: str, day: str, min_predictions: int = 1_000) -> dg.ExecuteInProcessResult:
         return dg.materialize(
-            [serving_drift], partition_key=day, instance=instance, resources=resources | {"prediction_log": PredictionLogResource(url=url)}
+            [serving_drift],
+            partition_key=day,
+            instance=instance,
+            resources=resources | {"prediction_log": PredictionLogResource(url=url)},
+            run_config={"ops": {"serving_drift": {"config": {"min_predictions": min_predictions}}}},
         )
 
     quiet = run(quiet_url, log(quiet_url, steady))
-    drifted = run(shifted_url, log(shifted_url, steady, shifted))
+    drifted_day = log(shifted_url, steady, shifted)
+    drifted = run(shifted_url, drifted_day)
+    too_few = run(shifted_url, drifted_day, min_predictions=max(steady.height, shifted.height) + 1)
 
     quiet_check, drifted_check = (r.get_asset_check_evaluations()[0] for r in (quiet, drifted))
     assert quiet_check.passed and "under 0.25" in quiet_check.description
@@ -67,3 +76,13 @@ def test_serving_drift_names_a_planted_shift_and_passes_an_undisturbed_day(platf
     assert "v2 num_lab_procedures" in drifted_check.description and "v1 " not in drifted_check.description
     movers = metadata(drifted, "serving_drift")["top_movers"]
     assert movers.startswith("v2 num_lab_procedures") and "v1 " in movers  # each version's top three
+    unjudged = too_few.get_asset_check_evaluations()[0]
+    assert unjudged.passed and "drift not judged" in unjudged.description
+
+
+def test_the_schedule_measures_the_day_that_just_ended():
+    context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 3, 1, 0, 15, tzinfo=UTC))
+
+    request = serving_drift_schedule(context)
+
+    assert request.partition_key == "2026-02-28"
