@@ -6,7 +6,7 @@ from readmission_platform.defs.monitoring.assets import serving_drift
 from readmission_platform.defs.partitions import serving_days
 
 serving_drift_job = dg.define_asset_job(
-    "serving_drift", selection=[serving_drift], partitions_def=serving_days, description="serving_drift of one UTC day."
+    "serving_drift_daily", selection=[serving_drift], partitions_def=serving_days, description="serving_drift of one UTC day."
 )
 
 
