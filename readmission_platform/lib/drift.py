@@ -43,16 +43,18 @@ def _binned(name: str, breaks: list[float] | None) -> pl.Expr:
     return pl.when(value.is_not_null()).then(edges.search_sorted(value.cast(pl.Float64), side="left"))
 
 
-def _shares(frame: pl.DataFrame, bins: dict[str, pl.Expr], by: list[str]) -> pl.DataFrame:
+def _counts(frame: pl.LazyFrame, bins: dict[str, pl.Expr], by: list[str]) -> list[pl.LazyFrame]:
     # A group-by per feature on the bins as they are, named as text only once counted: on a million rows this is
     # several times faster than one group-by over every feature's bins unpivoted as text.
-    lazy = frame.lazy()
-    counts = pl.collect_all(
-        lazy.group_by(*by, expr.alias("bin"))
+    return [
+        frame.group_by(*by, expr.alias("bin"))
         .len()
         .select(*by, pl.lit(name).alias("feature"), pl.col("bin").cast(pl.String).fill_null(MISSING_BIN), "len")
         for name, expr in bins.items()
-    )
+    ]
+
+
+def _shares(counts: list[pl.DataFrame], by: list[str]) -> pl.DataFrame:
     return (
         pl.concat(counts)
         .with_columns((pl.col("len") / pl.col("len").sum().over(*by, "feature")).alias("share"))
@@ -60,35 +62,23 @@ def _shares(frame: pl.DataFrame, bins: dict[str, pl.Expr], by: list[str]) -> pl.
     )
 
 
-def _check_frames(reference: pl.DataFrame, current: pl.DataFrame, columns: tuple[str, ...]) -> None:
-    for name, frame in (("reference", reference), ("current", current)):
-        if frame.is_empty():
-            raise ValueError(f"the {name} frame has no rows; PSI compares two non-empty samples")
-        missing = [column for column in columns if column not in frame.columns]
-        if missing:
-            raise ValueError(f"the {name} frame lacks feature columns {missing}; expected all it is asked to compare")
+def _check_frame(name: str, frame: pl.DataFrame, columns: tuple[str, ...]) -> None:
+    if frame.is_empty():
+        raise ValueError(f"the {name} frame has no rows; PSI compares two non-empty samples")
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"the {name} frame lacks feature columns {missing}; expected all it is asked to compare")
 
 
-def grouped_psi_report(
-    reference: pl.DataFrame,
-    current: pl.DataFrame,
-    by: str,
-    *,
-    numeric: tuple[str, ...] = NUMERIC_FEATURES,
-    categorical: tuple[str, ...] = CATEGORICAL_FEATURES,
+def _grouped_psi(
+    reference: pl.DataFrame, current: pl.LazyFrame, by: str, numeric: tuple[str, ...], categorical: tuple[str, ...]
 ) -> pl.DataFrame:
-    """PSI of each feature of each group of `current` (by its column `by`) against all of `reference`.
-
-    Columns `by`, feature, psi, kind, rows (the group's); per group largest first. Binned as `psi_report` bins.
-    """
-    _check_frames(reference, current, (*numeric, *categorical))
-    if by not in current.columns:
-        raise ValueError(f"the current frame lacks the column {by!r} to group by; its columns are {current.columns}")
     breaks = _numeric_breaks(reference, numeric)
     bins = {name: _binned(name, breaks[name]) for name in numeric} | {name: _binned(name, None) for name in categorical}
-    rows = current.group_by(by).len("rows")
-    expected = rows.select(by).join(_shares(reference, bins, []), how="cross")
-    actual = _shares(current, bins, [by])
+    # One collect for every feature's counts, so a plan that derives `current` runs once for all of them.
+    rows, *counts = pl.collect_all([current.group_by(by).len("rows"), *_counts(current, bins, [by])])
+    expected = rows.select(by).join(_shares(pl.collect_all(_counts(reference.lazy(), bins, [])), []), how="cross")
+    actual = _shares(counts, [by])
     kinds = pl.DataFrame(
         {"feature": [*numeric, *categorical], "kind": ["numeric"] * len(numeric) + ["categorical"] * len(categorical)}
     )
@@ -105,6 +95,25 @@ def grouped_psi_report(
         .join(rows, on=by)
         .sort(by, "psi", "feature", descending=[False, True, False])
     )
+
+
+def grouped_psi_report(
+    reference: pl.DataFrame,
+    current: pl.DataFrame,
+    by: str,
+    *,
+    numeric: tuple[str, ...] = NUMERIC_FEATURES,
+    categorical: tuple[str, ...] = CATEGORICAL_FEATURES,
+) -> pl.DataFrame:
+    """PSI of each feature of each group of `current` (by its column `by`) against all of `reference`.
+
+    Columns `by`, feature, psi, kind, rows (the group's); per group largest first. Binned as `psi_report` bins.
+    """
+    for name, frame in (("reference", reference), ("current", current)):
+        _check_frame(name, frame, (*numeric, *categorical))
+    if by not in current.columns:
+        raise ValueError(f"the current frame lacks the column {by!r} to group by; its columns are {current.columns}")
+    return _grouped_psi(reference, current.lazy(), by, numeric, categorical)
 
 
 def psi_report(
@@ -127,8 +136,12 @@ def psi_report(
 def serving_psi(predictions: pl.DataFrame, reference: pl.DataFrame) -> pl.DataFrame:
     """PSI of every feature and of the probability of logged predictions, per model version, against `reference`: the
     training rows' features with the production model's probability of each (`grouped_psi_report`'s columns)."""
-    missing = [c for c in (VERSION, PROBABILITY) if c not in predictions.columns]
-    if missing:
-        raise ValueError(f"the predictions frame lacks {missing}; expected the prediction log's columns")
-    served = pl.concat([feature_values(clean_request(predictions)), predictions.select(VERSION, PROBABILITY)], how="horizontal")
-    return grouped_psi_report(reference, served, VERSION, numeric=(*NUMERIC_FEATURES, PROBABILITY))
+    numeric = (*NUMERIC_FEATURES, PROBABILITY)
+    _check_frame("predictions", predictions, (VERSION, PROBABILITY))
+    _check_frame("reference", reference, (*numeric, *CATEGORICAL_FEATURES))
+    # The cleaning and feature rules are selects: left lazy, polars fuses them with the counts that read them.
+    served = pl.concat(
+        [feature_values(clean_request(predictions.lazy())), predictions.lazy().select(VERSION, PROBABILITY)],
+        how="horizontal",
+    )
+    return _grouped_psi(reference, served, VERSION, numeric, CATEGORICAL_FEATURES)

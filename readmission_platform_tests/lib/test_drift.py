@@ -184,5 +184,5 @@ def test_served_encounters_of_the_training_rows_themselves_do_not_drift(bundled_
 
 
 def test_serving_drift_refuses_predictions_without_version_or_probability(bundled_clean, train):
-    with pytest.raises(ValueError, match=r"the predictions frame lacks \['probability'\]"):
+    with pytest.raises(ValueError, match=r"the predictions frame lacks feature columns \['probability'\]"):
         serving_psi(logged(bundled_clean[6], "1").drop("probability"), train.with_columns(PROBABILITY))
