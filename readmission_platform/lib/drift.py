@@ -1,4 +1,4 @@
-"""Population stability index of every feature: how far a new batch, or a day's served predictions, moved from training."""
+"""Population stability index of every feature: how far a batch, or a day's served predictions, moved from training."""
 
 from __future__ import annotations
 
