@@ -41,6 +41,7 @@ chaos: install
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_drift.py
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/loadtest.py
 

@@ -17,3 +17,6 @@ def latest_by_partition(instance: dg.DagsterInstance, asset: str) -> dict[str, d
         if key and key not in newest:
             newest[key] = record
     return newest
+
+# One partition per UTC day of served predictions; today's is open, so a day can be looked at while it runs.
+serving_days = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_offset=1)

@@ -1,4 +1,4 @@
-"""Resources: the warehouse, the landing folder and MLflow, configured once in definitions.py."""
+"""Resources: the warehouse, the landing folder, MLflow and the prediction log, configured once in definitions.py."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ from typing import TYPE_CHECKING
 import dagster as dg
 import polars as pl
 
+from readmission_platform.lib.drift import PSI_SIGNIFICANT
+from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.splitting import SPLIT, SPLITS
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from datetime import datetime
+
     from readmission_platform.lib.registry import ModelRegistry
 
 
@@ -59,6 +64,18 @@ class MlflowResource(dg.ConfigurableResource):
         )
 
 
+class PredictionLogResource(dg.ConfigurableResource):
+    """The service's prediction log: sqlite:///path (default under READMISSION_HOME) or postgresql://…."""
+
+    url: str
+
+    def read(
+        self, columns: Sequence[str] | None = None, *, since: datetime | None = None, until: datetime | None = None
+    ) -> pl.DataFrame:
+        """The predictions made in [`since`, `until`), oldest first (`lib/predictions.read_predictions`)."""
+        return read_predictions(self.url, columns, since=since, until=until)
+
+
 class ServingResource(dg.ConfigurableResource):
     """Where BentoML keeps packed models and built Bentos (READMISSION_HOME/bentoml by default)."""
 
@@ -72,5 +89,5 @@ class RetrainPolicy(dg.ConfigurableResource):
     """Feature batches materialized since the production model was trained (default: one batch)."""
     min_new_rows: int = 1
     """Feature rows in those batches."""
-    drift_psi_threshold: float = 0.2
-    """A batch whose largest population stability index reaches this drifted (0.2: significant shift)."""
+    drift_psi_threshold: float = PSI_SIGNIFICANT
+    """A batch whose largest population stability index reaches this drifted (0.25: significant shift)."""

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 import mlflow as mlflow_module
+import polars as pl
 import pytest
 
 from readmission_platform.defs.ingestion.assets import batch_tables
@@ -21,6 +22,7 @@ from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
 from readmission_platform.defs.training import checks as training_checks
 from readmission_platform.defs.training.assets import trained_model, training_set
 from readmission_platform.defs.training.sensors import retrain_sensor
+from readmission_platform.lib.drift import PSI_SIGNIFICANT
 from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.pipeline import process_batch
 
@@ -155,7 +157,8 @@ def test_drift_is_measured_against_the_production_models_training_rows(platform,
     assert rows.height == 45 and set(rows["reference_version"]) == {"1"}
     check = checks_of(later)["check_batch_drift_psi"]
     assert check.severity == dg.AssetCheckSeverity.WARN
-    assert check.passed == (drift["max_psi"] < 0.2)
+    assert check.passed == (drift["max_psi"] < PSI_SIGNIFICANT)
+    assert drift["reference_batch"] == "batch_0002"  # the newest batch v1 was trained on
 
 
 @pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
@@ -241,6 +244,40 @@ def test_a_drifted_batch_retrains_even_when_too_few_rows_arrived(platform, insta
     drifted = tick(instance, mlflow, policy=RetrainPolicy(min_new_batches=5, drift_psi_threshold=max_psi))
 
     assert isinstance(quiet, dg.SkipReason) and "no batch drifted" in quiet.skip_message
+    assert isinstance(drifted, dg.RunRequest)
+    assert drifted.tags["readmission/trigger"] == "drift" and drifted.tags["readmission/drifted_batches"] == "batch_0004"
+
+
+@pytest.fixture(scope="module")
+def steady_batches(full_source_bytes) -> list[bytes]:
+    """Four batches of 3,000 real encounters from the file's later years, when recording had settled (README, Drift)."""
+    lines = full_source_bytes.splitlines(keepends=True)
+    return split_batches(b"".join([lines[0], *lines[75_001 : 75_001 + 4 * BATCH]]), BATCH)
+
+
+def without_payer(data: bytes) -> bytes:
+    """A batch file's text with `payer_code` unrecorded ('?') for two encounters in five."""
+    rows = pl.read_csv(data, infer_schema=False)
+    lost = pl.col("encounter_id").cast(pl.Int64) % 5 < 2
+    return rows.with_columns(pl.when(lost).then(pl.lit("?")).otherwise(pl.col("payer_code")).alias("payer_code")).write_csv().encode()
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_the_default_drift_trigger_stays_off_for_an_ordinary_batch_and_fires_on_a_planted_shift(platform, instance, resources, mlflow, steady_batches):
+    for i, data in enumerate(steady_batches[:2], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    retrain(instance, resources)
+    policy = RetrainPolicy(min_new_batches=5)  # new data alone would wait for five batches
+
+    ordinary = ingest(platform, instance, resources, steady_batches[2], "batch_0003")
+    quiet = tick(instance, mlflow, policy=policy)
+    planted = ingest(platform, instance, resources, without_payer(steady_batches[3]), "batch_0004")
+    drifted = tick(instance, mlflow, policy=policy)
+
+    assert metadata(ordinary, "batch_drift")["max_psi"] < PSI_SIGNIFICANT and checks_of(ordinary)["check_batch_drift_psi"].passed
+    assert isinstance(quiet, dg.SkipReason) and "no batch drifted" in quiet.skip_message
+    assert metadata(planted, "batch_drift")["drifted_features"] == "payer_code"
+    assert not checks_of(planted)["check_batch_drift_psi"].passed
     assert isinstance(drifted, dg.RunRequest)
     assert drifted.tags["readmission/trigger"] == "drift" and drifted.tags["readmission/drifted_batches"] == "batch_0004"
 

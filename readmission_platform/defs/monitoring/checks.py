@@ -16,7 +16,7 @@ class DriftConfig(dg.Config):
     asset=batch_drift,
     partitions_def=batches,
     pool=WAREHOUSE_POOL,
-    description="No feature of the batch drifted from the production model's training data (warns).",
+    description="No feature of the batch drifted from the newest batch the production model was trained on (warns).",
 )
 def check_batch_drift_psi(
     context: dg.AssetCheckExecutionContext, config: DriftConfig, warehouse: WarehouseResource
