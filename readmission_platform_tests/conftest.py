@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import polars as pl
@@ -131,6 +133,27 @@ def new_pg_database(postgres_url: str):
     with psycopg.connect(postgres_url, autocommit=True) as connection:
         for name in made:
             connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def new_mlflow_store(tmp_path_factory):
+    """Put an empty MLflow SQLite store at a path, a copy of one made once; returns its tracking URI.
+
+    MLflow takes seconds to create a store's tables. What the platform does on a store's first use is tested where it
+    is the point (lib/test_registry.py, the demo).
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{template}", (template.parent / "artifacts").as_uri())
+
+    def make(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        path.chmod(0o600)  # as the platform's umask makes it
+        return f"sqlite:///{path}"
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -128,7 +128,8 @@ def register_two_promoted_versions(home: Path) -> None:
         registry.promote(registry.register(run_id, threshold=0.5, tags={}), reason="test promotion")
 
 
-def test_rollback_moves_production_back_and_records_why(tmp_path):
+def test_rollback_moves_production_back_and_records_why(tmp_path, new_mlflow_store):
+    new_mlflow_store(tmp_path / "mlflow" / "mlflow.db")
     register_two_promoted_versions(tmp_path)
 
     result = readmission("rollback", "--reason", "v2 flags too many patients", home=tmp_path)

@@ -21,6 +21,18 @@ def settings_in(home: Path, **env: str) -> Settings:
     return Settings.from_env({"READMISSION_HOME": str(home), **env})
 
 
+@pytest.fixture(scope="session")
+def new_home(new_mlflow_store):
+    """The settings of a platform home in a folder, with an empty MLflow store made there."""
+
+    def make(home: Path) -> Settings:
+        settings = settings_in(home)
+        new_mlflow_store(settings.mlflow_dir / "mlflow.db")
+        return settings
+
+    return make
+
+
 def registry_of(settings: Settings) -> ModelRegistry:
     return ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
 
@@ -72,9 +84,9 @@ class GatedServer:
 
 
 @pytest.fixture(scope="session")
-def gated_server(tmp_path_factory, sample_candidates, sample_parts) -> Iterator[GatedServer]:
+def gated_server(tmp_path_factory, new_home, sample_candidates, sample_parts) -> Iterator[GatedServer]:
     """One `bentoml serve .` with a bearer token and the default body cap, shared by the tests of the service's edge."""
-    settings = settings_in(tmp_path_factory.mktemp("gated"))
+    settings = new_home(tmp_path_factory.mktemp("gated"))
     register(registry_of(settings), sample_candidates["hist_gradient_boosting"], sample_parts, promote=True)
     log_path = settings.home / "logs" / "gated.log"
     with running_server(settings, bento=None, env={"READMISSION_API_TOKEN": TOKEN}, log_path=log_path) as url:

@@ -14,7 +14,7 @@ from readmission_platform.defs.serving.assets import serving_bento
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import read_predictions
 from readmission_platform.serving.server import running_server
-from readmission_platform_tests.serving.conftest import register, registry_of, settings_in
+from readmission_platform_tests.serving.conftest import register, registry_of
 
 GOOD = dict(SMOKE_ENCOUNTERS[1])
 TOKEN = "s3cret-token"
@@ -34,8 +34,8 @@ def materialize_bento(settings) -> dg.ExecuteInProcessResult:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, sample_candidates, sample_parts):
-    settings = settings_in(tmp_path_factory.mktemp("bento"))
+def built(tmp_path_factory, new_home, sample_candidates, sample_parts):
+    settings = new_home(tmp_path_factory.mktemp("bento"))
     version = register(registry_of(settings), sample_candidates["hist_gradient_boosting"], sample_parts, promote=True)
     result = materialize_bento(settings)
     assert result.success
@@ -60,8 +60,8 @@ def test_an_unchanged_production_keeps_its_bento(built):
     assert len([p for p in (settings.bentoml_home / "bentos" / "readmission").iterdir() if p.name != "latest"]) == 1
 
 
-def test_nothing_promoted_fails_the_asset_with_the_reason(tmp_path):
-    result = materialize_bento(settings_in(tmp_path))
+def test_nothing_promoted_fails_the_asset_with_the_reason(tmp_path, new_home):
+    result = materialize_bento(new_home(tmp_path))
     assert not result.success
     failure = result.failure_data_for_node("serving_bento")
     assert "no 'production' version" in failure.user_failure_data.description
@@ -90,9 +90,9 @@ def test_the_bento_serves_with_a_token_and_logs_to_postgresql(built, pg_schema_u
     assert {r["model_version"] for r in rows} == {version}
 
 
-def test_the_bento_serves_its_packed_model_when_the_registry_has_none_and_outlives_a_dead_log(built, tmp_path):
+def test_the_bento_serves_its_packed_model_when_the_registry_has_none_and_outlives_a_dead_log(built, tmp_path, new_home):
     settings, version, metadata = built
-    elsewhere = settings_in(tmp_path)  # an empty MLflow store, the same BentoML store
+    elsewhere = new_home(tmp_path)  # an empty MLflow store, the same BentoML store
     env = {
         "BENTOML_HOME": str(settings.bentoml_home),
         "READMISSION_PREDICTION_LOG_URL": "postgresql://nobody@127.0.0.1:9/none",  # nothing listens on port 9

@@ -5,7 +5,7 @@ import httpx
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import read_predictions
 from readmission_platform.serving.server import running_server
-from readmission_platform_tests.serving.conftest import register, registry_of, settings_in
+from readmission_platform_tests.serving.conftest import register, registry_of
 
 
 def dropped(client: httpx.Client) -> float:
@@ -13,8 +13,8 @@ def dropped(client: httpx.Client) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith("readmission_prediction_log_dropped_total"))
 
 
-def test_predictions_past_the_log_queue_are_answered_dropped_and_counted(tmp_path, sample_candidates, sample_parts):
-    settings = settings_in(tmp_path)
+def test_predictions_past_the_log_queue_are_answered_dropped_and_counted(tmp_path, new_home, sample_candidates, sample_parts):
+    settings = new_home(tmp_path)
     register(registry_of(settings), sample_candidates["logistic_regression"], sample_parts, promote=True)
     log_url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
     env = {"READMISSION_PREDICTION_LOG_QUEUE_ROWS": "2", "READMISSION_PREDICTION_LOG_URL": log_url}

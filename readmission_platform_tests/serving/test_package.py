@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from readmission_platform_tests.serving.conftest import register, registry_of, settings_in
+from readmission_platform_tests.serving.conftest import register, registry_of
 
 # On the packer's PYTHONPATH: once BentoML has copied a Bento's manifest, the packer SIGKILLs itself.
 SITECUSTOMIZE = textwrap.dedent(
@@ -43,8 +43,8 @@ def listed(settings, what: str) -> list[dict]:
     return json.loads(done.stdout)
 
 
-def test_a_packer_killed_mid_copy_leaves_no_half_built_bento_and_the_next_builds_it(tmp_path, sample_candidates, sample_parts):
-    settings = settings_in(tmp_path / "home")
+def test_a_packer_killed_mid_copy_leaves_no_half_built_bento_and_the_next_builds_it(tmp_path, new_home, sample_candidates, sample_parts):
+    settings = new_home(tmp_path / "home")
     register(registry_of(settings), sample_candidates["logistic_regression"], sample_parts, promote=True)
     hooks = tmp_path / "hooks"
     hooks.mkdir()

@@ -6,11 +6,11 @@ import httpx
 
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.server import running_server
-from readmission_platform_tests.serving.conftest import register, registry_of, settings_in
+from readmission_platform_tests.serving.conftest import register, registry_of
 
 
-def test_not_ready_until_a_version_is_promoted_then_ready_without_a_restart(tmp_path, sample_candidates, sample_parts):
-    settings = settings_in(tmp_path)
+def test_not_ready_until_a_version_is_promoted_then_ready_without_a_restart(tmp_path, new_home, sample_candidates, sample_parts):
+    settings = new_home(tmp_path)
     registry = registry_of(settings)
     env = {"READMISSION_RELOAD_SECONDS": "1", "BENTOML_HOME": str(tmp_path / "no-bentoml")}
     with running_server(settings, bento=None, env=env, wait_for="/livez") as url, httpx.Client(base_url=url) as client:

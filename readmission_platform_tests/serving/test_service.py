@@ -16,7 +16,7 @@ from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import read_predictions
 from readmission_platform.serving.server import running_server
 from readmission_platform.lib.encounter import MAX_BATCH
-from readmission_platform_tests.serving.conftest import break_artifacts, register, registry_of, settings_in
+from readmission_platform_tests.serving.conftest import break_artifacts, register, registry_of
 
 GOOD = dict(SMOKE_ENCOUNTERS[0])
 
@@ -40,8 +40,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, sample_candidates, sample_parts):
-    started = Server(settings_in(tmp_path_factory.mktemp("serving")), sample_candidates, sample_parts)
+def server(tmp_path_factory, new_home, sample_candidates, sample_parts):
+    started = Server(new_home(tmp_path_factory.mktemp("serving")), sample_candidates, sample_parts)
     yield started
     started.stop()
 
