@@ -13,7 +13,6 @@ import signal
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import dagster as dg
 import psutil
