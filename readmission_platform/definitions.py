@@ -6,6 +6,7 @@ import dagster as dg
 from readmission_platform.defs.resources import (
     LandingResource,
     MlflowResource,
+    PredictionLogResource,
     RetrainPolicy,
     ServingResource,
     WarehouseResource,
@@ -36,6 +37,7 @@ defs = dg.Definitions.merge(
             "mlflow": MlflowResource(
                 tracking_uri=from_variable("mlflow_tracking_uri"), artifact_root=settings.mlflow_artifact_root.as_uri()
             ),
+            "prediction_log": PredictionLogResource(url=from_variable("prediction_log_url")),
             "retrain_policy": RetrainPolicy(),
             "serving": ServingResource(bentoml_home=str(settings.bentoml_home)),
         },

@@ -1,4 +1,4 @@
-"""Resources: the warehouse, the landing folder and MLflow, configured once in definitions.py."""
+"""Resources: the warehouse, the landing folder, MLflow and the prediction log, configured once in definitions.py."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from datetime import datetime
+
+    import polars as pl
+
     from readmission_platform.lib.registry import ModelRegistry
 
 
@@ -49,6 +55,18 @@ class MlflowResource(dg.ConfigurableResource):
         return ModelRegistry(
             self.tracking_uri, self.artifact_root, model_name=self.model_name, experiment=self.experiment, ui_url=self.ui_url
         )
+
+
+class PredictionLogResource(dg.ConfigurableResource):
+    """The service's prediction log: sqlite:///path (default under READMISSION_HOME) or postgresql://…."""
+
+    url: str
+
+    def read(
+        self, columns: Sequence[str] | None = None, *, since: datetime | None = None, until: datetime | None = None
+    ) -> pl.DataFrame:
+        """The predictions made in [`since`, `until`), oldest first (`lib/predictions.read_predictions`)."""
+        return read_predictions(self.url, columns, since=since, until=until)
 
 
 class ServingResource(dg.ConfigurableResource):

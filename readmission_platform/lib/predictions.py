@@ -1,0 +1,97 @@
+"""The service's prediction log read into polars, for monitoring: SQLite (a file) or PostgreSQL, by URL.
+
+The layout is the one `serving/prediction_log.py` writes: a row per prediction with its result columns and the
+encounter's fields. Both databases are read through ADBC, which hands the rows over as Arrow without a Python object
+per value; SQLite's text times and 0/1 decisions come back as PostgreSQL's do (UTC times, booleans).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from readmission_platform.lib.encounter import REQUEST_DTYPES
+from readmission_platform.lib.reporting import masked
+from readmission_platform.lib.warehouse import quote
+
+TABLE = "predictions"
+TIME = pl.Datetime("us", "UTC")
+RESULT_TYPES: dict[str, pl.DataType] = {
+    "request_id": pl.String(), "predicted_at": TIME, "endpoint": pl.String(), "model_name": pl.String(),
+    "model_version": pl.String(), "probability": pl.Float64(), "decision": pl.Boolean(), "risk_band": pl.String(),
+}  # fmt: skip
+TYPES: dict[str, pl.DataType] = RESULT_TYPES | dict(REQUEST_DTYPES)
+# How the writer stores a time in SQLite (UTC, without the offset); as text, it orders as the time does.
+_SQLITE_TIME = "%Y-%m-%d %H:%M:%S%.f"
+
+
+class PredictionLogError(ValueError):
+    """The prediction log's URL or the columns asked of it are not ones the log has."""
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def _postgres_uri(url: str) -> str | None:
+    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url.removeprefix(prefix)
+    return None
+
+
+def _connect(url: str):
+    if (path := _sqlite_path(url)) is not None:
+        import adbc_driver_sqlite.dbapi
+
+        return adbc_driver_sqlite.dbapi.connect(str(path))
+    if (uri := _postgres_uri(url)) is not None:
+        import adbc_driver_postgresql.dbapi
+
+        return adbc_driver_postgresql.dbapi.connect(uri)
+    raise PredictionLogError(f"prediction log URL {masked(url)!r} is neither sqlite:///path nor postgresql://…")
+
+
+def _has_table(cursor, sqlite: bool) -> bool:
+    if sqlite:
+        cursor.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", [TABLE])
+    else:
+        cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema() "
+                       "AND table_name = $1", [TABLE])  # fmt: skip
+    return bool(cursor.fetchone()[0])
+
+
+def read_predictions(
+    url: str, columns: Sequence[str] | None = None, *, since: datetime | None = None, until: datetime | None = None
+) -> pl.DataFrame:
+    """The logged predictions made in [`since`, `until`) (either open), oldest first, as `columns` (default all) of
+    `TYPES`; no rows when the log has none yet."""
+    wanted = list(columns) if columns is not None else list(TYPES)
+    if unknown := [name for name in wanted if name not in TYPES]:
+        raise PredictionLogError(f"the prediction log has no column {unknown}; expected some of {list(TYPES)}")
+    bounds = [(op, at) for op, at in ((">=", since), ("<", until)) if at is not None]
+    for _, at in bounds:
+        if at.tzinfo is None:
+            raise PredictionLogError(f"time bound {at} has no time zone; give an aware datetime (UTC)")
+    empty = pl.DataFrame(schema={name: TYPES[name] for name in wanted})
+    if (path := _sqlite_path(url)) is not None and not path.exists():
+        return empty
+    sqlite = path is not None
+    conditions = [f"predicted_at {op} {'?' if sqlite else f'${i}'}" for i, (op, _) in enumerate(bounds, start=1)]
+    # SQLite compares the stored text, so a bound is written as the writer writes a time.
+    params = [at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else at for _, at in bounds]
+    sql = f"SELECT {', '.join(quote(name) for name in wanted)} FROM {TABLE}"
+    sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    # Rows are appended in time order, so the id (SQLite: the rowid) orders them by time.
+    sql += " ORDER BY rowid" if sqlite else " ORDER BY id"
+    with _connect(url) as connection, connection.cursor() as cursor:
+        if not _has_table(cursor, sqlite):
+            return empty
+        cursor.execute(sql, params)
+        frame = pl.from_arrow(cursor.fetch_arrow_table())
+    if sqlite and "predicted_at" in wanted:
+        frame = frame.with_columns(pl.col("predicted_at").str.to_datetime(_SQLITE_TIME, time_unit="us", time_zone="UTC"))
+    return frame.cast({name: TYPES[name] for name in wanted})

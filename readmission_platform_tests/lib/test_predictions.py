@@ -1,0 +1,92 @@
+"""The prediction log's reader on both backends, reading what the service's writer wrote."""
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from readmission_platform.defs.resources import PredictionLogResource
+from readmission_platform.lib.encounter import FIELDS
+from readmission_platform.lib.predictions import TYPES, PredictionLogError, read_predictions
+from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+from readmission_platform.serving.prediction_log import PredictionLog
+
+
+def row(i: int) -> dict:
+    encounter = SMOKE_ENCOUNTERS[i % len(SMOKE_ENCOUNTERS)]
+    return {
+        "request_id": f"r{i}", "endpoint": "predict", "model_name": "m", "model_version": str(1 + i % 2),
+        "probability": i / 100, "decision": i % 3 == 0, "risk_band": "low",
+        "inputs": {name: encounter.get(name) for name in FIELDS},
+    }  # fmt: skip
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    return request.getfixturevalue("pg_schema_url")
+
+
+def write(url: str, rows: list[dict]) -> None:
+    log = PredictionLog(url, flush_seconds=0.05)
+    assert log.record(rows) == 0
+    log.close()
+
+
+def test_every_row_reads_back_typed_oldest_first(url):
+    write(url, [row(i) for i in range(40)])
+    frame = read_predictions(url)
+    assert frame.schema == pl.Schema(TYPES)
+    assert frame["request_id"].to_list() == [f"r{i}" for i in range(40)]
+    assert frame["probability"].to_list() == [i / 100 for i in range(40)]
+    assert frame["decision"].to_list() == [i % 3 == 0 for i in range(40)]
+    assert frame["model_version"].to_list() == [str(1 + i % 2) for i in range(40)]
+    expected = SMOKE_ENCOUNTERS[3 % len(SMOKE_ENCOUNTERS)]
+    assert {name: frame[name][3] for name in FIELDS} == {name: expected.get(name) for name in FIELDS}
+    seconds = (datetime.now(UTC) - frame["predicted_at"][0]).total_seconds()
+    assert 0 <= seconds < 120
+
+
+def test_a_time_window_and_columns_select_what_is_read(url):
+    write(url, [row(i) for i in range(5)])
+    time.sleep(0.05)
+    middle = datetime.now(UTC)
+    time.sleep(0.05)
+    write(url, [row(i) for i in range(5, 8)])
+    later = read_predictions(url, ["request_id", "probability"], since=middle)
+    assert later.columns == ["request_id", "probability"]
+    assert later["request_id"].to_list() == ["r5", "r6", "r7"]
+    earlier = read_predictions(url, ["request_id"], until=middle)
+    assert earlier["request_id"].to_list() == [f"r{i}" for i in range(5)]
+    assert read_predictions(url, ["request_id"], since=middle, until=middle + timedelta(hours=-1)).is_empty()
+
+
+def test_a_log_not_written_yet_reads_as_no_rows(url):
+    frame = read_predictions(url, ["request_id", "predicted_at"])
+    assert frame.is_empty() and frame.schema == pl.Schema({"request_id": pl.String, "predicted_at": TYPES["predicted_at"]})
+
+
+def test_a_wrong_column_url_or_naive_time_is_named(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.sqlite'}"
+    with pytest.raises(PredictionLogError, match=r"no column \['patient_nbr'\]"):
+        read_predictions(url, ["request_id", "patient_nbr"])
+    with pytest.raises(PredictionLogError, match="neither sqlite:///path nor postgresql://"):
+        read_predictions("mysql://somewhere/db")
+    with pytest.raises(PredictionLogError, match="has no time zone"):
+        read_predictions(url, since=datetime(2026, 1, 1))
+
+
+def test_the_resource_reads_the_log_inside_an_asset(tmp_path):
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    write(url, [row(i) for i in range(3)])
+
+    @dg.asset
+    def logged(prediction_log: PredictionLogResource) -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"rows": prediction_log.read(["request_id"]).height})
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([logged], resources={"prediction_log": PredictionLogResource(url=url)}, instance=instance)
+    assert result.asset_materializations_for_node("logged")[0].metadata["rows"].value == 3
