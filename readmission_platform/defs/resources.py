@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from readmission_platform.lib.landing import OUTCOMES_FOLDER
 from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 
@@ -29,13 +30,18 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class LandingResource(dg.ConfigurableResource):
-    """The folder where upstream systems drop batch files."""
+    """The folder where upstream systems drop batch files, and outcome files in its `outcomes/`."""
 
     folder: str
 
     @property
     def path(self) -> Path:
         return Path(self.folder)
+
+    @property
+    def outcomes_path(self) -> Path:
+        """Where files of outcomes land (`lib/outcomes`)."""
+        return Path(self.folder) / OUTCOMES_FOLDER
 
 
 class MlflowResource(dg.ConfigurableResource):

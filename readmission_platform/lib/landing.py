@@ -13,6 +13,7 @@ from readmission_platform.lib.ingest import header_problem
 
 BATCH_SIZE = 15_000
 BATCH_FILE = re.compile(r"^batch_(\d{4,})\.csv$")
+OUTCOMES_FOLDER = "outcomes"  # in the landing folder: files of outcomes (`lib/outcomes`)
 
 
 def batch_file_name(index: int) -> str:
