@@ -90,3 +90,11 @@ class RetrainPolicy(dg.ConfigurableResource):
     """Feature rows in those batches."""
     drift_psi_threshold: float = 0.2
     """A batch whose largest population stability index reaches this drifted (0.2: significant shift)."""
+
+
+class DegradationPolicy(dg.ConfigurableResource):
+    """What the platform does when the serving version's live performance falls short (`live_performance_sensor`)."""
+
+    auto_rollback: bool = False
+    """Move `production` back by itself when the serving version is clearly worse live than the one it replaced;
+    off, the rollback is proposed (a row of promotion_decisions) for a person to run `readmission rollback`."""

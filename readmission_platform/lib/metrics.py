@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+from scipy.special import expit
 from sklearn.metrics import (
     average_precision_score,
     brier_score_loss,
@@ -188,3 +189,73 @@ def bootstrap_intervals(
     lower, upper = np.nanpercentile(draws, [tail, 100 - tail], axis=0)
     estimate = _weighted_scores(y, p, np.ones(len(y)))
     return pl.DataFrame({"metric": BOOTSTRAP_METRICS, "estimate": estimate, "lower": lower, "upper": upper})
+
+
+def calibration_fit(y_true, probability, weight=None) -> dict[str, float]:
+    """Calibration intercept and slope: the logistic regression of the outcome on the logit of the probability
+    (Cox 1958); 0 and 1 when the probabilities are right, a slope below 1 when they are too extreme."""
+    y, p = _checked(y_true, probability)
+    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
+    logit = np.log(np.clip(p, 1e-9, 1 - 1e-9) / np.clip(1 - p, 1e-9, 1 - 1e-9))
+    design = np.column_stack([np.ones(len(y)), logit])
+    beta = np.array([0.0, 1.0])
+    # Newton's method on the log-likelihood; from (0, 1), a calibrated model's own point, it converges in a few steps.
+    for _ in range(50):
+        mu = expit(design @ beta)
+        gradient = design.T @ (w * (y - mu))
+        hessian = (design * (w * mu * (1 - mu))[:, None]).T @ design
+        try:
+            step = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            return {"calibration_intercept": np.nan, "calibration_slope": np.nan}
+        beta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return {"calibration_intercept": float(beta[0]), "calibration_slope": float(beta[1])}
+
+
+RESAMPLED_METRICS = ("roc_auc", "pr_auc", "brier", "calibration_intercept", "calibration_slope", "positive_rate", "observed_rate")
+
+
+def _scores(y: np.ndarray, p: np.ndarray, flagged: np.ndarray, weight: np.ndarray) -> list[float]:
+    roc_auc, pr_auc, brier = _weighted_scores(y, p, weight)
+    fit = calibration_fit(y, p, weight) if _both_classes(y) else {"calibration_intercept": np.nan, "calibration_slope": np.nan}
+    total = weight.sum()
+    return [roc_auc, pr_auc, brier, fit["calibration_intercept"], fit["calibration_slope"],
+            float(weight @ flagged / total), float(weight @ y / total)]  # fmt: skip
+
+
+def resampled_intervals(
+    y_true, probability, flagged, *, resamples: int = 200, level: float = 0.95, seed: int = 0, resolution: float = 1e-3
+) -> pl.DataFrame:
+    """Estimate and percentile interval of each of RESAMPLED_METRICS (ROC-AUC, PR-AUC, Brier, calibration intercept and
+    slope, share flagged, share readmitted) from resampling rows, each row a draw of its own.
+
+    The estimates are exact. For the resamples, rows of one label and flag whose probabilities round to the same
+    `resolution` are one cell, drawn as often as it has rows (a multinomial draw over cells, which is what resampling
+    the rows is), so each resample costs the cells, not the rows; the interval is then moved by the difference that
+    grouping makes to the estimate, and stays centred where the exact one is.
+    """
+    y, p = _checked(y_true, probability)
+    f = np.asarray(flagged, dtype=bool)
+    if f.shape != y.shape:
+        raise ValueError(f"flagged has shape {f.shape} and y_true {y.shape}; expected one decision per label")
+    if not _both_classes(y):
+        raise ValueError("resampled intervals need rows of both classes; y_true holds only one")
+    estimate = np.array(_scores(y, p, f.astype(float), np.ones(len(y))))
+    cells = (
+        pl.DataFrame({"bin": np.rint(p / resolution).astype(np.int64), "y": y, "f": f, "p": p})
+        .group_by("bin", "y", "f")
+        .agg(pl.len().alias("rows"), pl.col("p").mean())
+    )
+    cell_y, cell_p = cells["y"].to_numpy(), cells["p"].to_numpy()
+    cell_f, rows = cells["f"].to_numpy().astype(float), cells["rows"].to_numpy()
+    grouped = np.array(_scores(cell_y, cell_p, cell_f, rows.astype(float)))
+    counts = np.random.default_rng(seed).multinomial(len(y), rows / len(y), size=resamples)
+    draws = np.empty((resamples, len(RESAMPLED_METRICS)))
+    for r, weight in enumerate(counts):
+        drawn = weight > 0
+        draws[r] = _scores(cell_y[drawn], cell_p[drawn], cell_f[drawn], weight[drawn].astype(float))
+    tail = (1 - level) / 2 * 100
+    lower, upper = np.nanpercentile(draws - grouped, [tail, 100 - tail], axis=0) + estimate
+    return pl.DataFrame({"metric": RESAMPLED_METRICS, "estimate": estimate, "lower": lower, "upper": upper})
