@@ -10,12 +10,15 @@ kind is refused whole. Of a good file, an outcome for a request the prediction l
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import polars as pl
 
+from readmission_platform.lib.landing import landed_files, write_atomically
 from readmission_platform.lib.reporting import examples
 from readmission_platform.lib.warehouse import Warehouse
 
@@ -133,3 +136,28 @@ def stored_outcomes(store: Warehouse, batch_id: str) -> pl.DataFrame:
     """request_id and batch_id of the outcomes other files stored (none before the first)."""
     found = store.query(f"SELECT request_id, batch_id FROM {OUTCOMES} WHERE batch_id <> $1", [batch_id])
     return found if found.width else pl.DataFrame(schema={"request_id": pl.String, "batch_id": pl.String})
+
+
+OUTCOME_FILE = re.compile(r"^outcomes_(\d{4,})\.csv$")
+
+
+def outcomes_csv(known: pl.DataFrame, known_at: datetime) -> bytes:
+    """A file of outcomes as the hospital system sends it: `known` holds encounter_id and readmitted_30d."""
+    return (
+        known.select(
+            pl.col("encounter_id").cast(pl.Int64),
+            pl.col("readmitted_30d").cast(pl.Int8),
+            pl.lit(known_at.astimezone(UTC).isoformat()).alias("known_at"),
+        )
+        .write_csv()
+        .encode()
+    )
+
+
+def land_outcomes(content: bytes, folder: Path) -> Path:
+    """Write a file of outcomes into `folder` as the next outcomes_NNNN.csv, whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = [int(m.group(1)) for p in landed_files(folder) if (m := OUTCOME_FILE.match(p.name))]
+    path = folder / f"outcomes_{max(done, default=0) + 1:04d}.csv"
+    write_atomically(path, content)
+    return path

@@ -30,6 +30,7 @@ live_performance_job = dg.define_asset_job(
     description="live_performance and its checks, over every outcome and the whole prediction log.",
 )
 TRIGGER_TAG = "readmission/trigger"
+AFTER_OUTCOMES_TAG = "readmission/after_outcomes"  # the file of outcomes whose arrival a measurement follows
 
 
 @dg.sensor(
@@ -85,7 +86,13 @@ def live_performance_sensor(
     newest = instance.fetch_materializations(dg.AssetKey(OUTCOMES), limit=1, ascending=False).records
     measuring = instance.get_runs(dg.RunsFilter(job_name=live_performance_job.name, statuses=training.IN_FLIGHT), limit=1)
     if newest and newest[0].storage_id > cursor["outcomes"] and not measuring:
-        requests.append(dg.RunRequest(job_name=live_performance_job.name, run_key=f"outcomes:{newest[0].storage_id}"))
+        requests.append(
+            dg.RunRequest(
+                job_name=live_performance_job.name,
+                run_key=f"outcomes:{newest[0].storage_id}",
+                tags={AFTER_OUTCOMES_TAG: newest[0].asset_materialization.partition},
+            )
+        )
         cursor["outcomes"] = newest[0].storage_id
 
     keys = [dg.AssetCheckKey(dg.AssetKey(LIVE), name) for name in (DISCRIMINATION, CALIBRATION)]
