@@ -192,26 +192,30 @@ def bootstrap_intervals(
 
 
 def calibration_fit(y_true, probability, weight=None) -> dict[str, float]:
-    """Calibration intercept and slope: the logistic regression of the outcome on the logit of the probability
-    (Cox 1958); 0 and 1 when the probabilities are right, a slope below 1 when they are too extreme."""
+    """Calibration intercept (calibration in the large: the shift of the logits, their slope held at 1) and slope (of
+    the logistic regression of the outcome on the logits), after Van Calster et al. 2016; 0 and 1 when the
+    probabilities are right, a slope below 1 when they are too extreme, an intercept below 0 when too high overall."""
     y, p = _checked(y_true, probability)
     w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
     logit = np.log(np.clip(p, 1e-9, 1 - 1e-9) / np.clip(1 - p, 1e-9, 1 - 1e-9))
     design = np.column_stack([np.ones(len(y)), logit])
+    # Newton's method on each log-likelihood; from the calibrated model's own point it converges in a few steps.
     beta = np.array([0.0, 1.0])
-    # Newton's method on the log-likelihood; from (0, 1), a calibrated model's own point, it converges in a few steps.
+    shift = 0.0
     for _ in range(50):
         mu = expit(design @ beta)
-        gradient = design.T @ (w * (y - mu))
         hessian = (design * (w * mu * (1 - mu))[:, None]).T @ design
         try:
-            step = np.linalg.solve(hessian, gradient)
+            step = np.linalg.solve(hessian, design.T @ (w * (y - mu)))
         except np.linalg.LinAlgError:
             return {"calibration_intercept": np.nan, "calibration_slope": np.nan}
         beta += step
-        if np.abs(step).max() < 1e-10:
+        mu = expit(logit + shift)
+        shift_step = float(w @ (y - mu)) / float(w @ (mu * (1 - mu)))
+        shift += shift_step
+        if max(np.abs(step).max(), abs(shift_step)) < 1e-10:
             break
-    return {"calibration_intercept": float(beta[0]), "calibration_slope": float(beta[1])}
+    return {"calibration_intercept": shift, "calibration_slope": float(beta[1])}
 
 
 RESAMPLED_METRICS = ("roc_auc", "pr_auc", "brier", "calibration_intercept", "calibration_slope", "positive_rate", "observed_rate")

@@ -107,3 +107,58 @@ def test_a_planted_degradation_fails_the_checks_and_requests_one_retrain(platfor
     assert rows.height == 1 and rows["production_version"][0] == "3"
     assert rows["reason"][0].startswith("Live performance of production v3 fell short; retrain requested: v3's live ROC-AUC")
     assert act(platform, tmp_path, instance, acted.cursor).run_requests == []  # the same evaluation acts once
+
+
+@pytest.mark.parametrize("auto_rollback", [False, True])
+def test_a_version_clearly_worse_live_than_the_one_it_replaced_is_proposed_for_rollback(platform, tmp_path, instance, auto_rollback):
+    from readmission_platform.lib.registry import ModelRegistry
+    from readmission_platform.settings import Settings
+    from readmission_platform_tests.cli.test_main import register_two_promoted_versions
+
+    register_two_promoted_versions(tmp_path)  # v2 in production, having replaced v1
+    settings = Settings.from_env({"READMISSION_HOME": str(tmp_path)})
+    rng = np.random.default_rng(5)
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    log = PredictionLog(url, flush_seconds=0.05)
+    encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
+    readmitted = []
+    for version, flip in (("1", 0.0), ("2", 0.35)):  # v2 served last: it is the serving version
+        probability = rng.beta(1.2, 9, SERVED)
+        readmitted.append((rng.random(SERVED) < probability) ^ (rng.random(SERVED) < flip))
+        log.record(
+            {"request_id": f"v{version}-{i}", "endpoint": "predict", "model_name": "readmission-classifier", "model_version": version,
+             "probability": float(p), "decision": bool(p >= 0.15), "risk_band": "low", "inputs": encounter}
+            for i, p in enumerate(probability)
+        )  # fmt: skip
+    log.close()
+    now = datetime.now(UTC)
+    rows = pl.DataFrame({
+        "batch_id": "outcomes_0001", "request_id": [f"v{v}-{i}" for v in ("1", "2") for i in range(SERVED)],
+        "readmitted_30d": np.concatenate(readmitted), "known_at": now, "source_file": "outcomes_0001.csv",
+        "line_number": range(2, 2 * SERVED + 2), "ingested_at": now,
+    }).cast(OUTCOME_SCHEMA)  # fmt: skip
+    platform.warehouse.replace_batch({OUTCOMES: (OUTCOME_SCHEMA, rows)}, "outcomes_0001")
+    mlflow = MlflowResource(tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root.as_uri())
+    resources = platform.resources | {"prediction_log": PredictionLogResource(url=url), "mlflow": mlflow}
+
+    measured = dg.materialize([live_performance], resources=resources, instance=instance)
+    metadata = measured.asset_materializations_for_node(LIVE)[0].metadata
+    assert metadata["serving_version"].value == "2" and metadata["replaced_version"].value == "1"
+    assert metadata["clearly_worse_than_replaced"].value.startswith("live ROC-AUC 0.")
+
+    context = dg.build_sensor_context(
+        instance=instance,
+        resources={"warehouse": platform.resources["warehouse"], "mlflow": mlflow, "degradation_policy": DegradationPolicy(auto_rollback=auto_rollback)},
+    )
+    live_performance_sensor(context)
+    rows = platform.warehouse.query("SELECT action, champion_version, production_version, reason FROM promotion_decisions ORDER BY action")
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+    if auto_rollback:
+        assert ("rolled_back", "2", "1") in [r[:3] for r in rows.rows()]
+        assert str(registry.production().version) == "1"
+    else:
+        (proposed,) = [r for r in rows.iter_rows(named=True) if r["action"] == "rollback_proposed"]
+        assert proposed["production_version"] == "2" and proposed["champion_version"] == "1"
+        assert proposed["reason"].startswith("Rollback of production v2 to v1 proposed: live ROC-AUC")
+        assert "readmission rollback" in proposed["reason"]
+        assert str(registry.production().version) == "2"
