@@ -106,3 +106,22 @@ def test_test_figures_are_each_version_s_latest_decision():
         "challenger_test_brier": [0.1, 0.09, None],
     })  # fmt: skip
     assert live.test_figures(decisions) == {"1": {"roc_auc": 0.65, "pr_auc": 0.21, "brier": 0.09}}
+
+
+def test_resamples_scored_together_are_scikit_learn_s_scores_of_each_weighted_set_ties_included():
+    rng = np.random.default_rng(2)
+    p = np.sort(np.round(rng.beta(1.2, 9, 2_000), 2))  # rounded: many rows share a probability
+    y = (rng.random(len(p)) < p).astype(float)
+    flagged = (p >= 0.15).astype(float)
+    counts = rng.poisson(1.0, (3, len(p)))
+    together = metrics.cell_scores(y, p, flagged, (p - y) ** 2, counts)
+    for draw, weight in zip(together, counts):
+        drawn = weight > 0
+        w = weight[drawn].astype(float)
+        expected = [
+            roc_auc_score(y[drawn], p[drawn], sample_weight=w), average_precision_score(y[drawn], p[drawn], sample_weight=w),
+            float(np.average((p[drawn] - y[drawn]) ** 2, weights=w)),
+            *metrics.calibration_fit(y[drawn], p[drawn], w).values(),
+            float(np.average(flagged[drawn], weights=w)), float(np.average(y[drawn], weights=w)),
+        ]  # fmt: skip
+        assert draw == pytest.approx(expected, rel=1e-9, abs=1e-12)
