@@ -156,8 +156,7 @@ def serve_last_batch(settings, say) -> bool:
     logged = read_predictions(settings.prediction_log_url, ["request_id"])["request_id"]
     served = logged.filter(logged.is_in([e["request_id"] for e in encounters])).n_unique()
     say(f"  logged in {settings.prediction_log_url}: {int((logged == 'demo-1').sum())} row(s) for request demo-1; "
-        f"{served:,} of the batch's {len(encounters):,} encounters (those discharged to death or hospice are answered "
-        "without a prediction, and not logged)")  # fmt: skip
+        f"{served:,} of the batch's {len(encounters):,} encounters")  # fmt: skip
     return answer.status_code == 200 and batch.status_code == 200 and served > 0
 
 
@@ -182,8 +181,10 @@ def land_served_outcomes(settings, say) -> Path | None:
     with open_warehouse(settings.warehouse_url) as store:
         stored = store.query(f"SELECT request_id FROM {OUTCOMES}")
         labels = store.query("SELECT encounter_id, readmitted_30d FROM clean_batches")
-    known = pl.concat([*landed, *([stored["request_id"]] if stored.width else [])]).cast(pl.Int64, strict=False)
-    due = labels.join(served, on="encounter_id").filter(~pl.col("encounter_id").is_in(known.drop_nulls().implode()))
+    known = pl.concat([pl.Series([], dtype=pl.String), *landed, *([stored["request_id"]] if stored.width else [])])
+    due = labels.join(served, on="encounter_id").filter(
+        ~pl.col("encounter_id").is_in(known.cast(pl.Int64, strict=False).drop_nulls().implode())
+    )
     if due.is_empty():
         say(f"every served encounter's outcome has landed already ({served.height:,} served under their encounter_id)")
         return None

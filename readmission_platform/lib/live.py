@@ -38,7 +38,7 @@ def _version_order(version: pl.Expr) -> pl.Expr:
 
 def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataFrame:
     """One row per (version, request) with an outcome: PREDICTION_COLUMNS and readmitted_30d, oldest first."""
-    answered = predictions.select(PREDICTION_COLUMNS).unique(["model_version", "request_id"], keep="last", maintain_order=True)
+    answered = predictions.select(PREDICTION_COLUMNS).unique(["model_version", "request_id"], keep="last")
     return answered.join(outcomes.select("request_id", "readmitted_30d"), on="request_id", how="inner").sort("predicted_at")
 
 
@@ -79,17 +79,28 @@ def live_figures(
 def by_period(joined: pl.DataFrame, every: str = "1d") -> pl.DataFrame:
     """PERIOD_SCHEMA: each version's ROC-AUC, Brier, observed and mean predicted rate per period of prediction time
     (ROC-AUC null in a period whose outcomes are all of one kind)."""
-    rows = []
-    periods = joined.with_columns(period=pl.col("predicted_at").dt.truncate(every))
-    for (version, period), part in periods.group_by("model_version", "period", maintain_order=True):
-        y, p = part["readmitted_30d"].to_numpy().astype(np.int8), part["probability"].to_numpy()
-        both = 0 < y.sum() < len(y)
-        rows.append({
-            "model_version": version, "period": period, "outcomes": len(y),
-            "roc_auc": metrics.ranking(y, p)["roc_auc"] if both else None,
-            "brier": float(np.mean((p - y) ** 2)), "observed_rate": float(y.mean()), "mean_predicted": float(p.mean()),
-        })  # fmt: skip
-    return pl.DataFrame(rows, schema=PERIOD_SCHEMA).sort("model_version", "period")
+    y, p = pl.col("readmitted_30d").cast(pl.Float64), pl.col("probability")
+    positives, outcomes = pl.col("positives"), pl.col("outcomes")
+    return (
+        joined.group_by("model_version", pl.col("predicted_at").dt.truncate(every).alias("period"))
+        .agg(
+            outcomes=pl.len(),
+            positives=y.sum(),
+            # ROC-AUC as the Mann-Whitney statistic: the readmitted's mean rank (ties averaged) above the lowest ranks.
+            ranks=p.rank("average").filter(pl.col("readmitted_30d")).sum(),
+            brier=((p - y) ** 2).mean(),
+            observed_rate=y.mean(),
+            mean_predicted=p.mean(),
+        )
+        .with_columns(
+            roc_auc=pl.when((positives > 0) & (positives < outcomes)).then(
+                (pl.col("ranks") - positives * (positives + 1) / 2) / (positives * (outcomes - positives))
+            )
+        )
+        .select(list(PERIOD_SCHEMA))
+        .cast(PERIOD_SCHEMA)
+        .sort("model_version", "period")
+    )
 
 
 @dataclass(frozen=True)

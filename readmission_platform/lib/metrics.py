@@ -272,7 +272,7 @@ def cell_scores(y: np.ndarray, p: np.ndarray, flagged: np.ndarray, squared_error
 
 
 def resampled_intervals(
-    y_true, probability, flagged, *, resamples: int = 200, level: float = 0.95, seed: int = 0, resolution: float = 1e-3
+    y_true, probability, flagged, *, resamples: int = 200, level: float = 0.95, seed: int = 0, resolution: float = 5e-3
 ) -> pl.DataFrame:
     """Estimate and percentile interval of each of RESAMPLED_METRICS (ROC-AUC, PR-AUC, Brier, calibration intercept and
     slope, share flagged, share readmitted) from resampling rows, each row a draw of its own.

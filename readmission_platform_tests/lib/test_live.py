@@ -125,3 +125,15 @@ def test_resamples_scored_together_are_scikit_learn_s_scores_of_each_weighted_se
             float(np.average(flagged[drawn], weights=w)), float(np.average(y[drawn], weights=w)),
         ]  # fmt: skip
         assert draw == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_the_daily_figures_are_scikit_learn_s_on_each_day():
+    predictions, outcomes = logged(3_000, seed=4)  # ten minutes apart: about 21 days
+    joined = live.join_outcomes(predictions, outcomes)
+    days = live.by_period(joined, "1d")
+    for row in days.iter_rows(named=True):
+        day = joined.filter(pl.col("predicted_at").dt.truncate("1d") == row["period"])
+        y, p = day["readmitted_30d"].to_numpy(), day["probability"].to_numpy()
+        assert row["outcomes"] == len(y) and row["roc_auc"] == pytest.approx(roc_auc_score(y, p), rel=1e-9)
+        assert row["brier"] == pytest.approx(brier_score_loss(y, p)) and row["observed_rate"] == pytest.approx(y.mean())
+    assert days["outcomes"].sum() == 3_000
