@@ -11,7 +11,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -38,7 +38,7 @@ CHUNK = 20_000
 
 
 def write_log(url: str, warehouse_url: str, rows: int, seed: int = 0) -> None:
-    """`rows` predictions of three versions over 30 days through the service's own writer, and an outcome for each."""
+    """`rows` predictions of three versions, one after the other, through the service's own writer, and an outcome for each."""
     rng = np.random.default_rng(seed)
     fields = typed_frame([{name: SMOKE_ENCOUNTERS[i % len(SMOKE_ENCOUNTERS)].get(name) for name in FIELDS} for i in range(CHUNK)])
     log = PredictionLog(url, capacity=rows, flush_seconds=0.05, batch_rows=CHUNK)

@@ -240,7 +240,6 @@ def cell_scores(y: np.ndarray, p: np.ndarray, flagged: np.ndarray, squared_error
     positive, negative = w * y, w * (1 - y)
     readmitted, other, total = positive.sum(1), negative.sum(1), w.sum(1)
     starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # the first cell of each probability
-    tie = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(p)]))
     tied_positive, tied_negative = np.add.reduceat(positive, starts, axis=1), np.add.reduceat(negative, starts, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         # A readmission outranks every other encounter of a lower probability, and half of those of its own.
@@ -298,9 +297,10 @@ def resampled_intervals(
         )
         return [grouped[name].to_numpy().astype(float) for name in ("y", "p", "f", "squared_error")], grouped["rows"].to_numpy()
 
-    # The estimate on cells of equal probability, label and flag is the rows' own, in one sort.
-    exact, counts = cells(pl.col("p"))
-    estimate = cell_scores(*exact, counts[None, :])[0]
+    # Each row a cell of its own, in rising probability: the estimate is the rows' own (cell_scores takes the ties).
+    order = np.argsort(p, kind="stable")
+    ranked = y[order].astype(float), p[order]
+    estimate = cell_scores(*ranked, f[order].astype(float), (ranked[1] - ranked[0]) ** 2, np.ones((1, len(y))))[0]
     columns, rows_per_cell = cells((pl.col("p") / resolution).round().cast(pl.Int64))
     grouped = cell_scores(*columns, rows_per_cell[None, :])[0]
     draws = cell_scores(*columns, np.random.default_rng(seed).multinomial(len(y), rows_per_cell / len(y), size=resamples))

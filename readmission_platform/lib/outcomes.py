@@ -123,7 +123,7 @@ def judge_outcomes(
         .then(pl.format(f"{SECOND_OUTCOME}: request already has an outcome from {{}}", pl.col("first_in")))
         .when(earlier)
         .then(pl.lit(f"{SECOND_OUTCOME}: request has an outcome on an earlier line of this file"))
-        .when(pl.col("request_id").is_in(pl.Series(list(predicted), dtype=pl.String)).not_())
+        .when(pl.col("request_id").is_in(pl.Series(predicted, dtype=pl.String).implode()).not_())
         .then(pl.lit(f"{UNKNOWN_REQUEST}: no prediction in the log has this request_id"))
     )
     return ParsedOutcomes(
