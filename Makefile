@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_drift.py
 	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/bench_live.py
 	$(BIN)/python benchmarks/loadtest.py
 
 loadtest: install

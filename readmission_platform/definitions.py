@@ -4,6 +4,7 @@ from pathlib import Path
 import dagster as dg
 
 from readmission_platform.defs.resources import (
+    DegradationPolicy,
     LandingResource,
     MlflowResource,
     PredictionLogResource,
@@ -39,6 +40,7 @@ defs = dg.Definitions.merge(
             ),
             "prediction_log": PredictionLogResource(url=from_variable("prediction_log_url")),
             "retrain_policy": RetrainPolicy(),
+            "degradation_policy": DegradationPolicy(),
             "serving": ServingResource(bentoml_home=str(settings.bentoml_home)),
         },
         # One process per run: steps share it instead of each importing the stack again.

@@ -107,33 +107,84 @@ def land_and_process(
     return landed_count
 
 
-def serve_one_prediction(settings, say) -> bool:
+def wait_for_live_performance(path: Path, instance: dg.DagsterInstance, say, timeout: float, log_path: Path) -> None:
+    """Wait for the ingestion of a landed file of outcomes and for the measurement of live performance after it."""
+    from readmission_platform.defs.outcomes.sensors import AFTER_OUTCOMES_TAG
+
+    watcher = RunWatcher(instance, say)
+    watcher.wait({SHA_TAG: content_hash(path.read_bytes())}, f"ingestion of {path.name}", timeout, log_path)
+    found = watcher.wait({AFTER_OUTCOMES_TAG: batch_id_for(path)}, f"live performance after {path.name}", timeout, log_path,
+                         appear_within=120)  # fmt: skip
+    if found is None:
+        say("  live_performance_sensor started no measurement (see its ticks under Automation in the UI)")
+
+
+def serve_last_batch(settings, say) -> bool:
     """Start `bentoml serve readmission:latest` (the Bento serving_bento built), send it one encounter of the last
-    batch as a hospital system would, print the answer, and stop the server; False if anything failed."""
+    batch and then all of them at once, each under its encounter_id as the request_id, as a hospital system would;
+    print the first answer and stop the server; False if anything failed."""
     import httpx
 
     from readmission_platform.lib.encounter import from_clean
+    from readmission_platform.lib.predictions import read_predictions
     from readmission_platform.lib.warehouse import open_warehouse
     from readmission_platform.serving.server import BENTO, running_server
 
     with open_warehouse(settings.warehouse_url) as store:
         newest = store.query("SELECT max(batch_id) AS b FROM clean_batches")["b"][0]
-        rows = store.query("SELECT * FROM clean_batches WHERE batch_id = $1 ORDER BY encounter_id LIMIT 1", [newest])
-    encounter = from_clean(rows.row(0, named=True)) | {"request_id": "demo-1"}
+        rows = store.query("SELECT * FROM clean_batches WHERE batch_id = $1 ORDER BY encounter_id", [newest])
+    encounters = [from_clean(row) | {"request_id": str(row["encounter_id"])} for row in rows.iter_rows(named=True)]
+    first = encounters[0] | {"request_id": "demo-1"}
     say(f"\nserving: `bentoml serve {BENTO}` from {settings.bentoml_home} …")
     try:
         with running_server(settings, bento=BENTO) as url:
-            answer = httpx.post(f"{url}/predict", json=encounter, timeout=30)
-            say(f"POST {url}/predict  (encounter {rows['encounter_id'][0]} of {newest}: {encounter['age']}, "
-                f"{encounter['gender']}, {encounter['time_in_hospital']} days, diag_1 {encounter['diag_1']})")  # fmt: skip
+            answer = httpx.post(f"{url}/predict", json=first, timeout=30)
+            say(f"POST {url}/predict  (encounter {rows['encounter_id'][0]} of {newest}: {first['age']}, "
+                f"{first['gender']}, {first['time_in_hospital']} days, diag_1 {first['diag_1']})")  # fmt: skip
             say(f"  → {answer.status_code} {answer.text}")
             info = httpx.get(f"{url}/model", timeout=30).json()
             say(f"  served by {info['name']} v{info['version']} ({info['family']}), threshold {info['threshold']:.3f}")
+            batch = httpx.post(f"{url}/predict_batch", json={"encounters": encounters}, timeout=300)
+            say(f"POST {url}/predict_batch  (all {len(encounters):,} encounters of {newest}, each under its "
+                f"encounter_id as the request_id) → {batch.status_code}")  # fmt: skip
     except (RuntimeError, TimeoutError, httpx.HTTPError) as error:
         say(f"  serving failed: {error}")
         return False
-    from readmission_platform.serving.prediction_log import read_predictions
+    logged = read_predictions(settings.prediction_log_url, ["request_id"])["request_id"]
+    served = logged.filter(logged.is_in([e["request_id"] for e in encounters])).n_unique()
+    say(f"  logged in {settings.prediction_log_url}: {int((logged == 'demo-1').sum())} row(s) for request demo-1; "
+        f"{served:,} of the batch's {len(encounters):,} encounters")  # fmt: skip
+    return answer.status_code == 200 and batch.status_code == 200 and served > 0
 
-    logged = [r for r in read_predictions(settings.prediction_log_url) if r["request_id"] == "demo-1"]
-    say(f"  logged in {settings.prediction_log_url}: {len(logged)} row(s) for request demo-1")
-    return answer.status_code == 200 and bool(logged)
+
+def land_served_outcomes(settings, say) -> Path | None:
+    """Land, as the hospital system would 30 days on, the outcomes of the encounters served under their
+    encounter_id that have none yet (landed or stored), taken from the data set's labels; the file, or None."""
+    import polars as pl
+
+    from readmission_platform.lib.landing import landed_files
+    from readmission_platform.lib.outcomes import OUTCOMES, land_outcomes, outcomes_csv
+    from readmission_platform.lib.predictions import read_predictions
+    from readmission_platform.lib.warehouse import open_warehouse
+
+    served = (
+        read_predictions(settings.prediction_log_url, ["request_id"])
+        .filter(pl.col("request_id").str.contains(r"^[1-9][0-9]{0,17}$"))
+        .select(pl.col("request_id").cast(pl.Int64).alias("encounter_id"))
+        .unique()
+    )
+    folder = settings.landing_dir / "outcomes"
+    landed = [pl.read_csv(path, columns=[0], infer_schema=False).to_series() for path in landed_files(folder)]
+    with open_warehouse(settings.warehouse_url) as store:
+        stored = store.query(f"SELECT request_id FROM {OUTCOMES}")
+        labels = store.query("SELECT encounter_id, readmitted_30d FROM clean_batches")
+    known = pl.concat([pl.Series([], dtype=pl.String), *landed, *([stored["request_id"]] if stored.width else [])])
+    due = labels.join(served, on="encounter_id").filter(
+        ~pl.col("encounter_id").is_in(known.cast(pl.Int64, strict=False).drop_nulls().implode())
+    )
+    if due.is_empty():
+        say(f"every served encounter's outcome has landed already ({served.height:,} served under their encounter_id)")
+        return None
+    path = land_outcomes(outcomes_csv(due.sort("encounter_id"), datetime.now(UTC)), folder)
+    say(f"landed {path.name}: outcomes of {due.height:,} served encounters ({int(due['readmitted_30d'].sum()):,} readmitted within 30 days)")
+    return path

@@ -38,7 +38,13 @@ def land(settings: Settings, count: int | None, every: float | None) -> int:
 def demo(settings: Settings, timeout: float) -> int:
     import dagster as dg
 
-    from readmission_platform.cli.demo import land_and_process, running_daemon, serve_one_prediction
+    from readmission_platform.cli.demo import (
+        land_and_process,
+        land_served_outcomes,
+        running_daemon,
+        serve_last_batch,
+        wait_for_live_performance,
+    )
     from readmission_platform.cli.instance import prepare_dagster_home
     from readmission_platform.lib.landing import land as land_batches
     from readmission_platform.lib.source import read_source_bytes
@@ -64,8 +70,12 @@ def demo(settings: Settings, timeout: float) -> int:
             )
             if not landed:
                 _say(f"every batch of the source is already in {settings.landing_dir}")
-    ok = summarize(settings)
-    ok = serve_one_prediction(settings, _say) and ok
+            served = serve_last_batch(settings, _say)
+            _say("\nthe outcomes of what was served come back; outcome_sensor ingests them (outcomes) and "
+                 "live_performance_sensor measures every version on them (live_performance):")  # fmt: skip
+            if served and (path := land_served_outcomes(settings, _say)) is not None:
+                wait_for_live_performance(path, instance, _say, timeout, log_path)
+    ok = summarize(settings) and served
     _say(f"\ndone in {time.monotonic() - started:.0f} s. Open the Dagster UI with `make ui`, MLflow with `make mlflow-ui`.")
     return 0 if ok else 1
 
@@ -74,12 +84,13 @@ def summarize(settings: Settings) -> bool:
     """Print what the instance, the warehouse and the registry hold; False if a batch's last run failed."""
     import dagster as dg
 
-    from readmission_platform.cli.report import latest_batch_reports, render, render_models
+    from readmission_platform.cli.report import latest_batch_reports, render, render_live, render_models
 
     with dg.DagsterInstance.get() as instance:
         reports = latest_batch_reports(instance)
     _say("\n" + render(reports))
     _say("\n" + render_models(settings))
+    _say("\n" + render_live(settings))
     return all(r.status == "success" for r in reports)
 
 
@@ -88,6 +99,13 @@ def status(settings: Settings) -> int:
 
     prepare_dagster_home(settings)
     return 0 if summarize(settings) else 1
+
+
+def outcomes(settings: Settings) -> int:
+    from readmission_platform.cli.demo import land_served_outcomes
+
+    land_served_outcomes(settings, _say)
+    return 0
 
 
 def rollback(settings: Settings, reason: str) -> int:
@@ -162,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     how_many.add_argument("--every", type=float, metavar="SECONDS", help="land one batch per interval until all landed")
     demo_parser = commands.add_parser("demo", help="land the batches one at a time; the sensors ingest and retrain, headless")
     demo_parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for one run (default 900)")
-    commands.add_parser("status", help="rows, rejections, drops and checks of every batch; models and decisions")
+    commands.add_parser("status", help="rows, rejections, drops and checks of every batch; models, decisions, live performance")
+    commands.add_parser("outcomes", help="land the outcomes of the served encounters, from the data set's labels")
     rollback_parser = commands.add_parser("rollback", help="move the registry alias `production` back to the previous version")
     rollback_parser.add_argument("--reason", required=True, help="why; recorded on both versions and in promotion_decisions")
     ui_parser = commands.add_parser("ui", help="open the Dagster UI and daemon on the platform's instance")
@@ -188,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo(settings, args.timeout)
         if args.command == "status":
             return status(settings)
+        if args.command == "outcomes":
+            return outcomes(settings)
         if args.command == "rollback":
             return rollback(settings, args.reason)
         if args.command == "serve":

@@ -122,11 +122,11 @@ def render_models(settings) -> str:
     decisions = open_warehouse(settings.warehouse_url).query("SELECT * FROM promotion_decisions ORDER BY decided_at")
     if not decisions.height:
         return "no model trained yet"
-    lines = [f"{'decided at':<21}{'action':<13}{'challenger':>11}{'test AUC':>10}{'Brier':>8}{'production':>12}  reason"]
+    lines = [f"{'decided at':<21}{'action':<19}{'challenger':>11}{'test AUC':>10}{'Brier':>8}{'production':>12}  reason"]
     for row in decisions.iter_rows(named=True):
         auc, brier = row["challenger_test_roc_auc"], row["challenger_test_brier"]
         lines.append(
-            f"{row['decided_at']:%Y-%m-%d %H:%M:%S}  {row['action']:<13}{'v' + str(row['challenger_version'] or '-'):>11}"
+            f"{row['decided_at']:%Y-%m-%d %H:%M:%S}  {row['action']:<19}{'v' + str(row['challenger_version'] or '-'):>11}"
             f"{f'{auc:.3f}' if auc is not None else '-':>10}{f'{brier:.4f}' if brier is not None else '-':>8}"
             f"{'v' + str(row['production_version'] or '-'):>12}  {row['reason']}"
         )
@@ -136,4 +136,39 @@ def render_models(settings) -> str:
         f"{versions} model versions registered; production: "
         + (f"v{production.version} ({production.tags.get('family', '?')})" if production else "none")
     )
+    return "\n".join(lines)
+
+
+def _interval(row: dict | None, digits: int = 3) -> str:
+    if row is None or row["estimate"] is None:
+        return "-"
+    return f"{row['estimate']:.{digits}f} [{row['lower']:.{digits}f}–{row['upper']:.{digits}f}]"
+
+
+def render_live(settings) -> str:
+    """Each model version's live figures on the outcomes that came back, with 95 % intervals, beside its test figures."""
+    from readmission_platform.lib.warehouse import open_warehouse
+
+    figures = open_warehouse(settings.warehouse_url).query("SELECT * FROM live_performance")
+    if not figures.height:
+        return "live performance: no outcomes of served predictions yet (`readmission outcomes` lands the demo's)"
+    lines = [
+        "live performance (95 % intervals; test: the figure on the version's test patients at its promotion):",
+        f"{'version':>8}{'outcomes':>10}{'readm.':>8}  {'ROC-AUC':<22}{'test':>6}  {'PR-AUC':<22}{'test':>6}  "
+        f"{'Brier':<22}{'test':>7}  {'cal. slope':<22}{'cal. intercept':<25}{'flagged':<22}",
+    ]
+    ordered = figures.sort(pl.col("model_version").cast(pl.Int64, strict=False), maintain_order=True)
+    for (version,), rows in ordered.group_by("model_version", maintain_order=True):
+        by = {row["metric"]: row for row in rows.iter_rows(named=True)}
+
+        def test(name: str, digits: int = 3) -> str:
+            value = by.get(name, {}).get("test")
+            return f"{value:.{digits}f}" if value is not None else "-"
+
+        lines.append(
+            f"{'v' + version:>8}{rows['outcomes'][0]:>10,}{rows['readmitted'][0]:>8,}  {_interval(by.get('roc_auc')):<22}"
+            f"{test('roc_auc'):>6}  {_interval(by.get('pr_auc')):<22}{test('pr_auc'):>6}  {_interval(by.get('brier'), 4):<22}"
+            f"{test('brier', 4):>7}  {_interval(by.get('calibration_slope'), 2):<22}"
+            f"{_interval(by.get('calibration_intercept'), 2):<25}{_interval(by.get('positive_rate')):<22}"
+        )
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import dagster as dg
 import polars as pl
 
 from readmission_platform.lib.drift import PSI_SIGNIFICANT
+from readmission_platform.lib.landing import OUTCOMES_FOLDER
 from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.splitting import SPLIT, SPLITS
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
@@ -36,13 +37,18 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class LandingResource(dg.ConfigurableResource):
-    """The folder where upstream systems drop batch files."""
+    """The folder where upstream systems drop batch files, and outcome files in its `outcomes/`."""
 
     folder: str
 
     @property
     def path(self) -> Path:
         return Path(self.folder)
+
+    @property
+    def outcomes_path(self) -> Path:
+        """Where files of outcomes land (`lib/outcomes`)."""
+        return Path(self.folder) / OUTCOMES_FOLDER
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -91,3 +97,11 @@ class RetrainPolicy(dg.ConfigurableResource):
     """Feature rows in those batches."""
     drift_psi_threshold: float = PSI_SIGNIFICANT
     """A batch whose largest population stability index reaches this drifted (0.25: significant shift)."""
+
+
+class DegradationPolicy(dg.ConfigurableResource):
+    """What the platform does when the serving version's live performance falls short (`live_performance_sensor`)."""
+
+    auto_rollback: bool = False
+    """Move `production` back by itself when the serving version is clearly worse live than the one it replaced;
+    off, the rollback is proposed (a row of promotion_decisions) for a person to run `readmission rollback`."""

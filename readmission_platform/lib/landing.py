@@ -13,6 +13,7 @@ from readmission_platform.lib.ingest import header_problem
 
 BATCH_SIZE = 15_000
 BATCH_FILE = re.compile(r"^batch_(\d{4,})\.csv$")
+OUTCOMES_FOLDER = "outcomes"  # in the landing folder: files of outcomes (`lib/outcomes`)
 
 
 def batch_file_name(index: int) -> str:
@@ -49,7 +50,7 @@ def split_batches(csv_bytes: bytes, batch_size: int = BATCH_SIZE) -> list[bytes]
     return [header + b"".join(body[i : i + batch_size]) for i in range(0, len(body), batch_size)]
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     # The sensor skips hidden files, so it never sees a half-written batch.
     partial = path.with_name(f".{path.name}.partial")
     partial.write_bytes(data)
@@ -74,6 +75,6 @@ def land(csv_bytes: bytes, landing_dir: Path, count: int | None, batch_size: int
     landed = []
     for offset, data in enumerate(batches[:count] if count is not None else batches):
         path = landing_dir / batch_file_name(start + offset + 1)
-        _write_atomically(path, data)
+        write_atomically(path, data)
         landed.append(Landed(path, len(data.splitlines()) - 1))
     return landed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+from scipy.special import expit
 from sklearn.metrics import (
     average_precision_score,
     brier_score_loss,
@@ -188,3 +189,121 @@ def bootstrap_intervals(
     lower, upper = np.nanpercentile(draws, [tail, 100 - tail], axis=0)
     estimate = _weighted_scores(y, p, np.ones(len(y)))
     return pl.DataFrame({"metric": BOOTSTRAP_METRICS, "estimate": estimate, "lower": lower, "upper": upper})
+
+
+def calibration_fit(y_true, probability, weight=None) -> dict[str, float]:
+    """Calibration intercept (calibration in the large: the shift of the logits, their slope held at 1) and slope (of
+    the logistic regression of the outcome on the logits), after Van Calster et al. 2016; 0 and 1 when the
+    probabilities are right, a slope below 1 when they are too extreme, an intercept below 0 when too high overall."""
+    y, p = _checked(y_true, probability)
+    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
+    logit = np.log(np.clip(p, 1e-9, 1 - 1e-9) / np.clip(1 - p, 1e-9, 1 - 1e-9))
+    design = np.column_stack([np.ones(len(y)), logit])
+    # Newton's method on each log-likelihood; from the calibrated model's own point it converges in a few steps.
+    beta = np.array([0.0, 1.0])
+    shift = 0.0
+    for _ in range(50):
+        mu = expit(design @ beta)
+        hessian = (design * (w * mu * (1 - mu))[:, None]).T @ design
+        try:
+            step = np.linalg.solve(hessian, design.T @ (w * (y - mu)))
+        except np.linalg.LinAlgError:
+            return {"calibration_intercept": np.nan, "calibration_slope": np.nan}
+        beta += step
+        mu = expit(logit + shift)
+        shift_step = float(w @ (y - mu)) / float(w @ (mu * (1 - mu)))
+        shift += shift_step
+        if max(np.abs(step).max(), abs(shift_step)) < 1e-10:
+            break
+    return {"calibration_intercept": shift, "calibration_slope": float(beta[1])}
+
+
+RESAMPLED_METRICS = ("roc_auc", "pr_auc", "brier", "calibration_intercept", "calibration_slope", "positive_rate", "observed_rate")
+
+
+def _scores(y: np.ndarray, p: np.ndarray, flagged: np.ndarray, weight: np.ndarray) -> list[float]:
+    roc_auc, pr_auc, brier = _weighted_scores(y, p, weight)
+    fit = calibration_fit(y, p, weight) if _both_classes(y) else {"calibration_intercept": np.nan, "calibration_slope": np.nan}
+    total = weight.sum()
+    return [roc_auc, pr_auc, brier, fit["calibration_intercept"], fit["calibration_slope"],
+            float(weight @ flagged / total), float(weight @ y / total)]  # fmt: skip
+
+
+def cell_scores(y: np.ndarray, p: np.ndarray, flagged: np.ndarray, squared_error: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """RESAMPLED_METRICS of many resamples at once: cells (one label and flag each, `p` their probability in rising
+    order, `squared_error` their rows' mean) drawn `counts` times (resamples × cells).
+
+    The same figures as scikit-learn's on the cells weighted by one row of `counts`, ties of probability included
+    (the tests hold them equal), in array operations over all resamples instead of a scikit-learn call per resample.
+    """
+    w = counts.astype(float)
+    positive, negative = w * y, w * (1 - y)
+    readmitted, other, total = positive.sum(1), negative.sum(1), w.sum(1)
+    starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # the first cell of each probability
+    tied_positive, tied_negative = np.add.reduceat(positive, starts, axis=1), np.add.reduceat(negative, starts, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A readmission outranks every other encounter of a lower probability, and half of those of its own.
+        below = np.cumsum(tied_negative, axis=1) - tied_negative / 2
+        roc_auc = (tied_positive * below).sum(1) / (readmitted * other)
+        # Average precision: from the highest probability down, each cut adds its readmissions times its precision.
+        true, false = np.cumsum(tied_positive[:, ::-1], axis=1), np.cumsum(tied_negative[:, ::-1], axis=1)
+        precision = np.divide(true, true + false, out=np.zeros_like(true), where=(true + false) > 0)
+        pr_auc = (tied_positive[:, ::-1] * precision).sum(1) / readmitted
+        logit = np.log(np.clip(p, 1e-9, 1 - 1e-9) / np.clip(1 - p, 1e-9, 1 - 1e-9))
+        intercept, slope, shift = np.zeros(len(w)), np.ones(len(w)), np.zeros(len(w))
+        for _ in range(50):
+            mu = expit(intercept[:, None] + slope[:, None] * logit)
+            residual, curvature = w * (y - mu), w * mu * (1 - mu)
+            g0, g1 = residual.sum(1), residual @ logit
+            h00, h01, h11 = curvature.sum(1), curvature @ logit, curvature @ logit**2
+            determinant = h00 * h11 - h01**2
+            step0, step1 = (h11 * g0 - h01 * g1) / determinant, (h00 * g1 - h01 * g0) / determinant
+            intercept, slope = intercept + step0, slope + step1
+            mu = expit(logit + shift[:, None])
+            shift_step = (w * (y - mu)).sum(1) / (w * mu * (1 - mu)).sum(1)
+            shift = shift + shift_step
+            if np.nanmax(np.abs(np.concatenate([step0, step1, shift_step]))) < 1e-10:
+                break
+    one_class = (readmitted == 0) | (other == 0)
+    scores = np.column_stack([roc_auc, pr_auc, (w * squared_error).sum(1) / total, shift, slope, w @ flagged / total, readmitted / total])
+    scores[one_class, :2] = scores[one_class, 3:5] = np.nan
+    return scores
+
+
+def resampled_intervals(
+    y_true, probability, flagged, *, resamples: int = 200, level: float = 0.95, seed: int = 0, resolution: float = 5e-3
+) -> pl.DataFrame:
+    """Estimate and percentile interval of each of RESAMPLED_METRICS (ROC-AUC, PR-AUC, Brier, calibration intercept and
+    slope, share flagged, share readmitted) from resampling rows, each row a draw of its own.
+
+    The estimates are exact. For the resamples, rows of one label and flag whose probabilities round
+    to the same `resolution` are one cell, drawn as often as it has rows (a multinomial draw over cells, which is what
+    resampling the rows is), so a resample costs the cells, not the rows (`cell_scores`); the interval is then moved
+    by the difference grouping makes to the estimate, and stays centred where the exact one is.
+    """
+    y, p = _checked(y_true, probability)
+    f = np.asarray(flagged, dtype=bool)
+    if f.shape != y.shape:
+        raise ValueError(f"flagged has shape {f.shape} and y_true {y.shape}; expected one decision per label")
+    if not _both_classes(y):
+        raise ValueError("resampled intervals need rows of both classes; y_true holds only one")
+    rows = pl.DataFrame({"y": y, "f": f, "p": p})
+
+    def cells(key: pl.Expr) -> tuple[list[np.ndarray], np.ndarray]:
+        grouped = (
+            rows.group_by(key.alias("key"), "y", "f")
+            .agg(pl.len().alias("rows"), pl.col("p").mean(), ((pl.col("p") - pl.col("y")) ** 2).mean().alias("squared_error"))
+            .sort("p")
+        )
+        return [grouped[name].to_numpy().astype(float) for name in ("y", "p", "f", "squared_error")], grouped["rows"].to_numpy()
+
+    # Each row a cell of its own, in rising probability: the estimate is the rows' own (cell_scores takes the ties).
+    order = np.argsort(p, kind="stable")
+    ranked = y[order].astype(float), p[order]
+    estimate = cell_scores(*ranked, f[order].astype(float), (ranked[1] - ranked[0]) ** 2, np.ones((1, len(y))))[0]
+    columns, rows_per_cell = cells((pl.col("p") / resolution).round().cast(pl.Int64))
+    grouped = cell_scores(*columns, rows_per_cell[None, :])[0]
+    draws = cell_scores(*columns, np.random.default_rng(seed).multinomial(len(y), rows_per_cell / len(y), size=resamples))
+    tail = (1 - level) / 2 * 100
+    lower, upper = np.nanpercentile(draws - grouped, [tail, 100 - tail], axis=0) + estimate
+    return pl.DataFrame({"metric": RESAMPLED_METRICS, "estimate": estimate, "lower": lower, "upper": upper})

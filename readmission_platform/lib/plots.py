@@ -1,4 +1,4 @@
-"""The evaluation plots logged with every candidate: ROC, precision-recall and calibration."""
+"""The evaluation plots logged with every candidate (ROC, precision-recall, calibration) and the live figures over time."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only; no display on servers and in workers
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from readmission_platform.lib.metrics import calibration_table  # noqa: E402
@@ -52,3 +53,20 @@ def _save(figure, path: Path) -> Path:
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+def live_plot(periods: pl.DataFrame, path: Path) -> Path:
+    """ROC-AUC, and mean predicted against observed readmission rate, per period and model version (`live.by_period`)."""
+    figure, (ranking_axes, rate_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for (version,), part in periods.group_by("model_version", maintain_order=True):
+        ranking_axes.plot(part["period"].to_list(), part["roc_auc"].to_list(), marker="o", label=f"v{version}")
+        line = rate_axes.plot(part["period"].to_list(), part["observed_rate"].to_list(), marker="o", label=f"v{version} observed")
+        rate_axes.plot(part["period"].to_list(), part["mean_predicted"].to_list(), linestyle="--",
+                       color=line[0].get_color(), label=f"v{version} predicted")  # fmt: skip
+    ranking_axes.set(xlabel="predicted on", ylabel="ROC-AUC", title="live ROC-AUC")
+    rate_axes.set(xlabel="predicted on", ylabel="rate", title="readmitted <30 days: observed vs predicted")
+    for axes in (ranking_axes, rate_axes):
+        axes.legend(loc="best", fontsize="small")
+        axes.tick_params(axis="x", labelrotation=30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(figure, path)

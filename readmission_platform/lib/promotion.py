@@ -14,6 +14,8 @@ import polars as pl
 # Headline test metrics copied into a decision's warehouse row, so every row has the same columns.
 ROW_METRICS = ("roc_auc", "pr_auc", "brier", "base_rate_brier", "log_loss")
 PROMOTED, NOT_PROMOTED, ROLLED_BACK = "promoted", "not_promoted", "rolled_back"
+# What live performance made the platform do (`defs/outcomes/sensors.py`).
+RETRAIN_REQUESTED, ROLLBACK_PROPOSED = "retrain_requested", "rollback_proposed"
 
 # One row per decision and per rollback; null where a row has no such thing (no champion, no challenger).
 DECISION_SCHEMA: dict[str, pl.DataType] = {
@@ -84,6 +86,21 @@ def rollback_row(*, replaced: str, restored: str, reason: str, now: datetime) ->
         "reason": f"Production rolled back from v{replaced} to v{restored}: {reason}",
         "champion_version": str(replaced),
         "production_version": str(restored),
+        "gate_failures": "",
+        "warnings": "",
+    }
+
+
+def live_action_row(*, action: str, version: str, replaced: str | None, reason: str, now: datetime) -> dict[str, object]:
+    """A row of DECISION_SCHEMA recording what live performance of the production `version` led to (`action`)."""
+    if action not in (RETRAIN_REQUESTED, ROLLBACK_PROPOSED):
+        raise ValueError(f"action {action!r} is not one live performance takes; expected {RETRAIN_REQUESTED} or {ROLLBACK_PROPOSED}")
+    return dict.fromkeys(DECISION_SCHEMA) | {
+        "decided_at": _aware(now),
+        "action": action,
+        "reason": reason,
+        "champion_version": replaced,
+        "production_version": str(version),
         "gate_failures": "",
         "warnings": "",
     }

@@ -100,6 +100,14 @@ def test_demo_lands_batches_one_by_one_and_the_sensors_ingest_and_retrain(tmp_pa
     assert re.search(r'→ 200 \{"probability":0\.\d+,"decision":(true|false),"risk_band":"(low|medium|high)"', served)
     assert '"request_id":"demo-1"' in served and "logged in sqlite:///" in served and "1 row(s) for request demo-1" in served
     assert "make ui" in out and "make mlflow-ui" in out
+    # The loop: the last batch served under its encounter ids, their outcomes landed, live figures per version.
+    assert re.search(r"POST http://127\.0\.0\.1:\d+/predict_batch  \(all 4\d\d encounters of batch_0002, .*\) → 200", served)
+    assert re.search(r"landed outcomes_0001\.csv: outcomes of 4\d\d served encounters", out)
+    assert "ingest_outcomes outcomes_0001" in out
+    live = out[out.index("live performance (95 % intervals") :]
+    assert re.search(r"^ +v\d+ +4\d\d +\d+  0\.\d{3} \[0\.\d{3}–\d\.\d{3}\] +0\.\d{3}", live, re.MULTILINE), live
+    lands_nothing = readmission("outcomes", home=tmp_path)
+    assert lands_nothing.returncode == 0 and "outcome has landed already" in lands_nothing.stdout
 
     again = readmission("status", home=tmp_path)
     assert again.returncode == 0

@@ -1,4 +1,6 @@
 import json
+import logging
+from pathlib import Path
 
 import dagster as dg
 
@@ -53,6 +55,28 @@ def crashes_left_unretried(instance: dg.DagsterInstance, seen: dict[str, dict]) 
     return requests
 
 
+def new_files(folder: Path, seen: dict[str, dict], log: logging.Logger) -> list[tuple[Path, str]]:
+    """Each file landed in `folder` that is new or changed since `seen` (a sensor's cursor: file name → its size,
+    mtime and sha256, updated here), with its sha256. Unchanged files are not reread; a file with the content of
+    another one already seen is skipped with a warning."""
+    changed = []
+    for path in landed_files(folder):
+        stat = path.stat()
+        previous = seen.get(path.name)
+        if previous and (previous["size"], previous["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        digest = content_hash(path.read_bytes())
+        seen[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        if previous and previous["sha256"] == digest:
+            continue
+        twin = next((name for name, s in seen.items() if name != path.name and s["sha256"] == digest), None)
+        if twin is not None:
+            log.warning(f"{path.name} has the same content as {twin}, which is already ingested; skipped")
+            continue
+        changed.append((path, digest))
+    return changed
+
+
 @dg.sensor(
     job=ingest_batch_job,
     minimum_interval_seconds=5,
@@ -65,19 +89,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
     existing = set(context.instance.get_dynamic_partitions(batches.name))
     new_keys: list[str] = []
     run_requests: list[dg.RunRequest] = []
-    for path in landed_files(landing.path):
-        stat = path.stat()
-        previous = seen.get(path.name)
-        if previous and (previous["size"], previous["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
-            continue
-        digest = content_hash(path.read_bytes())
-        seen[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        if previous and previous["sha256"] == digest:
-            continue
-        twin = next((name for name, s in seen.items() if name != path.name and s["sha256"] == digest), None)
-        if twin is not None:
-            context.log.warning(f"{path.name} has the same content as {twin}, which is already ingested; skipped")
-            continue
+    for path, digest in new_files(landing.path, seen, context.log):
         batch_id = batch_id_for(path)
         if batch_id not in existing and batch_id not in new_keys:
             new_keys.append(batch_id)

@@ -1,0 +1,211 @@
+"""How each model version does on the predictions it actually made, once their outcomes are known.
+
+Outcomes are joined to the prediction log by `request_id`; a request a version answered more than once (a retry, an
+explanation after a prediction) counts once for it, as its last answer. Each version's figures come with
+percentile intervals from resampling its predictions (`metrics.resampled_intervals`): the log holds no patient id, so
+each outcome is a draw of its own. Judged against the version's test figures from its promotion, a shortfall counts
+only where the interval cannot reach the promised figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from readmission_platform.lib import metrics
+
+LIVE_SCHEMA: dict[str, pl.DataType] = {
+    "model_version": pl.String(), "metric": pl.String(), "estimate": pl.Float64(), "lower": pl.Float64(),
+    "upper": pl.Float64(), "test": pl.Float64(), "outcomes": pl.Int64(), "readmitted": pl.Int64(),
+    "first_predicted_at": pl.Datetime("us", "UTC"), "last_predicted_at": pl.Datetime("us", "UTC"),
+    "computed_at": pl.Datetime("us", "UTC"),
+}  # fmt: skip
+PERIOD_SCHEMA: dict[str, pl.DataType] = {
+    "model_version": pl.String(), "period": pl.Datetime("us", "UTC"), "outcomes": pl.Int64(),
+    "roc_auc": pl.Float64(), "brier": pl.Float64(), "observed_rate": pl.Float64(), "mean_predicted": pl.Float64(),
+}  # fmt: skip
+# The figures a promotion decision records of a version's test patients (promotion_decisions' challenger columns).
+TEST_FIGURES = ("roc_auc", "pr_auc", "brier")
+PREDICTION_COLUMNS = ("request_id", "predicted_at", "model_version", "probability", "decision")
+
+
+def _version_order(version: pl.Expr) -> pl.Expr:
+    return version.cast(pl.Int64, strict=False)
+
+
+def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataFrame:
+    """One row per (version, request) with an outcome: PREDICTION_COLUMNS and readmitted_30d, oldest first."""
+    answered = predictions.select(PREDICTION_COLUMNS).unique(["model_version", "request_id"], keep="last")
+    return answered.join(outcomes.select("request_id", "readmitted_30d"), on="request_id", how="inner").sort("predicted_at")
+
+
+def live_figures(
+    joined: pl.DataFrame, test: Mapping[str, Mapping[str, float]], *, resamples: int = 200, seed: int = 0
+) -> pl.DataFrame:
+    """LIVE_SCHEMA but `computed_at`: each version's RESAMPLED_METRICS with intervals, beside its `test` figures
+    (version → metric → value). A version whose outcomes are all of one kind has no rows yet."""
+    parts = []
+    for (version,), rows in joined.group_by("model_version", maintain_order=True):
+        y = rows["readmitted_30d"].to_numpy().astype(np.int8)
+        if not 0 < y.sum() < len(y):
+            continue
+        figures = metrics.resampled_intervals(
+            y, rows["probability"].to_numpy(), rows["decision"].to_numpy(), resamples=resamples, seed=seed
+        )
+        promised = test.get(version, {})
+        parts.append(
+            figures.with_columns(
+                model_version=pl.lit(version),
+                test=pl.Series([promised.get(m) for m in figures["metric"]], dtype=pl.Float64),
+                outcomes=pl.lit(len(y)),
+                readmitted=pl.lit(int(y.sum())),
+                first_predicted_at=pl.lit(rows["predicted_at"].min()),
+                last_predicted_at=pl.lit(rows["predicted_at"].max()),
+            )
+        )
+    if not parts:
+        return pl.DataFrame(schema={k: v for k, v in LIVE_SCHEMA.items() if k != "computed_at"})
+    return (
+        pl.concat(parts)
+        .sort(_version_order(pl.col("model_version")), maintain_order=True)
+        .select([name for name in LIVE_SCHEMA if name != "computed_at"])
+        .cast({k: v for k, v in LIVE_SCHEMA.items() if k != "computed_at"})
+    )
+
+
+def by_period(joined: pl.DataFrame, every: str = "1d") -> pl.DataFrame:
+    """PERIOD_SCHEMA: each version's ROC-AUC, Brier, observed and mean predicted rate per period of prediction time
+    (ROC-AUC null in a period whose outcomes are all of one kind)."""
+    y, p = pl.col("readmitted_30d").cast(pl.Float64), pl.col("probability")
+    positives, outcomes = pl.col("positives"), pl.col("outcomes")
+    return (
+        joined.group_by("model_version", pl.col("predicted_at").dt.truncate(every).alias("period"))
+        .agg(
+            outcomes=pl.len(),
+            positives=y.sum(),
+            # ROC-AUC as the Mann-Whitney statistic: the readmitted's mean rank (ties averaged) above the lowest ranks.
+            ranks=p.rank("average").filter(pl.col("readmitted_30d")).sum(),
+            brier=((p - y) ** 2).mean(),
+            observed_rate=y.mean(),
+            mean_predicted=p.mean(),
+        )
+        .with_columns(
+            roc_auc=pl.when((positives > 0) & (positives < outcomes)).then(
+                (pl.col("ranks") - positives * (positives + 1) / 2) / (positives * (outcomes - positives))
+            )
+        )
+        .select(list(PERIOD_SCHEMA))
+        .cast(PERIOD_SCHEMA)
+        .sort("model_version", "period")
+    )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When a version's live figures count as fallen short of what its promotion promised."""
+
+    min_outcomes: int = 200
+    """Below this many outcomes a version is not judged: its intervals are too wide to say anything."""
+    roc_auc_error_margin: float = 0.05
+    """Live ROC-AUC whose interval stays below the test ROC-AUC by more than this is an error, not a warning."""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the live figures of one version say, in words; `level` is 'ok', 'warn' or 'error'."""
+
+    version: str
+    level: str
+    findings: tuple[str, ...]
+
+
+def _figure(table: pl.DataFrame, metric: str) -> dict:
+    return table.filter(pl.col("metric") == metric).row(0, named=True)
+
+
+def _shown(row: dict, name: str) -> str:
+    return f"{name} {row['estimate']:.3f} (95 % interval {row['lower']:.3f}–{row['upper']:.3f})"
+
+
+def judge_discrimination(figures: pl.DataFrame, version: str, limits: Limits) -> Judgement:
+    """Has the live ROC-AUC of `version` fallen below its test ROC-AUC by more than its interval allows?"""
+    table = figures.filter(pl.col("model_version") == version)
+    if table.is_empty() or table["outcomes"][0] < limits.min_outcomes:
+        found = 0 if table.is_empty() else table["outcomes"][0]
+        return Judgement(version, "ok", (f"v{version} has {found} outcomes of both kinds so far; judged from {limits.min_outcomes}",))
+    auc = _figure(table, "roc_auc")
+    live = f"v{version}'s live {_shown(auc, 'ROC-AUC')} on {auc['outcomes']:,} outcomes"
+    if auc["test"] is None or np.isnan(auc["test"]):
+        return Judgement(version, "ok", (f"{live}; no test figure to compare with",))
+    if auc["upper"] < auc["test"] - limits.roc_auc_error_margin:
+        return Judgement(version, "error", (
+            f"{live} is below its test ROC-AUC {auc['test']:.3f} by more than the interval allows and by more than "
+            f"{limits.roc_auc_error_margin}: it no longer ranks readmissions as it was promoted to",))  # fmt: skip
+    if auc["upper"] < auc["test"]:
+        return Judgement(version, "warn", (f"{live} is below its test ROC-AUC {auc['test']:.3f} by more than the interval allows",))
+    return Judgement(version, "ok", (f"{live} is within reach of its test ROC-AUC {auc['test']:.3f}",))
+
+
+def judge_calibration(figures: pl.DataFrame, version: str, limits: Limits) -> Judgement:
+    """Are the live probabilities of `version` still calibrated (slope 1, intercept 0 within their intervals), and
+    better than predicting the observed rate for everyone (Brier)?"""
+    table = figures.filter(pl.col("model_version") == version)
+    if table.is_empty() or table["outcomes"][0] < limits.min_outcomes:
+        found = 0 if table.is_empty() else table["outcomes"][0]
+        return Judgement(version, "ok", (f"v{version} has {found} outcomes of both kinds so far; judged from {limits.min_outcomes}",))
+    slope, intercept = _figure(table, "calibration_slope"), _figure(table, "calibration_intercept")
+    brier, rate = _figure(table, "brier"), _figure(table, "observed_rate")
+    base_rate_brier = rate["estimate"] * (1 - rate["estimate"])
+    findings, level = [], "ok"
+    if brier["lower"] > base_rate_brier:
+        level = "error"
+        findings.append(
+            f"v{version}'s live {_shown(brier, 'Brier')} is worse than predicting the observed rate "
+            f"{rate['estimate']:.3f} for everyone ({base_rate_brier:.3f}), which its promotion required it to beat"
+        )
+    if not slope["lower"] <= 1 <= slope["upper"]:
+        level = "warn" if level == "ok" else level
+        direction = "too extreme" if slope["upper"] < 1 else "too timid"
+        findings.append(f"v{version}'s live calibration {_shown(slope, 'slope')} excludes 1: its probabilities are {direction}")
+    if not intercept["lower"] <= 0 <= intercept["upper"]:
+        level = "warn" if level == "ok" else level
+        direction = "too low" if intercept["lower"] > 0 else "too high"
+        findings.append(f"v{version}'s live calibration {_shown(intercept, 'intercept')} excludes 0: its probabilities are {direction} overall")
+    if not findings:
+        findings.append(f"v{version}'s live calibration {_shown(slope, 'slope')}, {_shown(intercept, 'intercept')} "
+                        f"and {_shown(brier, 'Brier')} keep what its promotion promised")  # fmt: skip
+    return Judgement(version, level, tuple(findings))
+
+
+def clearly_worse(figures: pl.DataFrame, version: str, replaced: str, limits: Limits) -> str | None:
+    """Why `version` is clearly worse live than the version it `replaced` (their ROC-AUC intervals do not overlap,
+    each on enough outcomes), or None."""
+    def auc(v: str) -> dict | None:
+        table = figures.filter((pl.col("model_version") == v) & (pl.col("metric") == "roc_auc"))
+        return table.row(0, named=True) if table.height and table["outcomes"][0] >= limits.min_outcomes else None
+
+    new, old = auc(version), auc(replaced)
+    if new is None or old is None or new["upper"] >= old["lower"]:
+        return None
+    return (
+        f"live {_shown(new, 'ROC-AUC')} of v{version} on {new['outcomes']:,} outcomes is clearly below the "
+        f"{_shown(old, 'ROC-AUC')} of v{replaced}, which it replaced, on {old['outcomes']:,}"
+    )
+
+
+def test_figures(decisions: pl.DataFrame) -> dict[str, dict[str, float]]:
+    """Version → its TEST_FIGURES as its latest promotion decision recorded them (rows of promotion_decisions)."""
+    if decisions.is_empty():
+        return {}
+    latest = (
+        decisions.filter(pl.col("challenger_version").is_not_null())
+        .sort("decided_at")
+        .unique("challenger_version", keep="last")
+    )
+    return {
+        row["challenger_version"]: {m: row[f"challenger_test_{m}"] for m in TEST_FIGURES}
+        for row in latest.iter_rows(named=True)
+    }

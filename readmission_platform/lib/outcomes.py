@@ -1,0 +1,163 @@
+"""Outcomes as the hospital system sends them back: which predicted encounters were readmitted within 30 days.
+
+A file of outcomes is a CSV with a header: `request_id` (the client's id of a prediction) or `encounter_id` (the
+encounter as landed, which a client that sends it as its `request_id` may use instead), `readmitted_30d` (0/1 or
+false/true) and `known_at` (ISO 8601, with a time zone or in UTC). A file with a wrong header or a value of the wrong
+kind is refused whole. Of a good file, an outcome for a request the prediction log does not hold is set aside as
+`unknown request`, and one for a request that already has an outcome as `second outcome`; both are kept and counted.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from readmission_platform.lib.landing import landed_files, write_atomically
+from readmission_platform.lib.reporting import examples
+from readmission_platform.lib.warehouse import Warehouse
+
+OUTCOMES, SET_ASIDE = "outcomes", "outcomes_set_aside"
+KEYS = ("request_id", "encounter_id")
+VALUES = ("readmitted_30d", "known_at")
+TIME = pl.Datetime("us", "UTC")
+OUTCOME_SCHEMA = {
+    "batch_id": pl.String(), "request_id": pl.String(), "readmitted_30d": pl.Boolean(), "known_at": TIME,
+    "source_file": pl.String(), "line_number": pl.Int64(), "ingested_at": TIME,
+}  # fmt: skip
+SET_ASIDE_SCHEMA = OUTCOME_SCHEMA | {"reason": pl.String()}
+UNKNOWN_REQUEST, SECOND_OUTCOME = "unknown request", "second outcome"
+_TRUE, _FALSE = ("1", "true", "True", "TRUE"), ("0", "false", "False", "FALSE")
+
+
+class OutcomeFileError(Exception):
+    """The outcome file as a whole cannot be loaded; nothing of it is written."""
+
+
+@dataclass(frozen=True)
+class ParsedOutcomes:
+    outcomes: pl.DataFrame  # OUTCOME_SCHEMA: one per predicted request
+    set_aside: pl.DataFrame  # SET_ASIDE_SCHEMA: unknown requests and second outcomes, with the reason
+
+
+def _bad(frame: pl.DataFrame, wrong: pl.Expr, column: str, expected: str) -> str | None:
+    found = frame.filter(wrong)
+    if found.is_empty():
+        return None
+    return (
+        f"column {column!r} holds {examples(found[column].fill_null('').to_list())} on {found.height} lines "
+        f"(line {examples(found['line_number'].to_list())}); expected {expected}"
+    )
+
+
+def _times(text: pl.Series) -> dict[str, datetime | None]:
+    """Each distinct ISO 8601 text → its UTC time (a time without a zone is taken as UTC), or None if it is none."""
+    times: dict[str, datetime | None] = {}
+    for value in text.drop_nulls().unique():
+        try:
+            at = datetime.fromisoformat(value)
+        except ValueError:
+            times[value] = None
+            continue
+        times[value] = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return times
+
+
+def read_outcomes(content: bytes, source_file: str) -> pl.DataFrame:
+    """The file's outcomes as request_id, readmitted_30d, known_at, line_number; OutcomeFileError naming what is wrong."""
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise OutcomeFileError(f"{source_file} is not UTF-8 text (byte {error.start}); expected a CSV export") from None
+    if not text.strip():
+        raise OutcomeFileError(f"{source_file} is empty; expected a header {KEYS[0]} (or {KEYS[1]}), {', '.join(VALUES)}")
+    frame = pl.read_csv(io.StringIO(text), infer_schema=False, raise_if_empty=False, truncate_ragged_lines=False)
+    header = frame.columns
+    keys = [key for key in KEYS if key in header]
+    missing = [name for name in VALUES if name not in header]
+    extra = [name for name in header if name not in (*KEYS, *VALUES)]
+    if len(keys) != 1 or missing or extra:
+        raise OutcomeFileError(
+            f"{source_file} has the header {header}; expected exactly one of {list(KEYS)} and {list(VALUES)}"
+            + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else "")
+        )  # fmt: skip
+    if frame.is_empty():
+        raise OutcomeFileError(f"{source_file} has a header and no outcomes")
+    frame = frame.with_row_index("line_number", offset=2).with_columns(pl.col("line_number").cast(pl.Int64))
+    key = keys[0]
+    known_at = pl.col("known_at").replace_strict(_times(frame["known_at"]), return_dtype=TIME)
+    problems = [
+        _bad(frame, pl.col(key).is_null() | (pl.col(key).str.strip_chars() != pl.col(key)), key, "an id without spaces"),
+        _bad(frame, pl.col(key).str.contains(r"^[1-9][0-9]*$").not_() & pl.lit(key == "encounter_id"), key,
+             "a positive integer"),  # fmt: skip
+        _bad(frame, pl.col("readmitted_30d").is_in((*_TRUE, *_FALSE)).not_() | pl.col("readmitted_30d").is_null(),
+             "readmitted_30d", "0 or 1 (false or true)"),  # fmt: skip
+        _bad(frame, known_at.is_null(), "known_at", "an ISO 8601 time such as 2026-03-01T08:00:00Z"),
+    ]
+    if problems := [p for p in problems if p]:
+        raise OutcomeFileError(f"{source_file} was not loaded: " + "; ".join(problems))
+    return frame.select(
+        pl.col(key).alias("request_id"),
+        pl.col("readmitted_30d").is_in(_TRUE).alias("readmitted_30d"),
+        known_at.alias("known_at"),
+        "line_number",
+    )
+
+
+def judge_outcomes(
+    read: pl.DataFrame, *, batch_id: str, source_file: str, now: datetime, predicted: Collection[str], stored: pl.DataFrame
+) -> ParsedOutcomes:
+    """Split read outcomes into those stored and those set aside: requests not in `predicted`, and requests with an
+    outcome already (in `stored`, request_id and batch_id of other files' outcomes, or earlier in this file)."""
+    rows = read.with_columns(
+        batch_id=pl.lit(batch_id), source_file=pl.lit(source_file), ingested_at=pl.lit(now).cast(TIME)
+    ).join(stored.select("request_id", pl.col("batch_id").alias("first_in")), on="request_id", how="left")
+    earlier = pl.col("line_number").rank("ordinal").over("request_id") > 1
+    rows = rows.with_columns(
+        reason=pl.when(pl.col("first_in").is_not_null())
+        .then(pl.format(f"{SECOND_OUTCOME}: request already has an outcome from {{}}", pl.col("first_in")))
+        .when(earlier)
+        .then(pl.lit(f"{SECOND_OUTCOME}: request has an outcome on an earlier line of this file"))
+        .when(pl.col("request_id").is_in(pl.Series(predicted, dtype=pl.String).implode()).not_())
+        .then(pl.lit(f"{UNKNOWN_REQUEST}: no prediction in the log has this request_id"))
+    )
+    return ParsedOutcomes(
+        outcomes=rows.filter(pl.col("reason").is_null()).select(list(OUTCOME_SCHEMA)),
+        set_aside=rows.filter(pl.col("reason").is_not_null()).select(list(SET_ASIDE_SCHEMA)),
+    )
+
+
+def stored_outcomes(store: Warehouse, batch_id: str) -> pl.DataFrame:
+    """request_id and batch_id of the outcomes other files stored (none before the first)."""
+    found = store.query(f"SELECT request_id, batch_id FROM {OUTCOMES} WHERE batch_id <> $1", [batch_id])
+    return found if found.width else pl.DataFrame(schema={"request_id": pl.String, "batch_id": pl.String})
+
+
+OUTCOME_FILE = re.compile(r"^outcomes_(\d{4,})\.csv$")
+
+
+def outcomes_csv(known: pl.DataFrame, known_at: datetime) -> bytes:
+    """A file of outcomes as the hospital system sends it: `known` holds encounter_id and readmitted_30d."""
+    return (
+        known.select(
+            pl.col("encounter_id").cast(pl.Int64),
+            pl.col("readmitted_30d").cast(pl.Int8),
+            pl.lit(known_at.astimezone(UTC).isoformat()).alias("known_at"),
+        )
+        .write_csv()
+        .encode()
+    )
+
+
+def land_outcomes(content: bytes, folder: Path) -> Path:
+    """Write a file of outcomes into `folder` as the next outcomes_NNNN.csv, whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = [int(m.group(1)) for p in landed_files(folder) if (m := OUTCOME_FILE.match(p.name))]
+    path = folder / f"outcomes_{max(done, default=0) + 1:04d}.csv"
+    write_atomically(path, content)
+    return path

@@ -1,0 +1,139 @@
+"""Live figures against scikit-learn's own on known data, and the judgements on planted degradations."""
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy.optimize import brentq
+from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+from readmission_platform.lib import live, metrics
+
+
+def logged(n: int, version: str = "3", seed: int = 0, flip: float = 0.0) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """`n` predictions of one version with calibrated probabilities, and their outcomes; `flip` of the outcomes
+    (chosen at random) turned over, as a model that stopped fitting its patients would see."""
+    rng = np.random.default_rng(seed)
+    p = rng.beta(1.2, 9, n)
+    y = rng.random(n) < p
+    flipped = rng.random(n) < flip
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    predictions = pl.DataFrame({
+        "request_id": [f"{version}-{i}" for i in range(n)],
+        "predicted_at": [start + timedelta(minutes=10 * i) for i in range(n)],
+        "model_version": version, "probability": p, "decision": p >= 0.15,
+    })  # fmt: skip
+    return predictions, pl.DataFrame({"request_id": predictions["request_id"], "readmitted_30d": y ^ flipped})
+
+
+def test_the_estimates_are_scikit_learn_s_on_the_same_predictions():
+    predictions, outcomes = logged(5_000)
+    figures = live.live_figures(live.join_outcomes(predictions, outcomes), {"3": {"roc_auc": 0.7, "brier": 0.09}})
+    y, p = outcomes["readmitted_30d"].to_numpy(), predictions["probability"].to_numpy()
+    logit = np.log(p / (1 - p))
+    fit = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1_000).fit(logit[:, None], y)
+    # Calibration in the large: the shift of the logits that makes the mean probability the observed rate.
+    shift = brentq(lambda a: float(np.mean(expit(logit + a)) - y.mean()), -5, 5, xtol=1e-12)
+    expected = {
+        "roc_auc": roc_auc_score(y, p), "pr_auc": average_precision_score(y, p), "brier": brier_score_loss(y, p),
+        "calibration_intercept": shift, "calibration_slope": fit.coef_[0, 0],
+        "positive_rate": float((p >= 0.15).mean()), "observed_rate": float(y.mean()),
+    }  # fmt: skip
+    got = dict(zip(figures["metric"], figures["estimate"]))
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-8)
+    for row in figures.iter_rows(named=True):
+        assert row["lower"] < row["estimate"] < row["upper"], row
+    assert dict(zip(figures["metric"], figures["test"]))["roc_auc"] == 0.7
+    assert figures["outcomes"].unique().to_list() == [5_000] and figures["readmitted"][0] == int(y.sum())
+
+
+def test_the_grouped_resampling_gives_the_intervals_of_resampling_every_row():
+    predictions, outcomes = logged(4_000, seed=3)
+    y, p = outcomes["readmitted_30d"].to_numpy(), predictions["probability"].to_numpy()
+    fast = metrics.resampled_intervals(y, p, p >= 0.15, resamples=400)
+    rows = metrics.bootstrap_intervals(np.arange(len(y)), y, p, resamples=400)
+    for name in metrics.BOOTSTRAP_METRICS:
+        grouped, plain = fast.filter(pl.col("metric") == name).row(0, named=True), rows.filter(pl.col("metric") == name).row(0, named=True)
+        width = plain["upper"] - plain["lower"]
+        assert grouped["upper"] - grouped["lower"] == pytest.approx(width, rel=0.2), name
+        assert grouped["lower"] == pytest.approx(plain["lower"], abs=0.2 * width), name
+
+
+def test_a_request_counts_once_per_version_and_one_without_an_outcome_not_at_all():
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    predictions = pl.DataFrame({
+        "request_id": ["a", "a", "a", "b", "c"], "predicted_at": [at + timedelta(seconds=s) for s in range(5)],
+        "model_version": ["1", "1", "2", "1", "1"], "probability": [0.1, 0.2, 0.3, 0.4, 0.5],
+        "decision": [False, True, True, True, True],
+    })  # fmt: skip
+    joined = live.join_outcomes(predictions, pl.DataFrame({"request_id": ["a", "b"], "readmitted_30d": [True, False]}))
+    assert joined.select("model_version", "request_id", "probability").rows() == [("1", "a", 0.2), ("2", "a", 0.3), ("1", "b", 0.4)]
+
+
+def test_an_undisturbed_version_passes_and_a_planted_degradation_fails_in_words():
+    limits = live.Limits()
+    test = {"3": {"roc_auc": 0.75, "pr_auc": 0.28, "brier": 0.095}}
+    kept = live.live_figures(live.join_outcomes(*logged(3_000)), test)
+    assert live.judge_discrimination(kept, "3", limits).level == "ok"
+    assert live.judge_calibration(kept, "3", limits).level == "ok"
+
+    degraded = live.live_figures(live.join_outcomes(*logged(3_000, flip=0.3)), test)
+    discrimination = live.judge_discrimination(degraded, "3", limits)
+    assert discrimination.level == "error"
+    assert "below its test ROC-AUC 0.750 by more than the interval allows and by more than 0.05" in discrimination.findings[0]
+    calibration = live.judge_calibration(degraded, "3", limits)
+    assert calibration.level == "error" and "worse than predicting the observed rate" in calibration.findings[0]
+
+
+def test_too_few_outcomes_are_not_judged_and_a_clearly_worse_version_is_named():
+    few = live.live_figures(live.join_outcomes(*logged(150, flip=0.5)), {"3": {"roc_auc": 0.75}})
+    assert live.judge_discrimination(few, "3", live.Limits()).findings == ("v3 has 150 outcomes of both kinds so far; judged from 200",)
+    old, new = logged(3_000, version="2"), logged(3_000, version="3", seed=1, flip=0.3)
+    figures = live.live_figures(
+        live.join_outcomes(pl.concat([old[0], new[0]]), pl.concat([old[1], new[1]])), {}
+    )
+    assert live.clearly_worse(figures, "3", "2", live.Limits()).startswith("live ROC-AUC")
+    assert live.clearly_worse(figures, "2", "3", live.Limits()) is None
+
+
+def test_test_figures_are_each_version_s_latest_decision():
+    decisions = pl.DataFrame({
+        "decided_at": [datetime(2026, 1, d, tzinfo=UTC) for d in (1, 2, 3)], "challenger_version": ["1", "1", None],
+        "challenger_test_roc_auc": [0.6, 0.65, None], "challenger_test_pr_auc": [0.2, 0.21, None],
+        "challenger_test_brier": [0.1, 0.09, None],
+    })  # fmt: skip
+    assert live.test_figures(decisions) == {"1": {"roc_auc": 0.65, "pr_auc": 0.21, "brier": 0.09}}
+
+
+def test_resamples_scored_together_are_scikit_learn_s_scores_of_each_weighted_set_ties_included():
+    rng = np.random.default_rng(2)
+    p = np.sort(np.round(rng.beta(1.2, 9, 2_000), 2))  # rounded: many rows share a probability
+    y = (rng.random(len(p)) < p).astype(float)
+    flagged = (p >= 0.15).astype(float)
+    counts = rng.poisson(1.0, (3, len(p)))
+    together = metrics.cell_scores(y, p, flagged, (p - y) ** 2, counts)
+    for draw, weight in zip(together, counts):
+        drawn = weight > 0
+        w = weight[drawn].astype(float)
+        expected = [
+            roc_auc_score(y[drawn], p[drawn], sample_weight=w), average_precision_score(y[drawn], p[drawn], sample_weight=w),
+            float(np.average((p[drawn] - y[drawn]) ** 2, weights=w)),
+            *metrics.calibration_fit(y[drawn], p[drawn], w).values(),
+            float(np.average(flagged[drawn], weights=w)), float(np.average(y[drawn], weights=w)),
+        ]  # fmt: skip
+        assert draw == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_the_daily_figures_are_scikit_learn_s_on_each_day():
+    predictions, outcomes = logged(3_000, seed=4)  # ten minutes apart: about 21 days
+    joined = live.join_outcomes(predictions, outcomes)
+    days = live.by_period(joined, "1d")
+    for row in days.iter_rows(named=True):
+        day = joined.filter(pl.col("predicted_at").dt.truncate("1d") == row["period"])
+        y, p = day["readmitted_30d"].to_numpy(), day["probability"].to_numpy()
+        assert row["outcomes"] == len(y) and row["roc_auc"] == pytest.approx(roc_auc_score(y, p), rel=1e-9)
+        assert row["brier"] == pytest.approx(brier_score_loss(y, p)) and row["observed_rate"] == pytest.approx(y.mean())
+    assert days["outcomes"].sum() == 3_000
