@@ -65,7 +65,7 @@ class RunWatcher:
     def _label(self, run: dg.DagsterRun) -> str:
         if run_tags.PARTITION in run.tags:
             return f"{run.job_name} {run.tags[run_tags.PARTITION]}"
-        trigger = run.tags.get("readmission/trigger")
+        trigger = run.tags.get(run_tags.TRIGGER)
         return f"{run.job_name} (after {run.tags.get(run_tags.NEWEST_BATCH, '?')}, {trigger})" if trigger else run.job_name
 
     def wait(self, tags: dict, describe: str, timeout: float, log_path: Path, appear_within: float | None = None):
@@ -109,11 +109,10 @@ def land_and_process(
 
 def wait_for_live_performance(path: Path, instance: dg.DagsterInstance, say, timeout: float, log_path: Path) -> None:
     """Wait for the ingestion of a landed file of outcomes and for the measurement of live performance after it."""
-    from readmission_platform.defs.outcomes.sensors import AFTER_OUTCOMES_TAG
 
     watcher = RunWatcher(instance, say)
-    watcher.wait({SHA_TAG: content_hash(path.read_bytes())}, f"ingestion of {path.name}", timeout, log_path)
-    found = watcher.wait({AFTER_OUTCOMES_TAG: batch_id_for(path)}, f"live performance after {path.name}", timeout, log_path,
+    watcher.wait({run_tags.SHA: content_hash(path.read_bytes())}, f"ingestion of {path.name}", timeout, log_path)
+    found = watcher.wait({run_tags.AFTER_OUTCOMES: batch_id_for(path)}, f"live performance after {path.name}", timeout, log_path,
                          appear_within=120)  # fmt: skip
     if found is None:
         say("  live_performance_sensor started no measurement (see its ticks under Automation in the UI)")

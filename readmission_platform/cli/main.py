@@ -9,8 +9,8 @@ import sys
 import threading
 import time
 
-from readmission_platform.lib.warehouse import WarehouseError
 from readmission_platform.lib.reporting import masked
+from readmission_platform.lib.warehouse import WarehouseError
 from readmission_platform.settings import Settings, keep_private
 
 

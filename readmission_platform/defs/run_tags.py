@@ -13,3 +13,7 @@ SOURCE_FILE = "readmission/source_file"
 SHA = "readmission/sha256"
 AFTER_CRASH_OF = "readmission/after_crash_of"
 NEWEST_BATCH = "readmission/newest_batch"
+TRIGGER = "readmission/trigger"  # why a retrain runs: new_data, drift, live_performance
+NEW_BATCHES = "readmission/new_batches"
+DRIFTED_BATCHES = "readmission/drifted_batches"
+AFTER_OUTCOMES = "readmission/after_outcomes"  # the file of outcomes whose arrival a measurement follows

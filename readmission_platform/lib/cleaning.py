@@ -10,6 +10,7 @@ import polars as pl
 
 from readmission_platform.lib import schema
 
+
 def _group_of_whole(whole: int) -> str:
     """The group of an ICD-9 code's whole part, by the first rule of `schema.ICD9_RULES` that matches."""
     for group, ranges, singles in schema.ICD9_RULES:

@@ -47,10 +47,10 @@ from readmission_platform.lib.encounter import (
 from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
 from readmission_platform.serving.contract import (
     BatchPrediction,
-    batch_answer,
     Contribution,
     Explanation,
     Prediction,
+    batch_answer,
     inlined,
     invalid,
     not_ready,

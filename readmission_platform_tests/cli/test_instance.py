@@ -7,10 +7,10 @@ import psycopg
 import pytest
 import yaml
 
+from readmission_platform.cli.instance import INSTANCE_CONFIGS, prepare_dagster_home
 from readmission_platform.defs.ingestion.assets import batch_tables
 from readmission_platform.defs.partitions import batches
 from readmission_platform.defs.resources import LandingResource, WarehouseResource
-from readmission_platform.cli.instance import INSTANCE_CONFIGS, prepare_dagster_home
 from readmission_platform.settings import Settings
 
 

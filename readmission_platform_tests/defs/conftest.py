@@ -11,6 +11,7 @@ import pytest
 from readmission_platform.defs.resources import LandingResource, WarehouseResource
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 
+
 @dataclass
 class Platform:
     landing: Path

@@ -16,9 +16,9 @@ import pytest
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, MAX_BATCH_BYTES
+from readmission_platform.serving.gate import REFUSAL_LOG_BURST
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import read_predictions
-from readmission_platform.serving.gate import REFUSAL_LOG_BURST
 from readmission_platform_tests.serving.conftest import TOKEN
 
 GOOD = dict(SMOKE_ENCOUNTERS[0])

@@ -15,7 +15,12 @@ from sklearn.metrics import roc_auc_score
 from readmission_platform.defs.outcomes.assets import outcomes
 from readmission_platform.defs.outcomes.live import DISCRIMINATION, LIVE, live_performance
 from readmission_platform.defs.outcomes.sensors import outcome_sensor
-from readmission_platform.defs.resources import LandingResource, MlflowResource, PredictionLogResource, WarehouseResource
+from readmission_platform.defs.resources import (
+    LandingResource,
+    MlflowResource,
+    PredictionLogResource,
+    WarehouseResource,
+)
 from readmission_platform.lib.outcomes import land_outcomes, outcomes_csv
 from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.warehouse import open_warehouse

@@ -11,11 +11,11 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
+from readmission_platform.lib.encounter import MAX_BATCH
 from readmission_platform.lib.training import predict_probability
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import read_predictions
 from readmission_platform.serving.server import running_server
-from readmission_platform.lib.encounter import MAX_BATCH
 from readmission_platform_tests.serving.conftest import break_artifacts, register, registry_of
 
 GOOD = dict(SMOKE_ENCOUNTERS[0])

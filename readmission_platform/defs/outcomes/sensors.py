@@ -4,7 +4,8 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 
-from readmission_platform.defs.ingestion.sensors import SHA_TAG, SOURCE_FILE_TAG, new_files
+from readmission_platform.defs import run_tags
+from readmission_platform.defs.ingestion.sensors import new_files
 from readmission_platform.defs.outcomes.live import CALIBRATION, DISCRIMINATION, LIVE
 from readmission_platform.defs.partitions import outcome_files
 from readmission_platform.defs.resources import DegradationPolicy, LandingResource, MlflowResource, WarehouseResource
@@ -29,8 +30,6 @@ live_performance_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(LIVE),
     description="live_performance and its checks, over every outcome and the whole prediction log.",
 )
-TRIGGER_TAG = "readmission/trigger"
-AFTER_OUTCOMES_TAG = "readmission/after_outcomes"  # the file of outcomes whose arrival a measurement follows
 
 
 @dg.sensor(
@@ -49,7 +48,7 @@ def outcome_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
         if key not in existing and key not in new_keys:
             new_keys.append(key)
         run_requests.append(
-            dg.RunRequest(run_key=f"{key}:{digest[:16]}", partition_key=key, tags={SOURCE_FILE_TAG: path.name, SHA_TAG: digest})
+            dg.RunRequest(run_key=f"{key}:{digest[:16]}", partition_key=key, tags={run_tags.SOURCE_FILE: path.name, run_tags.SHA: digest})
         )
     return dg.SensorResult(
         run_requests=run_requests,
@@ -90,7 +89,7 @@ def live_performance_sensor(
             dg.RunRequest(
                 job_name=live_performance_job.name,
                 run_key=f"outcomes:{newest[0].storage_id}",
-                tags={AFTER_OUTCOMES_TAG: newest[0].asset_materialization.partition},
+                tags={run_tags.AFTER_OUTCOMES: newest[0].asset_materialization.partition},
             )
         )
         cursor["outcomes"] = newest[0].storage_id
@@ -110,7 +109,7 @@ def live_performance_sensor(
             context.log.info(f"live performance of v{version} fell short, and a retrain is already under way: {findings}")
         else:
             requests.append(
-                dg.RunRequest(job_name=training.retrain_job.name, run_key=f"live:{cursor['checks']}", tags={TRIGGER_TAG: "live_performance"})
+                dg.RunRequest(job_name=training.retrain_job.name, run_key=f"live:{cursor['checks']}", tags={run_tags.TRIGGER: "live_performance"})
             )
             reason = f"Live performance of production v{version} fell short; retrain requested: {findings}"
             decisions.append(live_action_row(action=RETRAIN_REQUESTED, version=version, replaced=None, reason=reason, now=now))

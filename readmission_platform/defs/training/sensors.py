@@ -66,9 +66,9 @@ def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, 
     return dg.RunRequest(
         run_key=f"{trigger}:{hashlib.sha256(state.encode()).hexdigest()[:20]}",
         tags={
-            "readmission/trigger": trigger,
+            run_tags.TRIGGER: trigger,
             run_tags.NEWEST_BATCH: max(batches),
-            "readmission/new_batches": ",".join(sorted(new)),
-            "readmission/drifted_batches": ",".join(sorted(drifted)),
+            run_tags.NEW_BATCHES: ",".join(sorted(new)),
+            run_tags.DRIFTED_BATCHES: ",".join(sorted(drifted)),
         },
     )

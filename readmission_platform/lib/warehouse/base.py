@@ -12,7 +12,6 @@ import polars as pl
 
 from readmission_platform.lib.reporting import masked
 
-
 SQL_TYPES = {
     pl.Int16: "SMALLINT",
     pl.Int32: "INTEGER",
