@@ -47,7 +47,6 @@ from readmission_platform.lib.encounter import (
     REQUEST_ID,
     BatchRequest,
     Encounter,
-    decode_batch,
     features_frame,
     openapi_3_0,
     out_of_scope,
@@ -55,6 +54,7 @@ from readmission_platform.lib.encounter import (
 )
 from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
 from readmission_platform.lib.reporting import masked
+from readmission_platform.serving.fast.decode import decode_batch
 from readmission_platform.serving.model import ServedModel, load_version, production_version, serve
 from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MODEL
 from readmission_platform.serving.prediction_log import PredictionLog
