@@ -85,6 +85,7 @@ def _annotation(column: schema.Column) -> Any:
 
 
 def attribute(name: str) -> str:
+    """The request models' attribute of a data set column (`glyburide-metformin` → `glyburide_metformin`)."""
     return name.replace("-", "_")
 
 
