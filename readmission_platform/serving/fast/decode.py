@@ -32,8 +32,9 @@ from readmission_platform.lib.encounter import (
 
 log = logging.getLogger(__name__)
 
-# The batch request for msgspec. Text patterns are matched afterwards, a column at a time, by polars, with the Rust regex engine pydantic uses too; msgspec would call
-# Python's re once per value, which costs more than the rest of the decoding and differs at "$" before a final newline.
+# The batch request for msgspec. Text patterns are matched afterwards, a column at a time, by polars, with the Rust
+# regex engine pydantic uses too; msgspec would call Python's re once per value, which costs more than the rest of the
+# decoding and differs at "$" before a final newline.
 _PATTERNS = {
     name: column.pattern.pattern if column.pattern is not None else TRIMMED
     for name in FIELDS

@@ -35,7 +35,6 @@ def expit(x: float) -> float:
 class Parts:
     """A `lib/training` pipeline taken apart: preprocessing, encoders, the frozen estimator and its sigmoid."""
 
-    pipeline: Pipeline
     preprocess: ColumnTransformer
     encoder: Any  # the fitted transformer of the categorical columns
     numeric: Any  # the fitted transformer of the numeric columns, or "passthrough"
@@ -66,17 +65,20 @@ def parts(pipeline: Pipeline) -> Parts:
     if len(classifier.calibrated_classifiers_) != 1 or classifier.calibrated_classifiers_[0].method != "sigmoid":
         raise UnsupportedModel("expected one sigmoid calibration of a frozen classifier")
     calibrated = classifier.calibrated_classifiers_[0]
-    (sigmoid,) = calibrated.calibrators
+    try:
+        (sigmoid,) = calibrated.calibrators
+        a, b = float(sigmoid.a_), float(sigmoid.b_)
+    except (AttributeError, ValueError) as error:
+        raise UnsupportedModel(f"expected one fitted sigmoid (a_, b_) in the calibration: {error!r}") from error
     estimator = calibrated.estimator
     declared = {name: transformer for name, transformer, _ in preprocess.transformers}
     return Parts(
-        pipeline=pipeline,
         preprocess=preprocess,
         encoder=preprocess.named_transformers_["categorical"],
         numeric=preprocess.named_transformers_["numeric"] if declared.get("numeric") != "passthrough" else "passthrough",
         estimator=getattr(estimator, "estimator", estimator),  # FrozenEstimator
-        a=float(sigmoid.a_),
-        b=float(sigmoid.b_),
+        a=a,
+        b=b,
     )
 
 

@@ -140,11 +140,13 @@ class TreeScorer:
         """`threads`: threads that share a batch's rows (default one: the caller's)."""
         if not (isinstance(parts.encoder, OrdinalEncoder) and parts.numeric == "passthrough"):
             raise UnsupportedModel("expected ordinal-coded categories and raw numbers before the trees")
-        model, response_class = _import(parts.estimator)
         try:
+            model, response_class = _import(parts.estimator)
             self._forest = Forest(model, response_class=response_class)
-        except treelite.TreeliteError as error:
-            raise UnsupportedModel(f"treelite cannot import the {type(parts.estimator).__name__}: {error}") from error
+        # Treelite's importer reads the estimator's internals, and asserts on them: a release of either that no
+        # longer fits the other is a model without a fast path, not a worker that fails to start.
+        except (treelite.TreeliteError, AssertionError, AttributeError, NotImplementedError) as error:
+            raise UnsupportedModel(f"treelite cannot import the {type(parts.estimator).__name__}: {error!r}") from error
         self._parts = parts
         self._threads = threads or 1
         # scikit-learn's trees compare float32 inputs; boosting compares float64.
