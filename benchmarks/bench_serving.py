@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serving_setup import prepare  # noqa: E402
 
 from readmission_platform.lib.cleaning import clean_record  # noqa: E402
-from readmission_platform.lib.encounter import FIELDS, BatchRequest, Encounter, columns, decode_batch, features_frame, record  # noqa: E402
+from readmission_platform.lib.encounter import FIELDS, BatchRequest, Encounter, columns, features_frame, record  # noqa: E402
 from readmission_platform.lib.features import record_features  # noqa: E402
 from readmission_platform.lib.training import model_input  # noqa: E402
+from readmission_platform.serving.fast.decode import decode_batch  # noqa: E402
 from readmission_platform.serving.model import serve  # noqa: E402
 from readmission_platform.serving.server import running_server  # noqa: E402
 from readmission_platform.serving.prediction_log import PredictionLog, count_predictions  # noqa: E402

@@ -94,8 +94,8 @@ class ServingSettings:
     api_token: str | None = None
     reload_seconds: float = 30.0
     workers: int = 1
-    # Native threads per worker (OpenMP, BLAS): scale with workers instead, as more threads than free cores slow
-    # gradient boosting's OpenMP loops many times over on a loaded machine.
+    # Native threads per worker (the fast path's batch loop, BLAS): scale with workers instead, as more threads than
+    # free cores only contend for them.
     threads: int = 1
     # Predictions a worker keeps waiting for its log writer; past that they are dropped and counted, never waited for.
     log_queue_rows: int = 100_000

@@ -9,11 +9,9 @@ be null or absent; every other one is required. Extra fields are refused, so no 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-import msgspec
 import polars as pl
 from pydantic import (
     BaseModel,
@@ -28,8 +26,6 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean_request
 from readmission_platform.lib.features import feature_values
 from readmission_platform.lib.schema import NOT_MEASURED_COLUMNS, NOT_TAKEN
-
-log = logging.getLogger(__name__)
 
 REQUEST_ID = "request_id"
 FIELDS: tuple[str, ...] = tuple(n for n in schema.RAW_COLUMNS if n not in schema.IDENTIFIERS and n != schema.LABEL)
@@ -71,14 +67,14 @@ def openapi_3_0(model_schema: dict[str, Any]) -> None:
             field["enum"] = [*field["enum"], None]
 
 
-def _allowed(column: schema.Column) -> tuple:
+def allowed(column: schema.Column) -> tuple:
     """The values a request may give: the clean enumeration, with "None" as the data set writes a test not taken."""
     return tuple(NOT_TAKEN if v == schema.NOT_MEASURED else v for v in column.allowed)
 
 
 def _annotation(column: schema.Column) -> Any:
     if column.allowed is not None:
-        typ: Any = Literal[_allowed(column)]  # type: ignore[valid-type]
+        typ: Any = Literal[allowed(column)]  # type: ignore[valid-type]
     elif column.range is not None:
         typ = Annotated[StrictInt, Field(ge=column.range[0], le=column.range[1])]
     elif column.pattern is not None:
@@ -88,7 +84,8 @@ def _annotation(column: schema.Column) -> Any:
     return typ | None if column.nullable else typ
 
 
-def _attribute(name: str) -> str:
+def attribute(name: str) -> str:
+    """The request models' attribute of a data set column (`glyburide-metformin` → `glyburide_metformin`)."""
     return name.replace("-", "_")
 
 
@@ -118,7 +115,7 @@ def _encounter_model(title: str, *, single: bool) -> type[BaseModel]:
         title,
         __config__=ConfigDict(extra="forbid", title=title, json_schema_extra=openapi_3_0),
         __doc__="One encounter as the hospital system records it, without patient identifiers.",
-        **{_attribute(name): _field(name, single=single) for name in FIELDS},
+        **{attribute(name): _field(name, single=single) for name in FIELDS},
         request_id=(
             Annotated[str, StringConstraints(min_length=1, max_length=MAX_REQUEST_ID, pattern=REQUEST_ID_PATTERN)] | None,
             Field(None, description="The client's id for this request (printable ASCII), echoed in the answer and the "
@@ -130,7 +127,7 @@ def _encounter_model(title: str, *, single: bool) -> type[BaseModel]:
 # The two differ in their declared schema only: one encounter out of scope is answered 422, one in a batch per item.
 Encounter = _encounter_model("Encounter", single=True)
 BatchEncounter = _encounter_model("BatchEncounter", single=False)
-_ATTRIBUTES = tuple((_attribute(name), name) for name in FIELDS)
+_ATTRIBUTES = tuple((attribute(name), name) for name in FIELDS)
 # Validated values are ints for the integer columns and text for the rest.
 REQUEST_DTYPES = {name: pl.Int64() if schema.CLEAN_BY_NAME[name].dtype.is_integer() else pl.String() for name in FIELDS}
 
@@ -142,54 +139,12 @@ BatchRequest: type[BaseModel] = create_model(
 )
 
 
-# The same request for msgspec, which decodes and checks a large body in C several times faster than pydantic. It is
-# only the fast path: whatever it refuses goes to pydantic, whose errors name every offending field. Text patterns are
-# matched afterwards, a column at a time, by polars, with the Rust regex engine pydantic uses too; msgspec would call
-# Python's re once per value, which costs more than the rest of the decoding and differs at "$" before a final newline.
-_PATTERNS = {
-    name: column.pattern.pattern if column.pattern is not None else TRIMMED
-    for name in FIELDS
-    if (column := schema.CLEAN_BY_NAME[name]).allowed is None and column.range is None
-} | {REQUEST_ID: REQUEST_ID_PATTERN}
-
-
-def _fast_annotation(column: schema.Column) -> Any:
-    if column.allowed is not None:
-        typ: Any = Literal[_allowed(column)]  # type: ignore[valid-type]
-    elif column.range is not None:
-        typ = Annotated[int, msgspec.Meta(ge=column.range[0], le=column.range[1])]
-    elif column.pattern is not None:
-        typ = str
-    else:
-        typ = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
-    return typ | None if column.nullable else typ
-
-
-_REQUIRED = [n for n in FIELDS if not schema.CLEAN_BY_NAME[n].nullable]
-_OPTIONAL = [n for n in FIELDS if schema.CLEAN_BY_NAME[n].nullable]
-_FAST_ORDER = (*_REQUIRED, *_OPTIONAL, REQUEST_ID)  # msgspec wants the fields with defaults last
-_FastEncounter = msgspec.defstruct(
-    "Encounter",
-    [(_attribute(n), _fast_annotation(schema.CLEAN_BY_NAME[n]), msgspec.field(name=n)) for n in _REQUIRED]
-    + [(_attribute(n), _fast_annotation(schema.CLEAN_BY_NAME[n]), msgspec.field(default=None, name=n)) for n in _OPTIONAL]
-    + [(REQUEST_ID, Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID)] | None, None)],
-    forbid_unknown_fields=True,
-    gc=False,
-)
-_FastBatch = msgspec.defstruct(
-    "BatchRequest",
-    [("encounters", Annotated[list[_FastEncounter], msgspec.Meta(min_length=1, max_length=MAX_BATCH)])],
-    forbid_unknown_fields=True,
-)
-_BATCH = msgspec.json.Decoder(_FastBatch)
-
-
 def _largest_encounter() -> dict[str, Any]:
     """An encounter with every field at its longest: the longest allowed value or bound, text at MAX_TEXT characters."""
 
     def longest(column: schema.Column) -> Any:
         if column.allowed is not None:
-            return max(_allowed(column), key=lambda v: len(json.dumps(v)))
+            return max(allowed(column), key=lambda v: len(json.dumps(v)))
         if column.range is not None:
             return max(column.range, key=lambda v: len(str(v)))
         return "x" * MAX_TEXT
@@ -202,35 +157,6 @@ def _largest_encounter() -> dict[str, Any]:
 MAX_BATCH_BYTES = 2 * (
     len('{"encounters":[]}') + MAX_BATCH * (len(json.dumps(_largest_encounter(), separators=(",", ":"))) + 1)
 )
-_DTYPES = {**REQUEST_DTYPES, REQUEST_ID: pl.String()}
-
-
-def decode_batch(body: bytes) -> pl.DataFrame:
-    """A batch request's body → its encounters as a frame: FIELDS typed as `typed_frame` gives them, and request_id.
-
-    Raises pydantic's `ValidationError`, which names every offending field (`["encounters", 12, "age"]`), for a body
-    that is not a valid batch request.
-    """
-    try:
-        encounters = _BATCH.decode(body).encounters
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        return _by_request_model(body)
-    values = zip(*map(msgspec.structs.astuple, encounters), strict=True)
-    frame = pl.DataFrame([pl.Series(name, column, _DTYPES[name]) for name, column in zip(_FAST_ORDER, values)])
-    if frame.select(pl.any_horizontal(~pl.col(n).str.contains(p) for n, p in _PATTERNS.items()).any()).item():
-        return _by_request_model(body)
-    return frame.select(*FIELDS, REQUEST_ID)
-
-
-def _by_request_model(body: bytes) -> pl.DataFrame:
-    """`decode_batch` by the request model, for a body the fast path refused: raises, naming each offending field."""
-    valid = BatchRequest.model_validate_json(body)
-    # The fast path refused what the request model accepts: a gap between the two to mend, not the client's fault.
-    log.warning("the fast batch decoder refused a body the request model accepts; decoded by the request model")
-    rows = valid.encounters
-    return typed_frame(columns(rows)).with_columns(pl.Series(REQUEST_ID, [e.request_id for e in rows], pl.String))
-
-
 def record(encounter: BaseModel) -> dict[str, Any]:
     """A validated encounter as {data set column: value}, None where unknown."""
     return {name: getattr(encounter, attribute) for attribute, name in _ATTRIBUTES}

@@ -1,7 +1,9 @@
 """The model a serving worker answers with: one registered version, its fast scorer, threshold and facts.
 
-A version is only served after a smoke test: its fast path must agree with its own pipeline on a few encounters,
-and every probability must be a number in [0, 1]. A version that fails either is refused with `ModelRefused`.
+A version's fast path (`serving.fast`) is pinned to its own pipeline on a few encounters and on every category its
+encoders know; one that fails the pin is left out, logged, and the version is scored through the pipeline. A version
+is only served after a smoke test: every probability must be a number in [0, 1]. One that fails is refused with
+`ModelRefused`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import features_frame
 from readmission_platform.lib.registry import ModelRegistry, RegistryError, decision_threshold, trained_batches
 from readmission_platform.lib.reporting import masked
-from readmission_platform.lib.scoring import Scorer, UnsupportedModel
 from readmission_platform.lib.training import predict_probability
+from readmission_platform.serving.fast import FastScorer, UnsupportedModel, compile, pin
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class ServedModel:
     threshold: float
     base_rate: float  # the validation rate of readmission: the line between low and medium risk
     pipeline: Pipeline
-    scorer: Scorer | None  # None: no fast path for this pipeline; one-row frames through the pipeline instead
+    scorer: FastScorer | None  # None: no fast path for this pipeline; one-row frames through the pipeline instead
     info: dict[str, Any] = field(default_factory=dict)
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
@@ -92,11 +94,11 @@ class ServedModel:
         return self.scorer.method if self.scorer is not None else "none: this model has no fast path to explain with"
 
     def smoke_test(self) -> float:
-        """Score `SMOKE_ENCOUNTERS`: the fast path must agree with the pipeline (`Scorer.verify`) and every probability
+        """Score `SMOKE_ENCOUNTERS`: the fast path must agree with the pipeline (`fast.pin`) and every probability
         must be a number in [0, 1]; `ModelRefused` otherwise. Returns the largest difference found."""
         frame = features_frame(list(SMOKE_ENCOUNTERS))
         try:
-            worst = self.scorer.verify(frame) if self.scorer is not None else 0.0
+            worst = pin(self.scorer, self.pipeline, frame) if self.scorer is not None else 0.0
             probabilities = self.probabilities(frame)
         except UnsupportedModel as error:
             raise ModelRefused(f"version {self.version} fails the smoke test: {error}") from error
@@ -140,16 +142,15 @@ def serve(pipeline: Pipeline, info: Mapping[str, Any], *, fast: bool = True, thr
     """A loaded pipeline and its facts (`describe`) → a model that passed the smoke test.
 
     `fast=False` scores single encounters through the pipeline itself (READMISSION_FAST_PATH=0 in the service): a
-    switch to rule the fast path out when diagnosing, and the baseline of the load test. `threads`: native threads of
-    a batch (`Scorer`).
+    switch to rule the fast path out when diagnosing, and the baseline of the load test. A fast path that fails its
+    pin takes the same way, named in the log. `threads`: threads that share a batch (`fast.compile`).
     """
     try:
         if not fast:
             raise UnsupportedModel("the fast path is switched off (READMISSION_FAST_PATH=0)")
-        scorer: Scorer | None = Scorer(pipeline, threads=threads)
+        scorer: FastScorer | None = compile(pipeline, pin_on=features_frame(list(SMOKE_ENCOUNTERS)), threads=threads)
     except UnsupportedModel as error:
-        log.warning("version %s has no fast path (%s); it is scored one row at a time through the pipeline",
-                    info["version"], error)
+        log.warning("version %s has no fast path (%s); it is scored through the pipeline", info["version"], error)
         scorer = None
     base_rate = info.get("base_rate")
     model = ServedModel(

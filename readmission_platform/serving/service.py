@@ -40,7 +40,6 @@ from readmission_platform.lib.encounter import (
     REQUEST_ID,
     BatchRequest,
     Encounter,
-    decode_batch,
     features_frame,
     record,
 )
@@ -59,6 +58,7 @@ from readmission_platform.serving.contract import (
 )
 from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
 from readmission_platform.serving.metrics import LOG_DROPPED, PREDICTIONS, PROBABILITY, observe_many
+from readmission_platform.serving.fast.decode import decode_batch
 from readmission_platform.serving.model import ServedModel
 from readmission_platform.serving.prediction_log import PredictionLog
 from readmission_platform.serving.watcher import ModelWatcher

@@ -1,7 +1,11 @@
 import copy
+import logging
 
+import numpy as np
 import pytest
 
+from readmission_platform.lib.features import FEATURE_COLUMNS
+from readmission_platform.lib.training import predict_probability
 from readmission_platform.serving.model import ModelRefused, serve
 
 
@@ -23,3 +27,18 @@ def test_a_model_whose_probabilities_are_not_numbers_is_refused(sample_candidate
         serve(broken, info(sample_candidates["logistic_regression"]))
     with pytest.raises(ModelRefused, match=r"expected numbers in \[0, 1\]"):
         serve(broken, info(sample_candidates["logistic_regression"]), fast=False)
+
+
+def test_a_fast_path_that_fails_its_pin_falls_back_to_the_pipeline_and_says_so(sample_candidates, sample_parts, caplog):
+    candidate = sample_candidates["logistic_regression"]
+    pipeline = copy.deepcopy(candidate.model)
+    # The scaler then no longer centres the numbers, while the linear fast path reads its fitted mean_ all the same.
+    pipeline[0].named_transformers_["numeric"].with_mean = False
+    with caplog.at_level(logging.WARNING, logger="readmission_platform.serving.model"):
+        model = serve(pipeline, info(candidate))
+    assert model.scorer is None
+    assert "version 9 has no fast path (the fast path fails its pin" in caplog.text
+    rows = sample_parts["test"].head(50)
+    assert np.array_equal(model.probabilities(rows), predict_probability(pipeline, rows))
+    assert model.probability(rows.select(FEATURE_COLUMNS).row(0, named=True)) == predict_probability(pipeline, rows)[0]
+    assert not np.allclose(predict_probability(pipeline, rows), predict_probability(candidate.model, rows))

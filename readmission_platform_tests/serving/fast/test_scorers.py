@@ -7,14 +7,12 @@ from sklearn.dummy import DummyClassifier
 from sklearn.pipeline import Pipeline
 
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_COLUMNS, NUMERIC_FEATURES
-from readmission_platform.lib.scoring import UNKNOWN, Scorer, UnsupportedModel
 from readmission_platform.lib.training import FAMILIES, LOGISTIC_REGRESSION, predict_probability
+from readmission_platform.serving.fast import UNKNOWN, UnsupportedModel, compile, pin
 
 
-@pytest.fixture(scope="module")
-def rows(full_features) -> pl.DataFrame:
-    """3,000 test-split encounters outside the training sample, plus 300 with unknown or missing values."""
-    test = full_features.slice(20_000).filter(pl.col("split") == "test").head(3_000)
+def with_odd_values(test: pl.DataFrame) -> pl.DataFrame:
+    """The rows, then the first 300 again with unknown or missing values."""
     odd = test.head(300).with_columns(
         pl.lit("Astrology").alias("medical_specialty"),
         pl.lit("ZZ").alias("payer_code"),
@@ -24,14 +22,27 @@ def rows(full_features) -> pl.DataFrame:
     return pl.concat([test, odd])
 
 
+@pytest.fixture(scope="module")
+def rows(full_features) -> pl.DataFrame:
+    """3,000 test-split encounters outside the training sample, plus 300 with unknown or missing values."""
+    return with_odd_values(full_features.slice(20_000).filter(pl.col("split") == "test").head(3_000))
+
+
+@pytest.fixture(scope="module")
+def test_set(full_features) -> pl.DataFrame:
+    """Every test-split encounter of the data set, plus 300 with unknown or missing values."""
+    return with_odd_values(full_features.filter(pl.col("split") == "test"))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_path_equals_the_pipeline_for_every_family(family, sample_candidates, rows):
-    scorer = Scorer(sample_candidates[family].model)
-    assert scorer.verify(rows, tolerance=1e-12) <= 1e-12
+def test_fast_path_equals_the_pipeline_for_every_family(family, sample_candidates, test_set):
+    model = sample_candidates[family].model
+    scorer = compile(model)
+    assert pin(scorer, model, test_set, tolerance=1e-12) <= 1e-12
 
 
 def test_linear_contributions_are_the_exact_log_odds_terms(sample_candidates, rows):
-    scorer = Scorer(sample_candidates[LOGISTIC_REGRESSION].model)
+    scorer = compile(sample_candidates[LOGISTIC_REGRESSION].model)
     calibrated = sample_candidates[LOGISTIC_REGRESSION].model[-1].calibrated_classifiers_[0]
     a, b = calibrated.calibrators[0].a_, calibrated.calibrators[0].b_
     logistic = calibrated.estimator.estimator
@@ -46,7 +57,7 @@ def test_linear_contributions_are_the_exact_log_odds_terms(sample_candidates, ro
 @pytest.mark.parametrize("family", ["hist_gradient_boosting", "random_forest"])
 def test_tree_contributions_are_the_change_when_a_feature_is_withheld(family, sample_candidates, rows):
     model = sample_candidates[family].model
-    scorer = Scorer(model)
+    scorer = compile(model)
     features = rows.select(FEATURE_COLUMNS).row(7, named=True)
     contributions = scorer.contributions(features)
     for name in ("diag_1_group", "number_inpatient", "age_years", "insulin"):
@@ -62,17 +73,23 @@ def test_tree_contributions_are_the_change_when_a_feature_is_withheld(family, sa
 def test_a_pipeline_of_another_shape_is_refused_by_name(sample_candidates, sample_parts):
     model = Pipeline([("preprocess", sample_candidates[LOGISTIC_REGRESSION].model[0]), ("classifier", DummyClassifier())])
     with pytest.raises(UnsupportedModel, match="CalibratedClassifierCV"):
-        Scorer(model)
+        compile(model)
 
 
-def test_verify_refuses_a_fast_path_that_disagrees(sample_candidates, rows):
-    scorer = Scorer(sample_candidates[LOGISTIC_REGRESSION].model)
-    scorer._intercept += 0.01
+def test_the_pin_refuses_a_fast_path_that_disagrees(sample_candidates, rows):
+    model = sample_candidates[LOGISTIC_REGRESSION].model
+    scorer = compile(model)
+    scorer.intercept += 0.01
     with pytest.raises(UnsupportedModel, match="differs from the pipeline"):
-        scorer.verify(rows.head(20))
+        pin(scorer, model, rows.head(20))
 
 
 def test_numbers_keep_their_float_values(sample_candidates, rows):
     features = rows.select(FEATURE_COLUMNS).row(0, named=True)
     assert all(isinstance(features[name], float) for name in NUMERIC_FEATURES)
-    assert np.isfinite(Scorer(sample_candidates["random_forest"].model).probability(features))
+    assert np.isfinite(compile(sample_candidates["random_forest"].model).probability(features))
+
+
+def test_threads_that_share_a_batch_give_the_same_probabilities(sample_candidates, test_set):
+    model = sample_candidates["hist_gradient_boosting"].model
+    assert np.array_equal(compile(model, threads=3).probabilities(test_set), compile(model).probabilities(test_set))
