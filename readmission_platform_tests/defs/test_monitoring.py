@@ -19,7 +19,7 @@ from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.training import predict_probability
 from readmission_platform.serving.prediction_log import PredictionLog
 from readmission_platform_tests.conftest import INGESTED_AT, NOTHING_LOADED
-from readmission_platform_tests.defs.test_training import ingest, metadata, mlflow, resources, retrain, steady_batches  # noqa: F401
+from readmission_platform_tests.defs.conftest import ingest, metadata, retrain
 
 
 def served(data: bytes, model, version: str) -> pl.DataFrame:

@@ -13,71 +13,13 @@ import polars as pl
 import pytest
 
 from readmission_platform.defs.ingestion.assets import batch_tables
-from readmission_platform.defs.monitoring import checks as monitoring_checks
-from readmission_platform.defs.monitoring.assets import batch_drift
-from readmission_platform.defs.partitions import batches
-from readmission_platform.defs.promotion import checks as promotion_checks
 from readmission_platform.defs.promotion.assets import promotion_decision
 from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
-from readmission_platform.defs.training import checks as training_checks
 from readmission_platform.defs.training.assets import trained_model, training_set
 from readmission_platform.defs.training.sensors import retrain_sensor
 from readmission_platform.lib.drift import PSI_SIGNIFICANT
-from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.pipeline import process_batch
-
-BATCH = 3_000
-INGEST = [batch_tables, batch_drift]
-RETRAIN = [training_set, trained_model, promotion_decision]
-CHECKS = dg.load_asset_checks_from_modules([monitoring_checks, training_checks, promotion_checks])
-TWO_FAMILIES = {"ops": {"trained_model": {"config": {"families": ["logistic_regression", "hist_gradient_boosting"]}}}}
-# Where the family does not matter: the linear model trains and is scored in a fraction of the boosting's time.
-FAST = {"ops": {"trained_model": {"config": {"families": ["logistic_regression"]}}}}
-
-
-@pytest.fixture(scope="module")
-def training_batches(full_source_bytes) -> list[bytes]:
-    """Four batches of 3,000 real encounters: enough rows for a model that clears the gates."""
-    lines = full_source_bytes.splitlines(keepends=True)
-    return split_batches(b"".join(lines[: 4 * BATCH + 1]), BATCH)
-
-
-@pytest.fixture
-def mlflow(tmp_path, new_mlflow_store) -> MlflowResource:
-    return MlflowResource(tracking_uri=new_mlflow_store(tmp_path / "mlflow.db"), artifact_root=(tmp_path / "artifacts").as_uri())
-
-
-@pytest.fixture
-def resources(platform, mlflow) -> dict:
-    return platform.resources | {"mlflow": mlflow, "retrain_policy": RetrainPolicy()}
-
-
-def ingest(platform, instance, resources, data: bytes, batch_id: str) -> dg.ExecuteInProcessResult:
-    platform.drop(f"{batch_id}.csv", data)
-    instance.add_dynamic_partitions(batches.name, [batch_id])
-    checks = [c for c in CHECKS if c.check_key.asset_key in {key for a in INGEST for key in a.keys}]
-    return dg.materialize(INGEST + checks, partition_key=batch_id, resources=resources, instance=instance)
-
-
-def retrain(instance, resources, run_config=FAST, raise_on_error=True) -> dg.ExecuteInProcessResult:
-    checks = [c for c in CHECKS if c.check_key.asset_key in {a.key for a in RETRAIN}]
-    return dg.materialize(
-        [*RETRAIN, *checks, batch_tables],
-        selection=RETRAIN,
-        resources=resources,
-        instance=instance,
-        run_config=run_config,
-        raise_on_error=raise_on_error,
-    )
-
-
-def metadata(result, asset: str) -> dict:
-    event = result.asset_materializations_for_node(asset)[0]
-    return {k: getattr(v, "value", v) for k, v in event.metadata.items()}
-
-
-def checks_of(result) -> dict[str, dg.AssetCheckEvaluation]:
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+from readmission_platform_tests.defs.conftest import FAST, RETRAIN, TWO_FAMILIES, checks_of, ingest, metadata, retrain
 
 
 @pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
@@ -248,13 +190,6 @@ def test_a_drifted_batch_retrains_even_when_too_few_rows_arrived(platform, insta
     assert isinstance(quiet, dg.SkipReason) and "no batch drifted" in quiet.skip_message
     assert isinstance(drifted, dg.RunRequest)
     assert drifted.tags["readmission/trigger"] == "drift" and drifted.tags["readmission/drifted_batches"] == "batch_0004"
-
-
-@pytest.fixture(scope="module")
-def steady_batches(full_source_bytes) -> list[bytes]:
-    """Four batches of 3,000 real encounters from the file's later years, when recording had settled (README, Drift)."""
-    lines = full_source_bytes.splitlines(keepends=True)
-    return split_batches(b"".join([lines[0], *lines[75_001 : 75_001 + 4 * BATCH]]), BATCH)
 
 
 def without_payer(data: bytes) -> bytes:
