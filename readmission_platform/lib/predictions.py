@@ -1,7 +1,7 @@
 """The service's prediction log read into polars, for monitoring: SQLite (a file) or PostgreSQL, by URL.
 
-The layout is the one `serving/prediction_log.py` writes: a row per prediction with its result columns and the
-encounter's fields. Both databases are read through ADBC, which hands the rows over as Arrow without a Python object
+The layout is declared here, and `serving/prediction_log.py` writes it: a row per prediction with its result columns
+and the encounter's fields. Both databases are read through ADBC, which hands the rows over as Arrow without a Python object
 per value; SQLite's text times and 0/1 decisions come back as PostgreSQL's do (UTC times, booleans).
 """
 

@@ -34,25 +34,19 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import FIELDS, REQUEST_DTYPES
+from readmission_platform.lib.predictions import RESULT_TYPES, TABLE, TYPES
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.warehouse import quote
 
 log = logging.getLogger(__name__)
 
-TABLE = "predictions"
-RESULT_COLUMNS = (
-    "request_id", "predicted_at", "endpoint", "model_name", "model_version", "probability", "decision", "risk_band",
-)  # fmt: skip
-COLUMNS = (*RESULT_COLUMNS, *FIELDS)
+RESULT_COLUMNS = tuple(RESULT_TYPES)
+COLUMNS = tuple(TYPES)
 _INTEGER_FIELDS = frozenset(name for name, dtype in REQUEST_DTYPES.items() if dtype.is_integer())
 # The columns as they are handed to the database: the time as UTC text, for SQLite as SQLAlchemy stores a DateTime
 # there (without the offset), and there the decision as 0 or 1.
-_POSTGRES_TYPES = {
-    "request_id": pl.String, "predicted_at": pl.String, "endpoint": pl.String, "model_name": pl.String,
-    "model_version": pl.String, "probability": pl.Float64, "decision": pl.Boolean, "risk_band": pl.String,
-    **REQUEST_DTYPES,
-}  # fmt: skip
-_SQLITE_TYPES = _POSTGRES_TYPES | {"decision": pl.Int64}
+_POSTGRES_TYPES = TYPES | {"predicted_at": pl.String()}
+_SQLITE_TYPES = _POSTGRES_TYPES | {"decision": pl.Int64()}
 _SQLITE_TIME, _POSTGRES_TIME = "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S.%f+00:00"
 
 
