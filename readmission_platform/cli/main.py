@@ -84,13 +84,21 @@ def summarize(settings: Settings) -> bool:
     """Print what the instance, the warehouse and the registry hold; False if a batch's last run failed."""
     import dagster as dg
 
-    from readmission_platform.cli.report import latest_batch_reports, render, render_live, render_models
+    from readmission_platform.cli.report import (
+        latest_batch_reports,
+        render,
+        render_live,
+        render_models,
+        render_serving_drift,
+    )
 
     with dg.DagsterInstance.get() as instance:
         reports = latest_batch_reports(instance)
+        drift = render_serving_drift(instance)
     _say("\n" + render(reports))
     _say("\n" + render_models(settings))
     _say("\n" + render_live(settings))
+    _say("\n" + drift)
     return all(r.status == "success" for r in reports)
 
 

@@ -172,3 +172,30 @@ def render_live(settings) -> str:
             f"{_interval(by.get('calibration_intercept'), 2):<25}{_interval(by.get('positive_rate')):<22}"
         )
     return "\n".join(lines)
+
+
+SERVING_DRIFT_DAYS = 7
+
+
+def render_serving_drift(instance: dg.DagsterInstance, days: int = SERVING_DRIFT_DAYS) -> str:
+    """The newest `serving_drift` measurement of each of the last `days` UTC days: predictions, the largest PSI and
+    its movers, and the reference it was measured against."""
+    found = instance.fetch_materializations(dg.AssetKey("serving_drift"), limit=50 * days).records
+    newest: dict[str, dict] = {}
+    for record in found:  # newest first
+        materialization = record.asset_materialization
+        if materialization.partition not in newest:
+            newest[materialization.partition] = _metadata(materialization.metadata)
+    if not newest:
+        return "serving drift: not measured yet (serving_drift runs each UTC day at 00:15, or materialize a day in the UI)"
+    lines = ["serving drift (PSI of each day's served predictions against the production model's newest training batch):"]
+    for day in sorted(newest, reverse=True)[:days]:
+        found = newest[day]
+        if "max_psi" not in found:
+            lines.append(f"  {day}  {found.get('predictions', 0):>8,} predictions  {found.get('status', 'not measured')}")
+            continue
+        lines.append(
+            f"  {day}  {found['predictions']:>8,} predictions  max PSI {found['max_psi']:.3f}  "
+            f"against v{found['reference_version']}'s {found['reference_batch']}  top: {found['top_movers']}"
+        )
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from readmission_platform.cli.report import render_serving_drift
 from readmission_platform.defs.monitoring.assets import serving_drift
 from readmission_platform.defs.monitoring.sensors import serving_drift_schedule
 from readmission_platform.defs.resources import PredictionLogResource
@@ -19,7 +20,7 @@ from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.training import predict_probability
 from readmission_platform.serving.prediction_log import PredictionLog
 from readmission_platform_tests.conftest import INGESTED_AT, NOTHING_LOADED
-from readmission_platform_tests.defs.conftest import ingest, metadata, retrain
+from readmission_platform_tests.defs.conftest import TWO_FAMILIES, ingest, metadata, retrain
 
 
 def served(data: bytes, model, version: str) -> pl.DataFrame:
@@ -49,7 +50,7 @@ def log(url: str, *frames: pl.DataFrame) -> str:
 def test_serving_drift_names_a_planted_shift_and_passes_an_undisturbed_day(platform, instance, resources, mlflow, steady_batches, tmp_path):
     for i, data in enumerate(steady_batches[:2], start=1):
         ingest(platform, instance, resources, data, f"batch_{i:04d}")
-    retrain(instance, resources)
+    retrain(instance, resources, run_config=TWO_FAMILIES)  # the linear model alone fails the gates on these batches
     model = mlflow.registry().load_model("1")
     steady = served(steady_batches[2], model, "1")
     shifted = served(steady_batches[3], model, "2").with_columns(pl.col("num_lab_procedures") + 25)
@@ -78,6 +79,8 @@ def test_serving_drift_names_a_planted_shift_and_passes_an_undisturbed_day(platf
     assert movers.startswith("v2 num_lab_procedures") and "v1 " in movers  # each version's top three
     unjudged = too_few.get_asset_check_evaluations()[0]
     assert unjudged.passed and "drift not judged" in unjudged.description
+    status = render_serving_drift(instance)  # what `readmission status` prints: the day's newest measurement
+    assert f"{drifted_day}" in status and "top: v2 num_lab_procedures" in status
 
 
 def test_the_schedule_measures_the_day_that_just_ended():
