@@ -4,6 +4,7 @@ from pathlib import Path
 import dagster as dg
 
 from readmission_platform.defs.resources import (
+    AlertmanagerResource,
     LandingResource,
     MlflowResource,
     RetrainPolicy,
@@ -38,6 +39,7 @@ defs = dg.Definitions.merge(
             ),
             "retrain_policy": RetrainPolicy(),
             "serving": ServingResource(bentoml_home=str(settings.bentoml_home)),
+            "alertmanager": AlertmanagerResource(url=from_variable("alertmanager_url")),
         },
         # One process per run: steps share it instead of each importing the stack again.
         executor=dg.in_process_executor,

@@ -65,7 +65,7 @@ def test_the_platform_variable_wins_over_mlflow_s_own(tmp_path):
     assert seen["in_run"] == {"url": warehouse, "tracking_uri": "sqlite:///platform.db"}
 
 
-def test_both_sensors_run_on_a_fresh_instance_without_being_started(tmp_path):
+def test_every_sensor_runs_on_a_fresh_instance_without_being_started(tmp_path):
     (tmp_path / "dagster").mkdir()
     dagster = Path(sys.executable).with_name("dagster")
     done = subprocess.run(
@@ -80,4 +80,6 @@ def test_both_sensors_run_on_a_fresh_instance_without_being_started(tmp_path):
     assert dict(re.findall(r"Sensor: (\w+) \[(\w+)\]", done.stdout)) == {
         "landing_sensor": "RUNNING",
         "retrain_sensor": "RUNNING",
+        "alert_on_run_failure": "RUNNING",
+        "alert_on_check_failure": "RUNNING",
     }

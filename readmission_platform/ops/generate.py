@@ -79,10 +79,12 @@ def alertmanager_config(*, webhook: str = "http://127.0.0.1:9095/alerts", group_
                 {"matchers": ['severity="warning"'], "receiver": "ticket"},
             ],
         },
-        # A page says the same as its ticket and more: while one fires, the ticket of the same alert stays quiet.
+        # A page says the same as its ticket and more: while one fires, the ticket of the same alert about the same
+        # thing (a burn rate's two pairs; not another check's failure) stays quiet.
         "inhibit_rules": [
-            {"source_matchers": ['severity="critical"'], "target_matchers": ['severity="warning"'], "equal": ["alertname"]}
-        ],
+            {"source_matchers": ['severity="critical"'], "target_matchers": ['severity="warning"'],
+             "equal": ["alertname", "instance", "endpoint", "model_version", "asset", "check", "partition"]}
+        ],  # fmt: skip
         "receivers": [{"name": name, **receiver} for name in ("default", "page", "ticket")],
     }
 
@@ -103,21 +105,21 @@ def grafana_dashboards_provider() -> dict:
     }  # fmt: skip
 
 
-def _yaml(document: dict) -> str:
+def to_yaml(document: dict) -> str:
     return HEADER + yaml.safe_dump(document, sort_keys=False, width=120, allow_unicode=True)
 
 
 def files() -> dict[str, str]:
     """Every generated file under ops/, by its path there."""
     out = {
-        "prometheus.yml": _yaml(prometheus_config()),
-        "rules.yml": _yaml(rules()),
-        "alertmanager.yml": _yaml(alertmanager_config()),
-        "grafana/provisioning/datasources/prometheus.yml": _yaml(grafana_datasource()),
-        "grafana/provisioning/dashboards/readmission.yml": _yaml(grafana_dashboards_provider()),
+        "prometheus.yml": to_yaml(prometheus_config()),
+        "rules.yml": to_yaml(rules()),
+        "alertmanager.yml": to_yaml(alertmanager_config()),
+        "grafana/provisioning/datasources/prometheus.yml": to_yaml(grafana_datasource()),
+        "grafana/provisioning/dashboards/readmission.yml": to_yaml(grafana_dashboards_provider()),
     }
     for name, tests in rule_tests.promtool_tests().items():
-        out[f"tests/{name}"] = _yaml(tests)
+        out[f"tests/{name}"] = to_yaml(tests)
     for name, board in dashboards.DASHBOARDS.items():
         out[f"grafana/dashboards/{name}.json"] = json.dumps(board, indent=2, ensure_ascii=False) + "\n"
     return out

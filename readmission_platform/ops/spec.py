@@ -229,22 +229,23 @@ ALERTS = (
 )
 
 
-# Posted to Alertmanager by the Dagster sensors (`defs/monitoring/sensors.py`), not evaluated by Prometheus.
+@dataclass(frozen=True)
+class PipelineAlert:
+    """An alert the Dagster sensors (`defs/monitoring/sensors.py`) post to Alertmanager, not evaluated by Prometheus."""
+
+    name: str
+    severity: str
+    summary: str
+
+    @property
+    def runbook(self) -> str:
+        return f"{RUNBOOKS}/{self.name}.md"
+
+
 PIPELINE_ALERTS = {
-    "run": Alert(
-        name="ReadmissionPipelineRunFailed",
-        expr="",
-        severity="warning",
-        summary="A Dagster run of the readmission pipeline failed.",
-        description="",
-    ),
-    "check": Alert(
-        name="ReadmissionPipelineCheckFailed",
-        expr="",
-        severity="warning",  # critical for a check of severity ERROR, as it blocks the assets after it
-        summary="An asset check of the readmission pipeline failed.",
-        description="",
-    ),
+    "run": PipelineAlert("ReadmissionPipelineRunFailed", "warning", "A Dagster run of the readmission pipeline failed."),
+    # critical: a check of severity ERROR blocks the assets after it; a WARN check's failure is a warning.
+    "check": PipelineAlert("ReadmissionPipelineCheckFailed", "critical", "An asset check of the readmission pipeline failed."),
 }
 
 
