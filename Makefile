@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui serve status test chaos bench loadtest clean
+.PHONY: install demo ui mlflow-ui serve observe status test chaos bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
@@ -27,6 +27,9 @@ mlflow-ui: install
 
 serve: install
 	$(BIN)/readmission serve
+
+observe: install
+	$(BIN)/readmission observe
 
 status: install
 	$(BIN)/readmission status

@@ -22,6 +22,7 @@ def prometheus_config(
     service: list[str] = ("127.0.0.1:3000",),
     pipeline: list[str] = ("127.0.0.1:9464",),
     alertmanager: str = "127.0.0.1:9093",
+    prometheus: str = "127.0.0.1:9090",
     rule_files: list[str] = ("rules.yml",),
     interval: str = "15s",
 ) -> dict:
@@ -34,19 +35,20 @@ def prometheus_config(
         "scrape_configs": [
             {"job_name": spec.SERVICE_JOB, "static_configs": [{"targets": list(service)}]},
             {"job_name": spec.PIPELINE_JOB, "static_configs": [{"targets": list(pipeline)}]},
-            {"job_name": "prometheus", "static_configs": [{"targets": ["localhost:9090"]}]},
+            {"job_name": "prometheus", "static_configs": [{"targets": [prometheus]}]},
             {"job_name": "alertmanager", "static_configs": [{"targets": [alertmanager]}]},
         ],
     }
 
 
-def rules(*, runbook_base: str = "") -> dict:
-    """The recording rules and every alert, each with its severity, summary and runbook."""
+def rules(*, runbook_base: str = "", hold: str | None = None) -> dict:
+    """The recording rules and every alert, each with its severity, summary and runbook; `hold` replaces every
+    alert's `for` (the integration test's copy, which cannot wait minutes)."""
     alerts = [
         {
             "alert": alert.name,
             "expr": alert.expr,
-            **({"for": alert.duration} if alert.duration != "0m" else {}),
+            **({"for": hold or alert.duration} if alert.duration != "0m" else {}),
             "labels": {"severity": alert.severity},
             "annotations": {
                 "summary": alert.summary,
@@ -89,7 +91,8 @@ def alertmanager_config(*, webhook: str = "http://127.0.0.1:9095/alerts", group_
     }
 
 
-def grafana_datasource(url: str = "http://prometheus:9090") -> dict:
+def grafana_datasource(url: str = "http://127.0.0.1:9090") -> dict:
+    """Prometheus as `readmission observe` runs it; Grafana beside it on the host network (ops/compose.yaml)."""
     return {
         "apiVersion": 1,
         "datasources": [{"name": "Prometheus", "uid": dashboards.DATASOURCE, "type": "prometheus", "access": "proxy",

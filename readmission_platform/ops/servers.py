@@ -28,17 +28,19 @@ def binary(server: str) -> str:
 
 
 def write_config(
-    folder: Path, *, service: list[str], pipeline: list[str], alertmanager: str, webhook: str, interval: str = "15s",
-    group_wait: str = "30s",
+    folder: Path, *, service: list[str], pipeline: list[str], alertmanager: str, prometheus: str, webhook: str,
+    interval: str = "15s",
+    group_wait: str = "30s", hold: str | None = None,
 ) -> tuple[Path, Path]:  # fmt: skip
-    """Prometheus' configuration with the rules, and Alertmanager's, written into `folder` for these addresses."""
+    """Prometheus' configuration with the rules, and Alertmanager's, written into `folder` for these addresses
+    (`interval`, `group_wait` and `hold`, every alert's `for`, shortened only by the tests)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "rules.yml").write_text(generate.to_yaml(generate.rules()))
+    (folder / "rules.yml").write_text(generate.to_yaml(generate.rules(hold=hold)))
     prometheus = folder / "prometheus.yml"
     prometheus.write_text(
         generate.to_yaml(
             generate.prometheus_config(service=service, pipeline=pipeline, alertmanager=alertmanager,
-                                       rule_files=[str(folder / "rules.yml")], interval=interval)
+                                       prometheus=prometheus, rule_files=[str(folder / "rules.yml")], interval=interval)
         )  # fmt: skip
     )
     manager = folder / "alertmanager.yml"

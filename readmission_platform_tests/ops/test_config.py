@@ -79,3 +79,18 @@ def test_every_query_names_only_metrics_the_spec_knows():
         for name in re.findall(r"\b((?:bentoml|readmission)[a-z0-9_:]*)", re.sub(r'"[^"]*"', "", expr)):
             base = re.sub(r"_(bucket|count|sum)$", "", name)
             assert name in recorded or base in known, f"{expr!r} names {name}, which no metric of the spec is"
+
+
+def test_the_compose_file_runs_grafana_on_the_provisioning_and_dashboards_of_ops():
+    compose = yaml.safe_load((OPS / "compose.yaml").read_text())
+    grafana = compose["services"]["grafana"]
+    mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in grafana["volumes"] if volume.startswith("./"))
+    assert mounts == {"./grafana/provisioning": "/etc/grafana/provisioning", "./grafana/dashboards": "/var/lib/grafana/dashboards"}
+    for source in mounts:
+        assert (OPS / source).is_dir(), f"compose.yaml mounts {source}, which ops/ does not have"
+    provider = yaml.safe_load((OPS / "grafana/provisioning/dashboards/readmission.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == mounts["./grafana/dashboards"]
+    datasource = yaml.safe_load((OPS / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    assert grafana["network_mode"] == "host" and datasource["url"] == "http://127.0.0.1:9090"
+    panels = [panel for board in dashboards.DASHBOARDS.values() for panel in board["panels"]]
+    assert {target["datasource"]["uid"] for panel in panels for target in panel["targets"]} == {datasource["uid"]}
