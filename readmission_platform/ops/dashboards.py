@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from readmission_platform.ops import pipeline, spec
 
 DATASOURCE = "prometheus"
-ROUTE = 'endpoint=~"/predict|/predict_batch|/explain"'
+ROUTE = f"endpoint=~{spec.PREDICTION_ROUTES}"
 
 
 @dataclass(frozen=True)

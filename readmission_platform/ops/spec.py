@@ -8,7 +8,7 @@ each of them against a real Prometheus scraping a real service.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import prometheus_client
 
@@ -120,7 +120,6 @@ class Alert:
     summary: str
     description: str
     duration: str = "0m"
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def runbook(self) -> str:

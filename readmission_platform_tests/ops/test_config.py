@@ -7,10 +7,12 @@ import re
 import shutil
 import subprocess
 
+import prometheus_client
 import pytest
 import yaml
 
 from readmission_platform.ops import dashboards, generate, rule_tests, spec
+from readmission_platform.serving import metrics
 
 OPS = generate.OPS
 
@@ -70,6 +72,11 @@ def queries() -> list[str]:
     rules = yaml.safe_load((OPS / "rules.yml").read_text())["groups"]
     panels = [expr for _, panels in dashboards.PANELS.values() for panel in panels for expr, _ in panel.queries]
     return [rule["expr"] for group in rules for rule in group["rules"]] + panels
+
+
+def test_the_spec_knows_every_metric_the_service_defines():
+    defined = {spec.family(m) for m in vars(metrics).values() if isinstance(m, prometheus_client.metrics.MetricWrapperBase)}
+    assert defined <= set(spec.SERVICE_METRICS), f"{defined - set(spec.SERVICE_METRICS)} missing from spec.SERVICE_METRICS"
 
 
 def test_every_query_names_only_metrics_the_spec_knows():
