@@ -29,23 +29,21 @@ def binary(server: str) -> str:
 
 def write_config(
     folder: Path, *, service: list[str], pipeline: list[str], alertmanager: str, prometheus: str, webhook: str,
-    interval: str = "15s",
-    group_wait: str = "30s", hold: str | None = None,
+    interval: str = "15s", group_wait: str = "30s", hold: str | None = None,
 ) -> tuple[Path, Path]:  # fmt: skip
     """Prometheus' configuration with the rules, and Alertmanager's, written into `folder` for these addresses
     (`interval`, `group_wait` and `hold`, every alert's `for`, shortened only by the tests)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "rules.yml").write_text(generate.to_yaml(generate.rules(hold=hold)))
-    prometheus = folder / "prometheus.yml"
-    prometheus.write_text(
+    prometheus_file, alertmanager_file = folder / "prometheus.yml", folder / "alertmanager.yml"
+    prometheus_file.write_text(
         generate.to_yaml(
             generate.prometheus_config(service=service, pipeline=pipeline, alertmanager=alertmanager,
                                        prometheus=prometheus, rule_files=[str(folder / "rules.yml")], interval=interval)
         )  # fmt: skip
     )
-    manager = folder / "alertmanager.yml"
-    manager.write_text(generate.to_yaml(generate.alertmanager_config(webhook=webhook, group_wait=group_wait)))
-    return prometheus, manager
+    alertmanager_file.write_text(generate.to_yaml(generate.alertmanager_config(webhook=webhook, group_wait=group_wait)))
+    return prometheus_file, alertmanager_file
 
 
 def prometheus_command(config: Path, storage: Path, address: str) -> list[str]:
