@@ -1,6 +1,6 @@
 """`readmission observe` end to end: a real Prometheus scrapes a real `bentoml serve` and the pipeline's metrics;
-planted errors and slow requests make the SLO alerts fire and reach a webhook through a real Alertmanager, as does a
-failed Dagster run; every dashboard panel's query then returns data."""
+planted errors make the availability alerts fire and reach a webhook through a real Alertmanager, as does a failed
+Dagster run; every dashboard panel's query then returns data."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(1)
 
 
-def test_errors_slow_requests_and_a_failed_run_reach_the_webhook_and_every_panel_has_data(
+def test_errors_and_a_failed_run_reach_the_webhook_and_every_panel_has_data(
     tmp_path, monkeypatch, webhook: Webhook, sample_candidates, sample_parts, test_encounters
 ):
     settings = settings_in(tmp_path / "home")
@@ -56,8 +56,7 @@ def test_errors_slow_requests_and_a_failed_run_reach_the_webhook_and_every_panel
     (settings.landing_dir).mkdir(parents=True)
     (settings.landing_dir / "batch_0002.csv").write_text("waiting\n")
 
-    # One worker on the pipeline itself (no fast path), so that concurrent requests queue past the latency SLO.
-    env = {"READMISSION_RELOAD_SECONDS": "1", "READMISSION_FAST_PATH": "0"}
+    env = {"READMISSION_RELOAD_SECONDS": "1"}
     with running_server(settings, bento=None, env=env, wait_for="/livez") as service:
         ports = Ports(free_port(), free_port(), free_port())
         stopping = threading.Event()
@@ -82,21 +81,26 @@ def test_errors_slow_requests_and_a_failed_run_reach_the_webhook_and_every_panel
             assert not failures, f"readmission observe failed: {failures[0]!r}"
             wait_until(lambda: len(query(prometheus, "up == 1")) == 4, 60, "Prometheus did not scrape all four targets")
 
-            # Planted errors: no version is in production yet, so every prediction is a 503.
+            # Planted errors: no version is in production yet, so every prediction is a 503. Spread over several
+            # scrapes, as a rate only sees what a counter gains after Prometheus first saw it.
             with httpx.Client(base_url=service, timeout=30) as client:
-                for encounter in encounters[:50]:
+                for n, encounter in enumerate(encounters[:80]):
                     assert client.post("/predict", json=encounter).status_code == 503
+                    if n % 10 == 0:  # and a refused body now and then, for the refusals' panel
+                        assert client.post("/predict", json={}).status_code == 400
+                    time.sleep(0.1)
             webhook.wait_for("ReadmissionNoReadyModel", timeout=90, severity="critical")
             webhook.wait_for("ReadmissionErrorsBudgetBurn", timeout=90, severity="critical")
 
-            # Slow requests: a version to serve, then 32 clients at once on the one worker.
+            # Traffic to a version: single encounters spread over several scrapes, and a batch.
             registry.promote(version, reason="test: observe")
             wait_until(lambda: httpx.get(f"{service}/readyz").status_code == 200, 60, "the service loaded no model")
-            with ThreadPoolExecutor(32) as pool, httpx.Client(base_url=service, timeout=60) as client:
-                codes = list(pool.map(lambda e: client.post("/predict", json=e).status_code, encounters[:600]))
+            with ThreadPoolExecutor(4) as pool, httpx.Client(base_url=service, timeout=60) as client:
+                for start in range(0, 400, 50):
+                    chunk = encounters[start : start + 50]
+                    assert set(pool.map(lambda e: client.post("/predict", json=e).status_code, chunk)) == {200}
+                    time.sleep(0.5)
                 assert client.post("/predict_batch", json={"encounters": encounters}).status_code == 200
-            assert set(codes) == {200}
-            webhook.wait_for("ReadmissionLatencyP99BudgetBurn", timeout=90, severity="critical")
 
             # A failed run of the pipeline, posted by its sensor to the same Alertmanager.
             instance = dg.DagsterInstance.get()
