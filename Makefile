@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui serve status test chaos bench loadtest clean
+.PHONY: install demo ui mlflow-ui serve observe status test chaos observability bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
@@ -28,6 +28,9 @@ mlflow-ui: install
 serve: install
 	$(BIN)/readmission serve
 
+observe: install
+	$(BIN)/readmission observe
+
 status: install
 	$(BIN)/readmission status
 
@@ -37,6 +40,10 @@ test: install
 # kill -9 of run workers, the daemon and its code server under a real daemon; a few minutes, so not in `make test`.
 chaos: install
 	$(BIN)/python -m pytest -m chaos
+
+# A real Prometheus and Alertmanager on a real bentoml serve, alerts to a webhook; a few minutes, so not in `make test`.
+observability: install
+	$(BIN)/python -m pytest -m observability
 
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py

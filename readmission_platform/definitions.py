@@ -4,6 +4,7 @@ from pathlib import Path
 import dagster as dg
 
 from readmission_platform.defs.resources import (
+    AlertmanagerResource,
     DegradationPolicy,
     LandingResource,
     MlflowResource,
@@ -42,6 +43,7 @@ defs = dg.Definitions.merge(
             "retrain_policy": RetrainPolicy(),
             "degradation_policy": DegradationPolicy(),
             "serving": ServingResource(bentoml_home=str(settings.bentoml_home)),
+            "alertmanager": AlertmanagerResource(url=from_variable("alertmanager_url")),
         },
         # One process per run: steps share it instead of each importing the stack again.
         executor=dg.in_process_executor,

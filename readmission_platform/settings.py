@@ -20,6 +20,7 @@ class Settings:
     dagster_storage_url: str | None
     mlflow_tracking_uri: str
     prediction_log_url: str
+    alertmanager_url: str | None = None  # where the pipeline's sensors post alerts; None: they log and skip
     # Setting → the variable whose text it is; settings left to their defaults are not in it.
     variables: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -49,7 +50,7 @@ class Settings:
         """READMISSION_HOME (default ./.readmission), READMISSION_WAREHOUSE_URL (default its DuckDB file),
         READMISSION_SOURCE (default the bundled data set), READMISSION_DAGSTER_STORAGE_URL (default SQLite),
         READMISSION_MLFLOW_TRACKING_URI or else MLFLOW_TRACKING_URI (default SQLite under the home),
-        READMISSION_PREDICTION_LOG_URL (default SQLite under the home)."""
+        READMISSION_PREDICTION_LOG_URL (default SQLite under the home), READMISSION_ALERTMANAGER_URL (default unset)."""
         home = Path(env.get("READMISSION_HOME") or ".readmission").expanduser().resolve()
         source = env.get("READMISSION_SOURCE")
         variables: dict[str, str] = {}
@@ -71,6 +72,7 @@ class Settings:
             or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
             prediction_log_url=given("prediction_log_url", "READMISSION_PREDICTION_LOG_URL")
             or f"sqlite:///{home / 'predictions.sqlite'}",
+            alertmanager_url=given("alertmanager_url", "READMISSION_ALERTMANAGER_URL"),
             variables=variables,
         )
 

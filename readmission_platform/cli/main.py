@@ -202,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     which = serve_parser.add_mutually_exclusive_group()
     which.add_argument("--bento", default="readmission:latest", help="the Bento to serve (default readmission:latest)")
     which.add_argument("--source", action="store_true", help="serve the repository's service (bentoml serve .)")
+    observe_parser = commands.add_parser("observe", help="start Prometheus and Alertmanager on the platform's state")
+    observe_parser.add_argument("--service", action="append", metavar="HOST:PORT",
+                                help="a `readmission serve` to scrape (repeatable; default 127.0.0.1:3000)")
+    observe_parser.add_argument("--webhook", default="http://127.0.0.1:9095/alerts",
+                                help="where Alertmanager sends every alert (default http://127.0.0.1:9095/alerts)")
+    observe_parser.add_argument("--prometheus-port", type=int, default=9090)
+    observe_parser.add_argument("--alertmanager-port", type=int, default=9093)
+    observe_parser.add_argument("--pipeline-port", type=int, default=9464, help="the pipeline's metrics (default 9464)")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -221,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
             return rollback(settings, args.reason)
         if args.command == "serve":
             return serve(settings, args.source, args.bento, args.port, args.workers)
+        if args.command == "observe":
+            from readmission_platform.cli.observe import Ports, observe
+
+            ports = Ports(args.prometheus_port, args.alertmanager_port, args.pipeline_port)
+            return observe(settings, _say, service=args.service or ["127.0.0.1:3000"], webhook=args.webhook, ports=ports)
         if args.command == "mlflow-ui":
             return mlflow_ui(settings, args.port)
         return ui(settings, args.port)
-    except (OSError, ValueError, TimeoutError, WarehouseError) as error:
+    except (OSError, ValueError, TimeoutError, RuntimeError, WarehouseError) as error:
         print(f"readmission {args.command}: {error}", file=sys.stderr)
         return 2
     except Exception as error:

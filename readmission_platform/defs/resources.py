@@ -1,7 +1,9 @@
-"""Resources: the warehouse, the landing folder, MLflow and the prediction log, configured once in definitions.py."""
+"""Resources: the warehouse, the landing folder, MLflow, the prediction log and Alertmanager, configured once in
+definitions.py."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,3 +107,33 @@ class DegradationPolicy(dg.ConfigurableResource):
     auto_rollback: bool = False
     """Move `production` back by itself when the serving version is clearly worse live than the one it replaced;
     off, the rollback is proposed (a row of promotion_decisions) for a person to run `readmission rollback`."""
+
+
+class AlertmanagerResource(dg.ConfigurableResource):
+    """Alertmanager's API, where the pipeline's sensors post alerts (READMISSION_ALERTMANAGER_URL; unset: none)."""
+
+    url: str | None = None
+    dagster_ui_url: str = "http://127.0.0.1:3000"
+    """Where `make ui` serves the Dagster UI; an alert links its run there."""
+    hold_seconds: int = 3600
+    """How long a posted alert stays firing in Alertmanager: a failure is an event, not a state anyone clears."""
+
+    def post(self, alerts: list[dict]) -> None:
+        """POST alerts (`alert` documents) to /api/v2/alerts; an HTTP error raises, naming the URL."""
+        import httpx
+
+        response = httpx.post(f"{self.url.rstrip('/')}/api/v2/alerts", json=alerts, timeout=10)
+        if response.status_code != 200:
+            raise RuntimeError(f"Alertmanager at {self.url} refused the alerts: {response.status_code} {response.text}")
+
+    def alert(self, name: str, severity: str, summary: str, runbook: str, *, labels: dict[str, str],
+              description: str, run_id: str) -> dict:  # fmt: skip
+        """One alert as Alertmanager's API takes it, firing from now for `hold_seconds`, linked to its run."""
+        now = datetime.now(UTC)
+        return {
+            "labels": {"alertname": name, "severity": severity, "source": "dagster", **labels},
+            "annotations": {"summary": summary, "description": description, "runbook_url": runbook},
+            "startsAt": now.isoformat(),
+            "endsAt": (now + timedelta(seconds=self.hold_seconds)).isoformat(),
+            "generatorURL": f"{self.dagster_ui_url.rstrip('/')}/runs/{run_id}",
+        }

@@ -9,6 +9,10 @@ from __future__ import annotations
 import numpy as np
 import prometheus_client
 
+# BentoML's request-duration buckets (its default lacks 0.4): the SLO thresholds, 400 ms (p95) and 500 ms (p99),
+# must be bounds for the burn-rate rules to count the requests over them exactly.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
 PREDICTIONS = prometheus_client.Counter(
     name="readmission_predictions", documentation="Predictions made, by model version and decision.",
     labelnames=["model_version", "decision"],
@@ -27,6 +31,16 @@ RELOADS = prometheus_client.Counter(
 )  # fmt: skip
 LOG_DROPPED = prometheus_client.Counter(
     name="readmission_prediction_log_dropped", documentation="Predictions the log could not keep (queue full, writes failing).",
+)  # fmt: skip
+# Gauges of a worker; "min" across workers, so one worker without a model shows as not ready.
+READY = prometheus_client.Gauge(
+    name="readmission_model_ready", documentation="1 when every worker has a model to answer with, 0 otherwise.",
+    multiprocess_mode="min",
+)  # fmt: skip
+# The share of its validation rows a version flagged: what its live positive rate is compared with.
+VALIDATION_POSITIVE_RATE = prometheus_client.Gauge(
+    name="readmission_model_validation_positive_rate", documentation="Share of validation rows the version flagged.",
+    labelnames=["model_version"], multiprocess_mode="max",
 )  # fmt: skip
 UNLOGGED = prometheus_client.Counter(
     name="readmission_refusals_unlogged", documentation="Refused requests not written to the log, past its rate limit.",

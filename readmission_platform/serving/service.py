@@ -56,9 +56,9 @@ from readmission_platform.serving.contract import (
     openapi_document,
     out_of_scope_answer,
 )
-from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
-from readmission_platform.serving.metrics import LOG_DROPPED, PREDICTIONS, PROBABILITY, observe_many
 from readmission_platform.serving.fast.decode import decode_batch
+from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
+from readmission_platform.serving.metrics import DURATION_BUCKETS, LOG_DROPPED, PREDICTIONS, PROBABILITY, observe_many
 from readmission_platform.serving.model import ServedModel
 from readmission_platform.serving.prediction_log import PredictionLog
 from readmission_platform.serving.watcher import ModelWatcher
@@ -115,6 +115,7 @@ async def predict_batch(request: Request) -> Response:
     traffic={"timeout": 120},
     # A request's Content-Type is the client's text: left out of the access log, with the paths that are not routes.
     logging={"access": {"request_content_type": False}},
+    metrics={"duration": {"buckets": list(DURATION_BUCKETS)}},
 )
 class ReadmissionService:
     model: ServedModel | None

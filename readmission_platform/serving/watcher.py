@@ -10,7 +10,7 @@ from typing import Protocol
 import bentoml
 
 from readmission_platform.lib.reporting import masked
-from readmission_platform.serving.metrics import RELOADS
+from readmission_platform.serving.metrics import READY, RELOADS, VALIDATION_POSITIVE_RATE
 from readmission_platform.serving.model import ServedModel, load_version, production_version, serve
 from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MODEL
 from readmission_platform.settings import ServingSettings, Settings
@@ -55,6 +55,13 @@ class ModelWatcher(threading.Thread):
             self.check()
 
     def check(self) -> None:
+        self._check()
+        model = self.service.model
+        READY.set(model is not None)
+        if model is not None and (rate := model.info.get("validation_metrics", {}).get("positive_rate")) is not None:
+            VALIDATION_POSITIVE_RATE.labels(model_version=model.version).set(rate)
+
+    def _check(self) -> None:
         try:
             version = production_version(self.registry)
         except Exception as error:  # the registry's database is unreachable
