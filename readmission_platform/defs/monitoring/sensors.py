@@ -10,7 +10,6 @@ import dagster as dg
 
 from readmission_platform.defs import run_tags
 from readmission_platform.defs.monitoring.assets import serving_drift
-from readmission_platform.defs.partitions import serving_days
 from readmission_platform.defs.resources import AlertmanagerResource
 from readmission_platform.ops.spec import PIPELINE_ALERTS
 
@@ -94,7 +93,7 @@ def alert_on_check_failure(context: dg.SensorEvaluationContext, alertmanager: Al
 
 
 serving_drift_job = dg.define_asset_job(
-    "serving_drift_daily", selection=[serving_drift], partitions_def=serving_days, description="serving_drift of one UTC day."
+    "serving_drift_daily", selection=[serving_drift], description="serving_drift of one UTC day."
 )
 
 
