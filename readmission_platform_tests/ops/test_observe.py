@@ -1,9 +1,11 @@
 """`readmission observe` end to end: a real Prometheus scrapes a real `bentoml serve` and the pipeline's metrics;
-planted errors make the availability alerts fire and reach a webhook through a real Alertmanager, as does a failed
-Dagster run; every dashboard panel's query then returns data."""
+planted errors make the availability alerts fire and planted slow requests the latency alerts, each reaching a webhook
+through a real Alertmanager, as does a failed Dagster run; every dashboard panel's query then returns data."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,8 @@ from readmission_platform_tests.ops.conftest import Webhook
 from readmission_platform_tests.serving.conftest import register, registry_of, settings_in, test_encounters  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.observability
+# A stall and the run between two: a scrape caught by a stall still answers within Prometheus' one-second timeout.
+STALL_SECONDS, RUN_SECONDS = 0.6, 0.15
 
 
 @dg.asset
@@ -101,6 +105,33 @@ def test_errors_and_a_failed_run_reach_the_webhook_and_every_panel_has_data(
                     assert set(pool.map(lambda e: client.post("/predict", json=e).status_code, chunk)) == {200}
                     time.sleep(0.5)
                 assert client.post("/predict_batch", json={"encounters": encounters}).status_code == 200
+
+            # Planted slow requests: the worker stalls (stopped, as a starved or paging process would be) for longer
+            # than the SLO's 500 ms, again and again with short runs between, so that many requests it has taken
+            # are caught by a stall; every one still succeeds.
+            worker = httpx.get(f"{service}/model", timeout=30).json()["worker_pid"]
+            stalling = threading.Event()
+
+            def stall() -> None:
+                while not stalling.wait(RUN_SECONDS):
+                    os.kill(worker, signal.SIGSTOP)
+                    time.sleep(STALL_SECONDS)
+                    os.kill(worker, signal.SIGCONT)
+
+            staller = threading.Thread(target=stall)
+            staller.start()
+            try:
+                with ThreadPoolExecutor(8) as pool, httpx.Client(base_url=service, timeout=60) as client:
+                    deadline = time.monotonic() + 8
+                    while time.monotonic() < deadline:
+                        chunk = encounters[:64]
+                        assert set(pool.map(lambda e: client.post("/predict", json=e).status_code, chunk)) == {200}
+            finally:
+                stalling.set()
+                staller.join()
+                os.kill(worker, signal.SIGCONT)
+            webhook.wait_for("ReadmissionLatencyHigh", timeout=90, severity="warning", endpoint="/predict")
+            webhook.wait_for("ReadmissionLatencyP99BudgetBurn", timeout=90, severity="warning")
 
             # A failed run of the pipeline, posted by its sensor to the same Alertmanager.
             instance = dg.DagsterInstance.get()
