@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 from readmission_platform.ops import generate
+from readmission_platform.serving.server import stop, wait_until_answering
 
 # Debian's package names Alertmanager's binary prometheus-alertmanager; upstream's tarball names it alertmanager.
 BINARIES = {"prometheus": ("prometheus",), "alertmanager": ("prometheus-alertmanager", "alertmanager")}
@@ -65,21 +63,7 @@ def running(command: list[str], address: str, log_path: Path, ready_within: floa
     with open(log_path, "ab") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + ready_within
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{Path(command[0]).name} exited with {process.returncode}; see {log_path}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{Path(command[0]).name} was not ready within {ready_within:.0f} s; see {log_path}")
-                time.sleep(0.3)
+            wait_until_answering(process, f"{url}/-/ready", Path(command[0]).name, ready_within, log_path)
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout=20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -63,21 +65,24 @@ def running_server(
         process = subprocess.Popen(command, env=environment, cwd=folder, stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
         try:
-            deadline = time.monotonic() + ready_within
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"bentoml serve exited with {process.returncode}; see {log_path}")
-                try:
-                    if httpx.get(f"{url}{wait_for}", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"bentoml serve did not answer {wait_for} within {ready_within:.0f} s; see {log_path}")
-                time.sleep(0.5)
+            wait_until_answering(process, f"{url}{wait_for}", "bentoml serve", ready_within, log_path)
             yield url
         finally:
             stop(process)
+
+
+def wait_until_answering(process: subprocess.Popen, url: str, name: str, within: float, log_path: Path) -> None:
+    """Return once `url` answers 200; RuntimeError if the process exits first, TimeoutError after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}; see {log_path}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not answer {urlsplit(url).path} within {within:.0f} s; see {log_path}")
+        time.sleep(0.3)
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:

@@ -203,7 +203,7 @@ def without_payer(data: bytes) -> bytes:
 def test_the_default_drift_trigger_stays_off_for_an_ordinary_batch_and_fires_on_a_planted_shift(platform, instance, resources, mlflow, steady_batches):
     for i, data in enumerate(steady_batches[:2], start=1):
         ingest(platform, instance, resources, data, f"batch_{i:04d}")
-    retrain(instance, resources)
+    retrain(instance, resources, run_config=TWO_FAMILIES)  # the linear model alone fails the gates on these batches
     policy = RetrainPolicy(min_new_batches=5)  # new data alone would wait for five batches
 
     ordinary = ingest(platform, instance, resources, steady_batches[2], "batch_0003")
