@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import dagster as dg
 import pytest
 
-from readmission_platform.defs.ingestion.sensors import landing_sensor
+from readmission_platform.defs.ingestion.sensors import RETRY_GRACE_SECONDS, crashes_left_unretried, landing_sensor
 from readmission_platform.defs.partitions import batches
 from readmission_platform.defs.resources import LandingResource
 
@@ -142,3 +143,18 @@ def test_a_bad_file_a_retried_crash_and_a_changed_file_are_not_run_again(retryin
     (landing / "batch_0001.csv").write_bytes(sample_batches[1])
     changed = tick(retrying_instance, landing, first.cursor)
     assert [r.run_key.count(":") for r in changed.run_requests] == [1]  # the new content's own run, nothing else
+
+
+def test_a_crash_the_retry_daemon_said_it_would_retry_but_did_not_is_run_again_after_a_grace(
+    retrying_instance, landing, sample_batches
+):
+    (landing / "batch_0001.csv").write_bytes(sample_batches[0])
+    first = tick(retrying_instance, landing)
+    crashed = failed_run(retrying_instance, first, "UNEXPECTED_TERMINATION", **{"dagster/will_retry": "true"})
+    seen = json.loads(first.cursor)
+
+    waiting = crashes_left_unretried(retrying_instance, seen)
+    late = crashes_left_unretried(retrying_instance, seen, now=time.time() + RETRY_GRACE_SECONDS + 1)
+
+    assert waiting == []  # the retry daemon's turn
+    assert [r.partition_key for r in late] == ["batch_0001"] and late[0].run_key.endswith(crashed.run_id)
