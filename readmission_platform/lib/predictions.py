@@ -55,20 +55,22 @@ def _connect(url: str):
     raise PredictionLogError(f"prediction log URL {masked(url)!r} is neither sqlite:///path nor postgresql://…")
 
 
-def _has_table(cursor, sqlite: bool) -> bool:
+def _stored_columns(cursor, sqlite: bool) -> set[str]:
+    """The columns the log's table has; none when there is no table yet."""
     if sqlite:
-        cursor.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", [TABLE])
+        cursor.execute(f"SELECT name FROM pragma_table_info('{TABLE}')")
     else:
-        cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema() "
+        cursor.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
                        "AND table_name = $1", [TABLE])  # fmt: skip
-    return bool(cursor.fetchone()[0])
+    return {name for (name,) in cursor.fetchall()}
 
 
 def read_predictions(
     url: str, columns: Sequence[str] | None = None, *, since: datetime | None = None, until: datetime | None = None
 ) -> pl.DataFrame:
     """The logged predictions made in [`since`, `until`) (either open), oldest first, as `columns` (default all) of
-    `TYPES`; no rows when the log has none yet."""
+    `TYPES`; no rows when the log has none yet. A column the stored table does not have yet (a log written before
+    the column was added) reads as nulls."""
     wanted = list(columns) if columns is not None else list(TYPES)
     if unknown := [name for name in wanted if name not in TYPES]:
         raise PredictionLogError(f"the prediction log has no column {unknown}; expected some of {list(TYPES)}")
@@ -83,13 +85,15 @@ def read_predictions(
     conditions = [f"predicted_at {op} {'?' if sqlite else f'${i}'}" for i, (op, _) in enumerate(bounds, start=1)]
     # SQLite compares the stored text, so a bound is written as the writer writes a time.
     params = [at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else at for _, at in bounds]
-    sql = f"SELECT {', '.join(quote(name) for name in wanted)} FROM {TABLE}"
-    sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    # Rows are appended in time order, so the id (SQLite: the rowid) orders them by time.
-    sql += " ORDER BY rowid" if sqlite else " ORDER BY id"
     with _connect(url) as connection, connection.cursor() as cursor:
-        if not _has_table(cursor, sqlite):
+        stored = _stored_columns(cursor, sqlite)
+        if not stored:
             return empty
+        selected = [quote(name) if name in stored else f"NULL AS {quote(name)}" for name in wanted]
+        sql = f"SELECT {', '.join(selected)} FROM {TABLE}"
+        sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        # Rows are appended in time order, so the id (SQLite: the rowid) orders them by time.
+        sql += " ORDER BY rowid" if sqlite else " ORDER BY id"
         cursor.execute(sql, params)
         frame = pl.from_arrow(cursor.fetch_arrow_table())
     if sqlite and "predicted_at" in wanted:

@@ -9,7 +9,7 @@ queue, so a clean stop loses nothing.
 A row holds the prediction and the encounter's fields as sent, one typed column each, named as the data set names
 them (`A1Cresult`, `glyburide-metformin`): the request model refuses identifiers, so no patient identifier is stored.
 A table of another layout (an earlier version's kept the fields as one JSON text) is renamed, with its rows, to
-`predictions_until_<UTC time>`, and a new one is made.
+`predictions_until_<UTC time>`, and a new one is made. The log is read back by `lib/predictions.read_predictions`.
 """
 
 from __future__ import annotations
@@ -341,20 +341,6 @@ class PredictionLog:
         else:
             self._close_adbc()
         self.engine.dispose()
-
-
-def read_predictions(url: str) -> list[dict[str, Any]]:
-    """Every logged row, oldest first (for tests, reports and audits): id, RESULT_COLUMNS, and `inputs`, the
-    encounter's fields as a dict (None where unknown)."""
-    engine = engine_for(url)
-    table = _table(engine)
-    order = table.c.id if "id" in table.c else sa.literal_column("rowid")
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(sa.select(order.label("id"), *table.c).order_by(order)).mappings().all()
-        return [{"id": row["id"], **{c: row[c] for c in RESULT_COLUMNS}, "inputs": {n: row[n] for n in FIELDS}} for row in rows]
-    finally:
-        engine.dispose()
 
 
 def count_predictions(url: str) -> int:

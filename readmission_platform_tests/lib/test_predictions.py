@@ -1,5 +1,6 @@
 """The prediction log's reader on both backends, reading what the service's writer wrote."""
 
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -90,3 +91,13 @@ def test_the_resource_reads_the_log_inside_an_asset(tmp_path):
     with dg.instance_for_test() as instance:
         result = dg.materialize([logged], resources={"prediction_log": PredictionLogResource(url=url)}, instance=instance)
     assert result.asset_materializations_for_node("logged")[0].metadata["rows"].value == 3
+
+
+def test_a_column_the_stored_table_lacks_reads_as_nulls(tmp_path):
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    write(url, [row(i) for i in range(3)])
+    with sqlite3.connect(tmp_path / "predictions.sqlite") as connection:  # a log made before the column existed
+        connection.execute("ALTER TABLE predictions DROP COLUMN risk_band")
+    frame = read_predictions(url, ["request_id", "risk_band"])
+    assert frame.schema == pl.Schema({"request_id": pl.String, "risk_band": TYPES["risk_band"]})
+    assert frame["request_id"].to_list() == ["r0", "r1", "r2"] and frame["risk_band"].null_count() == 3

@@ -11,8 +11,8 @@ import pytest
 
 from readmission_platform.defs.resources import MlflowResource, ServingResource
 from readmission_platform.defs.serving.assets import serving_bento
+from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import read_predictions
 from readmission_platform.serving.server import running_server
 from readmission_platform_tests.serving.conftest import register, registry_of
 
@@ -85,7 +85,7 @@ def test_the_bento_serves_with_a_token_and_logs_to_postgresql(built, pg_schema_u
         assert client.get("/model", headers=auth).json()["version"] == version
         rejected = client.get("/metrics").text
         assert 'readmission_rejected_requests_total{route="/predict",status="401"} 2.0' in rejected
-    rows = read_predictions(pg_schema_url)
+    rows = read_predictions(pg_schema_url).rows(named=True)
     assert len(rows) == 30 and [r["request_id"] for r in rows[:25]] == [f"pg-{i}" for i in range(25)]
     assert {r["model_version"] for r in rows} == {version}
 

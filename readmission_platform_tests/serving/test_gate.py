@@ -16,9 +16,9 @@ import pytest
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, MAX_BATCH_BYTES
+from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.serving.gate import REFUSAL_LOG_BURST
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import read_predictions
 from readmission_platform_tests.serving.conftest import TOKEN
 
 GOOD = dict(SMOKE_ENCOUNTERS[0])
@@ -113,7 +113,7 @@ def test_an_out_of_scope_encounter_in_a_batch_is_answered_without_a_probability_
         assert item == {"probability": None, "decision": None, "risk_band": None, "request_id": item["request_id"],
                         "reason": DEATH_OR_HOSPICE}  # fmt: skip
     deadline = time.monotonic() + 20
-    while not {"scored-0", "scored-1"} <= (logged := {r["request_id"] for r in read_predictions(gated_server.settings.prediction_log_url)}):
+    while not {"scored-0", "scored-1"} <= (logged := set(read_predictions(gated_server.settings.prediction_log_url, ["request_id"])["request_id"])):
         assert time.monotonic() < deadline, "the scored encounters never reached the prediction log"
         time.sleep(0.3)
     assert not {i["request_id"] for i in items[1:-1]} & logged
@@ -121,7 +121,7 @@ def test_an_out_of_scope_encounter_in_a_batch_is_answered_without_a_probability_
     assert {i["reason"] for i in none_scored.json()["predictions"]} == {DEATH_OR_HOSPICE}
     assert gated_server.client.post("/predict_batch", json={"encounters": [GOOD | {"request_id": "after"}]}).status_code == 200
     deadline = time.monotonic() + 20
-    while "after" not in {r["request_id"] for r in read_predictions(gated_server.settings.prediction_log_url)}:
+    while "after" not in set(read_predictions(gated_server.settings.prediction_log_url, ["request_id"])["request_id"]):
         assert time.monotonic() < deadline, "the log writer stopped after a batch with nothing scored"
         time.sleep(0.3)
 

@@ -2,8 +2,8 @@
 
 import httpx
 
+from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import read_predictions
 from readmission_platform.serving.server import running_server
 from readmission_platform_tests.serving.conftest import register, registry_of
 
@@ -26,4 +26,4 @@ def test_predictions_past_the_log_queue_are_answered_dropped_and_counted(tmp_pat
         single = client.post("/predict", json=dict(SMOKE_ENCOUNTERS[0], request_id="s1"))
         assert single.status_code == 200
         assert dropped(client) == 3
-    assert [row["request_id"] for row in read_predictions(log_url)] == ["s1"]
+    assert read_predictions(log_url)["request_id"].to_list() == ["s1"]

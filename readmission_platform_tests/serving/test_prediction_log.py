@@ -11,15 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from readmission_platform.lib.encounter import FIELDS, typed_frame
+from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import (
-    _CREATE_STAGED,
-    _STAGED,
-    PredictionLog,
-    count_predictions,
-    engine_for,
-    read_predictions,
-)
+from readmission_platform.serving.prediction_log import _CREATE_STAGED, _STAGED, PredictionLog, count_predictions, engine_for
 
 
 def inputs(i: int) -> dict:
@@ -33,6 +27,11 @@ def row(i: int) -> dict:
         "request_id": f"r{i}", "endpoint": "predict", "model_name": "m", "model_version": "3",
         "probability": i / 1000, "decision": i % 2 == 0, "risk_band": "low", "inputs": inputs(i),
     }  # fmt: skip
+
+
+def stored_rows(url: str) -> list[dict]:
+    """The log's rows as the reader gives them, oldest first, each with `inputs`: the encounter's fields."""
+    return [r | {"inputs": {name: r[name] for name in FIELDS}} for r in read_predictions(url).iter_rows(named=True)]
 
 
 def frame_of(rows: list[dict]) -> pl.DataFrame:
@@ -53,7 +52,7 @@ def test_every_row_is_written_and_a_clean_close_loses_nothing(url):
     for start in range(0, 1_000, 50):
         assert log.record([row(i) for i in range(start, start + 50)]) == 0
     log.close()
-    stored = read_predictions(url)
+    stored = stored_rows(url)
     assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(1_000)]
     assert stored[7]["inputs"] == inputs(7) and stored[7]["decision"] is False
     assert log.written == 1_000 and log.dropped == 0 and count_predictions(url) == 1_000
@@ -74,7 +73,7 @@ def test_a_full_queue_drops_rows_and_counts_them_without_waiting(tmp_path):
     lock.execute("ROLLBACK")
     lock.close()
     log.close()
-    assert len(read_predictions(log.url)) == 500 - dropped
+    assert read_predictions(log.url).height == 500 - dropped
 
 
 def test_rows_recorded_after_close_are_counted_as_dropped(tmp_path):
@@ -94,7 +93,7 @@ def test_a_frame_of_rows_is_written_whole_and_counts_against_the_capacity(tmp_pa
     assert log.record_frame(pl.concat([frame, frame])) == 600  # more rows than the capacity: dropped whole
     assert log.record_frame(frame) == 0
     log.close()
-    stored = read_predictions(log.url)
+    stored = stored_rows(log.url)
     assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(300)]
     assert stored[3]["inputs"] == inputs(3) and log.dropped == 600
 
@@ -117,7 +116,7 @@ def test_single_rows_and_frames_keep_the_order_they_were_recorded_in(url):
     log.record_frame(frame)
     log.record([row(3)])
     log.close()  # everything is written at once, in one batch
-    stored = read_predictions(url)
+    stored = stored_rows(url)
     assert [r["request_id"] for r in stored] == ["r1", "r2", "r100", "r101", "r102", "r3"]
     assert [r["decision"] for r in stored] == [False, True, True, False, True, False]
     assert stored[3]["inputs"] == inputs(101) and stored[3]["probability"] == 0.101
@@ -147,7 +146,7 @@ def test_the_fields_are_typed_columns_named_as_the_data_set_names_them(url):
     log.record([row(1) | {"probability": 1 / 3}])
     log.record_frame(frame_of([row(2) | {"probability": 2 / 3}]))
     log.close()
-    assert [r["probability"] for r in read_predictions(url)] == [1 / 3, 2 / 3]  # every digit kept
+    assert read_predictions(url)["probability"].to_list() == [1 / 3, 2 / 3]  # every digit kept
     engine = engine_for(url)
     with engine.connect() as connection:
         found = connection.execute(sa.text('SELECT "glyburide-metformin", "A1Cresult", num_lab_procedures, weight '
@@ -180,7 +179,7 @@ def test_a_table_of_an_earlier_layout_is_kept_under_another_name_and_a_new_one_i
     log = PredictionLog(url, flush_seconds=0.05)
     log.record([row(1)])
     log.close()
-    assert log.written == 1 and [r["request_id"] for r in read_predictions(url)] == ["r1"]
+    assert log.written == 1 and read_predictions(url)["request_id"].to_list() == ["r1"]
     tables = sa.inspect(engine).get_table_names()
     (kept,) = [name for name in tables if name.startswith("predictions_until_")]
     with engine.connect() as connection:

@@ -11,10 +11,10 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from readmission_platform.lib.encounter import MAX_BATCH
+from readmission_platform.lib.encounter import FIELDS, MAX_BATCH
+from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.training import predict_probability
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import read_predictions
 from readmission_platform.serving.server import running_server
 from readmission_platform_tests.serving.conftest import break_artifacts, register, registry_of
 
@@ -231,10 +231,11 @@ def test_a_clean_stop_keeps_every_prediction_in_the_log_without_identifiers(serv
     for i in range(200):
         assert server.client.post("/predict", json=GOOD | {"request_id": f"last-{i}"}).status_code == 200
     server.stop()
-    rows = read_predictions(server.settings.prediction_log_url)
+    rows = read_predictions(server.settings.prediction_log_url).rows(named=True)
     assert len(rows) == logged + 200
     assert [r["request_id"] for r in rows[-200:]] == [f"last-{i}" for i in range(200)]
     last = rows[-1]
     assert last["model_version"] == server.second and last["endpoint"] == "predict"
-    assert last["inputs"] == GOOD and not {"encounter_id", "patient_nbr"} & set(last["inputs"])
+    inputs = {name: last[name] for name in FIELDS}
+    assert inputs == GOOD and not {"encounter_id", "patient_nbr"} & set(last)
     assert {r["endpoint"] for r in rows} == {"predict", "predict_batch", "explain"}
