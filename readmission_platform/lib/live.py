@@ -9,7 +9,9 @@ only where the interval cannot reach the promised figure.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +40,18 @@ def _version_order(version: pl.Expr) -> pl.Expr:
 
 def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataFrame:
     """One row per (version, request) with an outcome: PREDICTION_COLUMNS and readmitted_30d, oldest first."""
-    answered = predictions.select(PREDICTION_COLUMNS).unique(["model_version", "request_id"], keep="last")
-    return answered.join(outcomes.select("request_id", "readmitted_30d"), on="request_id", how="inner").sort("predicted_at")
+    # Joined first, each version on its own: a request is then named by its outcome's row number, and finding a
+    # version's last answer to it compares integers instead of the (version, request id) text of every prediction.
+    numbered = outcomes.select("request_id", "readmitted_30d").with_row_index("outcome")
+    parts = [
+        rows.join(numbered, on="request_id", how="inner", maintain_order="left")
+        .filter(pl.col("outcome").is_last_distinct())
+        .drop("outcome")
+        for rows in predictions.select(PREDICTION_COLUMNS).partition_by("model_version", maintain_order=False)
+    ]
+    if not parts:
+        return predictions.select(PREDICTION_COLUMNS).join(outcomes.select("request_id", "readmitted_30d"), on="request_id")
+    return pl.concat(parts).sort("predicted_at")
 
 
 def live_figures(
@@ -47,25 +59,28 @@ def live_figures(
 ) -> pl.DataFrame:
     """LIVE_SCHEMA but `computed_at`: each version's RESAMPLED_METRICS with intervals, beside its `test` figures
     (version → metric → value). A version whose outcomes are all of one kind has no rows yet."""
-    parts = []
-    for (version,), rows in joined.group_by("model_version", maintain_order=True):
+
+    def scored(version: str, rows: pl.DataFrame) -> pl.DataFrame | None:
         y = rows["readmitted_30d"].to_numpy().astype(np.int8)
         if not 0 < y.sum() < len(y):
-            continue
+            return None
         figures = metrics.resampled_intervals(
             y, rows["probability"].to_numpy(), rows["decision"].to_numpy(), resamples=resamples, seed=seed
         )
         promised = test.get(version, {})
-        parts.append(
-            figures.with_columns(
-                model_version=pl.lit(version),
-                test=pl.Series([promised.get(m) for m in figures["metric"]], dtype=pl.Float64),
-                outcomes=pl.lit(len(y)),
-                readmitted=pl.lit(int(y.sum())),
-                first_predicted_at=pl.lit(rows["predicted_at"].min()),
-                last_predicted_at=pl.lit(rows["predicted_at"].max()),
-            )
+        return figures.with_columns(
+            model_version=pl.lit(version),
+            test=pl.Series([promised.get(m) for m in figures["metric"]], dtype=pl.Float64),
+            outcomes=pl.lit(len(y)),
+            readmitted=pl.lit(int(y.sum())),
+            first_predicted_at=pl.lit(rows["predicted_at"].min()),
+            last_predicted_at=pl.lit(rows["predicted_at"].max()),
         )
+
+    # The versions are scored on threads of their own: the work is numpy's and polars', which let go of the GIL.
+    versions = [(version, rows) for (version,), rows in joined.group_by("model_version", maintain_order=True)]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(versions), os.cpu_count() or 1))) as pool:
+        parts = [part for part in pool.map(lambda item: scored(*item), versions) if part is not None]
     if not parts:
         return pl.DataFrame(schema={k: v for k, v in LIVE_SCHEMA.items() if k != "computed_at"})
     return (

@@ -297,8 +297,9 @@ def resampled_intervals(
         )
         return [grouped[name].to_numpy().astype(float) for name in ("y", "p", "f", "squared_error")], grouped["rows"].to_numpy()
 
-    # Each row a cell of its own, in rising probability: the estimate is the rows' own (cell_scores takes the ties).
-    order = np.argsort(p, kind="stable")
+    # Each row a cell of its own, in rising probability: the estimate is the rows' own (cell_scores sums the rows of
+    # one probability together, so their order among themselves does not matter and the sort need not be stable).
+    order = np.argsort(p)
     ranked = y[order].astype(float), p[order]
     estimate = cell_scores(*ranked, f[order].astype(float), (ranked[1] - ranked[0]) ** 2, np.ones((1, len(y))))[0]
     columns, rows_per_cell = cells((pl.col("p") / resolution).round().cast(pl.Int64))

@@ -7,7 +7,9 @@ per value; SQLite's text times and 0/1 decisions come back as PostgreSQL's do (U
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +28,8 @@ RESULT_TYPES: dict[str, pl.DataType] = {
 TYPES: dict[str, pl.DataType] = RESULT_TYPES | dict(REQUEST_DTYPES)
 # How the writer stores a time in SQLite (UTC, without the offset); as text, it orders as the time does.
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S%.f"
+# A SQLite log of fewer rows than this a thread is read on one.
+_ROWS_PER_THREAD = 100_000
 
 
 class PredictionLogError(ValueError):
@@ -89,13 +93,32 @@ def read_predictions(
         stored = _stored_columns(cursor, sqlite)
         if not stored:
             return empty
-        selected = [quote(name) if name in stored else f"NULL AS {quote(name)}" for name in wanted]
-        sql = f"SELECT {', '.join(selected)} FROM {TABLE}"
-        sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
-        # Rows are appended in time order, so the id (SQLite: the rowid) orders them by time.
-        sql += " ORDER BY rowid" if sqlite else " ORDER BY id"
-        cursor.execute(sql, params)
+        if sqlite:
+            cursor.execute(f"SELECT min(rowid), max(rowid) FROM {TABLE}")
+            first, last = cursor.fetchone()
+    selected = [quote(name) if name in stored else f"NULL AS {quote(name)}" for name in wanted]
+    sql = f"SELECT {', '.join(selected)} FROM {TABLE}"
+    if not sqlite:
+        return _fetch(url, sql, conditions, params, wanted, " ORDER BY id")
+    if first is None:
+        return empty
+    # SQLite reads a table on one thread; a large log is read in ranges of the rowid (which orders the rows by time,
+    # as they were appended), each on a connection and thread of its own, and the parts put back in order.
+    parts = max(1, min(os.cpu_count() or 1, 4, (last - first + 1) // _ROWS_PER_THREAD))
+    edges = [first + (last - first + 1) * i // parts for i in range(parts)] + [last + 1]
+    ranges = [(conditions + ["rowid >= ?", "rowid < ?"], params + [low, high]) for low, high in zip(edges, edges[1:])]
+    if parts == 1:
+        return _fetch(url, sql, *ranges[0], wanted, " ORDER BY rowid")
+    with ThreadPoolExecutor(max_workers=parts) as pool:
+        return pl.concat(pool.map(lambda part: _fetch(url, sql, *part, wanted, " ORDER BY rowid"), ranges))
+
+
+def _fetch(url: str, sql: str, conditions: list[str], params: list, wanted: list[str], order: str) -> pl.DataFrame:
+    """The rows of `sql` that meet every condition, in `order`, typed as TYPES."""
+    sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    with _connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute(sql + order, params)
         frame = pl.from_arrow(cursor.fetch_arrow_table())
-    if sqlite and "predicted_at" in wanted:
+    if _sqlite_path(url) is not None and "predicted_at" in wanted:
         frame = frame.with_columns(pl.col("predicted_at").str.to_datetime(_SQLITE_TIME, time_unit="us", time_zone="UTC"))
     return frame.cast({name: TYPES[name] for name in wanted})

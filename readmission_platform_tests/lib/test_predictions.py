@@ -10,6 +10,7 @@ import pytest
 
 from readmission_platform.defs.resources import PredictionLogResource
 from readmission_platform.lib.encounter import FIELDS
+from readmission_platform.lib import predictions
 from readmission_platform.lib.predictions import TYPES, PredictionLogError, read_predictions
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import PredictionLog
@@ -101,3 +102,13 @@ def test_a_column_the_stored_table_lacks_reads_as_nulls(tmp_path):
     frame = read_predictions(url, ["request_id", "risk_band"])
     assert frame.schema == pl.Schema({"request_id": pl.String, "risk_band": TYPES["risk_band"]})
     assert frame["request_id"].to_list() == ["r0", "r1", "r2"] and frame["risk_band"].null_count() == 3
+
+
+def test_a_sqlite_log_read_in_parts_on_threads_reads_every_row_once_in_order(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    write(url, [row(i) for i in range(41)])
+    whole = read_predictions(url)
+    monkeypatch.setattr(predictions, "_ROWS_PER_THREAD", 10)  # 41 rows: as many parts as there are cores, up to 4
+    parts = read_predictions(url)
+    assert parts.equals(whole) and parts["request_id"].to_list() == [f"r{i}" for i in range(41)]
+    assert read_predictions(url, ["request_id"], since=whole["predicted_at"][0])["request_id"].to_list() == whole["request_id"].to_list()
