@@ -22,6 +22,7 @@ TIME = pl.Datetime("us", "UTC")
 RESULT_TYPES: dict[str, pl.DataType] = {
     "request_id": pl.String(), "predicted_at": TIME, "endpoint": pl.String(), "model_name": pl.String(),
     "model_version": pl.String(), "probability": pl.Float64(), "decision": pl.Boolean(), "risk_band": pl.String(),
+    "stage": pl.String(), "shadow_version": pl.String(), "shadow_probability": pl.Float64(), "candidate_error": pl.String(), "candidate_ms": pl.Float64(),
 }  # fmt: skip
 TYPES: dict[str, pl.DataType] = RESULT_TYPES | dict(REQUEST_DTYPES)
 # How the writer stores a time in SQLite (UTC, without the offset); as text, it orders as the time does.
