@@ -123,6 +123,35 @@ class ServingSettings:
         )
 
 
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How a promoted challenger is rolled out: the canary's shares of requests, step by step, and the least time and
+    requests at each stage (shadow and every step) before it advances."""
+
+    steps: tuple[float, ...] = (0.10, 0.25, 0.50, 0.75, 1.00)
+    stage_seconds: float = 3600.0
+    min_requests: int = 200
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> RolloutSettings:
+        """READMISSION_ROLLOUT_STEPS (percent of requests, comma-separated; 10,25,50,75,100),
+        READMISSION_ROLLOUT_STAGE_SECONDS (3600), READMISSION_ROLLOUT_MIN_REQUESTS (200)."""
+        text = env.get("READMISSION_ROLLOUT_STEPS") or ""
+        steps = cls.steps
+        if text:
+            try:
+                steps = tuple(float(part) / 100 for part in text.split(","))
+            except ValueError:
+                raise ValueError(f"READMISSION_ROLLOUT_STEPS is {text!r}; expected percentages like 10,25,50,75,100") from None
+            if any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(set(steps)):
+                raise ValueError(f"READMISSION_ROLLOUT_STEPS is {text!r}; expected rising percentages in (0, 100]")
+        return cls(
+            steps=steps,
+            stage_seconds=_number(env, "READMISSION_ROLLOUT_STAGE_SECONDS", cls.stage_seconds, float),
+            min_requests=_number(env, "READMISSION_ROLLOUT_MIN_REQUESTS", cls.min_requests),
+        )
+
+
 def keep_private(home: Path | None = None) -> None:
     """From now on this process and its children create files 0600 and folders 0700, whatever umask they inherited;
     `home`, if given, is made (or narrowed to) 0700, so that what an older version left there is out of others' reach."""
