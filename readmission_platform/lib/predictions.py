@@ -93,6 +93,8 @@ def read_predictions(
             return empty
         cursor.execute(sql, params)
         frame = pl.from_arrow(cursor.fetch_arrow_table())
+    if frame.is_empty():  # SQLite types the columns of no rows by no value: as integers
+        return empty
     if sqlite and "predicted_at" in wanted:
         frame = frame.with_columns(pl.col("predicted_at").str.to_datetime(_SQLITE_TIME, time_unit="us", time_zone="UTC"))
     return frame.cast({name: TYPES[name] for name in wanted})

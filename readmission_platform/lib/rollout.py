@@ -12,10 +12,16 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from readmission_platform.lib.drift import PSI_SIGNIFICANT, psi_report
+from readmission_platform.lib.live import Limits, clearly_worse, judge_discrimination
+from readmission_platform.lib.promotion import ROLLOUT_ADVANCED, ROLLOUT_ROLLED_BACK, rollout_row
+
+if TYPE_CHECKING:
+    from readmission_platform.lib.registry import ModelRegistry, Rollout
 
 SHADOW, CANARY, PRODUCTION = "shadow", "canary", "production"
 ADVANCE, ROLLBACK, WAIT = "advance", "rollback", "wait"
@@ -194,3 +200,42 @@ def judge(
         ADVANCE, after, after_share,
         f"v{version} advances from {here} to {_where(after, after_share)}: healthy for {elapsed:.0f} s on {signals.describe()}.",
     )  # fmt: skip
+
+
+def live_finding(figures: pl.DataFrame, version: str, production: str | None, limits: Limits | None = None) -> str | None:
+    """Why the candidate's matured live performance (rows of `live_performance`) says roll back, or None: clearly
+    worse live than production, or below its own test ROC-AUC by more than the error margin."""
+    limits = limits or Limits()
+    if figures.is_empty():
+        return None
+    findings = []
+    if production is not None and (worse := clearly_worse(figures, version, production, limits)):
+        findings.append(worse)
+    judged = judge_discrimination(figures, version, limits)
+    if judged.level == "error":
+        findings.extend(judged.findings)
+    return "; ".join(findings) or None
+
+
+def act(registry: ModelRegistry, current: Rollout, step: Step, signals: Signals | None, now: datetime, *, action: str | None = None) -> dict:
+    """Carry out `step` on the registry (set_canary, finish_rollout or end_rollout) and return its row of
+    promotion_decisions; `action` names a rollback a person asked for (ROLLOUT_ABORTED)."""
+    if step.action == WAIT:
+        raise ValueError(f"a {WAIT!r} step changes nothing; only {ADVANCE!r} and {ROLLBACK!r} are carried out")
+    if step.action == ROLLBACK:
+        registry.end_rollout(reason=step.reason, when=now)
+    elif step.stage == PRODUCTION:
+        registry.finish_rollout(reason=step.reason, when=now)
+    else:
+        registry.set_canary(step.share, when=now)
+    production = registry.production()
+    return rollout_row(
+        action=action or (ROLLOUT_ROLLED_BACK if step.action == ROLLBACK else ROLLOUT_ADVANCED),
+        candidate=current.version,
+        production=str(production.version) if production is not None else None,
+        stage=step.stage,
+        share=step.share if step.stage == CANARY else None,
+        reason=step.reason,
+        signals=signals.as_json() if signals is not None else "",
+        now=now,
+    )

@@ -60,6 +60,12 @@ def _columns() -> list[sa.Column]:
         sa.Column("probability", sa.Float(), nullable=False),
         sa.Column("decision", sa.Boolean(), nullable=False),
         sa.Column("risk_band", sa.String(16), nullable=False),
+        # The rollout's (interfaces of issue 15): null where no candidate took part.
+        sa.Column("stage", sa.String(16)),
+        sa.Column("shadow_version", sa.String(32)),
+        sa.Column("shadow_probability", sa.Float()),
+        sa.Column("candidate_error", sa.Text()),
+        sa.Column("candidate_ms", sa.Float()),
         # The encounter's fields, typed as the request model validated them. One JSON text of them cost as much to
         # encode as the rest of a batch's log row, and took 3.5 times the bytes on disk.
         *(
@@ -143,7 +149,8 @@ def ensure_table(engine: sa.Engine) -> None:
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
     """A recorded row (`inputs` a dict of the encounter's fields) with a value of every column."""
     inputs = row["inputs"]
-    return {**{c: row[c] for c in RESULT_COLUMNS}, **{name: inputs.get(name) for name in FIELDS}}
+    # .get: the rollout's columns (stage, shadow_*, candidate_*) are null where a row has none.
+    return {**{c: row.get(c) for c in RESULT_COLUMNS}, **{name: inputs.get(name) for name in FIELDS}}
 
 
 class PredictionLog:
@@ -243,7 +250,8 @@ class PredictionLog:
             if isinstance(item, pl.DataFrame):
                 take_singles()
                 at = item["predicted_at"][0].strftime(time_format)  # a frame's rows share one time
-                parts.append(item.select(COLUMNS).with_columns(predicted_at=pl.lit(at)).cast(types))
+                absent = [pl.lit(None).alias(c) for c in COLUMNS if c not in item.columns]
+                parts.append(item.with_columns(absent).select(COLUMNS).with_columns(predicted_at=pl.lit(at)).cast(types))
             else:
                 singles.append(_flat(item) | {"predicted_at": item["predicted_at"].strftime(time_format)})
         take_singles()
