@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -215,6 +216,38 @@ def live_finding(figures: pl.DataFrame, version: str, production: str | None, li
     if judged.level == "error":
         findings.extend(judged.findings)
     return "; ".join(findings) or None
+
+
+def assess(
+    registry: ModelRegistry,
+    read: Callable[[datetime | None], pl.DataFrame],
+    live_figures: pl.DataFrame,
+    policy: RolloutPolicy,
+    now: datetime,
+) -> tuple[Rollout, Signals, Step] | None:
+    """The candidate in rollout, its signals and what they call for, or None when no rollout is under way; `read`
+    gives the prediction log's ROLLOUT_COLUMNS since a time, `live_figures` the rows of `live_performance`."""
+    from readmission_platform.lib.registry import decision_threshold
+
+    current = registry.rollout()
+    if current is None:
+        return None
+    production = registry.production()
+    signals = measure(read(current.started_at), current.stage, current.version, decision_threshold(registry.version(current.version)))
+    signals = replace(signals, live=live_finding(live_figures, current.version, str(production.version) if production else None))
+    step = judge(current.version, current.stage, current.share, current.started_at or now, now, signals, policy)
+    return current, signals, step
+
+
+def by_hand(current: Rollout, action: str, reason: str, steps: tuple[float, ...]) -> Step:
+    """The step a person asks for: ADVANCE to the next stage, or ROLLBACK (abort), with their reason."""
+    here = _where(current.stage, current.share)
+    if action == ADVANCE:
+        stage, share = next_stage(current.stage, current.share, steps)
+        return Step(ADVANCE, stage, share, f"v{current.version} advanced by hand from {here} to {_where(stage, share)}: {reason}")
+    if action == ROLLBACK:
+        return Step(ROLLBACK, None, 0.0, f"v{current.version} aborted by hand in {here}: {reason}")
+    raise ValueError(f"action {action!r} is not one a person takes; expected {ADVANCE!r} or {ROLLBACK!r}")
 
 
 def act(registry: ModelRegistry, current: Rollout, step: Step, signals: Signals | None, now: datetime, *, action: str | None = None) -> dict:

@@ -21,25 +21,6 @@ model_rollout = dg.AssetSpec(
 )
 
 
-def rollout_step(registry, prediction_log: PredictionLogResource, warehouse: WarehouseResource, policy, now: datetime):
-    """The candidate in rollout, its live signals and what they call for; (None, None, None) when there is none."""
-    from readmission_platform.lib import rollout
-    from readmission_platform.lib.registry import decision_threshold
-
-    current = registry.rollout()
-    if current is None:
-        return None, None, None
-    production = registry.production()
-    rows = prediction_log.read(rollout.ROLLOUT_COLUMNS, since=current.started_at)
-    signals = rollout.measure(rows, current.stage, current.version, decision_threshold(registry.version(current.version)))
-    with warehouse.open() as store:
-        figures = store.query("SELECT * FROM live_performance")
-    finding = rollout.live_finding(figures, current.version, str(production.version) if production else None)
-    signals = rollout.Signals(**{**signals.__dict__, "live": finding})
-    started = current.started_at or now
-    return current, signals, rollout.judge(current.version, current.stage, current.share, started, now, signals, policy)
-
-
 @dg.sensor(
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -59,9 +40,13 @@ def rollout_sensor(
 
     now = datetime.now(UTC)
     registry = mlflow.registry()
-    current, signals, step = rollout_step(registry, prediction_log, warehouse, rollout_policy.policy(), now)
-    if current is None:
+    with warehouse.open() as store:
+        figures = store.query("SELECT * FROM live_performance")
+    read = lambda since: prediction_log.read(rollout.ROLLOUT_COLUMNS, since=since)  # noqa: E731
+    assessed = rollout.assess(registry, read, figures, rollout_policy.policy(), now)
+    if assessed is None:
         return dg.SkipReason("no candidate in shadow or canary")
+    current, signals, step = assessed
     if step.action == rollout.WAIT:
         return dg.SkipReason(step.reason)
     row = rollout.act(registry, current, step, signals, now)
