@@ -32,6 +32,10 @@ from sklearn.pipeline import Pipeline
 MODEL_NAME = "readmission-classifier"
 EXPERIMENT = "readmission"
 PRODUCTION = "production"
+SHADOW = "shadow"
+CANARY = "canary"
+ROLLOUT_SHARE = "rollout.share"
+ROLLOUT_STAGE_STARTED_AT = "rollout.stage_started_at"
 # Where `mlflow ui` (and `readmission mlflow-ui`) serve by default.
 UI_URL = "http://127.0.0.1:5000"
 # The name of the logged model inside a candidate's run.
