@@ -105,12 +105,19 @@ class ServingSettings:
     log_writer_nice: int = -5
     fast_path: bool = True
     max_body_bytes: int | None = None  # None: a full batch at its largest (`encounter.MAX_BATCH_BYTES`)
+    # How long a candidate (shadow or canary) may take for one encounter, and per 1,000 of a batch, before production
+    # answers in its place.
+    candidate_timeout_ms: float = 200.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
         """READMISSION_API_TOKEN (unset: open), READMISSION_RELOAD_SECONDS (30), READMISSION_SERVE_WORKERS (1),
         READMISSION_SERVE_THREADS (1), READMISSION_PREDICTION_LOG_QUEUE_ROWS (100,000), READMISSION_PREDICTION_LOG_NICE
-        (-5), READMISSION_FAST_PATH (`0` switches it off), READMISSION_MAX_BODY_BYTES (a full batch at its largest)."""
+        (-5), READMISSION_FAST_PATH (`0` switches it off), READMISSION_MAX_BODY_BYTES (a full batch at its largest),
+        READMISSION_CANDIDATE_TIMEOUT_MS (200)."""
+        timeout = _number(env, "READMISSION_CANDIDATE_TIMEOUT_MS", cls.candidate_timeout_ms, float)
+        if not timeout > 0:
+            raise ValueError(f"READMISSION_CANDIDATE_TIMEOUT_MS is {timeout}; expected a positive number of milliseconds")
         return cls(
             api_token=env.get("READMISSION_API_TOKEN") or None,
             reload_seconds=_number(env, "READMISSION_RELOAD_SECONDS", cls.reload_seconds, float),
@@ -120,6 +127,7 @@ class ServingSettings:
             log_writer_nice=_number(env, "READMISSION_PREDICTION_LOG_NICE", cls.log_writer_nice),
             fast_path=env.get("READMISSION_FAST_PATH", "1") != "0",
             max_body_bytes=_number(env, "READMISSION_MAX_BODY_BYTES", 0) or None,
+            candidate_timeout_ms=timeout,
         )
 
 

@@ -1,6 +1,7 @@
 """The service's prediction log read into polars, for monitoring: SQLite (a file) or PostgreSQL, by URL.
 
 The layout is declared here, and `serving/prediction_log.py` writes it: a row per prediction with its result columns
+(with a rollout's: the stage that answered, the shadow's version and probability, why a candidate failed, its time)
 and the encounter's fields. Both databases are read through ADBC, which hands the rows over as Arrow without a Python object
 per value; SQLite's text times and 0/1 decisions come back as PostgreSQL's do (UTC times, booleans).
 """
@@ -25,6 +26,10 @@ RESULT_TYPES: dict[str, pl.DataType] = {
     "stage": pl.String(), "shadow_version": pl.String(), "shadow_probability": pl.Float64(), "candidate_error": pl.String(), "candidate_ms": pl.Float64(),
 }  # fmt: skip
 TYPES: dict[str, pl.DataType] = RESULT_TYPES | dict(REQUEST_DTYPES)
+# Added for rollouts (issue 15): a log written before has none of them until a worker writes to it again, and its rows
+# read with them NULL; a NULL `stage` reads as production, which answered every request then.
+ROLLOUT_COLUMNS = ("stage", "shadow_version", "shadow_probability", "candidate_error", "candidate_ms")
+PRODUCTION_STAGE = "production"
 # How the writer stores a time in SQLite (UTC, without the offset); as text, it orders as the time does.
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S%.f"
 
@@ -65,6 +70,15 @@ def _has_table(cursor, sqlite: bool) -> bool:
     return bool(cursor.fetchone()[0])
 
 
+def _table_columns(cursor, sqlite: bool) -> set[str]:
+    if sqlite:
+        cursor.execute(f"SELECT name FROM pragma_table_info('{TABLE}')")
+    else:
+        cursor.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+                       "AND table_name = $1", [TABLE])  # fmt: skip
+    return {row[0] for row in cursor.fetchall()}
+
+
 def read_predictions(
     url: str, columns: Sequence[str] | None = None, *, since: datetime | None = None, until: datetime | None = None
 ) -> pl.DataFrame:
@@ -84,17 +98,22 @@ def read_predictions(
     conditions = [f"predicted_at {op} {'?' if sqlite else f'${i}'}" for i, (op, _) in enumerate(bounds, start=1)]
     # SQLite compares the stored text, so a bound is written as the writer writes a time.
     params = [at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else at for _, at in bounds]
-    sql = f"SELECT {', '.join(quote(name) for name in wanted)} FROM {TABLE}"
-    sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    # Rows are appended in time order, so the id (SQLite: the rowid) orders them by time.
-    sql += " ORDER BY rowid" if sqlite else " ORDER BY id"
     with _connect(url) as connection, connection.cursor() as cursor:
         if not _has_table(cursor, sqlite):
             return empty
+        missing = set(ROLLOUT_COLUMNS) & set(wanted) - _table_columns(cursor, sqlite)
+        selected = [f"NULL AS {quote(name)}" if name in missing else quote(name) for name in wanted]
+        sql = f"SELECT {', '.join(selected)} FROM {TABLE}"
+        sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        # Rows are appended in time order, so the id (SQLite: the rowid) orders them by time.
+        sql += " ORDER BY rowid" if sqlite else " ORDER BY id"
         cursor.execute(sql, params)
         frame = pl.from_arrow(cursor.fetch_arrow_table())
     if frame.is_empty():  # SQLite types the columns of no rows by no value: as integers
         return empty
     if sqlite and "predicted_at" in wanted:
         frame = frame.with_columns(pl.col("predicted_at").str.to_datetime(_SQLITE_TIME, time_unit="us", time_zone="UTC"))
-    return frame.cast({name: TYPES[name] for name in wanted})
+    frame = frame.cast({name: TYPES[name] for name in wanted})
+    if "stage" in wanted:
+        frame = frame.with_columns(pl.col("stage").fill_null(PRODUCTION_STAGE))
+    return frame
