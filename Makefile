@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui serve observe status test chaos observability bench loadtest clean
+.PHONY: install demo ui mlflow-ui serve observe status test chaos observability rollout bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
@@ -45,6 +45,10 @@ chaos: install
 observability: install
 	$(BIN)/python -m pytest -m observability
 
+# Shadow and canary candidates (good, raising, slow, not loading) in a real bentoml serve; minutes, so not in `make test`.
+rollout: install
+	$(BIN)/python -m pytest -m rollout
+
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_training.py
@@ -52,6 +56,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_live.py
 	$(BIN)/python benchmarks/loadtest.py
+	$(BIN)/python benchmarks/loadtest.py --rollout
 
 loadtest: install
 	$(BIN)/python benchmarks/loadtest.py

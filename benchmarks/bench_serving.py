@@ -5,7 +5,10 @@
   for the model alone);
 - /predict_batch: the CPU of each part of a 10,000-encounter request in process, beside the straightforward way
   (pydantic's request model and the pipeline's predict_proba); then over HTTP with one worker and one client, and with
-  two workers and eight client processes, prediction log on; the target counts only a setting whose log kept every row.
+  two workers and eight client processes, prediction log on; the target counts only a setting whose log kept every row;
+- with a candidate in shadow (`--rollout` alone, or as part of the whole run): the CPU one worker spends per
+  single-encounter request and per 10,000-encounter request over HTTP, beside production alone in the same run
+  (target: at most 1.5×).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import psutil
 import threadpoolctl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_setup import prepare  # noqa: E402
+from serving_setup import prepare, wait_for_candidate  # noqa: E402
 
 from readmission_platform.lib.cleaning import clean_record  # noqa: E402
 from readmission_platform.lib.encounter import FIELDS, BatchRequest, Encounter, columns, features_frame, record  # noqa: E402
@@ -44,6 +47,7 @@ TARGET_SINGLE_MS, TARGET_BATCH_PER_S, BATCH = 0.5, 100_000, 10_000
 # with the worker that accepted it: with four clients, one of two workers was seen to get all four. Eight share out
 # more evenly; the CPU each server process spent is reported beside the figures, to show how evenly.
 BATCH_SETTINGS = ((1, 1), (2, 8))
+MAX_SHADOW_CPU = 1.5
 
 
 def timed(function, items, repeats: int) -> list[float]:
@@ -218,17 +222,64 @@ def batch_over_http(setup, body: bytes, workers: int, clients: int, seconds: flo
             "answered_encounters": (answered + 2 * workers) * BATCH}  # fmt: skip
 
 
+def shadow_cpu(setup, body: bytes, singles: int, batches: int) -> dict:
+    """Worker CPU ms per request, production alone and with a shadow: `singles` /predict requests, then `batches`
+    10,000-encounter /predict_batch requests, from one client on one kept-alive connection, prediction log on."""
+    bodies = [json.dumps(e).encode() for e in setup.encounters[:2_000]]
+    result = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for shadow in (False, True):
+            version = setup.set_shadow(shadow)
+            env = {"READMISSION_SERVE_WORKERS": "1", "READMISSION_PREDICTION_LOG_URL": f"sqlite:///{folder}/p{int(shadow)}.sqlite"}
+            with running_server(setup.settings, bento=None, env=env) as url:
+                wait_for_candidate(url, version)
+                server = _server_processes(url)
+                host, port = url.removeprefix("http://").rsplit(":", 1)
+                connection = http.client.HTTPConnection(host, int(port), timeout=120)
+                headers = {"Content-Type": "application/json"}
+
+                def send(route: str, content: bytes) -> None:
+                    connection.request("POST", route, body=content, headers=headers)
+                    answer = connection.getresponse()
+                    if answer.status != 200:
+                        raise RuntimeError(f"{route} answered {answer.status}: {answer.read()[:300]!r}")
+                    answer.read()
+
+                for content in bodies[:200]:  # warm up
+                    send("/predict", content)
+                send("/predict_batch", body)
+                per = {}
+                for route, contents in (("/predict", [bodies[i % len(bodies)] for i in range(singles)]), ("/predict_batch", [body] * batches)):
+                    before = sum(_cpu_seconds(server).values())
+                    for content in contents:
+                        send(route, content)
+                    per[route] = (sum(_cpu_seconds(server).values()) - before) / len(contents) * 1e3
+                connection.close()
+            result["with a shadow" if shadow else "production alone"] = per
+    setup.set_shadow(False)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20_000, help="single-encounter calls (default 20,000)")
     parser.add_argument("--batch-seconds", type=float, default=20, help="seconds of /predict_batch load per run (default 20)")
     parser.add_argument("--batch-rounds", type=int, default=3, help="runs of each /predict_batch setting (default 3)")
+    parser.add_argument("--rollout", action="store_true", help="only the cost of a shadow against production alone")
+    parser.add_argument("--rollout-singles", type=int, default=3_000, help="/predict requests per setting (default 3,000)")
+    parser.add_argument("--rollout-batches", type=int, default=10, help="/predict_batch requests per setting (default 10)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="readmission_bench_serving_") as folder:
         print("training a model on the full data set and promoting it in a scratch registry …", flush=True)
         setup = prepare(Path(folder) / "home")
-        one = single(setup, args.repeats)
         body = json.dumps({"encounters": setup.encounters[:BATCH]}).encode()
+        shadowed = shadow_cpu(setup, body, args.rollout_singles, args.rollout_batches)
+        print_shadow(shadowed, args.rollout_singles, args.rollout_batches)
+        if args.rollout:
+            RESULTS.parent.mkdir(exist_ok=True)
+            RESULTS.with_name("serving_rollout.json").write_text(json.dumps(shadowed, indent=2))
+            return 0
+        one = single(setup, args.repeats)
         parts = batch_parts(setup, body)
         # Round by round, so a busy spell of the shared machine falls on every setting alike.
         runs = [batch_over_http(setup, body, workers, clients, args.batch_seconds)
@@ -272,8 +323,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{best:,.0f})")  # fmt: skip
     many = {"parts": parts, "over_http": over_http}
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"single": one, "batch": many}, indent=2))
+    RESULTS.write_text(json.dumps({"single": one, "batch": many, "shadow": shadowed}, indent=2))
     return 0
+
+
+def print_shadow(shadowed: dict, singles: int, batches: int) -> None:
+    alone, shadow = shadowed["production alone"], shadowed["with a shadow"]
+    print(f"\nworker CPU per request, one worker, prediction log on ({singles:,} /predict, {batches} /predict_batch of {BATCH:,}):")
+    for route in alone:
+        ratio = shadow[route] / alone[route]
+        print(f"  {route:15} production alone {alone[route]:8.2f} ms   with a shadow {shadow[route]:8.2f} ms   "
+              f"{ratio:.2f}× (≤ {MAX_SHADOW_CPU}×: {'met' if ratio <= MAX_SHADOW_CPU else 'NOT met'})")  # fmt: skip
 
 
 if __name__ == "__main__":

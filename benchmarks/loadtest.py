@@ -4,6 +4,10 @@ Measures the service as shipped (the fast single-encounter path) and, in the sam
 READMISSION_FAST_PATH=0, which scores each request with the pipeline's own predict_proba on a one-row frame: the
 way a straightforward service would. Reports requests/s, p50/p95/p99 latency and failures, and checks that the
 prediction log holds a row for every answered request.
+
+`--rollout` measures instead, side by side, the service as shipped with production alone and with a candidate in
+shadow (a second version of the same model, scored beside production on every request and logged): the targets are
+at least two thirds of production alone's throughput, a p99 at most 1.5× its p99, and no failures.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_setup import prepare  # noqa: E402
+from serving_setup import prepare, wait_for_candidate  # noqa: E402
 
 from readmission_platform.serving.prediction_log import count_predictions  # noqa: E402
 from readmission_platform.serving.server import running_server  # noqa: E402
@@ -29,6 +33,8 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "loadtest.json"
 TARGET_RPS, TARGET_P99_MS = 500.0, 50.0
 VARIANTS = {"fast path (as shipped)": "1", "pipeline per request (baseline)": "0"}
+ROLLOUT_VARIANTS = {"production alone": False, "with a shadow": True}
+MIN_SHADOW_THROUGHPUT, MAX_SHADOW_P99 = 2 / 3, 1.5
 
 
 def locust(url: str, encounters: Path, users: int, seconds: int, prefix: Path) -> dict:
@@ -51,17 +57,20 @@ def locust(url: str, encounters: Path, users: int, seconds: int, prefix: Path) -
     }
 
 
-def measure(setup, encounters: Path, fast: str, users: int, seconds: int, folder: Path) -> dict:
+def measure(setup, encounters: Path, fast: str, users: int, seconds: int, folder: Path, shadow: bool = False) -> dict:
+    label = f"{fast}_shadow" if shadow else fast
     env = {
         "READMISSION_FAST_PATH": fast,
         "READMISSION_SERVE_WORKERS": "1",
-        "READMISSION_PREDICTION_LOG_URL": f"sqlite:///{folder / f'predictions_{fast}.sqlite'}",
+        "READMISSION_PREDICTION_LOG_URL": f"sqlite:///{folder / f'predictions_{label}.sqlite'}",
     }
     log_url = env["READMISSION_PREDICTION_LOG_URL"]
+    version = setup.set_shadow(shadow)
     with running_server(setup.settings, bento=None, env=env) as url:
+        wait_for_candidate(url, version)
         for body in json.loads(encounters.read_text())[:200]:  # warm up: first calls, caches, connections
             httpx.post(f"{url}/predict", json=body, timeout=30).raise_for_status()
-        result = locust(url, encounters, users, seconds, folder / f"locust_{fast}")
+        result = locust(url, encounters, users, seconds, folder / f"locust_{label}")
         metrics = httpx.get(f"{url}/metrics").text.splitlines()
     # The service's own count of predictions answered since it started, warm-up included, against the log's rows
     # once the server has stopped (its workers flush the log on the way out).
@@ -76,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8, help="concurrent clients (default 8)")
     parser.add_argument("--seconds", type=int, default=30, help="length of each load (default 30)")
     parser.add_argument("--skip-baseline", action="store_true", help="only the service as shipped")
+    parser.add_argument("--rollout", action="store_true", help="production alone against production with a shadow")
     args = parser.parse_args(argv)
+    if args.rollout:
+        return rollout(args.users, args.seconds)
     with tempfile.TemporaryDirectory(prefix="readmission_loadtest_") as folder:
         print("training a model on the full data set and promoting it in a scratch registry …", flush=True)
         setup = prepare(Path(folder) / "home", encounters=2_000)
@@ -104,6 +116,32 @@ def main(argv: list[str] | None = None) -> int:
               f"prediction log, {r['log_dropped']:.0f} dropped")  # fmt: skip
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"users": args.users, "seconds": args.seconds, "results": results}, indent=2))
+    return 0
+
+
+def rollout(users: int, seconds: int) -> int:
+    """The service as shipped with production alone, then with a candidate in shadow, in the same run."""
+    with tempfile.TemporaryDirectory(prefix="readmission_loadtest_") as folder:
+        print("training a model on the full data set and promoting it in a scratch registry …", flush=True)
+        setup = prepare(Path(folder) / "home", encounters=2_000)
+        encounters = Path(folder) / "encounters.json"
+        encounters.write_text(json.dumps(setup.encounters))
+        results = {}
+        for name, shadow in ROLLOUT_VARIANTS.items():
+            print(f"{name}: {users} clients for {seconds} s against one worker …", flush=True)
+            results[name] = measure(setup, encounters, "1", users, seconds, Path(folder), shadow=shadow)
+    print(f"\n{'':20}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'failures':>10}{'logged':>9}")
+    for name, r in results.items():
+        print(f"{name:20}{r['requests_per_s']:8.0f}{r['p50_ms']:9.0f}{r['p95_ms']:9.0f}{r['p99_ms']:9.0f}"
+              f"{r['failures']:>10}{r['logged_rows']:>9}")  # fmt: skip
+    alone, shadowed = results["production alone"], results["with a shadow"]
+    throughput = shadowed["requests_per_s"] / alone["requests_per_s"]
+    p99 = shadowed["p99_ms"] / alone["p99_ms"]
+    met = throughput >= MIN_SHADOW_THROUGHPUT and p99 <= MAX_SHADOW_P99 and shadowed["failures"] == alone["failures"] == 0
+    print(f"with a shadow / alone: throughput {throughput:.2f}× (≥ {MIN_SHADOW_THROUGHPUT:.2f}), p99 {p99:.2f}× "
+          f"(≤ {MAX_SHADOW_P99}), failures {shadowed['failures']} and {alone['failures']}: {'met' if met else 'NOT met'}")  # fmt: skip
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.with_name("loadtest_rollout.json").write_text(json.dumps({"users": users, "seconds": seconds, "results": results}, indent=2))
     return 0
 
 

@@ -4,10 +4,12 @@ test-split encounters as a hospital system would send them: what the serving ben
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import polars as pl
 
 from readmission_platform.lib.cleaning import clean
@@ -15,7 +17,7 @@ from readmission_platform.lib.encounter import from_clean
 from readmission_platform.lib.features import build_features
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.pipeline import NOTHING_LOADED
-from readmission_platform.lib.registry import ModelRegistry
+from readmission_platform.lib.registry import SHADOW, ModelRegistry
 from readmission_platform.lib.source import read_source_bytes
 from readmission_platform.lib.splitting import SPLIT, assign_split
 from readmission_platform.lib.training import HIST_GRADIENT_BOOSTING, Candidate, model_input, train_candidates
@@ -30,6 +32,25 @@ class ServingSetup:
     candidate: Candidate
     encounters: list[dict]  # test-split encounters as requests
     rows: pl.DataFrame  # the same encounters as feature-table rows
+    run_id: str = ""
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root.as_uri())
+
+    def set_shadow(self, on: bool) -> str | None:
+        """Put a second version of the same model behind `shadow` (registered on first use), or take it away: a
+        shadow that costs what production does, the costliest a candidate of the same family can be."""
+        registry = self.registry
+        if not on:
+            if SHADOW in registry.client.get_registered_model(registry.model_name).aliases:
+                registry.client.delete_registered_model_alias(registry.model_name, SHADOW)
+            return None
+        found = registry.client.get_registered_model(registry.model_name).aliases.get(SHADOW)
+        version = found or registry.register(self.run_id, threshold=self.candidate.threshold,
+                                             tags={"family": self.candidate.family, "batch_ids": "all"})  # fmt: skip
+        registry.client.set_registered_model_alias(registry.model_name, SHADOW, version)
+        return version
 
 
 def prepare(home: Path, encounters: int = 10_000) -> ServingSetup:
@@ -48,4 +69,16 @@ def prepare(home: Path, encounters: int = 10_000) -> ServingSetup:
     registry.promote(version, reason="serving benchmark")
     rows = part["test"].head(encounters)
     clean_rows = rows.select("encounter_id").join(cleaned, on="encounter_id", how="left", maintain_order="left")
-    return ServingSetup(settings, candidate, [from_clean(r) for r in clean_rows.iter_rows(named=True)], rows)
+    return ServingSetup(settings, candidate, [from_clean(r) for r in clean_rows.iter_rows(named=True)], rows, run_id)
+
+
+def wait_for_candidate(url: str, version: str | None, within: float = 120.0) -> None:
+    """Wait until the worker(s) at `url` hold `version` as their loaded candidate (None: no candidate)."""
+    deadline = time.monotonic() + within
+    while True:
+        candidate = httpx.get(f"{url}/model", timeout=30).json().get("candidate")
+        if (candidate is None and version is None) or (candidate and candidate["version"] == version and candidate["loaded"]):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the service at {url} did not take candidate {version} within {within:.0f} s: {candidate}")
+        time.sleep(0.5)

@@ -10,15 +10,17 @@ from readmission_platform.defs.resources import (
     MlflowResource,
     PredictionLogResource,
     RetrainPolicy,
+    RolloutPolicyResource,
     ServingResource,
     WarehouseResource,
 )
-from readmission_platform.settings import Settings, keep_private
+from readmission_platform.settings import RolloutSettings, Settings, keep_private
 
 # Partitioned asset checks are a preview feature of Dagster 1.13; the platform relies on them knowingly.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 settings = Settings.from_env()
+rollout = RolloutSettings.from_env()
 # Code servers and run workers write the warehouse, MLflow's store and the Bentos.
 keep_private(settings.home)
 
@@ -42,6 +44,9 @@ defs = dg.Definitions.merge(
             "prediction_log": PredictionLogResource(url=from_variable("prediction_log_url")),
             "retrain_policy": RetrainPolicy(),
             "degradation_policy": DegradationPolicy(),
+            "rollout_policy": RolloutPolicyResource(
+                steps=list(rollout.steps), stage_seconds=rollout.stage_seconds, min_requests=rollout.min_requests
+            ),
             "serving": ServingResource(bentoml_home=str(settings.bentoml_home)),
             "alertmanager": AlertmanagerResource(url=from_variable("alertmanager_url")),
         },

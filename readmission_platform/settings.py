@@ -105,12 +105,19 @@ class ServingSettings:
     log_writer_nice: int = -5
     fast_path: bool = True
     max_body_bytes: int | None = None  # None: a full batch at its largest (`encounter.MAX_BATCH_BYTES`)
+    # How long a candidate (shadow or canary) may take for one encounter, and per 1,000 of a batch, before production
+    # answers in its place.
+    candidate_timeout_ms: float = 200.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
         """READMISSION_API_TOKEN (unset: open), READMISSION_RELOAD_SECONDS (30), READMISSION_SERVE_WORKERS (1),
         READMISSION_SERVE_THREADS (1), READMISSION_PREDICTION_LOG_QUEUE_ROWS (100,000), READMISSION_PREDICTION_LOG_NICE
-        (-5), READMISSION_FAST_PATH (`0` switches it off), READMISSION_MAX_BODY_BYTES (a full batch at its largest)."""
+        (-5), READMISSION_FAST_PATH (`0` switches it off), READMISSION_MAX_BODY_BYTES (a full batch at its largest),
+        READMISSION_CANDIDATE_TIMEOUT_MS (200)."""
+        timeout = _number(env, "READMISSION_CANDIDATE_TIMEOUT_MS", cls.candidate_timeout_ms, float)
+        if not timeout > 0:
+            raise ValueError(f"READMISSION_CANDIDATE_TIMEOUT_MS is {timeout}; expected a positive number of milliseconds")
         return cls(
             api_token=env.get("READMISSION_API_TOKEN") or None,
             reload_seconds=_number(env, "READMISSION_RELOAD_SECONDS", cls.reload_seconds, float),
@@ -120,6 +127,36 @@ class ServingSettings:
             log_writer_nice=_number(env, "READMISSION_PREDICTION_LOG_NICE", cls.log_writer_nice),
             fast_path=env.get("READMISSION_FAST_PATH", "1") != "0",
             max_body_bytes=_number(env, "READMISSION_MAX_BODY_BYTES", 0) or None,
+            candidate_timeout_ms=timeout,
+        )
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How a promoted challenger is rolled out: the canary's shares of requests, step by step, and the least time and
+    requests at each stage (shadow and every step) before it advances."""
+
+    steps: tuple[float, ...] = (0.10, 0.25, 0.50, 0.75, 1.00)
+    stage_seconds: float = 3600.0
+    min_requests: int = 200
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> RolloutSettings:
+        """READMISSION_ROLLOUT_STEPS (percent of requests, comma-separated; 10,25,50,75,100),
+        READMISSION_ROLLOUT_STAGE_SECONDS (3600), READMISSION_ROLLOUT_MIN_REQUESTS (200)."""
+        text = env.get("READMISSION_ROLLOUT_STEPS") or ""
+        steps = cls.steps
+        if text:
+            try:
+                steps = tuple(float(part) / 100 for part in text.split(","))
+            except ValueError:
+                raise ValueError(f"READMISSION_ROLLOUT_STEPS is {text!r}; expected percentages like 10,25,50,75,100") from None
+            if any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(set(steps)):
+                raise ValueError(f"READMISSION_ROLLOUT_STEPS is {text!r}; expected rising percentages in (0, 100]")
+        return cls(
+            steps=steps,
+            stage_seconds=_number(env, "READMISSION_ROLLOUT_STAGE_SECONDS", cls.stage_seconds, float),
+            min_requests=_number(env, "READMISSION_ROLLOUT_MIN_REQUESTS", cls.min_requests),
         )
 
 

@@ -82,6 +82,7 @@ def test_every_sensor_runs_on_a_fresh_instance_without_being_started(tmp_path):
         "retrain_sensor": "RUNNING",
         "outcome_sensor": "RUNNING",
         "live_performance_sensor": "RUNNING",
+        "rollout_sensor": "RUNNING",
         "alert_on_run_failure": "RUNNING",
         "alert_on_check_failure": "RUNNING",
     }

@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("outcomes", help="land the outcomes of the served encounters, from the data set's labels")
     rollback_parser = commands.add_parser("rollback", help="move the registry alias `production` back to the previous version")
     rollback_parser.add_argument("--reason", required=True, help="why; recorded on both versions and in promotion_decisions")
+    rollout_parser = commands.add_parser("rollout", help="the candidate in shadow or canary: its stage and signals, or a step by hand")
+    rollout_parser.add_argument("action", choices=["status", "advance", "abort"], help="show it, move it a stage on, or take it out")
+    rollout_parser.add_argument("--reason", help="why (advance, abort); recorded on the version and in promotion_decisions")
     ui_parser = commands.add_parser("ui", help="open the Dagster UI and daemon on the platform's instance")
     ui_parser.add_argument("--port", type=int, default=3000)
     mlflow_parser = commands.add_parser("mlflow-ui", help="open the MLflow UI on the platform's tracking store")
@@ -227,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             return outcomes(settings)
         if args.command == "rollback":
             return rollback(settings, args.reason)
+        if args.command == "rollout":
+            from readmission_platform.cli.rollout import rollout
+
+            return rollout(settings, args.action, args.reason, _say)
         if args.command == "serve":
             return serve(settings, args.source, args.bento, args.port, args.workers)
         if args.command == "observe":

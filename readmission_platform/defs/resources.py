@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from readmission_platform.lib.registry import ModelRegistry
+    from readmission_platform.lib.rollout import RolloutPolicy
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -107,6 +108,29 @@ class DegradationPolicy(dg.ConfigurableResource):
     auto_rollback: bool = False
     """Move `production` back by itself when the serving version is clearly worse live than the one it replaced;
     off, the rollback is proposed (a row of promotion_decisions) for a person to run `readmission rollback`."""
+
+
+class RolloutPolicyResource(dg.ConfigurableResource):
+    """How `rollout_sensor` moves a promoted challenger through shadow and canary (`lib/rollout.RolloutPolicy`); the
+    steps, stage time and requests come from `settings.RolloutSettings`."""
+
+    steps: list[float] = [0.10, 0.25, 0.50, 0.75, 1.00]
+    """The canary's shares of requests, one step after another."""
+    stage_seconds: float = 3600.0
+    min_requests: int = 200
+    max_error_share: float = 0.01
+    max_candidate_ms: float = 200.0
+    min_agreement: float = 0.8
+    max_psi: float = PSI_SIGNIFICANT
+
+    def policy(self) -> RolloutPolicy:
+        from readmission_platform.lib.rollout import RolloutPolicy
+
+        return RolloutPolicy(
+            steps=tuple(self.steps), stage_seconds=self.stage_seconds, min_requests=self.min_requests,
+            max_error_share=self.max_error_share, max_candidate_ms=self.max_candidate_ms,
+            min_agreement=self.min_agreement, max_psi=self.max_psi,
+        )  # fmt: skip
 
 
 class AlertmanagerResource(dg.ConfigurableResource):

@@ -1,6 +1,7 @@
 """The service's prediction log read into polars, for monitoring: SQLite (a file) or PostgreSQL, by URL.
 
 The layout is declared here, and `serving/prediction_log.py` writes it: a row per prediction with its result columns
+(with a rollout's: the stage that answered, the shadow's version and probability, why a candidate failed, its time)
 and the encounter's fields. Both databases are read through ADBC, which hands the rows over as Arrow without a Python object
 per value; SQLite's text times and 0/1 decisions come back as PostgreSQL's do (UTC times, booleans).
 """
@@ -24,8 +25,13 @@ TIME = pl.Datetime("us", "UTC")
 RESULT_TYPES: dict[str, pl.DataType] = {
     "request_id": pl.String(), "predicted_at": TIME, "endpoint": pl.String(), "model_name": pl.String(),
     "model_version": pl.String(), "probability": pl.Float64(), "decision": pl.Boolean(), "risk_band": pl.String(),
+    "stage": pl.String(), "shadow_version": pl.String(), "shadow_probability": pl.Float64(), "candidate_error": pl.String(), "candidate_ms": pl.Float64(),
 }  # fmt: skip
 TYPES: dict[str, pl.DataType] = RESULT_TYPES | dict(REQUEST_DTYPES)
+# Added for rollouts (issue 15): a log written before has none of them until a worker writes to it again, and its rows
+# read with them NULL; a NULL `stage` reads as production, which answered every request then.
+ROLLOUT_COLUMNS = ("stage", "shadow_version", "shadow_probability", "candidate_error", "candidate_ms")
+PRODUCTION_STAGE = "production"
 # How the writer stores a time in SQLite (UTC, without the offset); as text, it orders as the time does.
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S%.f"
 # A SQLite log of fewer rows than this a thread is read on one.
@@ -117,8 +123,18 @@ def _fetch(url: str, sql: str, conditions: list[str], params: list, wanted: list
     """The rows of `sql` that meet every condition, in `order`, typed as TYPES."""
     sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
     with _connect(url) as connection, connection.cursor() as cursor:
+        if _sqlite_path(url) is not None:
+            # The SQLite driver infers a column's type from its first batch of rows and refuses a later batch that
+            # disagrees (a rollout column NULL in the first rows, text later): one batch of every row, as the rows are
+            # all collected here anyway.
+            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(10**9)})
         cursor.execute(sql + order, params)
         frame = pl.from_arrow(cursor.fetch_arrow_table())
+    if frame.is_empty():  # SQLite types the columns of no rows by no value: as integers
+        return pl.DataFrame(schema={name: TYPES[name] for name in wanted})
     if _sqlite_path(url) is not None and "predicted_at" in wanted:
         frame = frame.with_columns(pl.col("predicted_at").str.to_datetime(_SQLITE_TIME, time_unit="us", time_zone="UTC"))
-    return frame.cast({name: TYPES[name] for name in wanted})
+    frame = frame.cast({name: TYPES[name] for name in wanted})
+    if "stage" in wanted:
+        frame = frame.with_columns(pl.col("stage").fill_null(PRODUCTION_STAGE))
+    return frame

@@ -11,11 +11,21 @@ from datetime import datetime
 
 import polars as pl
 
+from readmission_platform.lib.paired import PairedComparison
+
 # Headline test metrics copied into a decision's warehouse row, so every row has the same columns.
 ROW_METRICS = ("roc_auc", "pr_auc", "brier", "base_rate_brier", "log_loss")
 PROMOTED, NOT_PROMOTED, ROLLED_BACK = "promoted", "not_promoted", "rolled_back"
 # What live performance made the platform do (`defs/outcomes/sensors.py`).
 RETRAIN_REQUESTED, ROLLBACK_PROPOSED = "retrain_requested", "rollback_proposed"
+# What the rollout of a promoted challenger did (`lib/rollout.py`, `defs/promotion/sensors.py`, `readmission rollout`).
+ROLLOUT_ADVANCED, ROLLOUT_ROLLED_BACK, ROLLOUT_ABORTED = "rollout_advanced", "rollout_rolled_back", "rollout_aborted"
+# The paired comparison of challenger and production on the same test patients (`lib/paired.py`), a row's columns.
+EVIDENCE_COLUMNS = (
+    "roc_auc_difference", "roc_auc_difference_lower", "roc_auc_difference_upper", "roc_auc_p_value",
+    "delong_z", "delong_p_value",
+    "brier_difference", "brier_difference_lower", "brier_difference_upper", "brier_p_value",
+)  # fmt: skip
 
 # One row per decision and per rollback; null where a row has no such thing (no champion, no challenger).
 DECISION_SCHEMA: dict[str, pl.DataType] = {
@@ -32,6 +42,14 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
     "warnings": pl.String(),
     # Filled in by the orchestrator that made the decision; null for a rollback from the command line.
     "dagster_run_id": pl.String(),
+    # How challenger and production were compared, and the figures (null without a production to compare with).
+    "comparison": pl.String(),
+    **{name: pl.Float64() for name in EVIDENCE_COLUMNS},
+    # Rollout: the candidate a row is about, the stage and canary share it is at after the row, and the live signals.
+    "candidate_version": pl.String(),
+    "rollout_stage": pl.String(),
+    "rollout_share": pl.Float64(),
+    "signals": pl.String(),
 }
 
 
@@ -42,8 +60,14 @@ class Gates:
     min_test_roc_auc: float = 0.62
     require_brier_below_base_rate: bool = True
     subgroup_auc_floor: float = 0.55
-    # The challenger's test ROC-AUC must exceed the champion's by more than this; 0.0 means any improvement.
+    # The challenger's test ROC-AUC must exceed the champion's by more than this; 0.0 means any improvement. With a
+    # paired comparison, the lower end of the difference's interval must exceed it.
     margin: float = 0.0
+    # The level of the paired comparison's intervals: "better with this confidence".
+    confidence: float = 0.95
+    # Non-inferiority: a challenger whose ROC-AUC interval stays above -this, and whose Brier score is lower with
+    # `confidence` (its interval below 0), is promoted too.
+    non_inferiority_margin: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,7 @@ class Decision:
     gate_failures: tuple[str, ...]
     warnings: tuple[str, ...]
     decided_at: datetime
+    evidence: PairedComparison | None = None
 
     def as_row(self) -> dict[str, object]:
         """A flat row of DECISION_SCHEMA; the champion's metrics are None when nothing was in production."""
@@ -75,7 +100,38 @@ class Decision:
             **{f"champion_test_{name}": _optional(champion, name) for name in ROW_METRICS},
             "gate_failures": "; ".join(self.gate_failures),
             "warnings": "; ".join(self.warnings),
+            **(evidence_figures(self.evidence) if self.evidence is not None else {}),
         }
+
+
+def evidence_figures(evidence: PairedComparison) -> dict[str, object]:
+    """The paired comparison as `comparison` and EVIDENCE_COLUMNS of a decision row (and MLflow tags)."""
+    auc, brier, test = evidence.roc_auc, evidence.brier, evidence.delong
+    values = (auc.difference, auc.lower, auc.upper, auc.p_value, test.z, test.p_value,
+              brier.difference, brier.lower, brier.upper, brier.p_value)  # fmt: skip
+    return {"comparison": evidence.method} | {name: float(v) for name, v in zip(EVIDENCE_COLUMNS, values, strict=True)}
+
+
+def rollout_row(
+    *, action: str, candidate: str, production: str | None, stage: str | None, share: float | None, reason: str,
+    signals: str, now: datetime,
+) -> dict[str, object]:  # fmt: skip
+    """A row of DECISION_SCHEMA recording one step of a candidate's rollout (`stage` and `share` after the step; None
+    when it left the rollout); `challenger_version` stays null, so live performance never mistakes it for a decision."""
+    if action not in (ROLLOUT_ADVANCED, ROLLOUT_ROLLED_BACK, ROLLOUT_ABORTED):
+        raise ValueError(f"action {action!r} is not a rollout step; expected {ROLLOUT_ADVANCED}, {ROLLOUT_ROLLED_BACK} or {ROLLOUT_ABORTED}")
+    return dict.fromkeys(DECISION_SCHEMA) | {
+        "decided_at": _aware(now),
+        "action": action,
+        "reason": reason,
+        "production_version": production,
+        "gate_failures": "",
+        "warnings": "",
+        "candidate_version": str(candidate),
+        "rollout_stage": stage,
+        "rollout_share": share,
+        "signals": signals,
+    }
 
 
 def rollback_row(*, replaced: str, restored: str, reason: str, now: datetime) -> dict[str, object]:
@@ -181,9 +237,15 @@ def decide(
     gates: Gates,
     now: datetime,
     subgroups: pl.DataFrame | Iterable[Mapping] = (),
+    evidence: PairedComparison | None = None,
 ) -> Decision:
-    """Promote the challenger if it passes the gates and, when there is a champion, beats its test ROC-AUC by more
-    than `gates.margin`; `subgroups` (the challenger's subgroup report) only adds warnings."""
+    """Promote the challenger if it passes the gates and, when there is a champion, is better on the evidence;
+    `subgroups` (the challenger's subgroup report) only adds warnings.
+
+    With `evidence` (challenger against champion on the same test patients, `paired.compare`): better means the
+    ROC-AUC difference's interval lies above `gates.margin`, or above -`gates.non_inferiority_margin` with the Brier
+    difference's interval below 0. Without it (a caller that cannot pair the scores) the point estimates are compared.
+    """
     if (champion_version is None) != (champion_metrics is None):
         raise ValueError(
             f"champion_version is {champion_version!r} but champion_metrics is "
@@ -206,6 +268,8 @@ def decide(
             f"Version {challenger_version} becomes the first production model: it passes every gate "
             f"(test ROC-AUC {_shown(challenger_auc, gates.min_test_roc_auc)}, gate {gates.min_test_roc_auc})."
         )
+    elif evidence is not None:
+        promoted, reason = _judged_on_evidence(challenger_version, champion_version, evidence, gates)
     else:
         champion_auc = _metric(champion_metrics, "roc_auc", "champion")
         gain = challenger_auc - champion_auc
@@ -233,4 +297,42 @@ def decide(
         gate_failures=tuple(failures),
         warnings=tuple(gate_warnings(subgroups, gates)),
         decided_at=_aware(now),
+        evidence=evidence,
+    )
+
+
+def _interval(difference, level: float) -> str:
+    return (
+        f"{difference.difference:+.4f} ({level:.0%} interval {difference.lower:+.4f} to {difference.upper:+.4f}, "
+        f"p = {difference.p_value:.3g})"
+    )
+
+
+def _judged_on_evidence(
+    challenger: str, champion: str, evidence: PairedComparison, gates: Gates
+) -> tuple[bool, str]:
+    """Superiority on ROC-AUC, or non-inferiority on ROC-AUC with a better Brier score, each at `gates.confidence`."""
+    if abs(evidence.level - gates.confidence) > 1e-12:
+        raise ValueError(f"the comparison's intervals are at {evidence.level}; the gates ask for {gates.confidence}")
+    auc, brier = evidence.roc_auc, evidence.brier
+    stated = (
+        f"test ROC-AUC {auc.a:.4f} against {auc.b:.4f}, difference {_interval(auc, evidence.level)}; Brier "
+        f"{brier.a:.4f} against {brier.b:.4f}, difference {_interval(brier, evidence.level)}; DeLong's test "
+        f"z = {evidence.delong.z:.2f}, p = {evidence.delong.p_value:.3g}; {evidence.method}"
+    )
+    if auc.lower > gates.margin:
+        return True, (
+            f"Version {challenger} is better than production v{champion} with {evidence.level:.0%} confidence (its "
+            f"ROC-AUC difference's interval lies above {_limit(gates.margin)}) and passes every gate: {stated}."
+        )
+    if auc.lower > -gates.non_inferiority_margin and brier.upper < 0:
+        return True, (
+            f"Version {challenger} is non-inferior to production v{champion} (its ROC-AUC difference's interval lies "
+            f"above -{_limit(gates.non_inferiority_margin)}) and better calibrated (its Brier difference's interval "
+            f"lies below 0), with {evidence.level:.0%} confidence, and passes every gate: {stated}."
+        )
+    return False, (
+        f"Version {challenger} is not promoted: it is neither better than production v{champion} with "
+        f"{evidence.level:.0%} confidence (ROC-AUC difference's interval above {_limit(gates.margin)}) nor "
+        f"non-inferior within {_limit(gates.non_inferiority_margin)} and better on Brier: {stated}."
     )

@@ -32,6 +32,10 @@ from sklearn.pipeline import Pipeline
 MODEL_NAME = "readmission-classifier"
 EXPERIMENT = "readmission"
 PRODUCTION = "production"
+SHADOW = "shadow"
+CANARY = "canary"
+ROLLOUT_SHARE = "rollout.share"
+ROLLOUT_STAGE_STARTED_AT = "rollout.stage_started_at"
 # Where `mlflow ui` (and `readmission mlflow-ui`) serve by default.
 UI_URL = "http://127.0.0.1:5000"
 # The name of the logged model inside a candidate's run.
@@ -47,6 +51,20 @@ PROMOTED_AT, PROMOTION_REASON, PREVIOUS_PRODUCTION = "promoted_at", "promotion_r
 REPLACED_AT, REPLACED_BY, REPLACED_REASON = "replaced_at", "replaced_by", "replaced_reason"
 ROLLED_BACK_AT, ROLLED_BACK_TO, ROLLED_BACK_REASON = "rolled_back_at", "rolled_back_to", "rolled_back_reason"
 RESTORED_AT, RESTORED_FROM, RESTORED_REASON = "restored_at", "restored_from", "restored_reason"
+# On a candidate version: when it entered the rollout and why, and when and why it left it without reaching production.
+ROLLOUT_STARTED_AT, ROLLOUT_REASON = "rollout_started_at", "rollout_reason"
+ROLLOUT_ENDED_AT, ROLLOUT_END_REASON = "rollout_ended_at", "rollout_end_reason"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The candidate being rolled out: its version, its stage (SHADOW or CANARY), the canary's share of requests (0 in
+    shadow) and when the current stage or step began."""
+
+    version: str
+    stage: str
+    share: float
+    started_at: datetime | None
 
 
 class RegistryError(Exception):
@@ -330,6 +348,104 @@ class ModelRegistry:
                 raise
             return None
         return self.version(aliases[PRODUCTION]) if PRODUCTION in aliases else None
+
+    def rollout(self) -> Rollout | None:
+        """The candidate behind `shadow` or `canary`, or None when no rollout is under way."""
+        try:
+            model = self.client.get_registered_model(self.model_name)
+        except MlflowException as error:
+            if not _has_code(error, RESOURCE_DOES_NOT_EXIST):
+                raise
+            return None
+        stages = [stage for stage in (SHADOW, CANARY) if stage in model.aliases]
+        if not stages:
+            return None
+        if len(stages) > 1:
+            raise RegistryError(
+                f"model '{self.model_name}' has both '{SHADOW}' (v{model.aliases[SHADOW]}) and '{CANARY}' "
+                f"(v{model.aliases[CANARY]}); at most one candidate may be rolled out: abort it (`readmission rollout abort`)"
+            )
+        started = model.tags.get(ROLLOUT_STAGE_STARTED_AT)
+        share = float(model.tags.get(ROLLOUT_SHARE) or 0) if stages[0] == CANARY else 0.0
+        return Rollout(
+            version=str(model.aliases[stages[0]]),
+            stage=stages[0],
+            share=share,
+            started_at=datetime.fromisoformat(started) if started else None,
+        )
+
+    def start_shadow(self, version: str, *, reason: str, when: datetime | None = None) -> str | None:
+        """Put `version` behind `shadow` (scored beside production, never answering); the candidate it replaces, if any.
+
+        A newer promoted challenger takes the place of a candidate still in rollout, which is ended with `reason`.
+        """
+        reason, at = _reason(reason), _timestamp(when)
+        target = str(self.version(version).version)
+        production = self.production()
+        if production is not None and str(production.version) == target:
+            raise RegistryError(f"version {target} of model '{self.model_name}' is in production; it cannot be a candidate too")
+        current = self.rollout()
+        if current is not None and current.version == target:
+            return None
+        if current is not None:
+            self.end_rollout(reason=f"replaced by v{target}: {reason}", when=when)
+        self._tag(target, {ROLLOUT_STARTED_AT: at, ROLLOUT_REASON: reason})
+        self._set_stage(SHADOW, target, 0.0, at)
+        return current.version if current is not None else None
+
+    def set_canary(self, share: float, *, when: datetime | None = None) -> Rollout:
+        """Move the candidate to `canary` answering `share` of requests (from `shadow`, or from a smaller share)."""
+        if not (math.isfinite(share) and 0.0 < share <= 1.0):
+            raise ValueError(f"share {share} is not a share of requests; expected a number in (0, 1]")
+        current = self._candidate()
+        at = _timestamp(when)
+        self._set_stage(CANARY, current.version, share, at)
+        return Rollout(current.version, CANARY, share, datetime.fromisoformat(at))
+
+    def finish_rollout(self, *, reason: str, when: datetime | None = None) -> str | None:
+        """Make the candidate `production` (as `promote` does) and end its rollout; the version it replaced, if any."""
+        current = self._candidate()
+        replaced = self.promote(current.version, reason=reason, when=when)
+        self._clear_stage()
+        return replaced
+
+    def end_rollout(self, *, reason: str, when: datetime | None = None) -> str:
+        """Take the candidate out of rollout (production alone answers again), recording why on it; its version."""
+        reason, at = _reason(reason), _timestamp(when)
+        current = self._candidate()
+        self._clear_stage()
+        self._tag(current.version, {ROLLOUT_ENDED_AT: at, ROLLOUT_END_REASON: reason})
+        return current.version
+
+    def _candidate(self) -> Rollout:
+        current = self.rollout()
+        if current is None:
+            raise RegistryError(f"model '{self.model_name}' has no '{SHADOW}' or '{CANARY}' alias; no rollout is under way")
+        return current
+
+    def _set_stage(self, stage: str, version: str, share: float, at: str) -> None:
+        # The share and start time first, then the other alias removed, then this stage's alias set: a reader may for
+        # a moment see the candidate under neither alias, never under both.
+        self.client.set_registered_model_tag(self.model_name, ROLLOUT_SHARE, repr(float(share)) if stage == CANARY else "0")
+        self.client.set_registered_model_tag(self.model_name, ROLLOUT_STAGE_STARTED_AT, at)
+        other = CANARY if stage == SHADOW else SHADOW
+        aliases = self.client.get_registered_model(self.model_name).aliases
+        if other in aliases:
+            self.client.delete_registered_model_alias(self.model_name, other)
+        self.client.set_registered_model_alias(self.model_name, stage, version)
+
+    def _clear_stage(self) -> None:
+        model = self.client.get_registered_model(self.model_name)
+        for stage in (SHADOW, CANARY):
+            if stage in model.aliases:
+                self.client.delete_registered_model_alias(self.model_name, stage)
+        self.client.set_registered_model_tag(self.model_name, ROLLOUT_SHARE, "0")
+        if ROLLOUT_STAGE_STARTED_AT in model.tags:
+            self.client.delete_registered_model_tag(self.model_name, ROLLOUT_STAGE_STARTED_AT)
+
+    def annotate(self, version: str, tags: Mapping[str, object]) -> None:
+        """Set tags on a registered version (values as text)."""
+        self._tag(str(version), {key: str(value) for key, value in tags.items()})
 
     def load_model(self, version: str) -> Pipeline:
         """The scikit-learn pipeline of a registered version."""

@@ -49,6 +49,14 @@ MODEL = (
           ((f"histogram_quantile(0.5, sum by (le) (rate({spec.PROBABILITY}_bucket[1h])))", "median"),)),
     Panel("Model ready (every worker)", ((f"min({spec.READY})", "ready"),), kind="stat"),
     Panel("Model loads by outcome", ((f"sum by (outcome) (increase({spec.RELOADS}[1h]))", "{{outcome}}"),)),
+    Panel("Rollout: predictions per second by version and stage",
+          ((f"sum by (model_version, stage) (rate({spec.PREDICTIONS}[5m]))", "{{model_version}} {{stage}}"),), "ops"),
+    Panel("Rollout: p99 scoring time of single encounters by version and stage",
+          ((f'histogram_quantile(0.99, sum by (le, model_version, stage) (rate({spec.SCORING_SECONDS}_bucket{{endpoint="predict"}}[5m])))',
+            "{{model_version}} {{stage}}"),), "s"),  # fmt: skip
+    Panel("Rollout: candidate failures by version, stage and cause (production answered)",
+          ((f"sum by (model_version, stage, cause) (increase({spec.CANDIDATE_FAILURES}[5m]))",
+            "{{model_version}} {{stage}} {{cause}}"),)),  # fmt: skip
 )
 
 PREDICTION_LOG = (

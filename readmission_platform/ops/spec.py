@@ -40,9 +40,11 @@ LOG_DROPPED = family(service.LOG_DROPPED)
 UNLOGGED = family(service.UNLOGGED)
 READY = family(service.READY)
 VALIDATION_POSITIVE_RATE = family(service.VALIDATION_POSITIVE_RATE)
+SCORING_SECONDS = family(service.SCORING_SECONDS)
+CANDIDATE_FAILURES = family(service.CANDIDATE_FAILURES)
 
 SERVICE_METRICS = (REQUESTS, DURATION, IN_PROGRESS, PREDICTIONS, PROBABILITY, REJECTED, RELOADS, LOG_DROPPED, UNLOGGED,
-                   READY, VALIDATION_POSITIVE_RATE)  # fmt: skip
+                   READY, VALIDATION_POSITIVE_RATE, SCORING_SECONDS, CANDIDATE_FAILURES)  # fmt: skip
 PIPELINE_METRICS = pipeline.NAMES
 
 # The prediction routes an SLO is about; latency only of the single-encounter ones, as a batch's time grows with it.

@@ -15,6 +15,11 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, openapi_3_0, out_of_scope
 
 MAX_ERRORS = 1_000  # validation errors listed in one answer; the count says how many there were
+Stage = Literal["production", "canary"]
+STAGE_DESCRIPTION = (
+    "Which rollout stage answered: production, or the canary, which answers the requests whose request_id hashes "
+    "below its share (a shadow is never returned)."
+)
 
 
 class Prediction(BaseModel):
@@ -25,7 +30,8 @@ class Prediction(BaseModel):
     )
     threshold: float
     model_name: str
-    model_version: str
+    model_version: str = Field(description="The version that answered: production's, or the canary's (`stage`).")
+    stage: Stage = Field(description=STAGE_DESCRIPTION)
     request_id: str = Field(description="The client's request_id, or one made up for this prediction.")
 
 
@@ -36,6 +42,8 @@ class BatchItem(BaseModel):
     decision: bool | None
     risk_band: Literal["low", "medium", "high"] | None
     request_id: str
+    model_version: str | None = Field(description="The version that answered this encounter; null when not scored.")
+    stage: Stage | None = Field(description=f"{STAGE_DESCRIPTION} Null when not scored.")
     reason: Literal["death_or_hospice"] | None = Field(
         None, description="Why the encounter is not scored: discharged to death or hospice. Absent or null when scored."
     )
@@ -43,8 +51,8 @@ class BatchItem(BaseModel):
 
 class BatchPrediction(BaseModel):
     model_name: str
-    model_version: str
-    threshold: float
+    model_version: str = Field(description="The production version; an encounter the canary answered names its own.")
+    threshold: float = Field(description="The production version's threshold.")
     predictions: list[BatchItem] = Field(description="One per encounter, in the order sent.")
 
 
@@ -67,6 +75,7 @@ class Explanation(BaseModel):
     decision: bool
     model_name: str
     model_version: str
+    stage: Literal["production"] = Field(description="Explanations are always of the production version.")
     method: str = Field(description="How contributions are computed, and their unit.")
     contributions: list[Contribution] = Field(description="Every feature, the strongest push (up or down) first.")
     request_id: str

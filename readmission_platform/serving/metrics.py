@@ -14,8 +14,22 @@ import prometheus_client
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 PREDICTIONS = prometheus_client.Counter(
-    name="readmission_predictions", documentation="Predictions made, by model version and decision.",
-    labelnames=["model_version", "decision"],
+    name="readmission_predictions",
+    documentation="Predictions answered, by model version, stage (production or canary) and decision.",
+    labelnames=["model_version", "stage", "decision"],
+)  # fmt: skip
+# The time a version took to score a request's encounters (a shadow's too), by route: a batch's grows with its rows.
+SCORING_SECONDS = prometheus_client.Histogram(
+    name="readmission_scoring_seconds",
+    documentation="Seconds a version took to score a request's encounters, by version, stage and route.",
+    labelnames=["model_version", "stage", "endpoint"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 1.0, 2.5, 10.0),
+)  # fmt: skip
+CANDIDATE_FAILURES = prometheus_client.Counter(
+    name="readmission_candidate_failures",
+    documentation="Requests a candidate (shadow or canary) failed, production answering: by version, stage and cause "
+    "(load: it did not load; raised; slow: over its time budget).",
+    labelnames=["model_version", "stage", "cause"],
 )  # fmt: skip
 PROBABILITY = prometheus_client.Histogram(
     name="readmission_prediction_probability", documentation="Predicted probabilities of readmission within 30 days.",

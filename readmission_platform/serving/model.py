@@ -177,10 +177,3 @@ def load_version(registry: ModelRegistry, version: str, *, fast: bool = True, th
     model = serve(pipeline, info, fast=fast, threads=threads)
     log.info("loaded version %s of %s in %.1f s", version, model.name, time.perf_counter() - started)
     return model
-
-
-def production_version(registry: ModelRegistry) -> str | None:
-    """The version behind the alias `production` now, or None before the first promotion."""
-    found = registry.production()
-    return str(found.version) if found is not None else None
-

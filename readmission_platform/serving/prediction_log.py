@@ -8,8 +8,10 @@ queue, so a clean stop loses nothing.
 
 A row holds the prediction and the encounter's fields as sent, one typed column each, named as the data set names
 them (`A1Cresult`, `glyburide-metformin`): the request model refuses identifiers, so no patient identifier is stored.
-A table of another layout (an earlier version's kept the fields as one JSON text) is renamed, with its rows, to
-`predictions_until_<UTC time>`, and a new one is made. The log is read back by `lib/predictions.read_predictions`.
+A table made before the rollout columns (stage, shadow_version, shadow_probability, candidate_error, candidate_ms) gets
+them added (ALTER TABLE … ADD COLUMN), its rows NULL there. A table of another layout (an earlier version's kept the
+fields as one JSON text) is renamed, with its rows, to `predictions_until_<UTC time>`, and a new one is made. The log is
+read back by `lib/predictions.read_predictions`.
 """
 
 from __future__ import annotations
@@ -66,7 +68,23 @@ def _columns() -> list[sa.Column]:
             sa.Column(name, sa.Integer() if name in _INTEGER_FIELDS else sa.Text(), nullable=schema.CLEAN_BY_NAME[name].nullable)
             for name in FIELDS
         ),
+        *_rollout_columns(),
     ]
+
+
+def _rollout_columns() -> list[sa.Column]:
+    """The columns of a rollout (issue 15), last: a log made before them gets them by ALTER TABLE … ADD COLUMN, at
+    the end, so old and new tables keep one column order (SQLite copies staged rows in by position)."""
+    return [
+        sa.Column("stage", sa.String(16), nullable=True),  # NULL in rows from before: production answered them
+        sa.Column("shadow_version", sa.String(32), nullable=True),
+        sa.Column("shadow_probability", sa.Float(), nullable=True),
+        sa.Column("candidate_error", sa.Text(), nullable=True),
+        sa.Column("candidate_ms", sa.Float(), nullable=True),
+    ]
+
+
+ROLLOUT_COLUMNS = tuple(column.name for column in _rollout_columns())
 
 
 _metadata = sa.MetaData()
@@ -124,7 +142,11 @@ def ensure_table(engine: sa.Engine) -> None:
     with engine.begin() as connection:
         found = sa.inspect(connection)
         if found.has_table(TABLE):
-            if [column["name"] for column in found.get_columns(TABLE)] == list(table.columns.keys()):
+            have, want = [column["name"] for column in found.get_columns(TABLE)], list(table.columns.keys())
+            if have == want:
+                return
+            if want[: len(have)] == have and set(want[len(have) :]) <= set(ROLLOUT_COLUMNS):
+                _add_columns(connection, table, want[len(have) :])
                 return
             kept = f"{TABLE}_until_{datetime.now(UTC):%Y%m%d_%H%M%S}"
             renames = [f'ALTER TABLE {TABLE} RENAME TO "{kept}"']
@@ -140,10 +162,24 @@ def ensure_table(engine: sa.Engine) -> None:
         table.metadata.create_all(connection)
 
 
+def _add_columns(connection: sa.Connection, table: sa.Table, names: list[str]) -> None:
+    """Add the rollout columns a log made before them lacks; its rows keep NULL there."""
+    dialect = connection.dialect
+    for name in names:
+        column = table.c[name]
+        kind = column.type.compile(dialect=dialect)
+        # PostgreSQL: another worker may add it first. SQLite has no IF NOT EXISTS here; the writer retries a write
+        # that failed, and the retry finds the column.
+        exists = " IF NOT EXISTS" if dialect.name == "postgresql" else ""
+        connection.execute(sa.text(f"ALTER TABLE {TABLE} ADD COLUMN{exists} {quote(name)} {kind}"))
+    log.warning("prediction log: added the columns %s to the table %r; its earlier rows have them NULL", names, TABLE)
+
+
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A recorded row (`inputs` a dict of the encounter's fields) with a value of every column."""
+    """A recorded row (`inputs` a dict of the encounter's fields) with a value of every column (a rollout column
+    left out is NULL)."""
     inputs = row["inputs"]
-    return {**{c: row[c] for c in RESULT_COLUMNS}, **{name: inputs.get(name) for name in FIELDS}}
+    return {**{c: row.get(c) for c in RESULT_COLUMNS}, **{name: inputs.get(name) for name in FIELDS}}
 
 
 class PredictionLog:
@@ -208,8 +244,8 @@ class PredictionLog:
         return sum(self._offer({**row, "predicted_at": now}, 1) for row in rows)
 
     def record_frame(self, frame: pl.DataFrame) -> int:
-        """Queue a frame of rows (COLUMNS but `predicted_at`, the fields typed as `encounter.decode_batch` gives them)
-        at once; the number dropped."""
+        """Queue a frame of rows (COLUMNS but `predicted_at`, the fields typed as `encounter.decode_batch` gives them;
+        a rollout column left out is NULL) at once; the number dropped."""
         if frame.is_empty():  # a batch of encounters none of which was scored: the writer takes a frame's time from its first row
             return 0
         return self._offer(frame.with_columns(pl.lit(datetime.now(UTC)).alias("predicted_at")), frame.height)
@@ -243,7 +279,8 @@ class PredictionLog:
             if isinstance(item, pl.DataFrame):
                 take_singles()
                 at = item["predicted_at"][0].strftime(time_format)  # a frame's rows share one time
-                parts.append(item.select(COLUMNS).with_columns(predicted_at=pl.lit(at)).cast(types))
+                absent = {c: pl.lit(None, dtype=types[c]) for c in ROLLOUT_COLUMNS if c not in item.columns}
+                parts.append(item.with_columns(**absent).select(COLUMNS).with_columns(predicted_at=pl.lit(at)).cast(types))
             else:
                 singles.append(_flat(item) | {"predicted_at": item["predicted_at"].strftime(time_format)})
         take_singles()

@@ -18,10 +18,12 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
 import bentoml
+import numpy as np
 import polars as pl
 import threadpoolctl
 from fastapi import FastAPI
@@ -44,6 +46,8 @@ from readmission_platform.lib.encounter import (
     record,
 )
 from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
+from readmission_platform.lib.registry import CANARY, PRODUCTION, SHADOW
+from readmission_platform.lib.routing import canary_rows, to_canary
 from readmission_platform.serving.contract import (
     BatchPrediction,
     Contribution,
@@ -58,9 +62,17 @@ from readmission_platform.serving.contract import (
 )
 from readmission_platform.serving.fast.decode import decode_batch
 from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
-from readmission_platform.serving.metrics import DURATION_BUCKETS, LOG_DROPPED, PREDICTIONS, PROBABILITY, observe_many
+from readmission_platform.serving.metrics import (
+    DURATION_BUCKETS,
+    LOG_DROPPED,
+    PREDICTIONS,
+    PROBABILITY,
+    SCORING_SECONDS,
+    observe_many,
+)
 from readmission_platform.serving.model import ServedModel
 from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.rollout import NO_CANDIDATE, Candidate, Trials, candidate_columns, candidate_frame_columns
 from readmission_platform.serving.watcher import ModelWatcher
 from readmission_platform.settings import ServingSettings, Settings, keep_private
 
@@ -76,15 +88,18 @@ GC_THRESHOLDS = (10_000, 20, 20)
 routes = FastAPI(title="readmission", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@routes.get("/model", summary="The model serving now: version, lineage, metrics, threshold.")
+@routes.get("/model", summary="The model serving now: version, lineage, metrics, threshold; and the candidate beside it.")
 def model_info() -> JSONResponse:
     service = bentoml.get_current_service()
     model = service.model
     if model is None:
         return not_ready()
+    candidate = service.candidate
     return JSONResponse(
-        {**model.info, "alias": "production", "loaded_at": model.loaded_at, "worker_pid": os.getpid(),
-         "reload_seconds": SERVING.reload_seconds, "explain_method": model.method}
+        {**model.info, "alias": "production", "stage": PRODUCTION, "loaded_at": model.loaded_at, "worker_pid": os.getpid(),
+         "reload_seconds": SERVING.reload_seconds, "explain_method": model.method,
+         "candidate": candidate.describe() if candidate is not None else None,
+         "candidate_timeout_ms": SERVING.candidate_timeout_ms}
     )  # fmt: skip
 
 
@@ -119,6 +134,7 @@ async def predict_batch(request: Request) -> Response:
 )
 class ReadmissionService:
     model: ServedModel | None
+    candidate: Candidate | None  # the version behind `shadow` or `canary`, kept by the watcher (`serving.rollout`)
 
     def __init__(self) -> None:
         # The platform's loggers write where BentoML's do, in its format (worker name, time).
@@ -133,6 +149,8 @@ class ReadmissionService:
         keep_private()  # the prediction log, when it is a SQLite file of this worker's making
         settings = Settings.from_env()
         self.model = None
+        self.candidate = None
+        self.trials = Trials(SERVING.candidate_timeout_ms)
         self.log = PredictionLog(
             settings.prediction_log_url, capacity=SERVING.log_queue_rows, on_drop=LOG_DROPPED.inc, nice=SERVING.log_writer_nice
         )
@@ -153,20 +171,26 @@ class ReadmissionService:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self.watcher.stopped.set()
+        self.trials.close()
         self.log.close()
         log.info("prediction log closed: %d rows written, %d dropped", self.log.written, self.log.dropped)
 
-    def _answer(self, model: ServedModel, probability: float, endpoint: str, given: dict[str, Any], request_id: str | None):
+    def _answer(
+        self, model: ServedModel, stage: str, probability: float, endpoint: str, given: dict[str, Any], request_id: str,
+        rollout: dict[str, Any] = NO_CANDIDATE,
+    ) -> tuple[bool, str]:
+        """Count and log an answer of `model` at `stage`; its decision and risk band. `rollout`: the log's candidate
+        columns (`candidate_columns`)."""
         decision = probability >= model.threshold
-        request_id = request_id or uuid.uuid4().hex
-        PREDICTIONS.labels(model_version=model.version, decision="flagged" if decision else "not_flagged").inc()
+        PREDICTIONS.labels(model_version=model.version, stage=stage, decision="flagged" if decision else "not_flagged").inc()
         PROBABILITY.observe(probability)
         band = model.risk_band(probability)
         self.log.record(
             [{"request_id": request_id, "endpoint": endpoint, "model_name": model.name, "model_version": model.version,
-              "probability": probability, "decision": decision, "risk_band": band, "inputs": given}]
+              "probability": probability, "decision": decision, "risk_band": band, "stage": stage, **rollout,
+              "inputs": given}]
         )  # fmt: skip
-        return decision, band, request_id
+        return decision, band
 
     @bentoml.api(route="/predict")
     async def predict(self, encounter: Encounter, /) -> Prediction:
@@ -176,38 +200,81 @@ class ReadmissionService:
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused  # type: ignore[return-value]
         given = record(encounter)
-        probability = model.probability(record_features(clean_record(given)))
-        decision, band, request_id = self._answer(model, probability, "predict", given, encounter.request_id)
+        features = record_features(clean_record(given))
+        request_id = encounter.request_id or uuid.uuid4().hex
+        candidate = self.candidate
+        trial = None
+        if candidate is not None and (candidate.stage == SHADOW or to_canary(request_id, candidate.share)):
+            trial = await self.trials.one(candidate, features)
+            if trial.ok:
+                SCORING_SECONDS.labels(model_version=candidate.version, stage=candidate.stage, endpoint="predict").observe(trial.ms / 1000)
+        if trial is not None and trial.ok and candidate.stage == CANARY:
+            answering, stage, probability = candidate.model, CANARY, float(trial.answer)
+        else:
+            started = time.perf_counter()
+            answering, stage, probability = model, PRODUCTION, model.probability(features)
+            SCORING_SECONDS.labels(model_version=model.version, stage=PRODUCTION, endpoint="predict").observe(time.perf_counter() - started)
+        rollout = candidate_columns(candidate, trial)
+        decision, band = self._answer(answering, stage, probability, "predict", given, request_id, rollout)
         return Prediction(
-            probability=probability, decision=decision, risk_band=band, threshold=model.threshold,
-            model_name=model.name, model_version=model.version, request_id=request_id,
+            probability=probability, decision=decision, risk_band=band, threshold=answering.threshold,
+            model_name=answering.name, model_version=answering.version, stage=stage, request_id=request_id,
         )  # fmt: skip
 
     def answer_batch(self, encounters: pl.DataFrame) -> Response:
-        """Score validated encounters (`decode_batch`), log them, and answer in order, all by one model version; an
-        encounter out of scope is answered without a probability, with its reason, and not logged."""
-        model = self.model
+        """Score validated encounters (`decode_batch`), log them, and answer in order; an encounter out of scope is
+        answered without a probability, with its reason, and not logged. With a canary, each encounter is routed by
+        its own request_id (one made up when it has none), so a batch splits between the versions as single requests
+        do; with a shadow, the shadow scores every encounter too, its answers logged."""
+        model, candidate = self.model, self.candidate
         batch = uuid.uuid4().hex
         request_ids = encounters[REQUEST_ID].fill_null(pl.format(f"{batch}-{{}}", pl.int_range(encounters.height)))
         out = encounters["discharge_disposition_id"].is_in(schema.DEATH_OR_HOSPICE_DISPOSITIONS)
         scored = encounters.filter(~out) if (unscored := int(out.sum())) else encounters
-        probability = model.probabilities(features_frame(scored))
+        scored_ids = request_ids.filter(~out) if unscored else request_ids
+        features = features_frame(scored)
+        routed = None  # the rows the canary answers
+        trial = None
+        if candidate is not None and candidate.stage == SHADOW:
+            trial = self.trials.many(candidate, features)
+        elif candidate is not None and (routed := canary_rows(scored_ids.to_list(), candidate.share)).any():
+            trial = self.trials.many(candidate, features.filter(pl.Series(routed)))
+        if trial is not None and trial.ok:
+            SCORING_SECONDS.labels(model_version=candidate.version, stage=candidate.stage, endpoint="predict_batch").observe(trial.ms / 1000)
+        canary = routed is not None and trial is not None and trial.ok
+        started = time.perf_counter()
+        if canary:
+            probability = np.empty(scored.height)
+            probability[routed] = trial.answer
+            probability[~routed] = model.probabilities(features.filter(pl.Series(~routed)))
+        else:
+            probability = model.probabilities(features)
+        SCORING_SECONDS.labels(model_version=model.version, stage=PRODUCTION, endpoint="predict_batch").observe(time.perf_counter() - started)
+        if canary:
+            answerer = candidate.model
+            threshold = np.where(routed, answerer.threshold, model.threshold)
+            bands = np.where(routed, answerer.risk_bands(probability), model.risk_bands(probability))
+            versions = np.where(routed, answerer.version, model.version)
+            stages = np.where(routed, CANARY, PRODUCTION)
+        else:
+            threshold, bands = model.threshold, model.risk_bands(probability)
+            versions, stages = np.full(scored.height, model.version), np.full(scored.height, PRODUCTION)
         answers = pl.DataFrame(
             {
                 "probability": probability,
-                "decision": probability >= model.threshold,
-                "risk_band": model.risk_bands(probability),
-                REQUEST_ID: request_ids.filter(~out) if unscored else request_ids,
+                "decision": probability >= threshold,
+                "risk_band": bands,
+                REQUEST_ID: scored_ids,
+                "model_version": pl.Series(versions, dtype=pl.String),
+                "stage": pl.Series(stages, dtype=pl.String),
             }
         )
-        flagged = int(answers["decision"].sum())
-        PREDICTIONS.labels(model_version=model.version, decision="flagged").inc(flagged)
-        PREDICTIONS.labels(model_version=model.version, decision="not_flagged").inc(answers.height - flagged)
+        self._count_batch(answers)
         observe_many(PROBABILITY, probability)
         self.log.record_frame(
             answers.with_columns(
-                scored.select(FIELDS),
-                endpoint=pl.lit("predict_batch"), model_name=pl.lit(model.name), model_version=pl.lit(model.version),
+                scored.select(FIELDS), endpoint=pl.lit("predict_batch"), model_name=pl.lit(model.name),
+                **candidate_frame_columns(candidate, trial, routed, scored.height),
             )  # fmt: skip
         )
         if unscored:
@@ -219,6 +286,12 @@ class ReadmissionService:
                 .drop("order")
             )
         return batch_answer(model.name, model.version, model.threshold, answers)
+
+    @staticmethod
+    def _count_batch(answers: pl.DataFrame) -> None:
+        counts = answers.group_by("model_version", "stage", "decision").len()
+        for version, stage, decision, count in counts.iter_rows():
+            PREDICTIONS.labels(model_version=version, stage=stage, decision="flagged" if decision else "not_flagged").inc(count)
 
     @bentoml.api(route="/explain")
     def explain(self, encounter: Encounter, /) -> Explanation:
@@ -234,11 +307,12 @@ class ReadmissionService:
             return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)  # type: ignore[return-value]
         probability = model.probability(features)
         contributions = model.scorer.contributions(features)
-        decision, _, request_id = self._answer(model, probability, "explain", given, encounter.request_id)
+        request_id = encounter.request_id or uuid.uuid4().hex
+        decision, _ = self._answer(model, PRODUCTION, probability, "explain", given, request_id)
         ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(contributions[name]))
         return Explanation(
             probability=probability, decision=decision, model_name=model.name, model_version=model.version,
-            method=model.method, request_id=request_id,
+            stage=PRODUCTION, method=model.method, request_id=request_id,
             contributions=[Contribution(feature=n, value=features[n], contribution=contributions[n]) for n in ranked],
         )  # fmt: skip
 

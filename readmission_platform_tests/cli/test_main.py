@@ -155,3 +155,71 @@ def test_serve_without_a_built_bento_says_how_to_get_one(tmp_path):
     result = readmission("serve", home=tmp_path)
     assert result.returncode == 2
     assert f"no Bento 'readmission' in {tmp_path / 'bentoml'}" in result.stderr and "--source" in result.stderr
+
+
+def shadow_candidate(home: Path) -> None:
+    """A small real model as production v1 and candidate v2 in shadow, with 30 healthy shadowed requests logged."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    from readmission_platform.lib.encounter import FIELDS
+    from readmission_platform.lib.registry import ModelRegistry
+    from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+    from readmission_platform.serving.prediction_log import PredictionLog
+    from readmission_platform.settings import Settings
+
+    settings = Settings.from_env({"READMISSION_HOME": str(home)})
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+    x = pd.DataFrame({"a": np.arange(40.0)})
+    model = LogisticRegression().fit(x, np.arange(40) % 2)
+    versions = [
+        registry.register(registry.log_candidate(model, params={}, metrics={}, tags={}, artifacts=None, input_example=x.head(3), run_name="tiny"),
+                          threshold=0.5, tags={})
+        for _ in range(2)
+    ]  # fmt: skip
+    registry.promote(versions[0], reason="first model")
+    registry.start_shadow(versions[1], reason="better with 95 % confidence")
+    log = PredictionLog(settings.prediction_log_url, flush_seconds=0.05)
+    encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
+    log.record(
+        {"request_id": f"r{i}", "endpoint": "predict", "model_name": "readmission-classifier", "model_version": "1",
+         "probability": 0.1 + i / 100, "decision": False, "risk_band": "low", "inputs": encounter, "stage": "production",
+         "shadow_version": "2", "shadow_probability": 0.1 + i / 100, "candidate_ms": 5.0}
+        for i in range(30)
+    )  # fmt: skip
+    log.close()
+
+
+def test_rollout_status_advance_and_abort(tmp_path, new_mlflow_store):
+    import polars as pl
+
+    from readmission_platform.cli.rollout import rollout
+    from readmission_platform.lib.warehouse import open_warehouse
+    from readmission_platform.settings import Settings
+
+    new_mlflow_store(tmp_path / "mlflow" / "mlflow.db")
+    shadow_candidate(tmp_path)
+
+    status = readmission("rollout", "status", home=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "v2 in shadow since " in status.stdout and "production v1" in status.stdout
+    assert "signals: 30 requests, 0 failed (0.0%), p95 5.0 ms" in status.stdout
+    assert "next: wait" in status.stdout and "30 of 200 requests" in status.stdout
+
+    # The steps in this process (the command's own code): each `readmission` start imports MLflow again.
+    settings, said = Settings.from_env({"READMISSION_HOME": str(tmp_path)}), []
+    with pytest.raises(ValueError, match="needs --reason"):
+        rollout(settings, "advance", None, said.append)
+    assert rollout(settings, "advance", "reviewed the shadow's answers", said.append) == 0
+    assert said[-1] == "v2 advanced by hand from shadow to canary at 10%: reviewed the shadow's answers"
+    rollout(settings, "status", None, said.append)
+    assert "v2 in canary answering 10% of requests" in said[-3]
+    assert rollout(settings, "abort", "ward asked to wait", said.append) == 0
+    assert said[-1] == "v2 aborted by hand in canary at 10%: ward asked to wait"
+    assert rollout(settings, "status", None, said.append) == 0 and said[-1] == "no candidate in shadow or canary; production v1"
+    assert rollout(settings, "abort", "again", said.append) == 2
+
+    rows = open_warehouse(settings.warehouse_url).query("SELECT * FROM promotion_decisions ORDER BY decided_at")
+    assert rows["action"].to_list() == ["rollout_advanced", "rollout_aborted"]
+    assert rows.select(pl.col("rollout_stage"), pl.col("rollout_share")).rows() == [("canary", 0.1), (None, None)]

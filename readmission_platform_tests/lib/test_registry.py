@@ -8,6 +8,7 @@ import secrets
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -24,10 +25,17 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from readmission_platform.lib.registry import (
+    CANARY,
     PRODUCTION,
+    ROLLOUT_END_REASON,
+    ROLLOUT_REASON,
+    ROLLOUT_SHARE,
+    ROLLOUT_STAGE_STARTED_AT,
+    SHADOW,
     ModelLoadError,
     ModelRegistry,
     RegistryError,
+    Rollout,
     decision_threshold,
     mlflow_store_uris,
 )
@@ -370,3 +378,70 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_open_it(tmp_path):
     for opener in openers:
         opener.join()
     assert found == ["opened"] * 3
+
+
+def fresh_model(registry: ModelRegistry):
+    """The registered model (aliases as text, tags) as a new client reads it from the store."""
+    model = mlflow.MlflowClient(registry.tracking_uri, registry_uri=registry.tracking_uri).get_registered_model(registry.model_name)
+    return SimpleNamespace(aliases={k: str(v) for k, v in model.aliases.items()}, tags=model.tags)
+
+
+def test_a_candidate_goes_shadow_then_canary_steps_then_production(registry, models, frame):
+    one, two = (registered(registry, model, frame) for model in models)
+    registry.promote(one, reason="first model", when=WHEN)
+    assert registry.rollout() is None
+
+    assert registry.start_shadow(two, reason="better with 95 % confidence", when=WHEN) is None
+    shadow = fresh_model(registry)
+    assert shadow.aliases == {PRODUCTION: one, SHADOW: two}
+    assert shadow.tags[ROLLOUT_SHARE] == "0" and shadow.tags[ROLLOUT_STAGE_STARTED_AT] == WHEN.isoformat()
+    assert registry.rollout() == Rollout(two, SHADOW, 0.0, WHEN)
+    assert registry.version(two).tags[ROLLOUT_REASON] == "better with 95 % confidence"
+
+    registry.set_canary(0.1, when=LATER)
+    canary = fresh_model(registry)
+    assert canary.aliases == {PRODUCTION: one, CANARY: two}
+    assert float(canary.tags[ROLLOUT_SHARE]) == 0.1 and canary.tags[ROLLOUT_STAGE_STARTED_AT] == LATER.isoformat()
+    assert registry.set_canary(0.25) == registry.rollout() and registry.rollout().share == 0.25
+
+    assert registry.finish_rollout(reason="healthy at every step") == one
+    done = fresh_model(registry)
+    assert done.aliases == {PRODUCTION: two} and done.tags[ROLLOUT_SHARE] == "0"
+    assert ROLLOUT_STAGE_STARTED_AT not in done.tags and registry.rollout() is None
+    assert registry.version(two).tags["previous_production"] == one
+    assert registry.rollback(reason="undo") == (two, one)  # a finished rollout is a promotion like any other
+
+
+def test_ending_a_rollout_leaves_production_alone_and_tags_the_candidate(registry, models, frame):
+    one, two = (registered(registry, model, frame) for model in models)
+    registry.promote(one, reason="first model")
+    registry.start_shadow(two, reason="better")
+    registry.set_canary(0.5)
+
+    assert registry.end_rollout(reason="raised ValueError on 4 % of requests", when=LATER) == two
+    assert fresh_model(registry).aliases == {PRODUCTION: one} and fresh_model(registry).tags[ROLLOUT_SHARE] == "0"
+    assert registry.version(two).tags[ROLLOUT_END_REASON] == "raised ValueError on 4 % of requests"
+    with pytest.raises(RegistryError, match="no 'shadow' or 'canary' alias; no rollout is under way"):
+        registry.end_rollout(reason="again")
+    with pytest.raises(RegistryError, match="no rollout is under way"):
+        registry.set_canary(0.1)
+
+
+def test_a_newer_challenger_replaces_the_candidate_and_production_cannot_be_one(registry, models, frame):
+    one, two, three = (registered(registry, model, frame) for model in (*models, models[0]))
+    registry.promote(one, reason="first model")
+    with pytest.raises(RegistryError, match=f"version {one} .* is in production; it cannot be a candidate"):
+        registry.start_shadow(one, reason="again")
+    registry.start_shadow(two, reason="better")
+    registry.set_canary(0.25)
+
+    assert registry.start_shadow(three, reason="better still") == two
+    assert fresh_model(registry).aliases == {PRODUCTION: one, SHADOW: three}
+    assert registry.version(two).tags[ROLLOUT_END_REASON] == f"replaced by v{three}: better still"
+    assert registry.start_shadow(three, reason="retry of the same decision") is None  # idempotent
+
+
+@pytest.mark.parametrize("share", [0.0, -0.1, 1.5, float("nan")])
+def test_a_canary_share_outside_zero_to_one_is_refused(registry, share):
+    with pytest.raises(ValueError, match=r"expected a number in \(0, 1\]"):
+        registry.set_canary(share)

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from readmission_platform.lib.encounter import FIELDS, typed_frame
 from readmission_platform.lib.predictions import read_predictions
+from readmission_platform.lib.warehouse import quote
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import _CREATE_STAGED, _STAGED, PredictionLog, count_predictions, engine_for
 
@@ -238,3 +239,44 @@ print("written", log.written, "logged", count_predictions(log.url))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the writer keeps its priority (niceness -5 not permitted" in done.stdout
     assert "written 20 logged 20" in done.stdout
+
+
+def test_a_log_from_before_rollouts_gets_their_columns_and_keeps_its_rows(url):
+    from readmission_platform.serving.prediction_log import ROLLOUT_COLUMNS, TABLE, _columns
+
+    engine = engine_for(url, create=False)
+    postgres = engine.dialect.name == "postgresql"
+    before = [c for c in _columns() if c.name not in ROLLOUT_COLUMNS]
+    ids = [sa.Column("id", sa.BigInteger(), primary_key=True, autoincrement=True)] if postgres else []
+    sa.Table(TABLE, sa.MetaData(), *ids, *before).create(engine)
+    with engine.begin() as connection:
+        old = row(0) | inputs(0) | {"predicted_at": "2026-11-30 10:00:00"}
+        connection.execute(sa.text(f"INSERT INTO {TABLE} ({', '.join(quote(k) for k in old if k != 'inputs')}) "
+                                   f"VALUES ({', '.join(':p' + str(i) for i, k in enumerate(old) if k != 'inputs')})"),
+                           {f"p{i}": v for i, (k, v) in enumerate(old.items()) if k != "inputs"})  # fmt: skip
+    engine.dispose()
+    # Readers see the new columns before any worker has added them: NULL, the stage production's.
+    read = read_predictions(url, ["request_id", *ROLLOUT_COLUMNS])
+    assert read.to_dicts() == [{"request_id": "r0", "stage": "production", "shadow_version": None,
+                                "shadow_probability": None, "candidate_error": None, "candidate_ms": None}]  # fmt: skip
+    log = PredictionLog(url)
+    log.record([row(1) | {"stage": "canary", "candidate_ms": 1.5}])
+    shadowed = frame_of([row(2), row(3)]).with_columns(
+        stage=pl.lit("production"), shadow_version=pl.lit("4"), shadow_probability=pl.Series([0.2, 0.3]),
+        candidate_error=pl.lit(None, dtype=pl.String), candidate_ms=pl.lit(2.0),
+    )  # fmt: skip
+    log.record_frame(shadowed)
+    log.close()
+    assert log.written == 3 and log.dropped == 0
+    engine = engine_for(url, create=False)
+    assert [c["name"] for c in sa.inspect(engine).get_columns(TABLE)][-5:] == list(ROLLOUT_COLUMNS)
+    read = read_predictions(url, ["request_id", *ROLLOUT_COLUMNS])
+    assert read.rows() == [
+        ("r0", "production", None, None, None, None),
+        ("r1", "canary", None, None, None, 1.5),
+        ("r2", "production", "4", 0.2, None, 2.0),
+        ("r3", "production", "4", 0.3, None, 2.0),
+    ]
+    assert [r["request_id"] for r in stored_rows(url)] == ["r0", "r1", "r2", "r3"]
+    assert sa.inspect(engine).get_table_names() == [TABLE]  # migrated in place, not renamed away
+    engine.dispose()

@@ -4,9 +4,19 @@ import dagster as dg
 import polars as pl
 
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
-from readmission_platform.lib.evaluation import evaluate_model, subgroup_tables
-from readmission_platform.lib.promotion import DECISION_SCHEMA, Gates, decide, gate_failures, gate_warnings
+from readmission_platform.lib import metrics, paired
+from readmission_platform.lib.evaluation import subgroup_tables
+from readmission_platform.lib.promotion import (
+    DECISION_SCHEMA,
+    Gates,
+    decide,
+    evidence_figures,
+    gate_failures,
+    gate_warnings,
+)
 from readmission_platform.lib.reporting import markdown_table
+from readmission_platform.lib.splitting import PATIENT
+from readmission_platform.lib.training import labels, predict_probability
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
 REPORTED = ("roc_auc", "pr_auc", "brier", "base_rate_brier", "log_loss", "precision", "recall", "f1", "positive_rate")
@@ -14,13 +24,22 @@ REPORTED = ("roc_auc", "pr_auc", "brier", "base_rate_brier", "log_loss", "precis
 
 class PromotionConfig(dg.Config):
     margin: float = 0.0
-    """The challenger must beat production's test ROC-AUC by more than this (default: any improvement)."""
+    """The lower end of the interval of the challenger's test ROC-AUC gain over production must exceed this."""
+    confidence: float = 0.95
+    """The level of the paired comparison's intervals: the challenger must be better with this confidence."""
+    non_inferiority_margin: float = 0.01
+    """Or: a ROC-AUC loss whose interval stays within this, with a Brier score lower with `confidence`."""
+    resamples: int = 1000
+    """Resamples of test patients for the paired bootstrap."""
     min_test_roc_auc: float = 0.62
     subgroup_auc_floor: float = 0.55
     """A gender, race or age-band group with a lower test ROC-AUC is reported (warns, does not block)."""
 
     def gates(self) -> Gates:
-        return Gates(min_test_roc_auc=self.min_test_roc_auc, subgroup_auc_floor=self.subgroup_auc_floor, margin=self.margin)
+        return Gates(
+            min_test_roc_auc=self.min_test_roc_auc, subgroup_auc_floor=self.subgroup_auc_floor, margin=self.margin,
+            confidence=self.confidence, non_inferiority_margin=self.non_inferiority_margin,
+        )  # fmt: skip
 
 
 def challenger_version(context: dg.AssetExecutionContext) -> str:
@@ -46,20 +65,25 @@ def decided_in_run_group(context: dg.AssetExecutionContext, store, version: str)
     deps=[TRAINED_MODEL],
     group_name="promotion",
     kinds={"mlflow"},
-    description="Scores the challenger and production on the same test patients; moves the alias `production` when the challenger wins and passes the gates.",
+    description="Compares the challenger with production on the same test patients (paired bootstrap, DeLong); a "
+    "challenger better on the evidence that passes the gates starts its rollout in `shadow` (the first model goes to "
+    "`production`).",
 )
 def promotion_decision(
     context: dg.AssetExecutionContext, config: PromotionConfig, warehouse: WarehouseResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
     from readmission_platform.lib.registry import PREVIOUS_PRODUCTION, ModelLoadError, decision_threshold
+    from readmission_platform.lib.rollout import PRODUCTION, SHADOW
 
     registry = mlflow.registry()
     parts = warehouse.training_parts()
     test, prevalence = parts["test"], float(parts["train"]["readmitted_30d"].mean())
+    y = labels(test)
     version = challenger_version(context)
     challenger = registry.load_model(version)
     threshold = decision_threshold(registry.version(version))
-    challenger_metrics = evaluate_model(challenger, test, threshold=threshold, prevalence=prevalence)
+    challenger_scores = predict_probability(challenger, test)
+    challenger_metrics = metrics.evaluate(y, challenger_scores, threshold=threshold, prevalence=prevalence)
 
     production = registry.production()
     # A retry of a run killed after it moved the alias: decide again against the version it replaced, the same way.
@@ -67,15 +91,17 @@ def promotion_decision(
     if already_promoted:
         previous = production.tags.get(PREVIOUS_PRODUCTION)
         production = registry.version(previous) if previous else None
-    champion_version = champion_metrics = None
+    champion_version = champion_metrics = evidence = None
     notes = []
     if production is not None:
         try:
-            champion = registry.load_model(production.version)
-            champion_metrics = evaluate_model(
-                champion, test, threshold=decision_threshold(production), prevalence=prevalence
-            )
+            champion_scores = predict_probability(registry.load_model(production.version), test)
+            champion_metrics = metrics.evaluate(y, champion_scores, threshold=decision_threshold(production), prevalence=prevalence)
             champion_version = str(production.version)
+            evidence = paired.compare(
+                test[PATIENT].to_numpy(), y, challenger_scores, champion_scores,
+                resamples=config.resamples, level=config.confidence,
+            )  # fmt: skip
         except ModelLoadError as error:
             # A production model that cannot be loaded cannot serve either: judge the challenger on the gates alone.
             notes.append(f"production v{production.version} could not be loaded ({error}); compared on the gates alone")
@@ -95,12 +121,33 @@ def promotion_decision(
         gates=config.gates(),
         subgroups=subgroups,
         now=datetime.now(UTC),
+        evidence=evidence,
     )
-    if decision.promoted and not already_promoted:
-        registry.promote(version, reason=decision.reason)
+    # A challenger that beat a serving production model is rolled out (`rollout_sensor`); the first model, or one
+    # replacing a production model that cannot even load, serves at once.
+    stage = None
+    if decision.promoted:
+        stage = SHADOW if champion_version is not None else PRODUCTION
+        if already_promoted:
+            stage = PRODUCTION
+        elif stage == SHADOW:
+            registry.start_shadow(version, reason=decision.reason)
+        else:
+            registry.promote(version, reason=decision.reason)
+    registry.annotate(
+        version,
+        {"promotion.decision": "shadow" if stage == SHADOW else ("production" if stage else "not_promoted")}
+        | ({f"promotion.{k}": v for k, v in evidence_figures(evidence).items()} if evidence else {}),
+    )
     after = registry.production()
-    production_metrics = challenger_metrics if decision.promoted else champion_metrics
-    row = decision.as_row() | {"dagster_run_id": context.run.run_id, "production_version": str(after.version) if after else None}
+    production_metrics = challenger_metrics if stage == PRODUCTION else champion_metrics
+    row = decision.as_row() | {
+        "dagster_run_id": context.run.run_id,
+        "production_version": str(after.version) if after else None,
+        "candidate_version": version if stage == SHADOW else None,
+        "rollout_stage": stage,
+        "rollout_share": 0.0 if stage == SHADOW else None,
+    }
     with warehouse.open() as store:
         if not decided_in_run_group(context, store, version):
             store.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
@@ -124,6 +171,8 @@ def promotion_decision(
             "challenger_version": version,
             "previous_production_version": champion_version or (str(production.version) if production else None),
             "production_version": str(after.version) if after else None,
+            "rollout_stage": stage or "not promoted",
+            **(evidence_metadata(evidence) if evidence else {"comparison": "no production model to compare with"}),
             "production_test_roc_auc": production_metrics["roc_auc"] if production_metrics else None,
             "production_test_brier": production_metrics["brier"] if production_metrics else None,
             "base_rate_brier": challenger_metrics["base_rate_brier"],
@@ -140,3 +189,16 @@ def promotion_decision(
             "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
         }
     )
+
+
+def evidence_metadata(evidence: paired.PairedComparison) -> dict[str, object]:
+    """The paired comparison as asset metadata: every figure, and a table a reviewer reads."""
+    table = pl.DataFrame(
+        [
+            {"metric": d.metric, "challenger": round(d.a, 4), "production": round(d.b, 4), "difference": round(d.difference, 4),
+             "lower": round(d.lower, 4), "upper": round(d.upper, 4), "p_value": round(d.p_value, 4)}
+            for d in (evidence.roc_auc, evidence.brier)
+        ]  # fmt: skip
+    )
+    figures = {k: v for k, v in evidence_figures(evidence).items() if k != "comparison"}
+    return {"comparison": evidence.method, **figures, "paired_comparison": dg.MetadataValue.md(markdown_table(table))}

@@ -1,0 +1,73 @@
+"""promotion_decision on the evidence: real trained models compared on the same real test patients."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from readmission_platform.defs.promotion.assets import promotion_decision
+from readmission_platform.defs.training.assets import trained_model
+from readmission_platform.lib.registry import SHADOW
+from readmission_platform.lib.training import model_input, train_candidates
+from readmission_platform_tests.defs.conftest import ingest, metadata, retrain
+
+
+def decide_again(instance, resources) -> dg.ExecuteInProcessResult:
+    """promotion_decision alone, on the latest trained_model."""
+    return dg.materialize([promotion_decision, trained_model], selection=[promotion_decision], resources=resources, instance=instance)
+
+
+def weak_production(platform, mlflow) -> str:
+    """A real logistic regression fitted on 150 training rows, registered and put in production; its version."""
+    with platform.warehouse as store:
+        frame = store.read_table("training_set")
+    train, validation = frame.filter(frame["split"] == "train"), frame.filter(frame["split"] == "validation")
+    (candidate,) = train_candidates(train.head(150), validation.head(400), families=("logistic_regression",))
+    registry = mlflow.registry()
+    run_id = registry.log_candidate(
+        candidate.model, params={"family": "logistic_regression"}, metrics={}, tags={}, artifacts=None,
+        input_example=model_input(train.head(5)), run_name="weak",
+    )  # fmt: skip
+    version = registry.register(run_id, threshold=candidate.threshold, tags={})
+    registry.promote(version, reason="a weak model in production, for the test")
+    return version
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_a_challenger_within_noise_stays_out_and_a_clearly_better_one_goes_to_shadow(
+    platform, instance, resources, mlflow, training_batches
+):
+    for i, data in enumerate(training_batches[:3], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    first = metadata(retrain(instance, resources), "promotion_decision")
+    assert first["rollout_stage"] == "production" and first["comparison"] == "no production model to compare with"
+
+    # v2: the same family on one more batch, judged against v1 on the same test patients.
+    ingest(platform, instance, resources, training_batches[3], "batch_0004")
+    noise = metadata(retrain(instance, resources), "promotion_decision")
+    assert noise["challenger_version"] == "2" and noise["promoted"] is False, noise["reason"]
+    assert noise["roc_auc_difference_lower"] < 0 < noise["roc_auc_difference_upper"]
+    assert noise["roc_auc_p_value"] > 0.05 and "neither better than production v1 with 95% confidence" in noise["reason"]
+    assert noise["rollout_stage"] == "not promoted" and str(mlflow.registry().production().version) == "1"
+    assert mlflow.registry().rollout() is None
+
+    weak = weak_production(platform, mlflow)
+    better = metadata(decide_again(instance, resources), "promotion_decision")
+    assert better["promoted"] is True and better["rollout_stage"] == SHADOW, better["reason"]
+    assert better["roc_auc_difference_lower"] > 0 and better["roc_auc_p_value"] < 0.01 and better["delong_p_value"] < 0.01
+    assert f"better than production v{weak} with 95% confidence" in better["reason"]
+    registry = mlflow.registry()
+    assert str(registry.production().version) == weak  # production keeps answering until the rollout ends
+    rollout = registry.rollout()
+    assert (rollout.version, rollout.stage, rollout.share) == ("2", SHADOW, 0.0)
+    tags = registry.version("2").tags
+    assert tags["promotion.decision"] == "shadow"
+    assert float(tags["promotion.roc_auc_difference"]) == pytest.approx(better["roc_auc_difference"])
+
+    rows = platform.warehouse.query("SELECT * FROM promotion_decisions ORDER BY decided_at")
+    assert rows["promoted"].to_list() == [True, False, True]
+    assert rows["rollout_stage"].to_list() == ["production", None, SHADOW]
+    assert rows["candidate_version"].to_list() == [None, None, "2"]
+    assert rows["roc_auc_difference"][2] == pytest.approx(better["roc_auc_difference"])
+    assert rows["brier_difference_upper"][1] == pytest.approx(noise["brier_difference_upper"])
+    assert rows["comparison"][0] is None and "paired bootstrap over" in rows["comparison"][2]
