@@ -107,6 +107,11 @@ def read_predictions(
         sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
         # Rows are appended in time order, so the id (SQLite: the rowid) orders them by time.
         sql += " ORDER BY rowid" if sqlite else " ORDER BY id"
+        if sqlite:
+            # The SQLite driver infers a column's type from its first batch of rows and refuses a later batch that
+            # differs: a column NULL in the first 1,024 rows (a rollout's, `weight`) read as integers, then text. One
+            # batch of every row: the rows are all collected below anyway.
+            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(10**9)})
         cursor.execute(sql, params)
         frame = pl.from_arrow(cursor.fetch_arrow_table())
     if sqlite and "predicted_at" in wanted:

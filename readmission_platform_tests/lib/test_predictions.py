@@ -90,3 +90,21 @@ def test_the_resource_reads_the_log_inside_an_asset(tmp_path):
     with dg.instance_for_test() as instance:
         result = dg.materialize([logged], resources={"prediction_log": PredictionLogResource(url=url)}, instance=instance)
     assert result.asset_materializations_for_node("logged")[0].metadata["rows"].value == 3
+
+
+def test_a_sqlite_column_null_in_its_first_thousands_of_rows_reads_with_its_type(tmp_path):
+    from readmission_platform.lib.predictions import read_predictions as read_frame
+    from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+    from readmission_platform.serving.prediction_log import PredictionLog
+
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    log = PredictionLog(url)
+    base = {"endpoint": "predict", "model_name": "m", "model_version": "1", "probability": 0.1, "decision": False,
+            "risk_band": "low", "stage": "production", "inputs": dict(SMOKE_ENCOUNTERS[0])}  # fmt: skip
+    log.record([base | {"request_id": f"r{i}"} for i in range(3_000)])
+    log.record([base | {"request_id": "late", "shadow_version": "2", "shadow_probability": 0.4, "candidate_error": "raised ValueError: x",
+                        "candidate_ms": 1.5}])  # fmt: skip
+    log.close()
+    read = read_frame(url, ["request_id", "shadow_version", "shadow_probability", "candidate_error", "candidate_ms"])
+    assert read.height == 3_001 and read.row(-1) == ("late", "2", 0.4, "raised ValueError: x", 1.5)
+    assert read["candidate_error"].null_count() == 3_000
