@@ -55,7 +55,8 @@ def rollout_state(registry: ModelRegistry) -> RolloutState:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         return RolloutState(production=None)
-    aliases, tags = found.aliases, found.tags
+    aliases = {alias: str(version) for alias, version in found.aliases.items()}  # MLflow gives the numbers as ints
+    tags = found.tags
     production = aliases.get(PRODUCTION)
     stage = CANARY if CANARY in aliases else SHADOW if SHADOW in aliases else None
     candidate = aliases.get(stage) if stage else None
@@ -174,7 +175,9 @@ class Trials:
         if isinstance(started, Trial):
             return started
         budget = self.budget_ms()
-        done, _ = await asyncio.wait({asyncio.wrap_future(started)}, timeout=budget / 1000.0)
+        waited = asyncio.wrap_future(started)
+        waited.add_done_callback(_seen)  # its outcome is read from `started`; asyncio would warn of an unread error
+        done, _ = await asyncio.wait({waited}, timeout=budget / 1000.0)
         if not done:
             return self._overran(candidate, started, budget)
         return self._finish(candidate, started, None)
@@ -194,6 +197,11 @@ class Trials:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _seen(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _probabilities(values: Any, rows: int | None) -> bool:

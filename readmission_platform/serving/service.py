@@ -4,8 +4,10 @@ Routes: POST /predict (one encounter), POST /predict_batch ({"encounters": [...]
 GET /model (the model serving now), and BentoML's /livez, /readyz (ready once a model is loaded) and /metrics.
 Each worker serves the version behind the MLflow alias `production` and checks the alias every
 READMISSION_RELOAD_SECONDS (default 30), swapping to a new version only once it has loaded and passed its smoke
-test. Every prediction goes to the prediction log (READMISSION_PREDICTION_LOG_URL, default SQLite under
-READMISSION_HOME). With READMISSION_API_TOKEN set, the prediction routes and /model need `Authorization: Bearer <token>`.
+test. Beside it a worker holds at most one candidate, the version behind `shadow` (scored beside production and
+logged, never returned) or `canary` (answering the requests whose request_id hashes below the share the registry
+gives it); a candidate's failure never fails a request (`serving/rollout.py`). Every prediction goes to the
+prediction log (READMISSION_PREDICTION_LOG_URL, default SQLite under READMISSION_HOME). With READMISSION_API_TOKEN set, the prediction routes and /model need `Authorization: Bearer <token>`.
 The prediction routes take `application/json` bodies of at most READMISSION_MAX_BODY_BYTES (default: a full batch at
 its largest, `encounter.MAX_BATCH_BYTES`); /docs.json is the contract, every answer of every route declared.
 

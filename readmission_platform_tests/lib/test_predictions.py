@@ -112,3 +112,21 @@ def test_a_sqlite_log_read_in_parts_on_threads_reads_every_row_once_in_order(tmp
     parts = read_predictions(url)
     assert parts.equals(whole) and parts["request_id"].to_list() == [f"r{i}" for i in range(41)]
     assert read_predictions(url, ["request_id"], since=whole["predicted_at"][0])["request_id"].to_list() == whole["request_id"].to_list()
+
+
+def test_a_sqlite_column_null_in_its_first_thousands_of_rows_reads_with_its_type(tmp_path):
+    from readmission_platform.lib.predictions import read_predictions as read_frame
+    from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+    from readmission_platform.serving.prediction_log import PredictionLog
+
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    log = PredictionLog(url)
+    base = {"endpoint": "predict", "model_name": "m", "model_version": "1", "probability": 0.1, "decision": False,
+            "risk_band": "low", "stage": "production", "inputs": dict(SMOKE_ENCOUNTERS[0])}  # fmt: skip
+    log.record([base | {"request_id": f"r{i}"} for i in range(3_000)])
+    log.record([base | {"request_id": "late", "shadow_version": "2", "shadow_probability": 0.4, "candidate_error": "raised ValueError: x",
+                        "candidate_ms": 1.5}])  # fmt: skip
+    log.close()
+    read = read_frame(url, ["request_id", "shadow_version", "shadow_probability", "candidate_error", "candidate_ms"])
+    assert read.height == 3_001 and read.row(-1) == ("late", "2", 0.4, "raised ValueError: x", 1.5)
+    assert read["candidate_error"].null_count() == 3_000
