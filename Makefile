@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui serve observe status test chaos observability bench loadtest clean
+.PHONY: install demo ui mlflow-ui serve app observe status test chaos observability browser bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
@@ -28,6 +28,9 @@ mlflow-ui: install
 serve: install
 	$(BIN)/readmission serve
 
+app: install
+	$(BIN)/readmission app
+
 observe: install
 	$(BIN)/readmission observe
 
@@ -44,6 +47,10 @@ chaos: install
 # A real Prometheus and Alertmanager on a real bentoml serve, alerts to a webhook; a few minutes, so not in `make test`.
 observability: install
 	$(BIN)/python -m pytest -m observability
+
+# The app in headless Chromium (Debian's /usr/bin/chromium) on a real bentoml serve; its screenshot in test-artifacts/.
+browser: install
+	$(BIN)/python -m pytest -m browser
 
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py
