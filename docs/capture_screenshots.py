@@ -32,7 +32,7 @@ def capture_app(browser, url: str) -> None:
     predict = page.get_by_role("button", name="Predict", exact=True)
     predict.wait_for(timeout=WAIT_MS)
     for label, value in (("Inpatient stays, past year", "3"), ("Emergency visits, past year", "1")):
-        field = page.get_by_label(label)
+        field = page.get_by_role("spinbutton", name=label, exact=True)
         field.fill(value)
         field.press("Enter")
     predict.click()
