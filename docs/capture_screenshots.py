@@ -27,7 +27,7 @@ WAIT_MS = 120_000
 
 
 def capture_app(browser, url: str) -> None:
-    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page = browser.new_page(viewport={"width": 1500, "height": 1150})
     page.goto(url)
     predict = page.get_by_role("button", name="Predict", exact=True)
     predict.wait_for(timeout=WAIT_MS)
@@ -38,14 +38,20 @@ def capture_app(browser, url: str) -> None:
     predict.click()
     expect(page.get_by_test_id("stVegaLiteChart").locator("canvas, svg").first).to_be_visible(timeout=WAIT_MS)
     page.wait_for_timeout(1_500)
-    page.get_by_text("Answer", exact=True).scroll_into_view_if_needed()
-    page.screenshot(path=IMAGES / "app-predict.png", full_page=True)
+    # Streamlit scrolls its main section itself: the answer is brought to the top of the window, not the page grown.
+    page.get_by_role("heading", name="Answer").evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)
+    page.screenshot(path=IMAGES / "app-predict.png")
 
 
 def capture_asset_graph(browser, url: str) -> None:
     page = browser.new_page(viewport={"width": 1800, "height": 1000})
     page.goto(f"{url}/asset-groups")
-    page.get_by_text("raw_batches").first.wait_for(timeout=WAIT_MS)
+    try:
+        page.get_by_text("raw_batches").first.wait_for(timeout=3 * WAIT_MS)  # the code location loads first
+    except Exception:
+        page.screenshot(path=IMAGES.parent / "asset-graph-not-shown.png")
+        raise
     page.wait_for_timeout(5_000)  # the graph lays itself out, then fits the view
     page.screenshot(path=IMAGES / "dagster-asset-graph.png")
 

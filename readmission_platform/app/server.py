@@ -15,10 +15,11 @@ ENTRY = Path(__file__).with_name("main.py")
 
 
 def app_command(port: int) -> list[str]:
-    """`streamlit run` of the app on 127.0.0.1:`port`, headless, telling Streamlit's makers nothing."""
+    """`streamlit run` of the app on 127.0.0.1:`port`, headless, telling Streamlit's makers nothing, without the
+    developer's menu (deploy, rerun)."""
     executable = str(Path(sys.executable).with_name("streamlit"))
     return [executable, "run", str(ENTRY), "--server.address", "127.0.0.1", "--server.port", str(port),
-            "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
+            "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]  # fmt: skip
 
 
 @contextmanager
