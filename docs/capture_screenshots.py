@@ -1,6 +1,6 @@
 """Make the README's pictures from a demo instance: the app's Predict page with an answer, and the Dagster asset graph.
 
-    READMISSION_HOME=<a home `make demo` filled> .venv/bin/python docs/capture_screenshots.py
+    READMISSION_HOME=<a home `make demo` filled> .venv/bin/python docs/capture_screenshots.py [app] [graph]
 
 Starts `bentoml serve` on the home's latest Bento (or the repository's service), the app on it and the Dagster UI's
 webserver (no daemon: the pictures need none, and a demo still running has its own), each on a free port, and drives
@@ -47,12 +47,16 @@ def capture_app(browser, url: str) -> None:
 def capture_asset_graph(browser, url: str) -> None:
     page = browser.new_page(viewport={"width": 1800, "height": 1000})
     page.goto(f"{url}/asset-groups")
-    try:
-        page.get_by_text("raw_batches").first.wait_for(timeout=3 * WAIT_MS)  # the code location loads first
-    except Exception:
-        page.screenshot(path=IMAGES.parent / "asset-graph-not-shown.png")
-        raise
-    page.wait_for_timeout(5_000)  # the graph lays itself out, then fits the view
+    page.get_by_text("Global asset lineage").wait_for(timeout=3 * WAIT_MS)  # the code location loads first
+    page.wait_for_timeout(3_000)
+    skip = page.get_by_role("button", name="Skip")
+    if skip.count():
+        skip.click()  # the community sign-up a new Dagster home shows once
+    # The graph opens with each stage's group collapsed; a click on a group's node opens it.
+    for group in ("ingestion", "preparation", "monitoring", "training", "promotion", "serving", "outcomes"):
+        page.get_by_text(group, exact=True).last.click()
+        page.wait_for_timeout(1_000)
+    page.wait_for_timeout(3_000)  # the graph lays itself out again
     page.screenshot(path=IMAGES / "dagster-asset-graph.png")
 
 
@@ -60,6 +64,7 @@ def main() -> int:
     settings = Settings.from_env()
     prepare_dagster_home(settings)
     IMAGES.mkdir(exist_ok=True)
+    only = set(sys.argv[1:]) or {"app", "graph"}
     logs = settings.home / "logs"
     bento = BENTO if (settings.bentoml_home / "bentos" / BENTO.split(":")[0]).is_dir() else None
     port = free_port()
@@ -80,13 +85,15 @@ def main() -> int:
             wait_until_answering(webserver, f"http://127.0.0.1:{port}/server_info", "dagster-webserver", 180, webserver_log)
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
             try:
-                capture_app(browser, app)
-                capture_asset_graph(browser, f"http://127.0.0.1:{port}")
+                if "app" in only:
+                    capture_app(browser, app)
+                if "graph" in only:
+                    capture_asset_graph(browser, f"http://127.0.0.1:{port}")
             finally:
                 browser.close()
     finally:
         stop(webserver)
-    print(f"wrote {IMAGES / 'app-predict.png'} and {IMAGES / 'dagster-asset-graph.png'}")
+    print(f"wrote {', '.join(sorted(only))} into {IMAGES}")
     return 0
 
 

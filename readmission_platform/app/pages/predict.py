@@ -106,7 +106,7 @@ if answer := st.session_state.get("answer"):
             .mark_bar()
             .encode(
                 x=alt.X("contribution:Q", title="push on the risk"),
-                y=alt.Y("feature:N", sort=None, title=None),
+                y=alt.Y("feature:N", sort=None, title=None, axis=alt.Axis(labelLimit=360)),
                 color=alt.Color("direction:N", scale=alt.Scale(domain=[UP, DOWN], range=["#d62728", "#1f77b4"]),
                                 legend=alt.Legend(title=None, orient="bottom")),  # fmt: skip
                 tooltip=["feature", "value", "contribution", "direction"],
