@@ -46,7 +46,7 @@ def capture_app(browser, url: str) -> None:
 
 
 def capture_asset_graph(browser, url: str) -> None:
-    page = browser.new_page(viewport={"width": 1800, "height": 1000})
+    page = browser.new_page(viewport={"width": 2200, "height": 1100})
     page.goto(f"{url}/asset-groups")
     page.get_by_text("Global asset lineage").wait_for(timeout=3 * WAIT_MS)  # the code location loads first
     page.wait_for_timeout(3_000)
@@ -60,7 +60,10 @@ def capture_asset_graph(browser, url: str) -> None:
         except PlaywrightTimeout:
             continue  # laid out out of view by the groups opened before it: left closed
         page.wait_for_timeout(1_000)
-    page.wait_for_timeout(3_000)  # the graph lays itself out again
+    # The UI keeps which groups are open; loaded again, it fits the whole graph in the window.
+    page.reload()
+    page.get_by_text("Global asset lineage").wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(8_000)
     page.screenshot(path=IMAGES / "dagster-asset-graph.png")
 
 
