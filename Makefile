@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui serve observe status test chaos observability rollout bench loadtest clean
+.PHONY: install demo ui mlflow-ui serve app observe status test chaos observability rollout browser bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
@@ -28,6 +28,9 @@ mlflow-ui: install
 serve: install
 	$(BIN)/readmission serve
 
+app: install
+	$(BIN)/readmission app
+
 observe: install
 	$(BIN)/readmission observe
 
@@ -48,6 +51,10 @@ observability: install
 # Shadow and canary candidates (good, raising, slow, not loading) in a real bentoml serve; minutes, so not in `make test`.
 rollout: install
 	$(BIN)/python -m pytest -m rollout
+
+# The app in headless Chromium (Debian's /usr/bin/chromium) on a real bentoml serve; its screenshot in test-artifacts/.
+browser: install
+	$(BIN)/python -m pytest -m browser
 
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py

@@ -11,6 +11,15 @@ from pathlib import Path
 # What the platform creates holds patient identifiers and clinical values: its user's alone (files 0600, folders 0700).
 PRIVATE_UMASK = 0o077
 
+# Default ports on 127.0.0.1, distinct so that everything the platform starts can run at once.
+DAGSTER_UI_PORT = 3000
+SERVICE_PORT = 3100
+APP_PORT = 8501
+MLFLOW_UI_PORT = 5000
+PROMETHEUS_PORT = 9090
+ALERTMANAGER_PORT = 9093
+PIPELINE_METRICS_PORT = 9464
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -157,6 +166,23 @@ class RolloutSettings:
             steps=steps,
             stage_seconds=_number(env, "READMISSION_ROLLOUT_STAGE_SECONDS", cls.stage_seconds, float),
             min_requests=_number(env, "READMISSION_ROLLOUT_MIN_REQUESTS", cls.min_requests),
+        )
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What the clinician's app reads besides `Settings`: where the service answers, and its token."""
+
+    service_url: str = f"http://127.0.0.1:{SERVICE_PORT}"
+    api_token: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> AppSettings:
+        """READMISSION_SERVICE_URL (default http://127.0.0.1:3100, `readmission serve`'s), READMISSION_API_TOKEN
+        (unset: the service is open)."""
+        return cls(
+            service_url=(env.get("READMISSION_SERVICE_URL") or cls.service_url).rstrip("/"),
+            api_token=env.get("READMISSION_API_TOKEN") or None,
         )
 
 

@@ -11,7 +11,18 @@ import time
 
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.warehouse import WarehouseError
-from readmission_platform.settings import Settings, keep_private
+from readmission_platform.settings import (
+    ALERTMANAGER_PORT,
+    APP_PORT,
+    DAGSTER_UI_PORT,
+    MLFLOW_UI_PORT,
+    PIPELINE_METRICS_PORT,
+    PROMETHEUS_PORT,
+    SERVICE_PORT,
+    AppSettings,
+    Settings,
+    keep_private,
+)
 
 
 def _say(message: str) -> None:
@@ -178,6 +189,17 @@ def serve(settings: Settings, source: bool, bento: str, port: int, workers: int 
     os.execve(command[0], command, env)
 
 
+def app(settings: Settings, port: int, service: str | None) -> int:
+    from readmission_platform.app.server import app_command
+
+    env = {**os.environ, "READMISSION_HOME": str(settings.home)}
+    if service:
+        env["READMISSION_SERVICE_URL"] = service
+    command = app_command(port)
+    _say(f"the app on http://127.0.0.1:{port}, asking the service at {AppSettings.from_env(env).service_url}")
+    os.execve(command[0], command, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="readmission", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,23 +218,28 @@ def main(argv: list[str] | None = None) -> int:
     rollout_parser.add_argument("action", choices=["status", "advance", "abort"], help="show it, move it a stage on, or take it out")
     rollout_parser.add_argument("--reason", help="why (advance, abort); recorded on the version and in promotion_decisions")
     ui_parser = commands.add_parser("ui", help="open the Dagster UI and daemon on the platform's instance")
-    ui_parser.add_argument("--port", type=int, default=3000)
+    ui_parser.add_argument("--port", type=int, default=DAGSTER_UI_PORT)
     mlflow_parser = commands.add_parser("mlflow-ui", help="open the MLflow UI on the platform's tracking store")
-    mlflow_parser.add_argument("--port", type=int, default=5000)
+    mlflow_parser.add_argument("--port", type=int, default=MLFLOW_UI_PORT)
     serve_parser = commands.add_parser("serve", help="serve the production model over HTTP with bentoml serve")
-    serve_parser.add_argument("--port", type=int, default=3000)
+    serve_parser.add_argument("--port", type=int, default=SERVICE_PORT)
     serve_parser.add_argument("--workers", type=int, help="worker processes (default 1)")
     which = serve_parser.add_mutually_exclusive_group()
     which.add_argument("--bento", default="readmission:latest", help="the Bento to serve (default readmission:latest)")
     which.add_argument("--source", action="store_true", help="serve the repository's service (bentoml serve .)")
     observe_parser = commands.add_parser("observe", help="start Prometheus and Alertmanager on the platform's state")
     observe_parser.add_argument("--service", action="append", metavar="HOST:PORT",
-                                help="a `readmission serve` to scrape (repeatable; default 127.0.0.1:3000)")
+                                help=f"a `readmission serve` to scrape (repeatable; default 127.0.0.1:{SERVICE_PORT})")
     observe_parser.add_argument("--webhook", default="http://127.0.0.1:9095/alerts",
                                 help="where Alertmanager sends every alert (default http://127.0.0.1:9095/alerts)")
-    observe_parser.add_argument("--prometheus-port", type=int, default=9090)
-    observe_parser.add_argument("--alertmanager-port", type=int, default=9093)
-    observe_parser.add_argument("--pipeline-port", type=int, default=9464, help="the pipeline's metrics (default 9464)")
+    observe_parser.add_argument("--prometheus-port", type=int, default=PROMETHEUS_PORT)
+    observe_parser.add_argument("--alertmanager-port", type=int, default=ALERTMANAGER_PORT)
+    observe_parser.add_argument("--pipeline-port", type=int, default=PIPELINE_METRICS_PORT,
+                                help=f"the pipeline's metrics (default {PIPELINE_METRICS_PORT})")
+    app_parser = commands.add_parser("app", help="open the clinician's app (Streamlit) on the prediction service")
+    app_parser.add_argument("--port", type=int, default=APP_PORT)
+    app_parser.add_argument("--service", metavar="URL",
+                            help=f"the service's base URL (default READMISSION_SERVICE_URL, else http://127.0.0.1:{SERVICE_PORT})")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -240,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             from readmission_platform.cli.observe import Ports, observe
 
             ports = Ports(args.prometheus_port, args.alertmanager_port, args.pipeline_port)
-            return observe(settings, _say, service=args.service or ["127.0.0.1:3000"], webhook=args.webhook, ports=ports)
+            return observe(settings, _say, service=args.service or [f"127.0.0.1:{SERVICE_PORT}"], webhook=args.webhook, ports=ports)
+        if args.command == "app":
+            return app(settings, args.port, args.service)
         if args.command == "mlflow-ui":
             return mlflow_ui(settings, args.port)
         return ui(settings, args.port)

@@ -8,14 +8,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from readmission_platform.settings import Settings
+from readmission_platform.settings import ALERTMANAGER_PORT, PIPELINE_METRICS_PORT, PROMETHEUS_PORT, Settings
 
 
 @dataclass(frozen=True)
 class Ports:
-    prometheus: int = 9090
-    alertmanager: int = 9093
-    pipeline: int = 9464  # the port OpenTelemetry's and many exporters' Prometheus endpoints default to
+    prometheus: int = PROMETHEUS_PORT
+    alertmanager: int = ALERTMANAGER_PORT
+    pipeline: int = PIPELINE_METRICS_PORT  # the port OpenTelemetry's and many exporters' Prometheus endpoints default to
 
 
 def observe(settings: Settings, say: Callable[[str], None], *, service: list[str], webhook: str, ports: Ports,

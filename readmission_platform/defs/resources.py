@@ -15,6 +15,7 @@ from readmission_platform.lib.landing import OUTCOMES_FOLDER
 from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.splitting import SPLIT, SPLITS
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
+from readmission_platform.settings import DAGSTER_UI_PORT, MLFLOW_UI_PORT
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -61,7 +62,7 @@ class MlflowResource(dg.ConfigurableResource):
     artifact_root: str | None = None
     model_name: str = "readmission-classifier"
     experiment: str = "readmission"
-    ui_url: str = "http://127.0.0.1:5000"
+    ui_url: str = f"http://127.0.0.1:{MLFLOW_UI_PORT}"
     """Where `make mlflow-ui` serves the MLflow UI; links in asset metadata point there."""
 
     def registry(self) -> ModelRegistry:
@@ -137,7 +138,7 @@ class AlertmanagerResource(dg.ConfigurableResource):
     """Alertmanager's API, where the pipeline's sensors post alerts (READMISSION_ALERTMANAGER_URL; unset: none)."""
 
     url: str | None = None
-    dagster_ui_url: str = "http://127.0.0.1:3000"
+    dagster_ui_url: str = f"http://127.0.0.1:{DAGSTER_UI_PORT}"
     """Where `make ui` serves the Dagster UI; an alert links its run there."""
     hold_seconds: int = 3600
     """How long a posted alert stays firing in Alertmanager: a failure is an event, not a state anyone clears."""

@@ -29,6 +29,8 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from sklearn.pipeline import Pipeline
 
+from readmission_platform.settings import MLFLOW_UI_PORT
+
 MODEL_NAME = "readmission-classifier"
 EXPERIMENT = "readmission"
 PRODUCTION = "production"
@@ -37,7 +39,7 @@ CANARY = "canary"
 ROLLOUT_SHARE = "rollout.share"
 ROLLOUT_STAGE_STARTED_AT = "rollout.stage_started_at"
 # Where `mlflow ui` (and `readmission mlflow-ui`) serve by default.
-UI_URL = "http://127.0.0.1:5000"
+UI_URL = f"http://127.0.0.1:{MLFLOW_UI_PORT}"
 # The name of the logged model inside a candidate's run.
 MODEL_ARTIFACT = "model"
 INPUT_EXAMPLE_ROWS = 5

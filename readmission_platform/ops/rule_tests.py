@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from readmission_platform.ops import pipeline, spec
+from readmission_platform.settings import SERVICE_PORT
 
-SVC = {"job": spec.SERVICE_JOB, "instance": "service:3000"}
+SVC = {"job": spec.SERVICE_JOB, "instance": f"service:{SERVICE_PORT}"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""What the app's pages show, without Streamlit or a service: the form, the words, the batch checks, the model card."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from readmission_platform.app.answers import UP, contributions_frame, risk_in_words
+from readmission_platform.app.batch import UploadError, check_rows, read_upload
+from readmission_platform.app.card import figure, metrics_table, table
+from readmission_platform.app.form import diagnosis_group, encounter_request, form_fields, reference_frame
+from readmission_platform.app.history import AWAITED, filtered, recent_predictions
+from readmission_platform.lib import schema
+from readmission_platform.lib.encounter import Encounter
+
+
+@pytest.fixture(scope="module")
+def fields(sample_source_bytes):
+    return {f.name: f for f in form_fields(reference_frame(sample_source_bytes))}
+
+
+def test_the_forms_defaults_make_a_request_the_service_accepts(fields):
+    request = encounter_request({name: f.default for name, f in fields.items()})
+    Encounter.model_validate(request)
+    assert fields["number_inpatient"].default == 0 and fields["insulin"].kind == "choice"
+
+
+def test_choices_are_the_schemas_values_with_their_meaning(fields):
+    disposition = fields["discharge_disposition_id"]
+    assert not set(disposition.options) & set(schema.DEATH_OR_HOSPICE_DISPOSITIONS)
+    assert disposition.describe(1) == "1 · Discharged to home"
+    assert fields["A1Cresult"].describe("None") == "None · not measured"
+    assert fields["race"].options[0] is None and fields["race"].describe(None) == "unknown"
+    assert set(fields["age"].options) == set(schema.AGE_BRACKETS)
+
+
+def test_a_diagnosis_shows_its_group_or_what_is_wrong():
+    assert diagnosis_group("250.02") == "group: diabetes"
+    assert diagnosis_group("V57") == "group: other"
+    assert "is not an ICD-9 code" in diagnosis_group("heart")
+    assert diagnosis_group("  ") == "no diagnosis entered"
+
+
+def test_empty_text_is_unknown_and_the_patient_id_is_sent_only_when_given(fields):
+    values = {name: f.default for name, f in fields.items()} | {"medical_specialty": "  ", "diag_3": ""}
+    request = encounter_request(values)
+    assert request["medical_specialty"] is None and request["diag_3"] is None and "patient_id" not in request
+    assert encounter_request(values, " 4711 ")["patient_id"] == "4711"
+
+
+@pytest.mark.parametrize(
+    ("band", "said"),
+    [("high", "**High risk**: a 30.0 % probability"), ("medium", "usual rate is 11.0 %"), ("low", "**Low risk**")],
+)
+def test_the_risk_in_words_names_the_threshold_and_the_usual_rate(band, said):
+    words = risk_in_words({"probability": 0.3, "threshold": 0.2, "risk_band": band}, 0.11)
+    assert said in words
+    assert ("20.0 %" in words) == (band != "low")
+
+
+def test_contributions_strongest_first_per_field_when_the_service_sums_them():
+    explanation = {
+        "contributions": [{"feature": "number_inpatient", "value": 3.0, "contribution": 0.4},
+                          {"feature": "age_years", "value": 75.0, "contribution": -0.1}],
+        "fields": [{"field": "age", "contribution": -0.1, "features": ["age_years"]},
+                   {"field": "number_inpatient", "contribution": 0.4, "features": ["number_inpatient"]}],
+    }  # fmt: skip
+    by_feature = contributions_frame({"contributions": explanation["contributions"]})
+    assert by_feature["value"].to_list() == ["3", "75"] and by_feature["direction"][0] == UP
+    by_field = contributions_frame(explanation, {"age": "[70-80)", "number_inpatient": 3})
+    assert by_field["feature"].to_list() == ["Inpatient stays, past year", "Age (years)"]
+    assert by_field["value"].to_list() == ["3", "[70-80)"]
+
+
+def test_each_bad_row_is_named_in_words(sample_source_bytes):
+    lines = sample_source_bytes.decode().splitlines()[:5]
+    header = lines[0].split(",")
+    cells = lines[2].split(",")
+    cells[header.index("num_lab_procedures")] = "many"
+    cells[header.index("gender")] = ""
+    lines[2] = ",".join(cells)
+    cells = lines[3].split(",")
+    cells[header.index("discharge_disposition_id")] = "11"
+    lines[3] = ",".join(cells)
+    checked = check_rows(read_upload("\n".join(lines).encode()))
+    assert checked.valid == 2
+    assert checked.problems[1] == ("line 3: 'gender' holds None; expected one of Female, Male; 'num_lab_procedures' "
+                                   "holds 'many'; expected an integer from 0 to 300")  # fmt: skip
+    assert checked.problems[2].startswith("line 4: discharge disposition 11 is death or hospice")
+
+
+def test_a_file_that_is_not_an_export_is_refused_whole():
+    with pytest.raises(UploadError, match="is empty"):
+        read_upload(b"")
+    with pytest.raises(UploadError, match="not UTF-8"):
+        read_upload(b"\xff\xfe")
+    with pytest.raises(UploadError, match="has no column race, gender"):
+        read_upload(b"a,b\n1,2\n")
+
+
+def test_the_model_card_shows_intervals_and_tables_it_is_given():
+    assert figure({"estimate": 0.66, "lower": 0.64, "upper": 0.68}) == "0.660 (0.640 to 0.680)"
+    metrics = metrics_table({"test_metrics": {"roc_auc": 0.66}, "validation_metrics": {"roc_auc": 0.7, "brier": 0.09}})
+    assert metrics.rows() == [("brier", "", "0.090"), ("roc_auc", "0.660", "0.700")]
+    assert table([{"group": "Female", "roc_auc": 0.6}]).height == 1
+    assert table("nothing tabular") is None
+
+
+def test_history_newest_first_without_ids_outcome_where_known():
+    predictions = pl.DataFrame({
+        "request_id": ["a", "b", "c"], "predicted_at": [1, 2, 3], "endpoint": ["predict"] * 3,
+        "model_version": ["1", "2", "2"], "probability": [0.1, 0.2, 0.3], "risk_band": ["low", "medium", "high"],
+        "decision": [False, False, True], "age": ["[70-80)"] * 3, "gender": ["Male"] * 3, "diag_1": ["428"] * 3,
+        "time_in_hospital": [3] * 3,
+    })  # fmt: skip
+    outcomes = pl.DataFrame({"request_id": ["b"], "readmitted_30d": [False]})
+    rows = recent_predictions(predictions, outcomes, limit=2)
+    assert "request_id" not in rows.columns
+    assert rows["outcome"].to_list() == [AWAITED, "not readmitted within 30 days"]
+    assert filtered(rows, ["2"], ["high"])["probability"].to_list() == [0.3]
