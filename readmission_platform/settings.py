@@ -11,6 +11,15 @@ from pathlib import Path
 # What the platform creates holds patient identifiers and clinical values: its user's alone (files 0600, folders 0700).
 PRIVATE_UMASK = 0o077
 
+# Default ports on 127.0.0.1, distinct so that everything the platform starts can run at once.
+DAGSTER_UI_PORT = 3000
+SERVICE_PORT = 3100
+APP_PORT = 8501
+MLFLOW_UI_PORT = 5000
+PROMETHEUS_PORT = 9090
+ALERTMANAGER_PORT = 9093
+PIPELINE_METRICS_PORT = 9464
+
 
 @dataclass(frozen=True)
 class Settings:
