@@ -219,14 +219,13 @@ def production_version(settings) -> str | None:
     return str(production.version) if production else None
 
 
-def first_model(settings, land_one: Callable[[], list], watcher: RunWatcher, service: FollowedService,
-                progress: Progress, timeout: float, log_path: Path) -> None:  # fmt: skip
-    """Land the first batch and wait for its ingestion and for the retrain after it, until the service answers with
-    the version that retrain promoted (before the run has built its Bento) or the retrain ends without promoting."""
-    if landed := land_one():
+def first_model(settings, landed: list, watcher: RunWatcher, service: FollowedService, progress: Progress,
+                timeout: float, log_path: Path) -> None:  # fmt: skip
+    """Wait for the ingestion of the first batch (`landed`, empty when every batch had landed before) and for the
+    retrain after it, until the service answers with the version that retrain promoted (before the run has built its
+    Bento) or the retrain ends without promoting."""
+    if landed:
         batch = landed[0]
-        progress.landed += 1
-        progress(f"landed {batch.path.name} ({batch.rows:,} encounters)")
         watcher.wait({run_tags.SHA: content_hash(batch.path.read_bytes())}, f"ingestion of {batch.path.name}", timeout, log_path)
     service.encounter = sample_encounter(settings)
     if landed:
@@ -365,6 +364,11 @@ def run_demo(settings, source: bytes, instance: dg.DagsterInstance, progress: Pr
     def land_one() -> list:
         return land(source, settings.landing_dir, 1)
 
+    progress.stage = "first model"
+    # Landed before the service starts, so that its ingestion and the service's start-up overlap.
+    if landed := land_one():
+        progress.landed += 1
+        progress(f"landed {landed[0].path.name} ({landed[0].rows:,} encounters)")
     serve_log = settings.home / "logs" / "bentoml-serve-demo.log"
     progress(f"starting `bentoml serve .` (the repository's service) on port {port}; it follows the alias "
              f"`production`, checked every {RELOAD_SECONDS} s; its log: {serve_log}")  # fmt: skip
@@ -374,10 +378,9 @@ def run_demo(settings, source: bytes, instance: dg.DagsterInstance, progress: Pr
         service = FollowedService(url, serve_log, progress, progress.clock)
         watcher = RunWatcher(instance, progress, tick=service.poll)
         progress(f"the service is up on {url}; it answers 503 until a version is promoted")
-        progress.stage = "first model"
-        first_model(settings, land_one, watcher, service, progress, timeout, log_path)
+        first_model(settings, landed, watcher, service, progress, timeout, log_path)
         progress.stage = "more batches"
-        if land_rest(land_one, watcher, progress, timeout, log_path) is None:
+        if land_rest(land_one, watcher, progress, timeout, log_path) is None and not landed:
             progress(f"every batch of the source is already in {settings.landing_dir}")
         if (version := production_version(settings)) is None:
             progress("no version was promoted: nothing to serve (see promotion_decision in the UI)")
