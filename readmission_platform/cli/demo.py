@@ -155,11 +155,10 @@ class FollowedService:
     """The demo's `bentoml serve`, which follows the alias `production`: asks it which version answers and sends the
     same encounter to each version it sees, so the newcomer watches the served version change without a restart."""
 
-    def __init__(self, url: str, log_path: Path, say, clock: Callable[[], float]):
-        self.url, self.log_path, self.say, self.clock = url, log_path, say, clock
+    def __init__(self, url: str, log_path: Path, say):
+        self.url, self.log_path, self.say = url, log_path, say
         self.encounter: tuple[dict, str] | None = None  # set once a batch is stored
         self.answers: list[dict] = []  # the /predict answer of each version seen, in order
-        self.first_answer_at: float | None = None
 
     @property
     def version(self) -> str | None:
@@ -171,21 +170,20 @@ class FollowedService:
 
         if self.encounter is None:
             return
-        try:
-            model = httpx.get(f"{self.url}/model", timeout=10)
-        except httpx.HTTPError:
-            return  # busy loading a version: asked again in a second
-        if model.status_code != 200 or model.json()["version"] == self.version:
-            return  # 503: nothing promoted yet
         encounter, about = self.encounter
         request_id = f"demo-{len(self.answers) + 1}"
-        answer = httpx.post(f"{self.url}/predict", json=encounter | {"request_id": request_id}, timeout=30)
+        try:
+            model = httpx.get(f"{self.url}/model", timeout=10)
+            if model.status_code != 200 or model.json()["version"] == self.version:
+                return  # 503: nothing promoted yet
+            answer = httpx.post(f"{self.url}/predict", json=encounter | {"request_id": request_id}, timeout=30)
+        except httpx.HTTPError:
+            return  # a worker busy loading a version on a loaded machine: asked again in a second
         if answer.status_code != 200:
             self.say(f"POST {self.url}/predict ({about}) → {answer.status_code} {answer.text}")
             return
         body = answer.json()
         if not self.answers:
-            self.first_answer_at = self.clock()
             self.say(f"first prediction: POST {self.url}/predict  ({about})\n      → 200 {answer.text}")
         else:
             before = self.answers[-1]
@@ -214,6 +212,7 @@ def training_covers(instance: dg.DagsterInstance, batch_id: str) -> bool:
 
 
 def production_version(settings) -> str | None:
+    """The version behind the alias `production`, or None before the first promotion."""
     from readmission_platform.lib.registry import ModelRegistry
 
     production = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri()).production()
@@ -376,7 +375,7 @@ def run_demo(settings, source: bytes, instance: dg.DagsterInstance, progress: Pr
     reload = {"READMISSION_RELOAD_SECONDS": str(RELOAD_SECONDS)}
     with running_server(settings, bento=None, port=port, env=reload, ready_within=timeout, log_path=serve_log,
                         wait_for="/livez") as url:  # fmt: skip
-        service = FollowedService(url, serve_log, progress, progress.clock)
+        service = FollowedService(url, serve_log, progress)
         watcher = RunWatcher(instance, progress, tick=service.poll)
         progress(f"the service is up on {url}; it answers 503 until a version is promoted")
         first_model(settings, landed, watcher, service, progress, timeout, log_path)
