@@ -53,7 +53,9 @@ def demo(settings: Settings, timeout: float, port: int) -> int:
     )
     source = read_source_bytes(settings.source)
     progress.batches, progress.landed = len(split_batches(source)), len(landed_files(settings.landing_dir))
-    if not port_is_free(port):
+    if not port:
+        port = free_port()
+    elif not port_is_free(port):
         _say(f"port {port} is taken (another `readmission serve`?): the demo's service takes a free one instead")
         port = free_port()
     _say(
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = commands.add_parser("demo", help="land the batches one at a time; the sensors ingest and retrain, headless")
     demo_parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for one run (default 900)")
     demo_parser.add_argument("--port", type=int, default=SERVICE_PORT,
-                             help=f"the service's port while the demo runs (default {SERVICE_PORT}; taken: a free one)")
+                             help=f"the service's port while the demo runs (default {SERVICE_PORT}; 0 or taken: a free one)")
     commands.add_parser("status", help="rows, rejections, drops and checks of every batch; models, decisions, live performance")
     commands.add_parser("outcomes", help="land the outcomes of the served encounters, from the data set's labels")
     rollback_parser = commands.add_parser("rollback", help="move the registry alias `production` back to the previous version")
