@@ -46,21 +46,16 @@ def land(settings: Settings, count: int | None, every: float | None) -> int:
         time.sleep(every)
 
 
-def demo(settings: Settings, timeout: float) -> int:
+def demo(settings: Settings, timeout: float, port: int) -> int:
     import dagster as dg
 
-    from readmission_platform.cli.demo import (
-        land_and_process,
-        land_served_outcomes,
-        running_daemon,
-        serve_last_batch,
-        wait_for_live_performance,
-    )
+    from readmission_platform.cli.demo import Progress, port_is_free, run_demo, running_daemon
     from readmission_platform.cli.instance import prepare_dagster_home
-    from readmission_platform.lib.landing import land as land_batches
+    from readmission_platform.lib.landing import landed_files, split_batches
     from readmission_platform.lib.source import read_source_bytes
+    from readmission_platform.serving.server import free_port
 
-    started = time.monotonic()
+    progress = Progress(0, _say)
     prepare_dagster_home(settings)
     _say(
         f"READMISSION_HOME={settings.home}\nwarehouse: {masked(settings.warehouse_url)}\n"
@@ -68,27 +63,39 @@ def demo(settings: Settings, timeout: float) -> int:
         f"MLflow: {masked(settings.mlflow_tracking_uri)}"
     )
     source = read_source_bytes(settings.source)
+    progress.batches, progress.landed = len(split_batches(source)), len(landed_files(settings.landing_dir))
+    if not port:
+        port = free_port()
+    elif not port_is_free(port):
+        _say(f"port {port} is taken (another `readmission serve`?): the demo's service takes a free one instead")
+        port = free_port()
+    _say(
+        "\nbatches land one at a time; landing_sensor ingests each (raw_batches → clean_batches → features → "
+        "batch_drift) and retrain_sensor retrains on all batches so far (training_set → trained_model → "
+        "promotion_decision → serving_bento), one retrain at a time: batches that land during a retrain share the "
+        "next one. The service answers from the first promotion on and follows each later one without a restart.\n"
+    )
     log_path = settings.home / "logs" / "dagster-daemon.log"
-    with dg.DagsterInstance.get() as instance:
-        with running_daemon(instance, log_path, _say):
-            _say(
-                "batches land one at a time; landing_sensor ingests each (raw_batches → clean_batches → features → "
-                "batch_drift) and retrain_sensor retrains on all batches so far (training_set → trained_model → "
-                "promotion_decision):"
-            )
-            landed = land_and_process(
-                lambda: land_batches(source, settings.landing_dir, 1), instance, _say, timeout, log_path
-            )
-            if not landed:
-                _say(f"every batch of the source is already in {settings.landing_dir}")
-            served = serve_last_batch(settings, _say)
-            _say("\nthe outcomes of what was served come back; outcome_sensor ingests them (outcomes) and "
-                 "live_performance_sensor measures every version on them (live_performance):")  # fmt: skip
-            if served and (path := land_served_outcomes(settings, _say)) is not None:
-                wait_for_live_performance(path, instance, _say, timeout, log_path)
+    with dg.DagsterInstance.get() as instance, running_daemon(instance, log_path, progress):
+        served = run_demo(settings, source, instance, progress, timeout, port, log_path)
+    progress.stage = "summary"
     ok = summarize(settings) and served
-    _say(f"\ndone in {time.monotonic() - started:.0f} s. Open the Dagster UI with `make ui`, MLflow with `make mlflow-ui`.")
+    progress(f"done in {progress.elapsed:.0f} s")
+    _say(next_steps())
     return 0 if ok else 1
+
+
+def next_steps() -> str:
+    """Where to look next: what the demo leaves behind can be opened, each on its own port, all at once."""
+    rows = [
+        ("the service (the Bento the last retrain built)", "make serve", SERVICE_PORT),
+        ("the clinician's app (asks that service)", "make app", APP_PORT),
+        ("the Dagster UI: every run, partition and check", "make ui", DAGSTER_UI_PORT),
+        ("the MLflow UI: every candidate and version", "make mlflow-ui", MLFLOW_UI_PORT),
+    ]
+    return "\nopen next (each on its own port, all at once):\n" + "\n".join(
+        f"  {what:<48} {command:<15} http://127.0.0.1:{port}" for what, command, port in rows
+    )
 
 
 def summarize(settings: Settings) -> bool:
@@ -210,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     how_many.add_argument("--every", type=float, metavar="SECONDS", help="land one batch per interval until all landed")
     demo_parser = commands.add_parser("demo", help="land the batches one at a time; the sensors ingest and retrain, headless")
     demo_parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for one run (default 900)")
+    demo_parser.add_argument("--port", type=int, default=SERVICE_PORT,
+                             help=f"the service's port while the demo runs (default {SERVICE_PORT}; 0 or taken: a free one)")
     commands.add_parser("status", help="rows, rejections, drops and checks of every batch; models, decisions, live performance")
     commands.add_parser("outcomes", help="land the outcomes of the served encounters, from the data set's labels")
     rollback_parser = commands.add_parser("rollback", help="move the registry alias `production` back to the previous version")
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--count takes a number of batches of at least 1")
             return land(settings, None if args.all else args.count, args.every)
         if args.command == "demo":
-            return demo(settings, args.timeout)
+            return demo(settings, args.timeout, args.port)
         if args.command == "status":
             return status(settings)
         if args.command == "outcomes":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from readmission_platform.serving.server import free_port
 
 DEMO_ROWS = 15_500  # two batches: 15,000 + 500
 
@@ -81,31 +84,53 @@ def test_land_rejects_a_count_below_one(tmp_path):
     assert result.returncode == 2 and "at least 1" in result.stderr
 
 
-def test_demo_lands_batches_one_by_one_and_the_sensors_ingest_and_retrain(tmp_path, demo_source):
-    result = readmission("demo", home=tmp_path, source=demo_source, timeout=900)
+@pytest.fixture(scope="module")
+def two_batches(tmp_path_factory, full_source_bytes) -> Path:
+    """The first two full batches: a second version trained on twice the rows of the first beats it."""
+    path = tmp_path_factory.mktemp("source") / "export.csv"
+    path.write_bytes(b"".join(full_source_bytes.splitlines(keepends=True)[: 2 * 15_000 + 1]))
+    return path
+
+
+def test_demo_serves_from_the_first_promotion_and_follows_the_next_without_a_restart(tmp_path, two_batches):
+    result = readmission("demo", "--port", str(free_port()), home=tmp_path, source=two_batches, timeout=900)
 
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for batch in ("batch_0001", "batch_0002"):
         assert f"landed {batch}.csv" in out
-        assert f"ingest_batch {batch}" in out and f"retrain (after {batch}, new_data)" in out  # progress
+        assert f"ingest_batch {batch}" in out
+    assert "retrain (after batch_0001, new_data)" in out  # progress
+    # Every line of progress names its time, stage and batch; the service answered before the second batch landed.
+    assert re.search(r"^\[ *\d+ s\] more batches +batch 2/2  landed batch_0002\.csv", out, re.MULTILINE), out
+    first = re.search(r"^\[ *\d+ s\] first model +batch 1/2  first prediction: POST (http://127\.0\.0\.1:\d+)/predict .*\n"
+                      r" +→ 200 (\{.*\})$", out, re.MULTILINE)  # fmt: skip
+    assert first, out
+    assert out.index(first.group(0)) < out.index("landed batch_0002.csv")
+    answer = json.loads(first.group(2))
+    assert 0 < answer["probability"] < 1 and answer["risk_band"] in ("low", "medium", "high")
+    assert answer["request_id"] == "demo-1"
+    changed = re.search(r"the service now answers with v(\d+) \(was v(\d+)\), without a restart: probability "
+                        r"0\.\d{3} → 0\.\d{3}", out)  # fmt: skip
+    assert changed and changed.group(2) == answer["model_version"] and int(changed.group(1)) > int(changed.group(2)), out
     summary = out[out.index("batch          status") :]
-    assert "total                    15,500" in summary
+    assert "total                    30,000" in summary
     assert "FAILED" not in summary and " failed — " not in summary  # drift may warn: the file is in time order
-    assert "2 model versions registered; production: v" in summary
+    assert f"2 model versions registered; production: v{changed.group(1)}" in summary
     decisions = re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  (promoted|not_promoted) ", summary, re.MULTILINE)
-    assert len(decisions) == 2 and decisions[0] == "promoted"  # a decision for each retrain, the first promotes
+    assert decisions == ["promoted", "promoted"]  # a decision for each retrain, both promote: the change watched
     assert "first production model" in summary
-    served = out[out.index("serving: `bentoml serve readmission:latest`") :]
-    assert re.search(r'→ 200 \{"probability":0\.\d+,"decision":(true|false),"risk_band":"(low|medium|high)"', served)
-    assert '"request_id":"demo-1"' in served and "logged in sqlite:///" in served and "1 row(s) for request demo-1" in served
-    assert "make ui" in out and "make mlflow-ui" in out
     # The loop: the last batch served under its encounter ids, their outcomes landed, live figures per version.
-    assert re.search(r"POST http://127\.0\.0\.1:\d+/predict_batch  \(all 4\d\d encounters of batch_0002, .*\) → 200", served)
-    assert re.search(r"landed outcomes_0001\.csv: outcomes of 4\d\d served encounters", out)
+    served = out[out.index("POST " + first.group(1) + "/predict_batch") :]
+    assert re.search(r"/predict_batch  \(all 1\d,\d\d\d encounters of batch_0002, .*\) → 200", served)
+    assert "logged in sqlite:///" in served and "1 row(s) for request demo-1" in served
+    assert re.search(r"landed outcomes_0001\.csv: outcomes of 1\d,\d\d\d served encounters", out)
     assert "ingest_outcomes outcomes_0001" in out
     live = out[out.index("live performance (95 % intervals") :]
-    assert re.search(r"^ +v\d+ +4\d\d +\d+  0\.\d{3} \[0\.\d{3}–\d\.\d{3}\] +0\.\d{3}", live, re.MULTILINE), live
+    assert re.search(r"^ +v\d+ +1\d,\d\d\d +[\d,]+  0\.\d{3} \[0\.\d{3}–\d\.\d{3}\] +0\.\d{3}", live, re.MULTILINE), live
+    # Where to look next, each on its own port.
+    for command, port in (("make serve", 3100), ("make app", 8501), ("make ui", 3000), ("make mlflow-ui", 5000)):
+        assert re.search(rf"{command} +http://127\.0\.0\.1:{port}$", out, re.MULTILINE), command
     lands_nothing = readmission("outcomes", home=tmp_path)
     assert lands_nothing.returncode == 0 and "outcome has landed already" in lands_nothing.stdout
 
