@@ -70,6 +70,7 @@ class Profile:
         replicas: int = spec.SERVICE.replicas,
         token: str | None = None,
         reload_seconds: float | None = None,
+        concurrency: int = spec.WAREHOUSE_CONCURRENCY,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         missing = sorted(set(spec.DATABASES) - set(databases))
@@ -82,6 +83,7 @@ class Profile:
         self.databases = dict(databases)
         self.landing = (landing or self.root / "landing").resolve()
         self.replicas, self.token, self.reload_seconds = replicas, token, reload_seconds
+        self.concurrency = concurrency
         self.extra_env = dict(extra_env or {})
         self.running: dict[str, Running] = {}
 
@@ -110,7 +112,7 @@ class Profile:
         for name in component.homes:
             env[name] = str(_private_folder(homes[name]))
         if "DAGSTER_HOME" in component.homes:
-            (homes["DAGSTER_HOME"] / "dagster.yaml").write_text(yaml.safe_dump(spec.instance_config(), sort_keys=False))
+            (homes["DAGSTER_HOME"] / "dagster.yaml").write_text(yaml.safe_dump(spec.instance_config(concurrency=self.concurrency), sort_keys=False))
         if component is spec.SERVICE and self.reload_seconds is not None:
             env["READMISSION_RELOAD_SECONDS"] = str(self.reload_seconds)
         return env
@@ -188,9 +190,15 @@ class Profile:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def dagster_env(self) -> dict[str, str]:
-        """The environment for a client of the instance (DAGSTER_HOME of the daemon: its dagster.yaml, its URL)."""
-        return self.running["dagster-daemon"].env
+    def dagster(self, *arguments: str) -> str:
+        """Run the `dagster` CLI against the instance and the code location, as the daemon sees them (e.g.
+        `sensor stop retrain_sensor`); its output."""
+        daemon = self.running["dagster-daemon"]
+        command = [_bin("dagster"), *arguments, "-w", str(daemon.folder / "workspace.yaml")]
+        done = subprocess.run(command, cwd=daemon.folder, env=daemon.env, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(arguments)} failed: {done.stderr.strip()[-1000:]}")
+        return done.stdout
 
 
 def _wait_for_code_server(process: subprocess.Popen, port: int, within: float, log: Path) -> None:

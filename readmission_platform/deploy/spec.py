@@ -139,9 +139,9 @@ def component(name: str) -> Component:
     raise KeyError(f"no component {name!r} in the profile; it has {', '.join(c.name for c in COMPONENTS)}")
 
 
-def instance_config(*, run_launcher: dict | None = None) -> dict:
-    """The Dagster instance of the profile (each Dagster process's dagster.yaml): storage in PostgreSQL, four runs and
-    four `warehouse` slots, and nothing written to another process's folder: the artifact root is each process's own
+def instance_config(*, concurrency: int = WAREHOUSE_CONCURRENCY, run_launcher: dict | None = None) -> dict:
+    """The Dagster instance of the profile (each Dagster process's dagster.yaml): storage in PostgreSQL, `concurrency`
+    runs and `warehouse` slots (four; the benchmark's baseline one), and nothing written to another process's folder: the artifact root is each process's own
     DAGSTER_HOME (a run worker resolves it in its own environment), and compute logs stay with the events."""
     return {
         "storage": {"postgres": {"postgres_url": {"env": INSTANCE_SECRET}}},
@@ -152,8 +152,8 @@ def instance_config(*, run_launcher: dict | None = None) -> dict:
         },
         "compute_logs": {"module": "dagster.core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"},
         "concurrency": {
-            "runs": {"max_concurrent_runs": WAREHOUSE_CONCURRENCY},
-            "pools": {"default_limit": WAREHOUSE_CONCURRENCY},
+            "runs": {"max_concurrent_runs": concurrency},
+            "pools": {"default_limit": concurrency},
         },
         "run_launcher": run_launcher or {"module": "readmission_platform.launcher", "class": "LocalRunLauncher"},
         "run_monitoring": {
