@@ -9,7 +9,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 tini \
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md bentofile.yaml ./
 COPY readmission_platform ./readmission_platform
-RUN pip install --no-cache-dir --constraint constraints.txt --editable ".[]"
+RUN pip install --no-cache-dir --constraint constraints.txt --editable .
 RUN useradd --uid 10001 --home-dir /var/lib/readmission readmission \
     && mkdir -p /var/lib/readmission /landing /var/lib/mlflow/artifacts \
     && chown -R readmission /var/lib/readmission /landing /var/lib/mlflow/artifacts
