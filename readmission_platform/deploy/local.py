@@ -146,7 +146,7 @@ class Profile:
     def start_backends(self) -> None:
         """The tracking server, the code location, the webserver and the daemon."""
         _private_folder(self.root)
-        self.landing.mkdir(parents=True, exist_ok=True)
+        _private_folder(self.landing)
         self._start("mlflow", spec.MLFLOW)
         code = self._start("code-location", spec.CODE_SERVER)
         for each in (spec.WEBSERVER, spec.DAEMON):
