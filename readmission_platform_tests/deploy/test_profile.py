@@ -88,9 +88,15 @@ def test_production_profile_end_to_end(tmp_path, monkeypatch, profile_databases,
         assert most_at_once(runs, instance) >= 2, "the batches were ingested one after another"
         assert instance.event_log_storage.get_concurrency_info("warehouse").slot_count == spec.WAREHOUSE_CONCURRENCY
 
-        # A retrain promotes through the tracking server; its artifacts live behind that server alone.
+        # A retrain promotes through the tracking server; its artifacts live behind that server alone. Once a retrain
+        # has seen the last batch and none is left to run, the alias moves only when this test moves it.
+        retrains = lambda: instance.get_runs(dg.RunsFilter(job_name="retrain"))  # noqa: E731
+        last = f"batch_{BATCHES:04d}"
+        wait_for("a retrain on every batch", lambda: (r := retrains()) and settled(r)
+                 and any(x.tags.get(run_tags.NEWEST_BATCH) == last for x in r))  # fmt: skip
         registry = ModelRegistry(profile.running["mlflow"].url, None)
-        production = wait_for("a version in production", registry.production)
+        production = registry.production()
+        assert production is not None, [(r.run_id, r.status) for r in retrains()]
         assert registry.client.get_run(production.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
 
         # Both replicas load it over HTTP, then follow a new promotion.
