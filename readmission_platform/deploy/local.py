@@ -119,7 +119,7 @@ class Profile:
 
     # -- processes --------------------------------------------------------------------------------------------------
     def _start(self, name: str, component: spec.Component, *, workspace: str = "", wait: bool = True,
-               ready_within: float = 180.0) -> Running:  # fmt: skip
+               ready_within: float = 600.0) -> Running:  # fmt: skip
         folder = _private_folder(self.root / name)
         port = free_port() if component.port else None
         env = self.environment(component, folder)
@@ -159,7 +159,7 @@ class Profile:
         """Replica `replica` (1, 2, …) of the service: `wait_for` /livez (up) or /readyz (a model loaded)."""
         name = f"service-{replica}"
         running = self._start(name, spec.SERVICE, wait=False)
-        wait_until_answering(running.process, f"{running.url}{wait_for}", name, 180.0, running.log)
+        wait_until_answering(running.process, f"{running.url}{wait_for}", name, 600.0, running.log)
         return running
 
     def start(self) -> Profile:
