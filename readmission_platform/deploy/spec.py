@@ -132,13 +132,6 @@ HPA_MIN, HPA_MAX, HPA_CPU_PERCENT = 3, 20, 70
 SERVICE_RESOURCES = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
 
 
-def component(name: str) -> Component:
-    for each in COMPONENTS:
-        if each.name == name:
-            return each
-    raise KeyError(f"no component {name!r} in the profile; it has {', '.join(c.name for c in COMPONENTS)}")
-
-
 def instance_config(*, concurrency: int = WAREHOUSE_CONCURRENCY, run_launcher: dict | None = None) -> dict:
     """The Dagster instance of the profile (each Dagster process's dagster.yaml): storage in PostgreSQL, `concurrency`
     runs and `warehouse` slots (four; the benchmark's baseline one), and nothing written to another process's folder: the artifact root is each process's own
