@@ -19,7 +19,7 @@ from readmission_platform.deploy.local import Profile
 from readmission_platform.defs import run_tags
 from readmission_platform.lib.encounter import from_clean
 from readmission_platform.lib.landing import split_batches
-from readmission_platform.lib.registry import ModelRegistry, decision_threshold
+from readmission_platform.lib.registry import ModelRegistry, decision_threshold, trained_batches
 
 pytestmark = [pytest.mark.profile, pytest.mark.postgres]
 
@@ -88,15 +88,14 @@ def test_production_profile_end_to_end(tmp_path, monkeypatch, profile_databases,
         assert most_at_once(runs, instance) >= 2, "the batches were ingested one after another"
         assert instance.event_log_storage.get_concurrency_info("warehouse").slot_count == spec.WAREHOUSE_CONCURRENCY
 
-        # A retrain promotes through the tracking server; its artifacts live behind that server alone. Once a retrain
-        # has seen the last batch and none is left to run, the alias moves only when this test moves it.
+        # A retrain promotes through the tracking server; its artifacts live behind that server alone. Once the
+        # version in production was trained on the last batch and no retrain is left to run, the alias moves only
+        # when this test moves it.
+        registry = ModelRegistry(profile.running["mlflow"].url, None)
         retrains = lambda: instance.get_runs(dg.RunsFilter(job_name="retrain"))  # noqa: E731
         last = f"batch_{BATCHES:04d}"
-        wait_for("a retrain on every batch", lambda: (r := retrains()) and settled(r)
-                 and any(x.tags.get(run_tags.NEWEST_BATCH) == last for x in r))  # fmt: skip
-        registry = ModelRegistry(profile.running["mlflow"].url, None)
-        production = registry.production()
-        assert production is not None, [(r.run_id, r.status) for r in retrains()]
+        production = wait_for("a version trained on every batch in production", lambda: (r := retrains()) and settled(r)
+                              and (p := registry.production()) is not None and last in trained_batches(p) and p)  # fmt: skip
         assert registry.client.get_run(production.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
 
         # Both replicas load it over HTTP, then follow a new promotion.
