@@ -171,6 +171,15 @@ class Profile:
     def kill(self, name: str) -> None:
         """SIGKILL a component and everything it started (a crash, not a stop)."""
         running = self.running[name]
+        # Its whole tree: BentoML's workers, holding the listening socket, are not all in its process group.
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = [psutil.Process(running.process.pid), *psutil.Process(running.process.pid).children(recursive=True)]
+            for process in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            psutil.wait_procs(tree, timeout=30)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(running.process.pid, signal.SIGKILL)
         running.process.wait()
