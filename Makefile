@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui serve app observe status test chaos observability rollout browser bench loadtest clean
+.PHONY: install demo ui mlflow-ui serve app observe status test chaos observability rollout browser profile bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test,bench]"
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test,bench,k8s]"
 	touch $@
 
 install: $(BIN)/readmission
@@ -56,6 +56,12 @@ rollout: install
 browser: install
 	$(BIN)/python -m pytest -m browser
 
+# The production profile (deploy/): PostgreSQL, the tracking server, the code server, webserver, daemon and two service
+# replicas, each its own process and folder on loopback; batches ingested four at a time, a promotion followed, a
+# replica killed under load. Several minutes, so not in `make test`.
+profile: install
+	$(BIN)/python -m pytest -m profile
+
 bench: install
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_training.py
@@ -64,6 +70,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_live.py
 	$(BIN)/python benchmarks/loadtest.py
 	$(BIN)/python benchmarks/loadtest.py --rollout
+	$(BIN)/python benchmarks/bench_deploy.py
 
 loadtest: install
 	$(BIN)/python benchmarks/loadtest.py

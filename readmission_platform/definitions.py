@@ -39,7 +39,7 @@ defs = dg.Definitions.merge(
             "warehouse": WarehouseResource(url=from_variable("warehouse_url")),
             "landing": LandingResource(folder=str(settings.landing_dir)),
             "mlflow": MlflowResource(
-                tracking_uri=from_variable("mlflow_tracking_uri"), artifact_root=settings.mlflow_artifact_root.as_uri()
+                tracking_uri=from_variable("mlflow_tracking_uri"), artifact_root=settings.mlflow_artifact_location
             ),
             "prediction_log": PredictionLogResource(url=from_variable("prediction_log_url")),
             "retrain_policy": RetrainPolicy(),

@@ -30,12 +30,14 @@ class Settings:
     mlflow_tracking_uri: str
     prediction_log_url: str
     alertmanager_url: str | None = None  # where the pipeline's sensors post alerts; None: they log and skip
+    # The landing area, the one folder the production profile shares by design; None: `home / "landing"`.
+    landing: Path | None = None
     # Setting → the variable whose text it is; settings left to their defaults are not in it.
     variables: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def landing_dir(self) -> Path:
-        return self.home / "landing"
+        return self.landing or self.home / "landing"
 
     @property
     def dagster_home(self) -> Path:
@@ -50,6 +52,14 @@ class Settings:
         return self.mlflow_dir / "artifacts"
 
     @property
+    def mlflow_artifact_location(self) -> str | None:
+        """Where a new experiment keeps its artifacts: the home's folder for a store on a database; None for a tracking
+        server (http), which proxies artifacts to its own `--artifacts-destination`, so clients need no shared disk."""
+        if self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            return None
+        return self.mlflow_artifact_root.as_uri()
+
+    @property
     def bentoml_home(self) -> Path:
         """BentoML's model and Bento stores (BENTOML_HOME for every bentoml command the platform runs)."""
         return self.home / "bentoml"
@@ -59,9 +69,11 @@ class Settings:
         """READMISSION_HOME (default ./.readmission), READMISSION_WAREHOUSE_URL (default its DuckDB file),
         READMISSION_SOURCE (default the bundled data set), READMISSION_DAGSTER_STORAGE_URL (default SQLite),
         READMISSION_MLFLOW_TRACKING_URI or else MLFLOW_TRACKING_URI (default SQLite under the home),
-        READMISSION_PREDICTION_LOG_URL (default SQLite under the home), READMISSION_ALERTMANAGER_URL (default unset)."""
+        READMISSION_PREDICTION_LOG_URL (default SQLite under the home), READMISSION_ALERTMANAGER_URL (default unset),
+        READMISSION_LANDING_DIR (default the home's landing/)."""
         home = Path(env.get("READMISSION_HOME") or ".readmission").expanduser().resolve()
         source = env.get("READMISSION_SOURCE")
+        landing = env.get("READMISSION_LANDING_DIR")
         variables: dict[str, str] = {}
 
         def given(setting: str, *names: str) -> str | None:
@@ -82,6 +94,7 @@ class Settings:
             prediction_log_url=given("prediction_log_url", "READMISSION_PREDICTION_LOG_URL")
             or f"sqlite:///{home / 'predictions.sqlite'}",
             alertmanager_url=given("alertmanager_url", "READMISSION_ALERTMANAGER_URL"),
+            landing=Path(landing).expanduser().resolve() if landing else None,
             variables=variables,
         )
 

@@ -34,3 +34,17 @@ def test_settings_name_the_variable_behind_each_value(tmp_path):
     assert settings.mlflow_tracking_uri == "http://127.0.0.1:5000"
     assert settings.variables == {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI"}
     assert settings.warehouse_url == f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+
+
+def test_the_landing_folder_may_live_outside_the_home(tmp_path):
+    assert Settings.from_env({"READMISSION_HOME": str(tmp_path)}).landing_dir == tmp_path / "landing"
+    shared = Settings.from_env({"READMISSION_HOME": str(tmp_path / "home"), "READMISSION_LANDING_DIR": str(tmp_path / "in")})
+    assert shared.landing_dir == tmp_path / "in"
+
+
+def test_a_tracking_server_keeps_the_artifacts_and_a_database_store_the_home(tmp_path):
+    # A tracking server proxies artifacts to its own destination: a client names no folder of its own.
+    server = Settings.from_env({"READMISSION_HOME": str(tmp_path), "READMISSION_MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert server.mlflow_artifact_location is None
+    local = Settings.from_env({"READMISSION_HOME": str(tmp_path), "READMISSION_MLFLOW_TRACKING_URI": "postgresql://db/m"})
+    assert local.mlflow_artifact_location == (tmp_path / "mlflow" / "artifacts").as_uri()

@@ -143,7 +143,7 @@ def rollback(settings: Settings, reason: str) -> int:
     from readmission_platform.lib.registry import ModelRegistry
     from readmission_platform.lib.warehouse import open_warehouse
 
-    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_location)
     replaced, restored = registry.rollback(reason=reason)
     row = rollback_row(replaced=replaced, restored=restored, reason=reason, now=datetime.now(UTC))
     open_warehouse(settings.warehouse_url).append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))

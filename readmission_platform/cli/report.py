@@ -130,7 +130,7 @@ def render_models(settings) -> str:
             f"{f'{auc:.3f}' if auc is not None else '-':>10}{f'{brier:.4f}' if brier is not None else '-':>8}"
             f"{'v' + str(row['production_version'] or '-'):>12}  {row['reason']}"
         )
-    production = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri()).production()
+    production = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_location).production()
     versions = decisions.filter(pl.col("challenger_version").is_not_null())["challenger_version"].n_unique()
     lines.append(
         f"{versions} model versions registered; production: "

@@ -455,7 +455,9 @@ class ModelRegistry:
         try:
             # The version's own artifact URI, so loading does not depend on the process-global registry URI.
             location = self.client.get_model_version_download_uri(self.model_name, str(version))
-            return mlflow.sklearn.load_model(location)
+            # A tracking server's artifacts (mlflow-artifacts:/…) are fetched from the server the global URI names.
+            with _global_tracking_uri(self.tracking_uri):
+                return mlflow.sklearn.load_model(location)
         except Exception as error:
             raise ModelLoadError(
                 f"version {version} of model '{self.model_name}' cannot be loaded from {location}: "

@@ -71,7 +71,7 @@ def _publish(staged: Path, store: Path, name: str, version: str) -> None:
     os.replace(pointer, target.parent / "latest")
 
 
-def package(tracking_uri: str, artifact_root: str, bentoml_home: Path, bentofile: Path = BENTOFILE) -> dict[str, Any]:
+def package(tracking_uri: str, artifact_root: str | None, bentoml_home: Path, bentofile: Path = BENTOFILE) -> dict[str, Any]:
     os.environ["BENTOML_HOME"] = str(bentoml_home)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import bentoml
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=settings.mlflow_tracking_uri)
-    parser.add_argument("--artifact-root", default=settings.mlflow_artifact_root.as_uri())
+    parser.add_argument("--artifact-root", default=settings.mlflow_artifact_location)
     parser.add_argument("--bentoml-home", type=Path, default=settings.bentoml_home)
     args = parser.parse_args(argv)
     try:

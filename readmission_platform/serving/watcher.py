@@ -55,7 +55,7 @@ class ModelWatcher(threading.Thread):
         if self._registry is None:
             from readmission_platform.lib.registry import ModelRegistry
 
-            self._registry = ModelRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root.as_uri())
+            self._registry = ModelRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_location)
         return self._registry
 
     def run(self) -> None:

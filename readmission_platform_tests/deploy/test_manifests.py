@@ -1,0 +1,204 @@
+"""deploy/ is what `deploy/spec.py` describes: generated files checked in, every overlay renders into objects the
+Kubernetes API models accept, and the commands, environment, ports and probes of the manifests, the chart's values and
+the compose file are the profile's."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes
+import pytest
+import yaml
+
+from readmission_platform.deploy import generate, spec
+
+DEPLOY = generate.DEPLOY
+OVERLAYS = sorted(path.name for path in (DEPLOY / "k8s" / "overlays").iterdir())
+KUBECTL = shutil.which("kubectl")
+
+
+def rendered(overlay: str) -> list[dict]:
+    if KUBECTL is None:
+        pytest.fail("kubectl is not installed: Debian's kubernetes-client (or the kubectl package) renders the overlays")
+    done = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return [document for document in yaml.safe_load_all(done.stdout) if document]
+
+
+def model_of(document: dict):
+    """The kubernetes client's model of the object (V1Deployment, V2HorizontalPodAutoscaler, …)."""
+    version = document["apiVersion"].split("/")[-1]
+    name = f"{version[0].upper()}{version[1:]}{document['kind']}"
+    client = kubernetes.client.ApiClient()
+    assert hasattr(kubernetes.client, name), f"the kubernetes client has no model {name} for {document['kind']}"
+    return client, client._ApiClient__deserialize(document, name)
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def env_names(container: dict) -> set[str]:
+    return {each["name"] for each in container.get("env", [])}
+
+
+def spec_env(component: spec.Component) -> set[str]:
+    return set(component.secrets) | set(component.config) | set(component.homes)
+
+
+def test_checked_in_files_are_the_generated_ones():
+    stale = [path for path, text in generate.files().items() if not (DEPLOY / path).is_file() or (DEPLOY / path).read_text() != text]
+    assert not stale, f"regenerate with `python -m readmission_platform.deploy.generate`: {stale}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_renders_into_objects_the_api_models_accept(overlay):
+    objects = rendered(overlay)
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PersistentVolumeClaim"} <= {
+        o["kind"] for o in objects
+    }
+    for document in objects:
+        client, model = model_of(document)
+        # A field the model does not know (a typo, a wrong level) is dropped on the way in: the round trip shows it.
+        assert client.sanitize_for_serialization(model) == document, f"{document['kind']}/{document['metadata']['name']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_service_deployment_runs_the_profiles_command_with_its_probes_and_autoscaler(overlay):
+    objects = rendered(overlay)
+    deployment = find(objects, "Deployment", "readmission-service")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == spec.SERVICE.command_for(host="0.0.0.0")
+    assert container["ports"][0]["containerPort"] == spec.SERVICE.port == 3000
+    assert container["livenessProbe"]["httpGet"]["path"] == spec.LIVENESS == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == spec.READINESS == "/readyz"
+    assert container["resources"]["limits"] == spec.SERVICE_RESOURCES["limits"]
+    assert env_names(container) == spec_env(spec.SERVICE)
+    hpa = find(objects, "HorizontalPodAutoscaler", "readmission-service")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "readmission-service"
+    assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == spec.HPA_CPU_PERCENT
+    if overlay == "production":
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (spec.HPA_MIN, spec.HPA_MAX) == (3, 20)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind in ("PodDisruptionBudget", "Service"):
+        found = find(objects, kind, "readmission-service")["spec"]
+        selector = found["selector"].get("matchLabels", found["selector"])
+        assert selector.items() <= labels.items(), f"the {kind} selects no pod of the Deployment"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secret_references_are_the_profiles_variables(overlay):
+    objects = rendered(overlay)
+    references = {
+        (ref["name"], ref["key"])
+        for o in objects if o["kind"] == "Deployment"
+        for c in o["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", []) if (ref := e.get("valueFrom", {}).get("secretKeyRef"))
+    }  # fmt: skip
+    expected = {name for c in spec.COMPONENTS for name in c.secrets}
+    assert {key for name, key in references if name == spec.SECRET_NAME} <= expected
+    secrets = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == spec.SECRET_NAME]
+    if overlay == "local":
+        assert set(secrets[0]["data"]) == expected
+        assert all(key in next(s for s in objects if s["kind"] == "Secret" and s["metadata"]["name"] == name)["data"]
+                   for name, key in references)  # fmt: skip
+    else:
+        assert not secrets, "the production Secret is made outside Git"
+
+
+def test_mlflow_runs_the_profiles_tracking_server():
+    objects = rendered("production")
+    container = find(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == spec.MLFLOW.command_for(host="0.0.0.0")
+    assert env_names(container) == spec_env(spec.MLFLOW)
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {spec.MLFLOW.config["MLFLOW_ARTIFACTS_DESTINATION"]}
+    assert find(objects, "Service", "mlflow")["spec"]["ports"][0]["port"] == spec.MLFLOW.port
+
+
+def test_dagster_chart_values_run_the_profiles_code_server_with_the_k8s_run_launcher():
+    values = yaml.safe_load((DEPLOY / "helm" / "dagster-values.yaml").read_text())
+    deployment = values["dagster-user-deployments"]["deployments"][0]
+    command = spec.CODE_SERVER.command_for(host="0.0.0.0")
+    # The chart runs `dagster code-server start -h 0.0.0.0 -p <port>` followed by these.
+    assert command[:3] == ["dagster", "code-server", "start"]
+    assert ["-h", "0.0.0.0", "-p", str(deployment["port"]), *deployment["codeServerArgs"]] == [
+        "-h", command[command.index("--host") + 1], "-p", command[command.index("--port") + 1],
+        *command[command.index("--module-name"):],
+    ]  # fmt: skip
+    assert {e["name"] for e in deployment["env"]} | {"DAGSTER_HOME"} == spec_env(spec.CODE_SERVER)
+    assert deployment["image"]["repository"] == spec.CODE_IMAGE
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert {m["mountPath"] for m in values["runLauncher"]["config"]["k8sRunLauncher"]["volumeMounts"]} == {spec.LANDING_DIR}
+    assert values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["maxConcurrentRuns"] == 4
+    assert values["additionalInstanceConfig"]["concurrency"]["pools"]["default_limit"] == spec.WAREHOUSE_CONCURRENCY
+    assert values["postgresql"]["enabled"] is False
+    from dagster_k8s import K8sRunLauncher  # the code location's image installs the `k8s` extra
+
+    assert K8sRunLauncher.__module__.startswith("dagster_k8s")
+
+
+def interpolated(text: str, env: dict[str, str]) -> str:
+    """Compose's `${NAME}`, `${NAME:-default}` and `${NAME:?message}`; an unset required variable fails."""
+
+    def value(match: re.Match) -> str:
+        name, operator, rest = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        assert operator != ":?", f"compose would stop: {name} is not set ({rest})"
+        return rest or ""
+
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:\?|:-)([^}]*))?\}", value, text)
+
+
+def test_the_compose_file_runs_the_profile_on_one_host():
+    folder = DEPLOY / "compose"
+    env = dict(line.split("=", 1) for line in (folder / "profile.env").read_text().splitlines() if "=" in line and not line.startswith("#"))
+    env = {name: interpolated(value, env) for name, value in env.items()}
+    document = yaml.safe_load(interpolated((folder / "compose.yaml").read_text(), env))
+    services = document["services"]
+    assert {"postgres", "prometheus", "alertmanager", "grafana"} <= set(services)
+    workspace = yaml.safe_load((folder / "workspace.yaml").read_text())["load_from"][0]["grpc_server"]
+    assert (workspace["host"], workspace["port"]) == ("code-location", spec.CODE_SERVER.port)
+    assert yaml.safe_load((folder / "dagster.yaml").read_text()) == spec.instance_config()
+    replicas = [name for name in services if name.startswith("service-")]
+    assert len(replicas) == spec.SERVICE.replicas
+    homes = []
+    for name, service in services.items():
+        component = spec.SERVICE if name in replicas else next((c for c in spec.COMPONENTS if c.name == name), None)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (folder / source).exists(), f"{name} mounts {source}, which does not exist"
+            else:
+                assert source in document["volumes"], f"{name} mounts the undeclared volume {source}"
+        if component is None:
+            continue
+        assert service["command"] == component.command_for(host="0.0.0.0", workspace=f"{spec.HOME_DIR}/workspace.yaml")
+        assert set(service["environment"]) == spec_env(component)
+        assert all(value for key, value in service["environment"].items() if key != "READMISSION_API_TOKEN")
+        home = [v.split(":")[0] for v in service["volumes"] if v.endswith(f":{spec.HOME_DIR}")]
+        homes.extend(home)
+        shared = {v.split(":")[0] for v in service["volumes"]} & {"landing", "mlflow-artifacts"}
+        assert shared == ({"landing"} if component.needs_landing else {"mlflow-artifacts"} if component is spec.MLFLOW else set())
+    assert len(homes) == len(set(homes)) == len(spec.COMPONENTS) - 1 + spec.SERVICE.replicas, "two components share a home"
+    prometheus = yaml.safe_load((folder / "prometheus.yml").read_text())
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"{name}:{spec.SERVICE.port}" for name in replicas]
+
+
+@pytest.mark.parametrize("image", ["code-location", "service"])
+def test_the_dockerfiles_run_the_profiles_commands(image):
+    text = (DEPLOY / "docker" / f"{image}.Dockerfile").read_text()
+    component = spec.SERVICE if image == "service" else spec.CODE_SERVER
+    cmd = yaml.safe_load(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))
+    assert cmd == component.command_for(host="0.0.0.0")
+    assert f"EXPOSE {component.port}" in text
+    assert "--constraint constraints.txt" in text
+    for copied in re.findall(r"^COPY (.+) \./?\S*$", text, re.MULTILINE):
+        for name in copied.split():
+            assert (Path(generate.__file__).resolve().parents[2] / name).exists(), f"{image}.Dockerfile copies {name}"
