@@ -21,6 +21,8 @@ class Settings:
     mlflow_tracking_uri: str
     prediction_log_url: str
     alertmanager_url: str | None = None  # where the pipeline's sensors post alerts; None: they log and skip
+    # The key of the hash standing for a patient identifier (history lookups); None: requests' identifiers are not used.
+    patient_key: str | None = field(default=None, repr=False)
     # Setting → the variable whose text it is; settings left to their defaults are not in it.
     variables: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -50,7 +52,8 @@ class Settings:
         """READMISSION_HOME (default ./.readmission), READMISSION_WAREHOUSE_URL (default its DuckDB file),
         READMISSION_SOURCE (default the bundled data set), READMISSION_DAGSTER_STORAGE_URL (default SQLite),
         READMISSION_MLFLOW_TRACKING_URI or else MLFLOW_TRACKING_URI (default SQLite under the home),
-        READMISSION_PREDICTION_LOG_URL (default SQLite under the home), READMISSION_ALERTMANAGER_URL (default unset)."""
+        READMISSION_PREDICTION_LOG_URL (default SQLite under the home), READMISSION_ALERTMANAGER_URL (default unset),
+        READMISSION_PATIENT_KEY (default unset: no patient history at serving)."""
         home = Path(env.get("READMISSION_HOME") or ".readmission").expanduser().resolve()
         source = env.get("READMISSION_SOURCE")
         variables: dict[str, str] = {}
@@ -73,6 +76,7 @@ class Settings:
             prediction_log_url=given("prediction_log_url", "READMISSION_PREDICTION_LOG_URL")
             or f"sqlite:///{home / 'predictions.sqlite'}",
             alertmanager_url=given("alertmanager_url", "READMISSION_ALERTMANAGER_URL"),
+            patient_key=given("patient_key", "READMISSION_PATIENT_KEY"),
             variables=variables,
         )
 

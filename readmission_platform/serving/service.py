@@ -37,6 +37,7 @@ from readmission_platform.lib.encounter import (
     FIELDS,
     MAX_BATCH,
     MAX_BATCH_BYTES,
+    PATIENT_ID,
     REQUEST_ID,
     BatchRequest,
     Encounter,
@@ -57,10 +58,11 @@ from readmission_platform.serving.contract import (
     out_of_scope_answer,
 )
 from readmission_platform.serving.fast.decode import decode_batch
+from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
 from readmission_platform.serving.metrics import DURATION_BUCKETS, LOG_DROPPED, PREDICTIONS, PROBABILITY, observe_many
 from readmission_platform.serving.model import ServedModel
-from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.prediction_log import PredictionLog, engine_for
 from readmission_platform.serving.watcher import ModelWatcher
 from readmission_platform.settings import ServingSettings, Settings, keep_private
 
@@ -136,6 +138,15 @@ class ReadmissionService:
         self.log = PredictionLog(
             settings.prediction_log_url, capacity=SERVING.log_queue_rows, on_drop=LOG_DROPPED.inc, nice=SERVING.log_writer_nice
         )
+        # The patients' history states, kept in memory and read again when the pipeline writes them anew.
+        key = settings.patient_key
+        self.history = PatientHistory(
+            engine_for(settings.prediction_log_url, create=False) if key else None,
+            key.encode() if key else None,
+            interval=SERVING.reload_seconds,
+        )
+        self.history.refresh()
+        self.history.start()
         self.watcher = ModelWatcher(self, settings, SERVING)
         self.watcher.check()
         self.watcher.start()
@@ -153,6 +164,7 @@ class ReadmissionService:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self.watcher.stopped.set()
+        self.history.stopped.set()
         self.log.close()
         log.info("prediction log closed: %d rows written, %d dropped", self.log.written, self.log.dropped)
 
@@ -176,11 +188,12 @@ class ReadmissionService:
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused  # type: ignore[return-value]
         given = record(encounter)
-        probability = model.probability(record_features(clean_record(given)))
+        state = self.history.state(encounter.patient_id)
+        probability = model.probability(record_features(clean_record(given), state))
         decision, band, request_id = self._answer(model, probability, "predict", given, encounter.request_id)
         return Prediction(
             probability=probability, decision=decision, risk_band=band, threshold=model.threshold,
-            model_name=model.name, model_version=model.version, request_id=request_id,
+            model_name=model.name, model_version=model.version, request_id=request_id, history_used=state is not None,
         )  # fmt: skip
 
     def answer_batch(self, encounters: pl.DataFrame) -> Response:
@@ -191,13 +204,15 @@ class ReadmissionService:
         request_ids = encounters[REQUEST_ID].fill_null(pl.format(f"{batch}-{{}}", pl.int_range(encounters.height)))
         out = encounters["discharge_disposition_id"].is_in(schema.DEATH_OR_HOSPICE_DISPOSITIONS)
         scored = encounters.filter(~out) if (unscored := int(out.sum())) else encounters
-        probability = model.probabilities(features_frame(scored))
+        states, used = self.history.states(scored[PATIENT_ID])
+        probability = model.probabilities(features_frame(scored, states))
         answers = pl.DataFrame(
             {
                 "probability": probability,
                 "decision": probability >= model.threshold,
                 "risk_band": model.risk_bands(probability),
                 REQUEST_ID: request_ids.filter(~out) if unscored else request_ids,
+                "history_used": used,
             }
         )
         flagged = int(answers["decision"].sum())
@@ -229,7 +244,8 @@ class ReadmissionService:
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused  # type: ignore[return-value]
         given = record(encounter)
-        features = record_features(clean_record(given))
+        state = self.history.state(encounter.patient_id)
+        features = record_features(clean_record(given), state)
         if model.scorer is None:
             return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)  # type: ignore[return-value]
         probability = model.probability(features)
@@ -238,7 +254,7 @@ class ReadmissionService:
         ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(contributions[name]))
         return Explanation(
             probability=probability, decision=decision, model_name=model.name, model_version=model.version,
-            method=model.method, request_id=request_id,
+            method=model.method, request_id=request_id, history_used=state is not None,
             contributions=[Contribution(feature=n, value=features[n], contribution=contributions[n]) for n in ranked],
         )  # fmt: skip
 
