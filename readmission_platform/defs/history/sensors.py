@@ -5,7 +5,7 @@ from readmission_platform.defs.resources import PredictionLogResource
 from readmission_platform.lib.pipeline import RAW
 
 history_job = dg.define_asset_job(
-    "patient_history", selection=dg.AssetSelection.assets("patient_history"),
+    "update_patient_history", selection=dg.AssetSelection.assets("patient_history"),
     description="Every patient's history state, from every loaded batch, written where the service looks it up.",
 )  # fmt: skip
 
