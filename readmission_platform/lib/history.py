@@ -18,7 +18,10 @@ latest encounter's values); `states_before` gives it for every encounter of a ta
 encounter of every patient (what serving stores), and `history_values` turns states and the encounter's own values
 into the `HISTORY_FEATURES` (`history_expressions`, `record_history`). Without a state (no patient identifier in a request) the features are those of a first
 encounter, which is what 70 % of training encounters are, and the answer says that no history was used.
-With it, test ROC-AUC of the calibrated histogram gradient boosting rose by the figure README.md gives.
+
+What it is worth: issue 17 measured +0.014 [+0.009, +0.020] test ROC-AUC (paired patient bootstrap, same learner) from
+features like these; only 30 % of test encounters have an earlier one. `benchmarks/history_gain.py` measures these
+features on the platform's split (README.md, Patient history).
 """
 
 from __future__ import annotations
