@@ -150,7 +150,8 @@ def feature_values(clean: pl.DataFrame | pl.LazyFrame, states: pl.DataFrame | No
     encounter = clean.select(_FEATURES)
     if states is not None:
         encounter = pl.concat([encounter, states.lazy() if isinstance(encounter, pl.LazyFrame) else states], how="horizontal")
-    return encounter.select(*ENCOUNTER_NUMERIC_FEATURES, *history_expressions(encounter.collect_schema().names()), *CATEGORICAL_FEATURES)
+    history = history_expressions(encounter.collect_schema().names())
+    return encounter.select(*ENCOUNTER_NUMERIC_FEATURES, *history, *CATEGORICAL_FEATURES)
 
 
 def record_features(clean: Mapping[str, Any], state: Mapping[str, int] | None = None) -> dict[str, float | str]:

@@ -125,8 +125,10 @@ def history_expressions(columns: Collection[str]) -> list[pl.Expr]:
 
 
 def record_history(state: Mapping[str, int] | None, encounter: Mapping[str, float | str]) -> dict[str, float]:
-    """One encounter's `HISTORY_FEATURES` from its patient's `STATE` (None: none known) and its own feature values."""
-    state = NO_STATE if state is None else state
+    """One encounter's `HISTORY_FEATURES` from its patient's `STATE` (None: none known) and its own feature values;
+    the returned mapping is read, not changed."""
+    if state is None:
+        return _FIRST_ENCOUNTER  # the single-encounter path's common case, without building a dictionary
     values = {
         "history_prior_encounters": float(state["encounters"]),
         "history_prior_inpatient_days": float(state["inpatient_days"]),
@@ -137,6 +139,9 @@ def record_history(state: Mapping[str, int] | None, encounter: Mapping[str, floa
     for name in CHANGED:
         values[f"history_change_{name}"] = float(encounter[name]) - state[f"latest_{name}"] if seen else 0.0
     return values
+
+
+_FIRST_ENCOUNTER = dict.fromkeys(HISTORY_FEATURES, 0.0)
 
 
 def encounter_history(raw: pl.DataFrame, features: pl.DataFrame) -> pl.DataFrame:

@@ -64,12 +64,12 @@ class PatientHistory(threading.Thread):
             return None
         return self.by_key.get(patient_key(identifier, self.key), dict.fromkeys(STATE, 0))
 
-    def states(self, identifiers: pl.Series) -> tuple[pl.DataFrame, pl.Series]:
-        """The states (`STATE` columns, null where none is used) of a batch's identifiers (null: none given), and which
-        rows used history."""
+    def states(self, identifiers: pl.Series) -> tuple[pl.DataFrame | None, pl.Series]:
+        """The states (`STATE` columns, null where none is used; None when no row uses one) of a batch's identifiers
+        (null: none given), and which rows used history."""
         used = identifiers.is_not_null() if self.ready else pl.repeat(False, identifiers.len(), eager=True)
         if not self.ready or not used.any():
-            return pl.DataFrame({name: pl.repeat(None, identifiers.len(), dtype=pl.Int64, eager=True) for name in STATE}), used
+            return None, used
         keys = pl.Series(KEY, [None if i is None else patient_key(i, self.key) for i in identifiers], pl.String)
         joined = keys.to_frame().join(self.frame, on=KEY, how="left", maintain_order="left")
         # Given but not held: a first encounter (zeros), as `state` answers.

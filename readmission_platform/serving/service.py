@@ -58,8 +58,8 @@ from readmission_platform.serving.contract import (
     out_of_scope_answer,
 )
 from readmission_platform.serving.fast.decode import decode_batch
-from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
+from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.metrics import DURATION_BUCKETS, LOG_DROPPED, PREDICTIONS, PROBABILITY, observe_many
 from readmission_platform.serving.model import ServedModel
 from readmission_platform.serving.prediction_log import PredictionLog, engine_for

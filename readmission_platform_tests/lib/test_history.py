@@ -134,6 +134,17 @@ def test_history_keeps_the_patient_split(full_features):
     assert 0.25 < (full_features["history_prior_encounters"] > 0).mean() < 0.40
 
 
+@pytest.mark.postgres
+def test_states_are_stored_and_read_back_on_postgresql(new_pg_database, full_raw):
+    engine = engine_for(new_pg_database("history"))
+    states = patient_states(full_raw.head(2_000))
+    keyed = states.with_columns(pl.Series(KEY, patient_keys(states[PATIENT], KEY_BYTES))).drop(PATIENT)
+    assert write_states(engine, keyed) == 1 and write_states(engine, keyed) == 2
+    version, stored = read_states(engine)
+    assert version == 2 and stored.sort(KEY).equals(keyed.select(stored.columns).sort(KEY))
+    engine.dispose()
+
+
 def test_a_stored_state_names_no_patient_and_replaces_the_last_in_one_version(tmp_path, full_raw):
     engine = engine_for(f"sqlite:///{tmp_path / 'log.sqlite'}")
     states = patient_states(full_raw.head(500))
@@ -198,3 +209,4 @@ def test_without_an_identifier_or_a_key_no_history_is_used(tmp_path):
     assert used.to_list() == [False, True, True]
     assert states["encounters"].to_list() == [None, 1, 0]
     assert keyless.states(pl.Series(["p1"]))[1].to_list() == [False]
+    assert keyed.states(pl.Series([None], dtype=pl.String))[0] is None
