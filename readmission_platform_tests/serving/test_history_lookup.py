@@ -14,7 +14,7 @@ from readmission_platform.lib.history import ENCOUNTER, HISTORY_FEATURES, PATIEN
 from readmission_platform.lib.history_store import KEY, write_states
 from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.splitting import SPLIT
-from readmission_platform.lib.training import predict_probability
+from readmission_platform.lib.training import LOGISTIC_REGRESSION, predict_probability, train_candidates
 from readmission_platform.serving.prediction_log import engine_for
 from readmission_platform.serving.server import running_server
 from readmission_platform_tests.serving.conftest import register, registry_of
@@ -28,11 +28,12 @@ def identifier(patient: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, new_home, sample_candidates, sample_parts, full_raw, full_clean, full_features):
+def served(tmp_path_factory, new_home, sample_parts, full_raw, full_clean, full_features):
     """300 test encounters, each its patient's last with at least one before it, served with the states the pipeline
     stored from every other encounter; the server, its settings and log, the requests and their training rows."""
     settings = new_home(tmp_path_factory.mktemp("history"))
-    candidate = sample_candidates["hist_gradient_boosting"]
+    # The linear model: seconds to fit, and its fast path reads every history feature's coefficient.
+    (candidate,) = train_candidates(sample_parts["train"], sample_parts["validation"], families=(LOGISTIC_REGRESSION,))
     register(registry_of(settings), candidate, sample_parts, promote=True)
     last = full_raw.select(pl.col(ENCOUNTER).cast(pl.Int64), pl.col(PATIENT).cast(pl.Int64)).group_by(PATIENT).agg(pl.col(ENCOUNTER).max())
     rows = (
