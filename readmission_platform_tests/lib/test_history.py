@@ -6,7 +6,8 @@ import polars as pl
 import pytest
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.encounter import from_clean, typed_frame
+from readmission_platform.lib.cleaning import clean, clean_record
+from readmission_platform.lib.encounter import features_frame, from_clean, typed_frame
 from readmission_platform.lib.features import FEATURE_COLUMNS, build_features, record_features
 from readmission_platform.lib.history import (
     ENCOUNTER,
@@ -20,9 +21,7 @@ from readmission_platform.lib.history import (
     with_history,
 )
 from readmission_platform.lib.history_store import KEY, read_states, write_states
-from readmission_platform.lib.cleaning import clean, clean_record
-from readmission_platform.lib.encounter import features_frame
-from readmission_platform.lib.splitting import SPLIT, assign_split, split_overlap
+from readmission_platform.lib.splitting import SPLIT, split_overlap
 from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.prediction_log import engine_for
 
@@ -38,7 +37,7 @@ def raw_rows(*rows: dict) -> pl.DataFrame:
 
 def history_of(raw: pl.DataFrame) -> pl.DataFrame:
     features = pl.DataFrame({ENCOUNTER: raw[ENCOUNTER].cast(pl.Int64)}).with_columns(
-        pl.col(ENCOUNTER).alias("_"), *(raw[c].cast(pl.Float64).alias(c) for c in ("time_in_hospital", "num_medications", "number_diagnoses"))
+        raw[c].cast(pl.Float64).alias(c) for c in ("time_in_hospital", "num_medications", "number_diagnoses")
     )
     return pl.concat([features.select(ENCOUNTER), encounter_history(raw, features)], how="horizontal")
 
