@@ -35,11 +35,11 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.features import (
     CATEGORICAL_FEATURES,
+    ENCOUNTER_NUMERIC_FEATURES,
     FEATURE_SCHEMA,
     LABEL_COLUMNS,
     MEDICATION_FEATURES,
     MISSING_CATEGORY,
-    NUMERIC_FEATURES,
     build_features,
 )
 from readmission_platform.lib.ingest import parse_batch
@@ -153,7 +153,7 @@ def pandas_features(clean_rows: pd.DataFrame) -> pd.DataFrame:
         "weight_recorded": clean_rows["weight"].notna(),
     }
     columns = {name: clean_rows[name] for name in (*schema.IDENTIFIERS, *LABEL_COLUMNS)}
-    columns |= {name: (derived[name] if name in derived else clean_rows[name]).astype("float64") for name in NUMERIC_FEATURES}
+    columns |= {name: (derived[name] if name in derived else clean_rows[name]).astype("float64") for name in ENCOUNTER_NUMERIC_FEATURES}
     columns |= {name: clean_rows[name].fillna(MISSING_CATEGORY).astype(str) for name in CATEGORICAL_FEATURES}
     return pd.DataFrame(columns)
 

@@ -41,7 +41,7 @@ defs = dg.Definitions.merge(
             "mlflow": MlflowResource(
                 tracking_uri=from_variable("mlflow_tracking_uri"), artifact_root=settings.mlflow_artifact_location
             ),
-            "prediction_log": PredictionLogResource(url=from_variable("prediction_log_url")),
+            "prediction_log": PredictionLogResource(url=from_variable("prediction_log_url"), patient_key=from_variable("patient_key")),
             "retrain_policy": RetrainPolicy(),
             "degradation_policy": DegradationPolicy(),
             "rollout_policy": RolloutPolicyResource(

@@ -32,6 +32,8 @@ class Settings:
     alertmanager_url: str | None = None  # where the pipeline's sensors post alerts; None: they log and skip
     # The landing area, the one folder the production profile shares by design; None: `home / "landing"`.
     landing: Path | None = None
+    # The key of the hash standing for a patient identifier (history lookups); None: requests' identifiers are not used.
+    patient_key: str | None = field(default=None, repr=False)
     # Setting → the variable whose text it is; settings left to their defaults are not in it.
     variables: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -70,7 +72,8 @@ class Settings:
         READMISSION_SOURCE (default the bundled data set), READMISSION_DAGSTER_STORAGE_URL (default SQLite),
         READMISSION_MLFLOW_TRACKING_URI or else MLFLOW_TRACKING_URI (default SQLite under the home),
         READMISSION_PREDICTION_LOG_URL (default SQLite under the home), READMISSION_ALERTMANAGER_URL (default unset),
-        READMISSION_LANDING_DIR (default the home's landing/)."""
+        READMISSION_LANDING_DIR (default the home's landing/),
+        READMISSION_PATIENT_KEY (default unset: no patient history at serving)."""
         home = Path(env.get("READMISSION_HOME") or ".readmission").expanduser().resolve()
         source = env.get("READMISSION_SOURCE")
         landing = env.get("READMISSION_LANDING_DIR")
@@ -95,6 +98,7 @@ class Settings:
             or f"sqlite:///{home / 'predictions.sqlite'}",
             alertmanager_url=given("alertmanager_url", "READMISSION_ALERTMANAGER_URL"),
             landing=Path(landing).expanduser().resolve() if landing else None,
+            patient_key=given("patient_key", "READMISSION_PATIENT_KEY"),
             variables=variables,
         )
 

@@ -157,12 +157,14 @@ def new_mlflow_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def full_features(full_clean: CleanResult) -> pl.DataFrame:
-    """`build_features` of the whole clean data set, with its patient-grouped `split`; do not mutate."""
+def full_features(full_raw: pl.DataFrame, full_clean: CleanResult) -> pl.DataFrame:
+    """`build_features` of the whole clean data set with each encounter's history, and its patient-grouped `split`, as
+    the training set holds them; do not mutate."""
     from readmission_platform.lib.features import build_features
+    from readmission_platform.lib.history import with_history
     from readmission_platform.lib.splitting import assign_split
 
-    return assign_split(build_features(full_clean.frame))
+    return assign_split(with_history(build_features(full_clean.frame), full_raw))
 
 
 @pytest.fixture(scope="session")

@@ -80,6 +80,7 @@ def test_every_sensor_runs_on_a_fresh_instance_without_being_started(tmp_path):
     assert dict(re.findall(r"Sensor: (\w+) \[(\w+)\]", done.stdout)) == {
         "landing_sensor": "RUNNING",
         "retrain_sensor": "RUNNING",
+        "history_sensor": "RUNNING",
         "outcome_sensor": "RUNNING",
         "live_performance_sensor": "RUNNING",
         "rollout_sensor": "RUNNING",

@@ -75,9 +75,18 @@ class MlflowResource(dg.ConfigurableResource):
 
 
 class PredictionLogResource(dg.ConfigurableResource):
-    """The service's prediction log: sqlite:///path (default under READMISSION_HOME) or postgresql://…."""
+    """The service's prediction log: sqlite:///path (default under READMISSION_HOME) or postgresql://…; its database
+    also holds the patients' history states the service looks up (`lib/history_store`)."""
 
     url: str
+    patient_key: str | None = None
+    """The key of the hash that stands for a patient identifier (READMISSION_PATIENT_KEY), as the service has it."""
+
+    def engine(self):
+        """An SQLAlchemy engine on the log's database."""
+        from readmission_platform.serving.prediction_log import engine_for
+
+        return engine_for(self.url, create=False)
 
     def read(
         self, columns: Sequence[str] | None = None, *, since: datetime | None = None, until: datetime | None = None

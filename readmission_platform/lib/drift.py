@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from readmission_platform.lib.cleaning import clean_request
-from readmission_platform.lib.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, feature_values
+from readmission_platform.lib.features import CATEGORICAL_FEATURES, ENCOUNTER_NUMERIC_FEATURES, feature_values
 
 # The credit-scoring reading of PSI (Siddiqi): below 0.1 stable, 0.1 to 0.25 moderate, from 0.25 significant. At 0.2
 # the bundled file's steady later batches warned on payer_code (README, Drift).
@@ -102,7 +102,7 @@ def grouped_psi_report(
     current: pl.DataFrame,
     by: str,
     *,
-    numeric: tuple[str, ...] = NUMERIC_FEATURES,
+    numeric: tuple[str, ...] = ENCOUNTER_NUMERIC_FEATURES,
     categorical: tuple[str, ...] = CATEGORICAL_FEATURES,
 ) -> pl.DataFrame:
     """PSI of each feature of each group of `current` (by its column `by`) against all of `reference`.
@@ -120,7 +120,7 @@ def psi_report(
     reference: pl.DataFrame,
     current: pl.DataFrame,
     *,
-    numeric: tuple[str, ...] = NUMERIC_FEATURES,
+    numeric: tuple[str, ...] = ENCOUNTER_NUMERIC_FEATURES,
     categorical: tuple[str, ...] = CATEGORICAL_FEATURES,
 ) -> pl.DataFrame:
     """PSI of each feature of `current` against `reference` (training rows): feature, psi, kind; largest first.
@@ -136,7 +136,8 @@ def psi_report(
 def serving_psi(predictions: pl.DataFrame, reference: pl.DataFrame) -> pl.DataFrame:
     """PSI of every feature and of the probability of logged predictions, per model version, against `reference`: the
     training rows' features with the production model's probability of each (`grouped_psi_report`'s columns)."""
-    numeric = (*NUMERIC_FEATURES, PROBABILITY)
+    # The log holds no patient's history (only the features of the encounter as sent): drift is of those.
+    numeric = (*ENCOUNTER_NUMERIC_FEATURES, PROBABILITY)
     _check_frame("predictions", predictions, (VERSION, PROBABILITY))
     _check_frame("reference", reference, (*numeric, *CATEGORICAL_FEATURES))
     # The cleaning and feature rules are selects: left lazy, polars fuses them with the counts that read them.

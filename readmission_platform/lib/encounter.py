@@ -3,7 +3,9 @@
 Fields are the data set's columns without identifiers and label, spelt as the data set spells them
 (`A1Cresult`, `glyburide-metformin`), with the values the hospital system writes: age brackets, ICD-9 codes,
 medication statuses, "None" for a lab test not taken. Columns the data allows to be unknown ('?' in the file) may
-be null or absent; every other one is required. Extra fields are refused, so no identifier can reach the log.
+be null or absent; every other one is required. Extra fields are refused, so no identifier can reach the log. The
+one identifier a request may carry, `patient_id` (the hospital's patient identifier, for the patient's history), is
+no field of the data set: `record` and `columns` leave it out, and the service keeps only its keyed hash.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from readmission_platform.lib.features import feature_values
 from readmission_platform.lib.schema import NOT_MEASURED_COLUMNS, NOT_TAKEN
 
 REQUEST_ID = "request_id"
+PATIENT_ID = "patient_id"
+MAX_PATIENT_ID = 64
 FIELDS: tuple[str, ...] = tuple(n for n in schema.RAW_COLUMNS if n not in schema.IDENTIFIERS and n != schema.LABEL)
 MAX_TEXT = 100
 MAX_REQUEST_ID = 128
@@ -121,6 +125,12 @@ def _encounter_model(title: str, *, single: bool) -> type[BaseModel]:
             Field(None, description="The client's id for this request (printable ASCII), echoed in the answer and the "
                                     "prediction log."),  # fmt: skip
         ),
+        patient_id=(
+            Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATIENT_ID, pattern=REQUEST_ID_PATTERN)] | None,
+            Field(None, description="The hospital's patient identifier (printable ASCII), for the patient's history "
+                                    "of earlier encounters; hashed with the service's key at once, never stored or "
+                                    "echoed. Absent: the encounter is scored without history."),  # fmt: skip
+        ),
     )
 
 
@@ -149,7 +159,11 @@ def _largest_encounter() -> dict[str, Any]:
             return max(column.range, key=lambda v: len(str(v)))
         return "x" * MAX_TEXT
 
-    return {**{name: longest(schema.CLEAN_BY_NAME[name]) for name in FIELDS}, REQUEST_ID: "x" * MAX_REQUEST_ID}
+    return {
+        **{name: longest(schema.CLEAN_BY_NAME[name]) for name in FIELDS},
+        REQUEST_ID: "x" * MAX_REQUEST_ID,
+        PATIENT_ID: "x" * MAX_PATIENT_ID,
+    }
 
 
 # The body a batch request may have: MAX_BATCH of the largest encounters in compact JSON, twice over for indentation
@@ -174,11 +188,15 @@ def typed_frame(values: Mapping[str, list[Any]] | Sequence[Mapping[str, Any]]) -
     return pl.DataFrame({name: pl.Series(name, values[name], REQUEST_DTYPES[name], strict=False) for name in FIELDS})
 
 
-def features_frame(values: Mapping[str, list[Any]] | Sequence[Mapping[str, Any]] | pl.DataFrame) -> pl.DataFrame:
-    """Validated encounters (a typed frame, columns, or records as `record` gives them) → their feature columns
-    (`FEATURE_COLUMNS`), by the rules of `cleaning.clean` and `features.build_features` that made the training data."""
+def features_frame(
+    values: Mapping[str, list[Any]] | Sequence[Mapping[str, Any]] | pl.DataFrame, states: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Validated encounters (a typed frame, columns, or records as `record` gives them) and their patients' history
+    states (`history.STATE` columns, a null row where none is known; None: none for any) → their feature columns
+    (`FEATURE_COLUMNS`), by the rules of `cleaning.clean`, `features.build_features` and `history` that made the
+    training data."""
     typed = values if isinstance(values, pl.DataFrame) else typed_frame(values)
-    return feature_values(clean_request(typed))
+    return feature_values(clean_request(typed), states)
 
 
 def from_clean(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""The model-ready feature table, computed from clean rows the same way for training and serving."""
+"""The model-ready feature table, computed from clean rows the same way for training and serving.
+
+A model's input is the encounter's own features (`ENCOUNTER_FEATURES`, the per-batch `features` table) and the
+patient's point-in-time history (`history.HISTORY_FEATURES`, which needs the patient's earlier encounters and is added
+by the training set and, at serving, from the patient's stored state): `FEATURE_COLUMNS`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,14 @@ from typing import Any
 import polars as pl
 
 from readmission_platform.lib import schema
+from readmission_platform.lib.history import HISTORY_FEATURES, history_expressions, record_history
 
 # Constant or nearly constant over the data set (at most 3 rows differ from "No"): no signal.
 UNINFORMATIVE_MEDICATIONS = ("examide", "citoglipton", "acetohexamide", "troglitazone", "metformin-rosiglitazone")
 MEDICATION_FEATURES = tuple(m for m in schema.MEDICATIONS if m not in UNINFORMATIVE_MEDICATIONS)
 MISSING_CATEGORY = "missing"
 
-NUMERIC_FEATURES = (
+ENCOUNTER_NUMERIC_FEATURES = (
     "age_years",
     "time_in_hospital",
     "num_lab_procedures",
@@ -47,7 +53,9 @@ CATEGORICAL_FEATURES = (
     "change",
     "diabetesMed",
 )
-FEATURE_COLUMNS = NUMERIC_FEATURES + CATEGORICAL_FEATURES
+ENCOUNTER_FEATURES = ENCOUNTER_NUMERIC_FEATURES + CATEGORICAL_FEATURES  # the features table's
+NUMERIC_FEATURES = ENCOUNTER_NUMERIC_FEATURES + HISTORY_FEATURES
+FEATURE_COLUMNS = NUMERIC_FEATURES + CATEGORICAL_FEATURES  # a model's input
 LINEAGE_COLUMNS = (schema.BATCH_ID, *schema.IDENTIFIERS)
 LABEL_COLUMNS = (schema.LABEL_30D, schema.LABEL)
 
@@ -55,9 +63,10 @@ FEATURE_SCHEMA: dict[str, pl.DataType] = (
     {schema.BATCH_ID: pl.String()}
     | {name: pl.Int64() for name in schema.IDENTIFIERS}
     | {schema.LABEL_30D: pl.Boolean(), schema.LABEL: pl.String()}
-    | {name: pl.Float64() for name in NUMERIC_FEATURES}
+    | {name: pl.Float64() for name in ENCOUNTER_NUMERIC_FEATURES}
     | {name: pl.String() for name in CATEGORICAL_FEATURES}
 )
+HISTORY_SCHEMA: dict[str, pl.DataType] = {name: pl.Float64() for name in HISTORY_FEATURES}
 
 
 @dataclass(frozen=True)
@@ -116,13 +125,13 @@ DERIVED: dict[str, Total | Count | Recorded] = {
 def _feature_expressions() -> list[pl.Expr]:
     numeric = [
         (DERIVED[name].expr() if name in DERIVED else pl.col(name)).cast(pl.Float64).alias(name)
-        for name in NUMERIC_FEATURES
+        for name in ENCOUNTER_NUMERIC_FEATURES
     ]
     categorical = [pl.col(name).cast(pl.String).fill_null(MISSING_CATEGORY).alias(name) for name in CATEGORICAL_FEATURES]
     return numeric + categorical
 
 
-_FEATURES = _feature_expressions()  # in FEATURE_COLUMNS order
+_FEATURES = _feature_expressions()  # in ENCOUNTER_FEATURES order
 _TABLE = [pl.col(name) for name in (schema.BATCH_ID, *schema.IDENTIFIERS, schema.LABEL_30D, schema.LABEL)] + _FEATURES
 assert [e.meta.output_name() for e in _TABLE] == list(FEATURE_SCHEMA)
 
@@ -132,20 +141,30 @@ def build_features(clean: pl.DataFrame) -> pl.DataFrame:
     return clean.select(_TABLE)
 
 
-def feature_values(clean: pl.DataFrame) -> pl.DataFrame:
-    """Clean rows → only the declared feature columns (`FEATURE_COLUMNS`), by the rules of `build_features`."""
-    return clean.select(_FEATURES)
+def feature_values(clean: pl.DataFrame | pl.LazyFrame, states: pl.DataFrame | None = None) -> pl.DataFrame | pl.LazyFrame:
+    """Clean rows → the model's feature columns (`FEATURE_COLUMNS`), by the rules of `build_features`.
+
+    `states`: each row's patient `history.STATE` (a null row: none known); without it every row has the history of
+    a first encounter. A lazy frame stays lazy.
+    """
+    encounter = clean.select(_FEATURES)
+    if states is not None:
+        encounter = pl.concat([encounter, states.lazy() if isinstance(encounter, pl.LazyFrame) else states], how="horizontal")
+    history = history_expressions(encounter.collect_schema().names())
+    return encounter.select(*ENCOUNTER_NUMERIC_FEATURES, *history, *CATEGORICAL_FEATURES)
 
 
-def record_features(clean: Mapping[str, Any]) -> dict[str, float | str]:
-    """One clean encounter (`cleaning.clean_record`) → its feature values, by the rules of `build_features`.
+def record_features(clean: Mapping[str, Any], state: Mapping[str, int] | None = None) -> dict[str, float | str]:
+    """One clean encounter (`cleaning.clean_record`) and its patient's `history.STATE` (None: none known) → its
+    feature values, by the rules of `build_features` and `history`.
 
     Numbers become floats, categories text with `MISSING_CATEGORY` for a missing value, as in the table.
     """
     values: dict[str, float | str] = {}
-    for name in NUMERIC_FEATURES:
+    for name in ENCOUNTER_NUMERIC_FEATURES:
         value = DERIVED[name].of(clean) if name in DERIVED else clean[name]
         values[name] = float("nan") if value is None else float(value)
+    values |= record_history(state, values)
     for name in CATEGORICAL_FEATURES:
         value = clean[name]
         values[name] = MISSING_CATEGORY if value is None else str(value)

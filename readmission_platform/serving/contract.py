@@ -14,6 +14,11 @@ from starlette.responses import JSONResponse, Response
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, openapi_3_0, out_of_scope
 
+HISTORY_USED = (
+    "True when the request's patient_id was looked up in the patients' history (an unknown patient has none yet); "
+    "false without a patient_id or where the service keeps no history: the history features then are those of a "
+    "first encounter."
+)
 MAX_ERRORS = 1_000  # validation errors listed in one answer; the count says how many there were
 Stage = Literal["production", "canary"]
 STAGE_DESCRIPTION = (
@@ -33,6 +38,7 @@ class Prediction(BaseModel):
     model_version: str = Field(description="The version that answered: production's, or the canary's (`stage`).")
     stage: Stage = Field(description=STAGE_DESCRIPTION)
     request_id: str = Field(description="The client's request_id, or one made up for this prediction.")
+    history_used: bool = Field(description=HISTORY_USED)
 
 
 class BatchItem(BaseModel):
@@ -44,6 +50,7 @@ class BatchItem(BaseModel):
     request_id: str
     model_version: str | None = Field(description="The version that answered this encounter; null when not scored.")
     stage: Stage | None = Field(description=f"{STAGE_DESCRIPTION} Null when not scored.")
+    history_used: bool | None = Field(None, description=HISTORY_USED + " Null when the encounter is not scored.")
     reason: Literal["death_or_hospice"] | None = Field(
         None, description="Why the encounter is not scored: discharged to death or hospice. Absent or null when scored."
     )
@@ -79,6 +86,7 @@ class Explanation(BaseModel):
     method: str = Field(description="How contributions are computed, and their unit.")
     contributions: list[Contribution] = Field(description="Every feature, the strongest push (up or down) first.")
     request_id: str
+    history_used: bool = Field(description=HISTORY_USED)
 
 
 

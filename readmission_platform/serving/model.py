@@ -22,6 +22,7 @@ from sklearn.pipeline import Pipeline
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import features_frame
+from readmission_platform.lib.history import STATE_SCHEMA
 from readmission_platform.lib.registry import ModelRegistry, RegistryError, decision_threshold, trained_batches
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.training import predict_probability
@@ -49,6 +50,14 @@ SMOKE_ENCOUNTERS: tuple[dict[str, Any], ...] = (
              "number_inpatient": 6, "number_emergency": 3, "weight": "[75-100)"},
     _BASE | {"medical_specialty": "Surgery-Vascular", "admission_type_id": 3, "discharge_disposition_id": 3,
              "diag_1": "996.81", "diag_2": "E878", "max_glu_serum": ">300", "metformin": "Down", "insulin": "Steady"},
+)  # fmt: skip
+
+
+# Their patients' history: none known, a returning patient, a frequent one (`history.STATE`), so the fast path's pin
+# covers the history features too.
+SMOKE_STATES = pl.DataFrame(
+    [(None,) * len(STATE_SCHEMA), (1, 3, 0, 1, 2, 12, 40, 7, 0), (6, 30, 2, 0, 9, 25, 70, 9, 4)],
+    schema=STATE_SCHEMA, orient="row",
 )  # fmt: skip
 
 
@@ -96,7 +105,7 @@ class ServedModel:
     def smoke_test(self) -> float:
         """Score `SMOKE_ENCOUNTERS`: the fast path must agree with the pipeline (`fast.pin`) and every probability
         must be a number in [0, 1]; `ModelRefused` otherwise. Returns the largest difference found."""
-        frame = features_frame(list(SMOKE_ENCOUNTERS))
+        frame = features_frame(list(SMOKE_ENCOUNTERS), SMOKE_STATES)
         try:
             worst = pin(self.scorer, self.pipeline, frame) if self.scorer is not None else 0.0
             probabilities = self.probabilities(frame)
@@ -148,7 +157,7 @@ def serve(pipeline: Pipeline, info: Mapping[str, Any], *, fast: bool = True, thr
     try:
         if not fast:
             raise UnsupportedModel("the fast path is switched off (READMISSION_FAST_PATH=0)")
-        scorer: FastScorer | None = compile(pipeline, pin_on=features_frame(list(SMOKE_ENCOUNTERS)), threads=threads)
+        scorer: FastScorer | None = compile(pipeline, pin_on=features_frame(list(SMOKE_ENCOUNTERS), SMOKE_STATES), threads=threads)
     except UnsupportedModel as error:
         log.warning("version %s has no fast path (%s); it is scored through the pipeline", info["version"], error)
         scorer = None

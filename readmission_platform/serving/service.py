@@ -41,6 +41,7 @@ from readmission_platform.lib.encounter import (
     FIELDS,
     MAX_BATCH,
     MAX_BATCH_BYTES,
+    PATIENT_ID,
     REQUEST_ID,
     BatchRequest,
     Encounter,
@@ -64,6 +65,7 @@ from readmission_platform.serving.contract import (
 )
 from readmission_platform.serving.fast.decode import decode_batch
 from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
+from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.metrics import (
     DURATION_BUCKETS,
     LOG_DROPPED,
@@ -73,7 +75,7 @@ from readmission_platform.serving.metrics import (
     observe_many,
 )
 from readmission_platform.serving.model import ServedModel
-from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.prediction_log import PredictionLog, engine_for
 from readmission_platform.serving.rollout import NO_CANDIDATE, Candidate, Trials, candidate_columns, candidate_frame_columns
 from readmission_platform.serving.watcher import ModelWatcher
 from readmission_platform.settings import ServingSettings, Settings, keep_private
@@ -156,6 +158,15 @@ class ReadmissionService:
         self.log = PredictionLog(
             settings.prediction_log_url, capacity=SERVING.log_queue_rows, on_drop=LOG_DROPPED.inc, nice=SERVING.log_writer_nice
         )
+        # The patients' history states, kept in memory and read again when the pipeline writes them anew.
+        key = settings.patient_key
+        self.history = PatientHistory(
+            engine_for(settings.prediction_log_url, create=False) if key else None,
+            key.encode() if key else None,
+            interval=SERVING.reload_seconds,
+        )
+        self.history.refresh()
+        self.history.start()
         self.watcher = ModelWatcher(self, settings, SERVING)
         self.watcher.check()
         self.watcher.start()
@@ -174,6 +185,7 @@ class ReadmissionService:
     def _shutdown(self) -> None:
         self.watcher.stopped.set()
         self.trials.close()
+        self.history.stopped.set()
         self.log.close()
         log.info("prediction log closed: %d rows written, %d dropped", self.log.written, self.log.dropped)
 
@@ -202,7 +214,8 @@ class ReadmissionService:
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused  # type: ignore[return-value]
         given = record(encounter)
-        features = record_features(clean_record(given))
+        state = self.history.state(encounter.patient_id)
+        features = record_features(clean_record(given), state)
         request_id = encounter.request_id or uuid.uuid4().hex
         candidate = self.candidate
         trial = None
@@ -221,6 +234,7 @@ class ReadmissionService:
         return Prediction(
             probability=probability, decision=decision, risk_band=band, threshold=answering.threshold,
             model_name=answering.name, model_version=answering.version, stage=stage, request_id=request_id,
+            history_used=state is not None,
         )  # fmt: skip
 
     def answer_batch(self, encounters: pl.DataFrame) -> Response:
@@ -234,7 +248,8 @@ class ReadmissionService:
         out = encounters["discharge_disposition_id"].is_in(schema.DEATH_OR_HOSPICE_DISPOSITIONS)
         scored = encounters.filter(~out) if (unscored := int(out.sum())) else encounters
         scored_ids = request_ids.filter(~out) if unscored else request_ids
-        features = features_frame(scored)
+        states, used = self.history.states(scored[PATIENT_ID])
+        features = features_frame(scored, states)
         routed = None  # the rows the canary answers
         trial = None
         if candidate is not None and candidate.stage == SHADOW:
@@ -269,6 +284,7 @@ class ReadmissionService:
                 REQUEST_ID: scored_ids,
                 "model_version": pl.Series(versions, dtype=pl.String),
                 "stage": pl.Series(stages, dtype=pl.String),
+                "history_used": used,
             }
         )
         self._count_batch(answers)
@@ -304,7 +320,8 @@ class ReadmissionService:
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused  # type: ignore[return-value]
         given = record(encounter)
-        features = record_features(clean_record(given))
+        state = self.history.state(encounter.patient_id)
+        features = record_features(clean_record(given), state)
         if model.scorer is None:
             return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)  # type: ignore[return-value]
         probability = model.probability(features)
@@ -314,7 +331,7 @@ class ReadmissionService:
         ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(contributions[name]))
         return Explanation(
             probability=probability, decision=decision, model_name=model.name, model_version=model.version,
-            stage=PRODUCTION, method=model.method, request_id=request_id,
+            stage=PRODUCTION, method=model.method, request_id=request_id, history_used=state is not None,
             contributions=[Contribution(feature=n, value=features[n], contribution=contributions[n]) for n in ranked],
         )  # fmt: skip
 

@@ -6,7 +6,7 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.drift import PSI_MODERATE, PSI_SIGNIFICANT, psi_report, serving_psi
 from readmission_platform.lib.encounter import REQUEST_DTYPES
-from readmission_platform.lib.features import FEATURE_COLUMNS, build_features
+from readmission_platform.lib.features import ENCOUNTER_FEATURES, build_features
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.splitting import SPLIT, assign_split
@@ -34,7 +34,7 @@ def small(x, c) -> pl.DataFrame:
 def test_identical_data_has_no_drift_in_any_feature(train):
     report = psi_report(train, train)
 
-    assert sorted(report["feature"]) == sorted(FEATURE_COLUMNS)
+    assert sorted(report["feature"]) == sorted(ENCOUNTER_FEATURES)
     assert report["psi"].abs().max() < 1e-12
 
 
@@ -169,7 +169,7 @@ def test_serving_drift_names_the_planted_movers_of_one_version_and_leaves_the_ot
     report = serving_psi(predictions, reference)
 
     steady, shifted = (report.filter(pl.col("model_version") == v) for v in ("3", "4"))
-    assert steady.height == shifted.height == len(FEATURE_COLUMNS) + 1 and set(report["rows"]) == {served.height}
+    assert steady.height == shifted.height == len(ENCOUNTER_FEATURES) + 1 and set(report["rows"]) == {served.height}
     assert steady["psi"].max() < PSI_SIGNIFICANT, steady.head(3)
     assert set(shifted.head(2)["feature"]) == {"num_lab_procedures", "probability"}
     assert shifted["psi"][1] >= PSI_SIGNIFICANT > shifted["psi"][2]

@@ -3,6 +3,7 @@ import polars as pl
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.features import (
+    ENCOUNTER_FEATURES,
     FEATURE_COLUMNS,
     FEATURE_SCHEMA,
     MEDICATION_FEATURES,
@@ -36,7 +37,7 @@ def test_columns_are_the_feature_schema(full_clean):
 
     assert table.schema == pl.Schema(FEATURE_SCHEMA)
     assert table.height == full_clean.frame.height
-    assert table.select(FEATURE_COLUMNS).null_count().sum_horizontal().item() == 0
+    assert table.select(ENCOUNTER_FEATURES).null_count().sum_horizontal().item() == 0
 
 
 def test_no_identifier_or_label_is_a_feature():
@@ -44,7 +45,7 @@ def test_no_identifier_or_label_is_a_feature():
 
     assert forbidden.isdisjoint(FEATURE_COLUMNS)
     assert len(set(FEATURE_COLUMNS)) == len(FEATURE_COLUMNS)
-    assert set(FEATURE_SCHEMA) == forbidden | set(FEATURE_COLUMNS)
+    assert set(FEATURE_SCHEMA) == forbidden | set(ENCOUNTER_FEATURES)
     assert "age" not in FEATURE_COLUMNS and "weight" not in FEATURE_COLUMNS
 
 
@@ -95,4 +96,4 @@ def test_numeric_features_carry_the_clean_values_and_labels_pass_through():
 
 def test_no_feature_is_constant_over_the_data_set(full_clean):
     table = build_features(full_clean.frame)
-    assert [column for column in FEATURE_COLUMNS if table[column].n_unique() == 1] == []
+    assert [column for column in ENCOUNTER_FEATURES if table[column].n_unique() == 1] == []

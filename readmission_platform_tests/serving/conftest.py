@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from readmission_platform.lib.encounter import from_clean
+from readmission_platform.lib.history import HISTORY_FEATURES
 from readmission_platform.lib.registry import ModelRegistry
 from readmission_platform.lib.training import Candidate, model_input
 from readmission_platform.serving.server import running_server
@@ -66,8 +67,12 @@ def break_artifacts(registry: ModelRegistry, version: str) -> None:
 
 @pytest.fixture(scope="session")
 def test_encounters(full_features, full_clean) -> tuple[list[dict], pl.DataFrame]:
-    """1,000 test-split encounters outside the training sample: as requests, and as feature-table rows."""
-    rows = full_features.slice(20_000).filter(pl.col("split") == "test").head(1_000)
+    """1,000 test-split encounters outside the training sample: as requests (without a patient_id), and as
+    feature-table rows with the history the service then uses, a first encounter's."""
+    rows = (
+        full_features.slice(20_000).filter(pl.col("split") == "test").head(1_000)
+        .with_columns(pl.lit(0.0).alias(name) for name in HISTORY_FEATURES)
+    )  # fmt: skip
     clean_rows = rows.select("encounter_id").join(full_clean.frame, on="encounter_id", how="left", maintain_order="left")
     return [from_clean(r) for r in clean_rows.iter_rows(named=True)], rows
 

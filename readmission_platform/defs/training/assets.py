@@ -10,8 +10,10 @@ from readmission_platform.defs.partitions import WAREHOUSE_POOL, latest_by_parti
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
 from readmission_platform.lib import schema
 from readmission_platform.lib.evaluation import subgroup_tables
-from readmission_platform.lib.features import FEATURE_SCHEMA
-from readmission_platform.lib.pipeline import FEATURES
+from readmission_platform.defs.history.assets import materialized_raw
+from readmission_platform.lib.features import FEATURE_SCHEMA, HISTORY_SCHEMA
+from readmission_platform.lib.history import with_history
+from readmission_platform.lib.pipeline import FEATURES, RAW
 from readmission_platform.lib.plots import evaluation_plots
 from readmission_platform.lib.reporting import markdown_table
 from readmission_platform.lib.splitting import SPLIT, assign_split, split_overlap
@@ -30,15 +32,16 @@ if TYPE_CHECKING:
 
     from readmission_platform.lib.registry import ModelRegistry
 
-TRAINING_SET_SCHEMA = FEATURE_SCHEMA | {SPLIT: pl.String()}
+TRAINING_SET_SCHEMA = FEATURE_SCHEMA | HISTORY_SCHEMA | {SPLIT: pl.String()}
 
 
 @dg.asset(
-    deps=[FEATURES],
+    # History reads the patient's earlier encounters in every batch: each raw_batches partition is an input.
+    deps=[FEATURES, RAW],
     group_name="training",
     kinds={"polars", "sql"},
     pool=WAREHOUSE_POOL,
-    description="The features of every batch Dagster records as materialized, with a patient-grouped train/validation/test side (70/15/15) fixed by a hash of the patient id.",
+    description="The features of every batch Dagster records as materialized, with each encounter's point-in-time history (lib/history.py) and a patient-grouped train/validation/test side (70/15/15) fixed by a hash of the patient id.",
 )
 def training_set(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     # A run killed after the warehouse committed a batch but before Dagster recorded it leaves rows that Dagster calls
@@ -46,7 +49,9 @@ def training_set(context: dg.AssetExecutionContext, warehouse: WarehouseResource
     materialized = sorted(latest_by_partition(context.instance, FEATURES))
     with warehouse.open() as store:
         stored = store.read_table(FEATURES)
-        table = assign_split(stored.filter(pl.col(schema.BATCH_ID).is_in(materialized))).select(list(TRAINING_SET_SCHEMA))
+        features = stored.filter(pl.col(schema.BATCH_ID).is_in(materialized))
+        raw = materialized_raw(context.instance, store)
+        table = assign_split(with_history(features, raw)).select(list(TRAINING_SET_SCHEMA))
         store.replace_table("training_set", TRAINING_SET_SCHEMA, table)
     unrecorded = sorted(set(stored[schema.BATCH_ID].unique()) - set(materialized))
     if unrecorded:

@@ -17,7 +17,9 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import (
     FIELDS,
     MAX_BATCH,
+    MAX_PATIENT_ID,
     MAX_REQUEST_ID,
+    PATIENT_ID,
     MAX_TEXT,
     REQUEST_DTYPES,
     REQUEST_ID,
@@ -39,7 +41,7 @@ _PATTERNS = {
     name: column.pattern.pattern if column.pattern is not None else TRIMMED
     for name in FIELDS
     if (column := schema.CLEAN_BY_NAME[name]).allowed is None and column.range is None
-} | {REQUEST_ID: REQUEST_ID_PATTERN}
+} | {REQUEST_ID: REQUEST_ID_PATTERN, PATIENT_ID: REQUEST_ID_PATTERN}
 
 
 def _fast_annotation(column: schema.Column) -> Any:
@@ -56,12 +58,13 @@ def _fast_annotation(column: schema.Column) -> Any:
 
 _REQUIRED = [n for n in FIELDS if not schema.CLEAN_BY_NAME[n].nullable]
 _OPTIONAL = [n for n in FIELDS if schema.CLEAN_BY_NAME[n].nullable]
-_FAST_ORDER = (*_REQUIRED, *_OPTIONAL, REQUEST_ID)  # msgspec wants the fields with defaults last
+_FAST_ORDER = (*_REQUIRED, *_OPTIONAL, REQUEST_ID, PATIENT_ID)  # msgspec wants the fields with defaults last
 _FastEncounter = msgspec.defstruct(
     "Encounter",
     [(attribute(n), _fast_annotation(schema.CLEAN_BY_NAME[n]), msgspec.field(name=n)) for n in _REQUIRED]
     + [(attribute(n), _fast_annotation(schema.CLEAN_BY_NAME[n]), msgspec.field(default=None, name=n)) for n in _OPTIONAL]
-    + [(REQUEST_ID, Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID)] | None, None)],
+    + [(REQUEST_ID, Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID)] | None, None)]
+    + [(PATIENT_ID, Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PATIENT_ID)] | None, None)],
     forbid_unknown_fields=True,
     gc=False,
 )
@@ -72,11 +75,12 @@ _FastBatch = msgspec.defstruct(
 )
 _BATCH = msgspec.json.Decoder(_FastBatch)
 
-_DTYPES = {**REQUEST_DTYPES, REQUEST_ID: pl.String()}
+_DTYPES = {**REQUEST_DTYPES, REQUEST_ID: pl.String(), PATIENT_ID: pl.String()}
 
 
 def decode_batch(body: bytes) -> pl.DataFrame:
-    """A batch request's body → its encounters as a frame: FIELDS typed as `typed_frame` gives them, and request_id.
+    """A batch request's body → its encounters as a frame: FIELDS typed as `typed_frame` gives them, request_id and
+    patient_id.
 
     Raises pydantic's `ValidationError`, which names every offending field (`["encounters", 12, "age"]`), for a body
     that is not a valid batch request.
@@ -89,7 +93,7 @@ def decode_batch(body: bytes) -> pl.DataFrame:
     frame = pl.DataFrame([pl.Series(name, column, _DTYPES[name]) for name, column in zip(_FAST_ORDER, values)])
     if frame.select(pl.any_horizontal(~pl.col(n).str.contains(p) for n, p in _PATTERNS.items()).any()).item():
         return _by_request_model(body)
-    return frame.select(*FIELDS, REQUEST_ID)
+    return frame.select(*FIELDS, REQUEST_ID, PATIENT_ID)
 
 
 def _by_request_model(body: bytes) -> pl.DataFrame:
@@ -98,4 +102,7 @@ def _by_request_model(body: bytes) -> pl.DataFrame:
     # The fast path refused what the request model accepts: a gap between the two to mend, not the client's fault.
     log.warning("the fast batch decoder refused a body the request model accepts; decoded by the request model")
     rows = valid.encounters
-    return typed_frame(columns(rows)).with_columns(pl.Series(REQUEST_ID, [e.request_id for e in rows], pl.String))
+    return typed_frame(columns(rows)).with_columns(
+        pl.Series(REQUEST_ID, [e.request_id for e in rows], pl.String),
+        pl.Series(PATIENT_ID, [e.patient_id for e in rows], pl.String),
+    )

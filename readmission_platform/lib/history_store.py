@@ -1,0 +1,64 @@
+"""Each patient's history state where the service can read it: a table in the prediction log's database.
+
+The service never opens the DuckDB warehouse (one writing process at a time); the pipeline's `patient_history` asset
+writes every patient's `history.STATE` here, keyed by `history.patient_key` (a keyed hash: no hospital identifier is
+stored), and the service reads it back whole when its version changes. A write replaces the table and bumps the
+version in one transaction, so a reader sees the old states or the new ones, never a mix.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import sqlalchemy as sa
+
+from readmission_platform.lib.history import STATE, STATE_SCHEMA
+
+TABLE = "patient_history"
+VERSION_TABLE = "patient_history_version"
+KEY = "patient_key"
+STORED_SCHEMA: dict[str, pl.DataType] = {KEY: pl.String()} | STATE_SCHEMA
+
+_metadata = sa.MetaData()
+states_table = sa.Table(
+    TABLE, _metadata, sa.Column(KEY, sa.String(64), primary_key=True), *(sa.Column(n, sa.BigInteger(), nullable=False) for n in STATE)
+)
+version_table = sa.Table(
+    VERSION_TABLE, _metadata, sa.Column("version", sa.BigInteger(), nullable=False), sa.Column("patients", sa.BigInteger(), nullable=False)
+)
+
+
+def write_states(engine: sa.Engine, states: pl.DataFrame) -> int:
+    """Replace every stored state with `states` (`STORED_SCHEMA`) in one transaction; the new version number."""
+    missing = [name for name in STORED_SCHEMA if name not in states.columns]
+    if missing:
+        raise ValueError(f"patient states lack the columns {missing}; expected {list(STORED_SCHEMA)}")
+    if states[KEY].null_count() or states[KEY].n_unique() != states.height:
+        raise ValueError("patient states need one row per patient_key, none null")
+    _metadata.create_all(engine)
+    rows = states.select(list(STORED_SCHEMA)).to_dicts()
+    with engine.begin() as connection:
+        version = connection.execute(sa.select(sa.func.max(version_table.c.version))).scalar() or 0
+        connection.execute(states_table.delete())
+        if rows:
+            connection.execute(states_table.insert(), rows)
+        connection.execute(version_table.delete())
+        connection.execute(version_table.insert(), {"version": version + 1, "patients": len(rows)})
+    return version + 1
+
+
+def stored_version(engine: sa.Engine) -> int | None:
+    """The version of the stored states, None before the first write."""
+    with engine.connect() as connection:
+        if not sa.inspect(connection).has_table(VERSION_TABLE):
+            return None
+        return connection.execute(sa.select(sa.func.max(version_table.c.version))).scalar()
+
+
+def read_states(engine: sa.Engine) -> tuple[int | None, pl.DataFrame]:
+    """The stored version and every patient's state (`STORED_SCHEMA`), read in one transaction."""
+    with engine.connect() as connection, connection.begin():
+        if not sa.inspect(connection).has_table(VERSION_TABLE):
+            return None, pl.DataFrame(schema=STORED_SCHEMA)
+        version = connection.execute(sa.select(sa.func.max(version_table.c.version))).scalar()
+        rows = connection.execute(sa.select(*(states_table.c[n] for n in STORED_SCHEMA))).all()
+    return version, pl.DataFrame(rows, schema=STORED_SCHEMA, orient="row")

@@ -1,0 +1,78 @@
+"""A serving worker's copy of every patient's history state, looked up by the keyed hash of the request's identifier.
+
+The states (`lib/history_store`) are read whole into memory and read again when the pipeline writes a new version
+(checked every `interval` seconds), so a lookup is a dictionary get for one encounter and one join for a batch, with
+no database round trip on the request's path. The hospital's identifier is hashed at once (`history.patient_key`)
+and goes no further: not into the log, not into the answer, not into this worker's own logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+
+import polars as pl
+import sqlalchemy as sa
+
+from readmission_platform.lib.history import STATE, patient_key
+from readmission_platform.lib.history_store import KEY, read_states, stored_version
+from readmission_platform.lib.reporting import masked
+
+log = logging.getLogger(__name__)
+
+
+class PatientHistory(threading.Thread):
+    """The stored states by patient key; `ready` once a version is read. Without a key nothing is looked up."""
+
+    def __init__(self, engine: sa.Engine | None, key: bytes | None, *, interval: float = 30.0) -> None:
+        super().__init__(name="patient-history", daemon=True)
+        self.engine, self.key, self.interval = engine, key, interval
+        self.version: int | None = None
+        self.frame = pl.DataFrame(schema={KEY: pl.String(), **{name: pl.Int64() for name in STATE}})
+        self.by_key: dict[str, dict[str, int]] = {}
+        self.stopped = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        """History can be looked up: a key is configured and the states are read."""
+        return self.key is not None and self.version is not None
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Read the states again if the pipeline wrote a new version; a failure keeps the copy held and is logged."""
+        if self.engine is None or self.key is None:
+            return
+        try:
+            if stored_version(self.engine) == self.version:
+                return
+            version, frame = read_states(self.engine)
+        except Exception as error:  # the database is unreachable: keep what is held
+            log.warning("cannot read patient history from %s: %s", masked(str(self.engine.url)), error)
+            return
+        self.by_key = {row[KEY]: {name: row[name] for name in STATE} for row in frame.iter_rows(named=True)}
+        self.frame, self.version = frame, version
+        log.info("patient history version %s: %d patients", version, frame.height)
+
+    def state(self, identifier: str | None) -> Mapping[str, int] | None:
+        """The state of the patient a request names; None without an identifier or history. A patient the states do not
+        hold has had no encounter yet: a first encounter's state."""
+        if identifier is None or not self.ready:
+            return None
+        return self.by_key.get(patient_key(identifier, self.key), dict.fromkeys(STATE, 0))
+
+    def states(self, identifiers: pl.Series) -> tuple[pl.DataFrame | None, pl.Series]:
+        """The states (`STATE` columns, null where none is used; None when no row uses one) of a batch's identifiers
+        (null: none given), and which rows used history."""
+        used = identifiers.is_not_null() if self.ready else pl.repeat(False, identifiers.len(), eager=True)
+        if not self.ready or not used.any():
+            return None, used
+        keys = pl.Series(KEY, [None if i is None else patient_key(i, self.key) for i in identifiers], pl.String)
+        joined = keys.to_frame().join(self.frame, on=KEY, how="left", maintain_order="left")
+        # Given but not held: a first encounter (zeros), as `state` answers.
+        states = joined.select(pl.when(used).then(pl.col(n).fill_null(0)).alias(n) for n in STATE)
+        return states, used
+
