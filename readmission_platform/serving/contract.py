@@ -54,6 +54,12 @@ class Contribution(BaseModel):
     contribution: float
 
 
+class FieldContribution(BaseModel):
+    field: str = Field(description="A field of the encounter as recorded (`age`, `diag_1`, `insulin` …), or `history`.")
+    contribution: float = Field(description="The sum of its features' contributions.")
+    features: list[str]
+
+
 class OutOfScope(BaseModel):
     model_config = ConfigDict(json_schema_extra=openapi_3_0)
 
@@ -68,7 +74,14 @@ class Explanation(BaseModel):
     model_name: str
     model_version: str
     method: str = Field(description="How contributions are computed, and their unit.")
+    exact: bool = Field(description="True when `base_value` plus every contribution is `log_odds`, exactly.")
+    unit: Literal["log-odds", "probability"] = Field(description="The unit of `base_value` and the contributions.")
+    base_value: float | None = Field(description="Where the contributions start from (log-odds); null when not exact.")
+    log_odds: float = Field(description="The log-odds of `probability`: log(p / (1 - p)).")
     contributions: list[Contribution] = Field(description="Every feature, the strongest push (up or down) first.")
+    fields: list[FieldContribution] = Field(
+        description="The contributions summed per recorded field (or history), the strongest push first."
+    )
     request_id: str
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import uuid
 from typing import Any
@@ -43,11 +44,12 @@ from readmission_platform.lib.encounter import (
     features_frame,
     record,
 )
-from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
+from readmission_platform.lib.features import FEATURE_COLUMNS, by_field, record_features
 from readmission_platform.serving.contract import (
     BatchPrediction,
     Contribution,
     Explanation,
+    FieldContribution,
     Prediction,
     batch_answer,
     inlined,
@@ -233,13 +235,22 @@ class ReadmissionService:
         if model.scorer is None:
             return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)  # type: ignore[return-value]
         probability = model.probability(features)
-        contributions = model.scorer.contributions(features)
+        attribution = model.scorer.explain(features)
+        terms = attribution.terms
         decision, _, request_id = self._answer(model, probability, "explain", given, encounter.request_id)
-        ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(contributions[name]))
+        ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(terms[name]))
+        fields = sorted(
+            (FieldContribution(field=field, contribution=math.fsum(found.values()), features=list(found))
+             for field, found in by_field(terms).items()),
+            key=lambda f: -abs(f.contribution),
+        )  # fmt: skip
         return Explanation(
             probability=probability, decision=decision, model_name=model.name, model_version=model.version,
-            method=model.method, request_id=request_id,
-            contributions=[Contribution(feature=n, value=features[n], contribution=contributions[n]) for n in ranked],
+            method=model.method, exact=attribution.base is not None,
+            unit="probability" if attribution.base is None else "log-odds", base_value=attribution.base,
+            log_odds=math.log(probability / (1.0 - probability)), request_id=request_id,
+            contributions=[Contribution(feature=n, value=features[n], contribution=terms[n]) for n in ranked],
+            fields=fields,
         )  # fmt: skip
 
 

@@ -5,8 +5,10 @@ import polars as pl
 
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
 from readmission_platform.lib.evaluation import evaluate_model, subgroup_tables
+from readmission_platform.lib.model_card import build_card, log_card, to_markdown
 from readmission_platform.lib.promotion import DECISION_SCHEMA, Gates, decide, gate_failures, gate_warnings
 from readmission_platform.lib.reporting import markdown_table
+from readmission_platform.lib.training import predict_probability
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
 REPORTED = ("roc_auc", "pr_auc", "brier", "base_rate_brier", "log_loss", "precision", "recall", "f1", "positive_rate")
@@ -82,11 +84,20 @@ def promotion_decision(
             context.log.error(notes[-1])
 
     subgroups = subgroup_tables(challenger, test, threshold=threshold)
-    # The challenger's MLflow run keeps its test scores beside the validation ones it was chosen on.
-    run_id = registry.version(version).run_id
+    # The challenger's MLflow run keeps its test scores beside the validation ones it was chosen on, and its card.
+    registered = registry.version(version)
+    run_id = registered.run_id
     for name in REPORTED:
         registry.client.log_metric(run_id, f"test_{name}", challenger_metrics[name])
     registry.client.log_text(run_id, subgroups.write_csv(), "subgroups_test.csv")
+    run = registry.client.get_run(run_id)
+    card = build_card(
+        version=version, family=registered.tags.get("family", run.data.params.get("family", "unknown")), threshold=threshold,
+        params={k: v for k, v in run.data.params.items() if k not in ("family", "threshold")}, lineage=registered.tags,
+        validation={k.removeprefix("validation_"): v for k, v in run.data.metrics.items() if k.startswith("validation_")},
+        test=test, probability=predict_probability(challenger, test), test_metrics=challenger_metrics, subgroups=subgroups,
+    )  # fmt: skip
+    log_card(registry.client, run_id, card)
     decision = decide(
         challenger_version=version,
         challenger_metrics=challenger_metrics,
@@ -138,5 +149,8 @@ def promotion_decision(
                 markdown_table(subgroups.select("by", "group", "rows", "roc_auc", "brier", "positive_rate", "mean_predicted", "observed_rate"), limit=30)
             ),
             "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
+            "challenger_test_roc_auc_interval": f"{card['test_metrics']['roc_auc']['lower']}-{card['test_metrics']['roc_auc']['upper']}",
+            "challenger_calibration_slope": card["calibration"]["slope"],
+            "model_card": dg.MetadataValue.md(to_markdown(card)),
         }
     )
