@@ -27,13 +27,13 @@ from readmission_platform.defs.resources import MlflowResource, ServingResource,
 from readmission_platform.defs.serving.assets import serving_bento
 from readmission_platform.defs.training import checks as training_checks
 from readmission_platform.defs.training.assets import trained_model, training_set
-from readmission_platform.lib import metrics
+from readmission_platform.lib import metrics, schema
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.evaluation import subgroup_tables
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_SCHEMA, build_features
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.landing import split_batches
-from readmission_platform.lib.pipeline import NOTHING_LOADED
+from readmission_platform.lib.pipeline import FEATURES, NOTHING_LOADED
 from readmission_platform.lib.source import read_source_bytes
 from readmission_platform.lib.splitting import SPLIT, assign_split
 from readmission_platform.lib.training import HIST_GRADIENT_BOOSTING, labels, model_input, predict_probability, train_candidates
@@ -66,6 +66,9 @@ def retrain_once(url: str, folder: Path) -> tuple[float, dict, dict]:
     assets = [training_set, trained_model, promotion_decision, serving_bento]
     checks = dg.load_asset_checks_from_modules([training_checks, promotion_checks])
     with dg.instance_for_test() as instance:
+        # training_set takes the batches Dagster records as materialized: record those load_features stored.
+        for batch_id in open_warehouse(url).read_table(FEATURES)[schema.BATCH_ID].unique().sort():
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=FEATURES, partition=batch_id))
         started = time.perf_counter()
         result = dg.materialize(
             [*assets, *checks],

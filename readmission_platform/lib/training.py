@@ -12,11 +12,10 @@ same before and after it; validation Brier is in-sample for its two parameters, 
 takes each model's log-odds (LightGBM's raw score, the linear model's decision function), so it is affine in them and
 an exact split of the log-odds (`serving/fast`) stays exact after calibration.
 
-The candidates retraining fits (`FAMILIES`) are the logistic regression and LightGBM: on the platform's batches
-LightGBM won validation every time and fits in a fraction of the other trees' time, so HistGradientBoosting and the
-random forest, which never won and cost most of the search, are no longer tried by default (benchmarks/README.md,
-Training). They stay known (`KNOWN_FAMILIES`), so a version of them registered earlier still serves and a run may ask
-for them by name.
+The candidates retraining fits (`FAMILIES`) are the logistic regression and LightGBM: LightGBM ranks better than
+HistGradientBoosting, which had won before, at a fraction of the grid's time, and the random forest never won, so
+those two are no longer tried by default (benchmarks/README.md, Training). They stay known (`KNOWN_FAMILIES`), so a
+version of them registered earlier still serves and a run may ask for them by name.
 """
 
 from __future__ import annotations
@@ -159,7 +158,7 @@ def _classifier(family: str, params: dict, seed: int):
             cat_smooth=10.0,
             min_data_per_group=50,
             # One thread, in training too: on the shared two cores, two OpenMP threads spinning against other work
-            # made a fit 20 times slower (benchmarks/README.md, Training); served beside other work, one thread.
+            # made a fit many times slower (benchmarks/README.md, Training); served beside other work, one thread.
             n_jobs=1,
             random_state=seed,
             verbose=-1,
