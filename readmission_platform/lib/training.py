@@ -147,23 +147,14 @@ def _classifier(family: str, params: dict, seed: int):
         )
     if family == LIGHTGBM:
         # No class weights: the sigmoid fixes the level anyway, and they cost ranking here.
-        return LightGBMClassifier(
-            objective="binary",
-            learning_rate=0.05,
-            min_child_samples=50,
-            subsample=0.8,
-            subsample_freq=1,
-            colsample_bytree=0.8,
-            reg_lambda=1.0,
-            cat_smooth=10.0,
-            min_data_per_group=50,
+        defaults = {
+            "objective": "binary", "learning_rate": 0.05, "min_child_samples": 50, "subsample": 0.8, "subsample_freq": 1,
+            "colsample_bytree": 0.8, "reg_lambda": 1.0, "cat_smooth": 10.0, "min_data_per_group": 50,
             # One thread, in training too: on the shared two cores, two OpenMP threads spinning against other work
             # made a fit many times slower (benchmarks/README.md, Training); served beside other work, one thread.
-            n_jobs=1,
-            random_state=seed,
-            verbose=-1,
-            **params,
-        )
+            "n_jobs": 1, "random_state": seed, "verbose": -1,
+        }  # fmt: skip
+        return LightGBMClassifier(**(defaults | params))
     raise ValueError(f"unknown model family '{family}'; expected one of {', '.join(KNOWN_FAMILIES)}")
 
 
