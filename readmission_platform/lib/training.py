@@ -13,8 +13,8 @@ takes each model's log-odds (LightGBM's raw score, the linear model's decision f
 an exact split of the log-odds (`serving/fast`) stays exact after calibration.
 
 The candidates retraining fits (`FAMILIES`) are the logistic regression and LightGBM: LightGBM ranks better than
-HistGradientBoosting, which had won before, at a fraction of the grid's time, and the random forest never won, so
-those two are no longer tried by default (benchmarks/README.md, Training). They stay known (`KNOWN_FAMILIES`), so a
+HistGradientBoosting, which had won before, on the same test patients, and the random forest never won and cost the
+most of the search, so those two are no longer tried by default (benchmarks/README.md, Training). They stay known (`KNOWN_FAMILIES`), so a
 version of them registered earlier still serves and a run may ask for them by name.
 """
 
