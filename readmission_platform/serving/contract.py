@@ -69,6 +69,8 @@ class OutOfScope(BaseModel):
 
 
 class Explanation(BaseModel):
+    model_config = ConfigDict(json_schema_extra=openapi_3_0)
+
     probability: float
     decision: bool
     model_name: str
