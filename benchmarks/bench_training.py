@@ -1,5 +1,7 @@
-"""Time the retrain path on the whole data set and measure the promoted model's quality with patient-bootstrap
-intervals, beside a bare HistGradientBoosting fit and the base-rate Brier score measured in the same run."""
+"""Time the whole retrain path on the whole data set (training set → candidates → decision → Bento) beside one bare fit
+of the promoted learner on the same rows, and measure the promoted model's quality (patient-bootstrap intervals,
+calibration slope, Brier against the base rate, subgroups) beside today's model, a calibrated HistGradientBoosting
+trained on the same rows, on the same test patients, all in the same run."""
 
 from __future__ import annotations
 
@@ -16,31 +18,31 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-from sklearn.compose import make_column_transformer
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.pipeline import make_pipeline
+from lightgbm import LGBMClassifier
 from sklearn.preprocessing import OrdinalEncoder
 
 from readmission_platform.defs.promotion import checks as promotion_checks
 from readmission_platform.defs.promotion.assets import promotion_decision
-from readmission_platform.defs.resources import MlflowResource, WarehouseResource
+from readmission_platform.defs.resources import MlflowResource, ServingResource, WarehouseResource
+from readmission_platform.defs.serving.assets import serving_bento
 from readmission_platform.defs.training import checks as training_checks
 from readmission_platform.defs.training.assets import trained_model, training_set
-from readmission_platform.lib import metrics
+from readmission_platform.lib import metrics, schema
 from readmission_platform.lib.cleaning import clean
-from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_SCHEMA, NUMERIC_FEATURES, build_features
+from readmission_platform.lib.evaluation import subgroup_tables
+from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_SCHEMA, build_features
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.landing import split_batches
-from readmission_platform.lib.pipeline import NOTHING_LOADED
+from readmission_platform.lib.pipeline import FEATURES, NOTHING_LOADED
 from readmission_platform.lib.source import read_source_bytes
 from readmission_platform.lib.splitting import SPLIT, assign_split
-from readmission_platform.lib.training import labels, model_input, predict_probability
+from readmission_platform.lib.training import HIST_GRADIENT_BOOSTING, labels, model_input, predict_probability, train_candidates
 from readmission_platform.lib.warehouse import open_warehouse
 
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 RESULTS = Path(__file__).parent / "results" / "training.json"
-TARGET_ROC_AUC, TARGET_SECONDS = 0.665, 60.0
+TARGET_ROC_AUC, TARGET_PATH_RATIO, CALIBRATION_SLOPE = 0.69, 25.0, (0.9, 1.1)
 # Published models of this data set reach about 0.67; far above it, a label or patient leaks into the features.
 LEAK_ROC_AUC = 0.72
 
@@ -59,15 +61,18 @@ def load_features(url: str) -> pl.DataFrame:
 
 
 def retrain_once(url: str, folder: Path) -> tuple[float, dict, dict]:
-    """One run of training_set → trained_model → promotion_decision into a fresh MLflow store."""
+    """One run of training_set → trained_model → promotion_decision → serving_bento into a fresh MLflow store."""
     mlflow = MlflowResource(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", artifact_root=(folder / "artifacts").as_uri())
-    assets = [training_set, trained_model, promotion_decision]
+    assets = [training_set, trained_model, promotion_decision, serving_bento]
     checks = dg.load_asset_checks_from_modules([training_checks, promotion_checks])
     with dg.instance_for_test() as instance:
+        # training_set takes the batches Dagster records as materialized: record those load_features stored.
+        for batch_id in open_warehouse(url).read_table(FEATURES)[schema.BATCH_ID].unique().sort():
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=FEATURES, partition=batch_id))
         started = time.perf_counter()
         result = dg.materialize(
             [*assets, *checks],
-            resources={"warehouse": WarehouseResource(url=url), "mlflow": mlflow},
+            resources={"warehouse": WarehouseResource(url=url), "mlflow": mlflow, "serving": ServingResource(bentoml_home=str(folder / "bentoml"))},
             instance=instance,
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
         )
@@ -77,18 +82,28 @@ def retrain_once(url: str, folder: Path) -> tuple[float, dict, dict]:
     return seconds, trained, decided | {"tracking_uri": mlflow.tracking_uri}
 
 
-def bare_gradient_boosting(train: pl.DataFrame, test: pl.DataFrame) -> tuple[float, dict]:
-    """Scikit-learn's HistGradientBoosting with its defaults: the fit a notebook would start from."""
-    encode = make_column_transformer(
-        ("passthrough", list(NUMERIC_FEATURES)),
-        (OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1), list(CATEGORICAL_FEATURES)),
-    )
-    model = make_pipeline(encode, HistGradientBoostingClassifier(categorical_features=[False] * len(NUMERIC_FEATURES) + [True] * len(CATEGORICAL_FEATURES), random_state=0))
+def bare_lightgbm(train: pl.DataFrame) -> float:
+    """One LightGBM fit with its defaults on the training rows (categories as codes, native categorical splits, one
+    thread as the platform trains): the learner alone, what the retrain path is measured against."""
+    codes = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=float("nan"))
+    x = model_input(train)
     started = time.perf_counter()
-    model.fit(model_input(train), labels(train))
-    seconds = time.perf_counter() - started
-    probability = model.predict_proba(model_input(test))[:, 1]
-    return seconds, metrics.evaluate(labels(test), probability, threshold=0.5, prevalence=float(labels(train).mean()))
+    x[list(CATEGORICAL_FEATURES)] = codes.fit_transform(x[list(CATEGORICAL_FEATURES)])
+    LGBMClassifier(n_jobs=1, verbose=-1).fit(x, labels(train), categorical_feature=list(CATEGORICAL_FEATURES))
+    return time.perf_counter() - started
+
+
+def quality(model, test: pl.DataFrame, prevalence: float, threshold: float, resamples: int) -> dict:
+    """Test ROC-AUC, PR-AUC, Brier with patient-bootstrap intervals, the calibration slope and the subgroups."""
+    y, probability = labels(test), predict_probability(model, test)
+    intervals = metrics.bootstrap_intervals(test["patient_nbr"], y, probability, resamples=resamples)
+    subgroups = subgroup_tables(model, test, threshold=threshold)
+    return {
+        **{row["metric"]: {k: round(v, 4) for k, v in row.items() if k != "metric"} for row in intervals.iter_rows(named=True)},
+        "calibration_slope": round(metrics.calibration_fit(y, probability)["calibration_slope"], 3),
+        "base_rate_brier": round(metrics.base_rate_brier(y, prevalence), 4),
+        "subgroups": {f"{r['by']}={r['group']}": {"rows": r["rows"], "roc_auc": r["roc_auc"]} for r in subgroups.iter_rows(named=True)},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,13 +126,16 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(retrain_once(url, run_folder))
             print(f"  retrain path {runs[-1][0]:6.1f} s → v{runs[-1][2]['production_version']} ({runs[-1][1]['family']})", flush=True)
         seconds, trained, decided = runs[-1]
-        bare_seconds, bare = bare_gradient_boosting(train, test)
+        bare_seconds = statistics.median(bare_lightgbm(train) for _ in range(args.repeats))
 
         registry = MlflowResource(tracking_uri=decided["tracking_uri"]).registry()
         model = registry.load_model(decided["production_version"])
-        y, probability = labels(test), predict_probability(model, test)
-        intervals = metrics.bootstrap_intervals(test["patient_nbr"], y, probability, resamples=args.resamples)
-        base_rate = metrics.base_rate_brier(y, float(labels(train).mean()))
+        prevalence = float(labels(train).mean())
+        threshold = float(registry.version(decided["production_version"]).tags["threshold"])
+        promoted = quality(model, test, prevalence, threshold, args.resamples)
+        validation = frame.filter(pl.col(SPLIT) == "validation")
+        (today,) = train_candidates(train, validation, families=(HIST_GRADIENT_BOOSTING,))
+        baseline = quality(today.model, test, prevalence, today.threshold, args.resamples)
         fit_times = {
             r.data.params["family"]: round(r.data.metrics["fit_seconds"], 2)
             for r in registry.client.search_runs([registry.experiment_id])
@@ -125,34 +143,40 @@ def main(argv: list[str] | None = None) -> None:
         }
 
     median_seconds = statistics.median(r[0] for r in runs)
-    row = {m: intervals.filter(pl.col("metric") == m).row(0, named=True) for m in intervals["metric"]}
+    groups = [g for g in promoted["subgroups"] if promoted["subgroups"][g]["roc_auc"] is not None and baseline["subgroups"].get(g, {}).get("roc_auc") is not None]
+    worse = [g for g in groups if promoted["subgroups"][g]["roc_auc"] <= baseline["subgroups"][g]["roc_auc"]]
     results = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "retrain_path_seconds": [round(r[0], 2) for r in runs],
         "retrain_path_median_seconds": round(median_seconds, 2),
+        "bare_lightgbm_fit_median_seconds": round(bare_seconds, 2),
+        "path_over_bare_fit": round(median_seconds / bare_seconds, 1),
         "fit_seconds_per_family": fit_times,
         "challenger_family": trained["family"],
-        "promoted_test": {m: {k: round(v, 4) for k, v in row[m].items() if k != "metric"} for m in row},
-        "base_rate_brier": round(base_rate, 4),
-        "baseline_bare_hgb": {"fit_seconds": round(bare_seconds, 2), "roc_auc": round(bare["roc_auc"], 4), "pr_auc": round(bare["pr_auc"], 4), "brier": round(bare["brier"], 4)},
+        "promoted_test": promoted,
+        "today_hgb_test": baseline,
         "targets": {
-            "roc_auc_at_least_0.665": row["roc_auc"]["estimate"] >= TARGET_ROC_AUC,
-            "roc_auc_below_0.72_no_leak": row["roc_auc"]["estimate"] < LEAK_ROC_AUC,
-            "brier_below_base_rate": row["brier"]["estimate"] < base_rate,
-            "retrain_under_60_s": median_seconds < TARGET_SECONDS,
+            f"roc_auc_at_least_{TARGET_ROC_AUC}": promoted["roc_auc"]["estimate"] >= TARGET_ROC_AUC,
+            "roc_auc_below_0.72_no_leak": promoted["roc_auc"]["estimate"] < LEAK_ROC_AUC,
+            "calibration_slope_within_0.9_1.1": CALIBRATION_SLOPE[0] <= promoted["calibration_slope"] <= CALIBRATION_SLOPE[1],
+            "brier_below_base_rate": promoted["brier"]["estimate"] < promoted["base_rate_brier"],
+            "every_subgroup_better_than_today": not worse,
+            f"path_at_most_{TARGET_PATH_RATIO:g}x_bare_fit": median_seconds / bare_seconds <= TARGET_PATH_RATIO,
         },
     }
     print()
-    print(f"retrain path (training_set → 3 families × grid → MLflow → decision), median of {len(runs)}: {median_seconds:.1f} s")
+    print(f"retrain path (training_set → {'/'.join(fit_times)} × grid → MLflow → decision → Bento), median of {len(runs)}: {median_seconds:.1f} s")
     print("  fit seconds per family (whole grid + calibration): " + ", ".join(f"{k} {v}" for k, v in fit_times.items()))
-    print(f"  baseline: one bare HistGradientBoosting fit {bare_seconds:.1f} s → path / bare fit = {median_seconds / bare_seconds:.1f}×")
-    print(f"promoted model ({trained['family']}), test part, 95 % intervals from {args.resamples} patient resamples:")
+    print(f"  baseline: one bare LightGBM fit (defaults, one thread), median {bare_seconds:.1f} s → path / bare fit = {median_seconds / bare_seconds:.1f}×")
+    print(f"promoted model ({trained['family']}) beside today's (calibrated HistGradientBoosting, same rows), test part, 95 % intervals from {args.resamples} patient resamples:")
     for metric_name in ("roc_auc", "pr_auc", "brier"):
-        r = row[metric_name]
-        bare_value = bare[metric_name]
-        print(f"  {metric_name:<8} {r['estimate']:.4f}  [{r['lower']:.4f}, {r['upper']:.4f}]   bare HGB {bare_value:.4f}")
-    print(f"  base-rate Brier {base_rate:.4f}")
+        r, b = promoted[metric_name], baseline[metric_name]
+        print(f"  {metric_name:<8} {r['estimate']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]   today {b['estimate']:.4f} [{b['lower']:.4f}, {b['upper']:.4f}]")
+    print(f"  calibration slope {promoted['calibration_slope']}   today {baseline['calibration_slope']}; base-rate Brier {promoted['base_rate_brier']}")
+    print("  subgroup ROC-AUC, promoted vs today:")
+    for g in groups:
+        print(f"    {g:<28} {promoted['subgroups'][g]['rows']:>6,} rows  {promoted['subgroups'][g]['roc_auc']:.4f}  {baseline['subgroups'][g]['roc_auc']:.4f}")
     for name, met in results["targets"].items():
         print(f"  target {name}: {'met' if met else 'NOT met'}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

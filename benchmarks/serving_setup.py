@@ -1,5 +1,5 @@
-"""A platform home whose registry serves a HistGradientBoosting model trained on the full data set, and real
-test-split encounters as a hospital system would send them: what the serving benchmarks run against."""
+"""A platform home whose registry serves a LightGBM model (the family retraining promotes) trained on the full data
+set, and real test-split encounters as a hospital system would send them: what the serving benchmarks run against."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from readmission_platform.lib.pipeline import NOTHING_LOADED
 from readmission_platform.lib.registry import SHADOW, ModelRegistry
 from readmission_platform.lib.source import read_source_bytes
 from readmission_platform.lib.splitting import SPLIT, assign_split
-from readmission_platform.lib.training import HIST_GRADIENT_BOOSTING, Candidate, model_input, train_candidates
+from readmission_platform.lib.training import LIGHTGBM, Candidate, model_input, train_candidates
 from readmission_platform.settings import Settings
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -58,7 +58,7 @@ def prepare(home: Path, encounters: int = 10_000) -> ServingSetup:
     cleaned = clean(parsed.rows).frame
     features = assign_split(build_features(cleaned))
     part = {name: features.filter(pl.col(SPLIT) == name) for name in ("train", "validation", "test")}
-    (candidate,) = train_candidates(part["train"], part["validation"], families=(HIST_GRADIENT_BOOSTING,))
+    (candidate,) = train_candidates(part["train"], part["validation"], families=(LIGHTGBM,))
     settings = Settings.from_env({"READMISSION_HOME": str(home)})
     registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
     run_id = registry.log_candidate(

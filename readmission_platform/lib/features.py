@@ -122,6 +122,42 @@ DERIVED: dict[str, Total | Count | Recorded] = {
 }
 
 
+# The recorded field a clinician knows each feature by, for explanations summed per field. A feature not named here is
+# a field of the encounter itself; one whose name starts with HISTORY_PREFIX comes from the patient's earlier
+# encounters and is shown as HISTORY.
+HISTORY_PREFIX, HISTORY = "history_", "history"
+FEATURE_FIELDS = {
+    "age_years": "age",
+    "weight_recorded": "weight",
+    "diag_1_group": "diag_1",
+    "diag_2_group": "diag_2",
+    "diag_3_group": "diag_3",
+    # The visits of the year before: each count, and their sum, are one topic.
+    "number_outpatient": "visits_in_prior_year",
+    "number_emergency": "visits_in_prior_year",
+    "number_inpatient": "visits_in_prior_year",
+    "prior_visits": "visits_in_prior_year",
+    # Counted over every medication column: no one drug's field.
+    "medications_prescribed": "medications_overall",
+    "medication_changes": "medications_overall",
+}
+
+
+def field_of(feature: str) -> str:
+    """The field a clinician recognises a feature by (`FEATURE_FIELDS`; history features as HISTORY)."""
+    if feature.startswith(HISTORY_PREFIX):
+        return HISTORY
+    return FEATURE_FIELDS.get(feature, feature)
+
+
+def by_field(terms: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Features' terms grouped by `field_of`: field → {feature: term}, in the order the features come."""
+    fields: dict[str, dict[str, float]] = {}
+    for feature, term in terms.items():
+        fields.setdefault(field_of(feature), {})[feature] = term
+    return fields
+
+
 def _feature_expressions() -> list[pl.Expr]:
     numeric = [
         (DERIVED[name].expr() if name in DERIVED else pl.col(name)).cast(pl.Float64).alias(name)

@@ -69,6 +69,12 @@ class Contribution(BaseModel):
     contribution: float
 
 
+class FieldContribution(BaseModel):
+    field: str = Field(description="A field of the encounter as recorded (`age`, `diag_1`, `insulin` …), or `history`.")
+    contribution: float = Field(description="The sum of its features' contributions.")
+    features: list[str]
+
+
 class OutOfScope(BaseModel):
     model_config = ConfigDict(json_schema_extra=openapi_3_0)
 
@@ -78,13 +84,22 @@ class OutOfScope(BaseModel):
 
 
 class Explanation(BaseModel):
+    model_config = ConfigDict(json_schema_extra=openapi_3_0)
+
     probability: float
     decision: bool
     model_name: str
     model_version: str
     stage: Literal["production"] = Field(description="Explanations are always of the production version.")
     method: str = Field(description="How contributions are computed, and their unit.")
+    exact: bool = Field(description="True when `base_value` plus every contribution is `log_odds`, exactly.")
+    unit: Literal["log-odds", "probability"] = Field(description="The unit of `base_value` and the contributions.")
+    base_value: float | None = Field(description="Where the contributions start from (log-odds); null when not exact.")
+    log_odds: float = Field(description="The log-odds of `probability`: log(p / (1 - p)).")
     contributions: list[Contribution] = Field(description="Every feature, the strongest push (up or down) first.")
+    fields: list[FieldContribution] = Field(
+        description="The contributions summed per recorded field (or history), the strongest push first."
+    )
     request_id: str
     history_used: bool = Field(description=HISTORY_USED)
 

@@ -23,6 +23,7 @@ from sklearn.pipeline import Pipeline
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import features_frame
 from readmission_platform.lib.history import STATE_SCHEMA
+from readmission_platform.lib.model_card import read_card
 from readmission_platform.lib.registry import ModelRegistry, RegistryError, decision_threshold, trained_batches
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.training import predict_probability
@@ -121,7 +122,8 @@ class ServedModel:
 
 
 def describe(registry: ModelRegistry, version: str) -> dict[str, Any]:
-    """What /model tells of a version: lineage, threshold, validation and test metrics, promotion history."""
+    """What /model tells of a version: lineage, threshold, validation and test metrics, promotion history, and its model
+    card (None until promotion_decision has scored it on test)."""
     found = registry.version(version)
     run = registry.client.get_run(found.run_id)
     metrics = run.data.metrics
@@ -144,6 +146,7 @@ def describe(registry: ModelRegistry, version: str) -> dict[str, Any]:
         "validation_metrics": {
             k.removeprefix("validation_"): v for k, v in sorted(metrics.items()) if k.startswith("validation_")
         },
+        "model_card": read_card(registry.client, found.run_id),
     }
 
 

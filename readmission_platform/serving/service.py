@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import time
 import uuid
@@ -48,13 +49,14 @@ from readmission_platform.lib.encounter import (
     features_frame,
     record,
 )
-from readmission_platform.lib.features import FEATURE_COLUMNS, record_features
+from readmission_platform.lib.features import FEATURE_COLUMNS, by_field, record_features
 from readmission_platform.lib.registry import CANARY, PRODUCTION, SHADOW
 from readmission_platform.lib.routing import canary_rows, to_canary
 from readmission_platform.serving.contract import (
     BatchPrediction,
     Contribution,
     Explanation,
+    FieldContribution,
     Prediction,
     batch_answer,
     inlined,
@@ -325,14 +327,23 @@ class ReadmissionService:
         if model.scorer is None:
             return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)  # type: ignore[return-value]
         probability = model.probability(features)
-        contributions = model.scorer.contributions(features)
+        attribution = model.scorer.explain(features)
+        terms = attribution.terms
         request_id = encounter.request_id or uuid.uuid4().hex
         decision, _ = self._answer(model, PRODUCTION, probability, "explain", given, request_id)
-        ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(contributions[name]))
+        ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(terms[name]))
+        fields = sorted(
+            (FieldContribution(field=field, contribution=math.fsum(found.values()), features=list(found))
+             for field, found in by_field(terms).items()),
+            key=lambda f: -abs(f.contribution),
+        )  # fmt: skip
         return Explanation(
             probability=probability, decision=decision, model_name=model.name, model_version=model.version,
-            stage=PRODUCTION, method=model.method, request_id=request_id, history_used=state is not None,
-            contributions=[Contribution(feature=n, value=features[n], contribution=contributions[n]) for n in ranked],
+            stage=PRODUCTION, method=model.method, history_used=state is not None, exact=attribution.base is not None,
+            unit="probability" if attribution.base is None else "log-odds", base_value=attribution.base,
+            log_odds=math.log(probability / (1.0 - probability)), request_id=request_id,
+            contributions=[Contribution(feature=n, value=features[n], contribution=terms[n]) for n in ranked],
+            fields=fields,
         )  # fmt: skip
 
 

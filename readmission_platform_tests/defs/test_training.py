@@ -245,3 +245,31 @@ def test_a_retried_trained_model_ends_the_killed_attempts_runs_and_registers_onc
     assert [str(v.version) for v in registry.versions()] == ["1"]
     statuses = {r.info.status for r in mlflow_module.MlflowClient(mlflow.tracking_uri).search_runs([registry.experiment_id])}
     assert statuses == {"FINISHED", "KILLED"}
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_each_decided_version_gets_a_model_card_in_its_run_and_in_what_model_tells(platform, instance, resources, mlflow, training_batches):
+    from readmission_platform.lib.model_card import CARD_MARKDOWN, read_card
+    from readmission_platform.serving.model import describe
+
+    for i, data in enumerate(training_batches[:3], start=1):
+        ingest(platform, instance, resources, data, f"batch_{i:04d}")
+    result = retrain(instance, resources)
+
+    registry = mlflow.registry()
+    production = registry.production()
+    card = read_card(registry.client, production.run_id)
+    test_rows = int(production.tags["test_rows"])
+    assert card["version"] == "1" and card["family"] == "logistic_regression" and card["data"]["rows"]["test"] == test_rows
+    assert card["data"]["batches"] == ["batch_0001", "batch_0002", "batch_0003"]
+    roc_auc = card["test_metrics"]["roc_auc"]
+    assert roc_auc["lower"] < roc_auc["estimate"] < roc_auc["upper"]
+    assert roc_auc["estimate"] == pytest.approx(metadata(result, "promotion_decision")["production_test_roc_auc"], abs=1e-4)
+    assert 0.5 < card["calibration"]["slope"] < 2 and len(card["calibration"]["deciles"]) == 10
+    assert {row["by"] for row in card["subgroups"]} == {"gender", "race", "age_band"}
+    assert sum(row["rows"] for row in card["subgroups"] if row["by"] == "gender") == test_rows
+    assert card["features"]["diag_1"] == ["diag_1_group"] and "encounter_id" in card["assumptions"][1]
+    assert "Intended use" in metadata(result, "promotion_decision")["model_card"]
+    markdown = registry.client.download_artifacts(production.run_id, CARD_MARKDOWN)
+    assert "## Subgroups (test)" in open(markdown).read()
+    assert describe(registry, "1")["model_card"] == card

@@ -97,3 +97,15 @@ def test_numeric_features_carry_the_clean_values_and_labels_pass_through():
 def test_no_feature_is_constant_over_the_data_set(full_clean):
     table = build_features(full_clean.frame)
     assert [column for column in ENCOUNTER_FEATURES if table[column].n_unique() == 1] == []
+
+
+def test_every_feature_is_summed_under_a_field_a_clinician_recognises():
+    from readmission_platform.lib.features import HISTORY, by_field, field_of
+
+    raw = set(schema.RAW_SCHEMA)
+    for feature in FEATURE_COLUMNS:
+        assert field_of(feature) in raw or field_of(feature) in {"visits_in_prior_year", "medications_overall", HISTORY}, feature
+    assert field_of("diag_1_group") == "diag_1" and field_of("age_years") == "age" and field_of("insulin") == "insulin"
+    assert field_of("history_prior_encounters") == HISTORY and field_of("history_previous_A1Cresult") == HISTORY
+    grouped = by_field({"number_inpatient": 0.5, "prior_visits": -0.25, "history_prior_stays": 0.1, "race": 0.0})
+    assert grouped == {"visits_in_prior_year": {"number_inpatient": 0.5, "prior_visits": -0.25}, HISTORY: {"history_prior_stays": 0.1}, "race": {"race": 0.0}}

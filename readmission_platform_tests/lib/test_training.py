@@ -5,9 +5,12 @@ import polars as pl
 import pytest
 
 from readmission_platform.lib import metrics
-from readmission_platform.lib.features import FEATURE_COLUMNS
+from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_COLUMNS
 from readmission_platform.lib.training import (
     FAMILIES,
+    KNOWN_FAMILIES,
+    LIGHTGBM,
+    LOGISTIC_REGRESSION,
     PARAM_GRIDS,
     choose_challenger,
     feature_importances,
@@ -25,11 +28,11 @@ def sample(sample_parts) -> dict[str, pl.DataFrame]:
 
 @pytest.fixture(scope="module")
 def candidates(sample_candidates):
-    return [sample_candidates[family] for family in FAMILIES]
+    return [sample_candidates[family] for family in KNOWN_FAMILIES]
 
 
 def test_each_family_searches_its_whole_grid_and_keeps_the_best_setting(candidates):
-    assert [c.family for c in candidates] == list(FAMILIES)
+    assert [c.family for c in candidates] == list(KNOWN_FAMILIES)
     for candidate in candidates:
         tried = candidate.grid
         assert [t["params"] for t in tried] == list(PARAM_GRIDS[candidate.family])
@@ -90,7 +93,7 @@ def test_challenger_has_the_best_validation_roc_auc_and_pr_auc_breaks_ties(candi
     def scored(candidate, roc_auc, pr_auc):
         return dataclasses.replace(candidate, validation=candidate.validation | {"roc_auc": roc_auc, "pr_auc": pr_auc})
 
-    first, second, third = candidates
+    first, second, third = candidates[:3]
     by_roc_auc = [scored(first, 0.60, 0.30), scored(second, 0.66, 0.20), scored(third, 0.65, 0.40)]
     tied = [scored(first, 0.66, 0.20), scored(second, 0.66, 0.21)]
 
@@ -117,3 +120,30 @@ def test_feature_importances_name_each_feature_and_credit_the_informative_ones(c
         assert importances["importance"].is_sorted(descending=True)
         assert all(by_feature[name] == 0 for name in constant), candidate.family
         assert "discharge_disposition_id" in importances["feature"].head(3).to_list(), candidate.family
+
+
+def test_lightgbm_is_calibrated_on_its_log_odds_and_predicts_on_one_thread(sample_candidates, sample):
+    candidate = sample_candidates[LIGHTGBM]
+    calibrated = candidate.model[-1].calibrated_classifiers_[0]
+    booster = calibrated.estimator.estimator
+    x = candidate.model[0].transform(model_input(sample["test"]))
+    raw = booster.booster_.predict(x, raw_score=True)
+    a, b = calibrated.calibrators[0].a_, calibrated.calibrators[0].b_
+    # The sigmoid takes the raw score (log-odds), not LightGBM's probability: affine in log-odds, so SHAP stays exact.
+    assert predict_probability(candidate.model, sample["test"]) == pytest.approx(1 / (1 + np.exp(a * raw + b)), abs=1e-12)
+    assert booster.get_params()["n_jobs"] == 1
+    # Native categorical splits (a set of codes goes left) on the ordinal codes, and only on them.
+    splits = booster.booster_.trees_to_dataframe().dropna(subset=["split_feature"])
+    categorical = splits[splits["decision_type"] == "=="]
+    assert len(categorical) and set(categorical["split_feature"]) <= {f"Column_{i}" for i in range(len(CATEGORICAL_FEATURES))}
+
+
+def test_the_search_stops_at_its_time_box_after_the_first_setting(sample):
+    (candidate,) = train_candidates(sample["train"], sample["validation"], families=(LIGHTGBM,), search_seconds=0.0)
+    first, *rest = candidate.grid
+    assert first["params"] == PARAM_GRIDS[LIGHTGBM][0] and candidate.params == first["params"] and "roc_auc" in first
+    assert rest and all(t["skipped"] == "past the 0 s time box" and "roc_auc" not in t for t in rest)
+
+
+def test_retraining_fits_the_linear_model_and_lightgbm_unless_asked_for_another_known_family():
+    assert FAMILIES == (LOGISTIC_REGRESSION, LIGHTGBM) and set(FAMILIES) < set(KNOWN_FAMILIES)

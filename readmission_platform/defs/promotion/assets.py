@@ -6,6 +6,7 @@ import polars as pl
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
 from readmission_platform.lib import metrics, paired
 from readmission_platform.lib.evaluation import subgroup_tables
+from readmission_platform.lib.model_card import build_card, log_card, to_markdown
 from readmission_platform.lib.promotion import (
     DECISION_SCHEMA,
     Gates,
@@ -108,11 +109,20 @@ def promotion_decision(
             context.log.error(notes[-1])
 
     subgroups = subgroup_tables(challenger, test, threshold=threshold)
-    # The challenger's MLflow run keeps its test scores beside the validation ones it was chosen on.
-    run_id = registry.version(version).run_id
+    # The challenger's MLflow run keeps its test scores beside the validation ones it was chosen on, and its card.
+    registered = registry.version(version)
+    run_id = registered.run_id
     for name in REPORTED:
         registry.client.log_metric(run_id, f"test_{name}", challenger_metrics[name])
     registry.client.log_text(run_id, subgroups.write_csv(), "subgroups_test.csv")
+    run = registry.client.get_run(run_id)
+    card = build_card(
+        version=version, family=registered.tags.get("family", run.data.params.get("family", "unknown")), threshold=threshold,
+        params={k: v for k, v in run.data.params.items() if k not in ("family", "threshold")}, lineage=registered.tags,
+        validation={k.removeprefix("validation_"): v for k, v in run.data.metrics.items() if k.startswith("validation_")},
+        test=test, probability=challenger_scores, test_metrics=challenger_metrics, subgroups=subgroups,
+    )  # fmt: skip
+    log_card(registry.client, run_id, card)
     decision = decide(
         challenger_version=version,
         challenger_metrics=challenger_metrics,
@@ -187,6 +197,9 @@ def promotion_decision(
                 markdown_table(subgroups.select("by", "group", "rows", "roc_auc", "brier", "positive_rate", "mean_predicted", "observed_rate"), limit=30)
             ),
             "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
+            "challenger_test_roc_auc_interval": f"{card['test_metrics']['roc_auc']['lower']}-{card['test_metrics']['roc_auc']['upper']}",
+            "challenger_calibration_slope": card["calibration"]["slope"],
+            "model_card": dg.MetadataValue.md(to_markdown(card)),
         }
     )
 

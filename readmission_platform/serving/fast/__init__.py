@@ -3,7 +3,7 @@
 `training` pipelines take pandas frames: one row through the ColumnTransformer, the encoders and the calibrated
 classifier costs milliseconds. `compile` turns a fitted pipeline into a scorer that reads only public interfaces:
 the fitted encoders' `transform` (run once on every value they could treat differently, so each value becomes a
-table entry), the linear model's `coef_` and `intercept_`, the trees as treelite imports them, and the sigmoid
+table entry), the linear model's `coef_` and `intercept_`, the trees as treelite imports them (LightGBM's too), and the sigmoid
 calibration's `a_` and `b_`. Each scorer is then pinned to the pipeline's own `predict_proba`; one that does not
 agree raises `UnsupportedModel`, as a pipeline of an unknown shape does, and the service scores that version through
 the pipeline itself. The batch decoder of `/predict_batch` lives beside it (`decode.decode_batch`).
@@ -21,11 +21,11 @@ from sklearn.pipeline import Pipeline
 
 from readmission_platform.lib.features import FEATURE_COLUMNS
 from readmission_platform.lib.training import predict_probability
-from readmission_platform.serving.fast.encoding import UNKNOWN, UnsupportedModel, domains, parts, probe
+from readmission_platform.serving.fast.encoding import UNKNOWN, Attribution, UnsupportedModel, domains, parts, probe
 from readmission_platform.serving.fast.linear import LinearScorer
 from readmission_platform.serving.fast.trees import TreeScorer
 
-__all__ = ["UNKNOWN", "FastScorer", "UnsupportedModel", "compile", "pin"]
+__all__ = ["UNKNOWN", "Attribution", "FastScorer", "UnsupportedModel", "compile", "pin"]
 
 
 class FastScorer(Protocol):
@@ -42,7 +42,11 @@ class FastScorer(Protocol):
         ...
 
     def contributions(self, features: Mapping[str, float | str]) -> dict[str, float]:
-        """Each feature's push on this encounter's risk (see `method`)."""
+        """Each feature's push on this encounter's risk in the model's own terms (see `method`)."""
+        ...
+
+    def explain(self, features: Mapping[str, float | str]) -> Attribution:
+        """Each feature's push on the risk served; exact ones sum with a base value to its log-odds (see `method`)."""
         ...
 
 

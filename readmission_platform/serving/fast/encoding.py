@@ -23,6 +23,15 @@ from readmission_platform.lib.training import model_input
 UNKNOWN = "\x00unknown"
 
 
+@dataclass(frozen=True)
+class Attribution:
+    """Each feature's push on one encounter's risk (`terms`); when exact, they sum with `base` to the log-odds of the
+    probability served, and `base` is None when they do not add up (occlusion, in probability)."""
+
+    terms: Mapping[str, float]
+    base: float | None
+
+
 class UnsupportedModel(ValueError):
     """The pipeline has no fast path (its shape is not one `compile` knows, or the path fails its pin)."""
 

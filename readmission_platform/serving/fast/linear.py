@@ -11,9 +11,12 @@ import polars as pl
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
-from readmission_platform.serving.fast.encoding import UNKNOWN, Lookup, Parts, UnsupportedModel, domains, encode, probe, tables
+from readmission_platform.serving.fast.encoding import UNKNOWN, Attribution, Lookup, Parts, UnsupportedModel, domains, encode, probe, tables
 
-METHOD = "exact: the model's log-odds terms of each feature, which with the intercept sum to its log-odds"
+METHOD = (
+    "exact: the linear model's log-odds term of each feature, after calibration, which with `base_value` sum to the "
+    "log-odds of the probability"
+)
 
 
 def _positions(encoder: OneHotEncoder, start: int) -> dict[str, slice]:
@@ -63,6 +66,12 @@ class LinearScorer:
         for name, slope, offset in self._numeric:
             found[name] = slope * features[name] + offset
         return found
+
+    def explain(self, features: Mapping[str, float | str]) -> Attribution:
+        """The terms in the calibrated log-odds, -(a * log-odds + b): each scaled by -a, the rest in the base value."""
+        a, b = self._parts.a, self._parts.b
+        terms = {name: -a * term for name, term in self.contributions(features).items()}
+        return Attribution(terms=terms, base=-(a * self.intercept + b))
 
     def probability(self, features: Mapping[str, float | str]) -> float:
         return self._parts.calibrated(self.intercept + math.fsum(self.contributions(features).values()))

@@ -2,12 +2,16 @@
 
 scikit-learn offers no public view of a histogram gradient boosting's trees, and its own predict re-encodes the
 categories and starts threads per call. Treelite, a library made to carry tree ensembles between frameworks, imports
-the fitted estimator (`treelite.sklearn.import_model`, boosting and forests alike, categorical splits included) and
-shows every tree's nodes through its public accessors; they are copied into flat arrays that a numba-compiled loop
-walks, for one encounter or many. Treelite's own `gtil.predict` gives the same numbers but costs several times the
-CPU on a batch, and more than the whole path on one encounter (benchmarks/README.md).
+the fitted estimator (`treelite.sklearn.import_model` for boosting and forests, `treelite.frontend.from_lightgbm` for
+LightGBM's booster, categorical splits included) and shows every tree's nodes through its public accessors; they are
+copied into flat arrays that a numba-compiled loop walks, for one encounter or many. Treelite's own `gtil.predict`
+gives the same numbers but costs several times the CPU on a batch, and more than the whole path on one encounter
+(benchmarks/README.md).
 
-A later learner with a booster of its own (LightGBM) plugs in as one more importer here, or as its own scorer.
+Explanations: LightGBM's own `pred_contrib` gives each encounter's exact SHAP values (TreeSHAP), which with the
+booster's expected value sum to its log-odds; the calibration's sigmoid is affine in them, so after it they still
+sum, with a stated base value, to the log-odds of the probability served. scikit-learn's trees have no such
+accessor: their versions are explained by occlusion, which does not add up.
 """
 
 from __future__ import annotations
@@ -23,9 +27,24 @@ from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassif
 from sklearn.preprocessing import OrdinalEncoder
 
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_COLUMNS, NUMERIC_FEATURES
-from readmission_platform.serving.fast.encoding import UNKNOWN, Lookup, Parts, UnsupportedModel, domains, encode, probe, tables
+from readmission_platform.lib.training import LightGBMClassifier
+from readmission_platform.serving.fast.encoding import (
+    UNKNOWN,
+    Attribution,
+    Lookup,
+    Parts,
+    UnsupportedModel,
+    domains,
+    encode,
+    probe,
+    tables,
+)
 
 METHOD = "occlusion: the change in probability when the feature is withheld, which the trees route as a missing value"
+SHAP_METHOD = (
+    "exact: SHAP values of the boosted trees (LightGBM's TreeSHAP), in log-odds after calibration, which with "
+    "`base_value` sum to the log-odds of the probability"
+)
 LEAF, NUMERICAL, CATEGORICAL = 0, 1, 2  # treelite's node types
 LESS_OR_EQUAL = 3  # treelite's comparison operator of a numerical split
 
@@ -128,13 +147,15 @@ def _import(estimator) -> tuple[treelite.Model, int]:
         if list(estimator.classes_) != [0, 1] or estimator.n_outputs_ != 1:
             raise UnsupportedModel("only a binary 0/1 random forest is supported")
         return treelite.sklearn.import_model(estimator), 1  # the probability of class 1
+    if isinstance(estimator, LightGBMClassifier):
+        if len(estimator.classes_) != 2:
+            raise UnsupportedModel("only a binary LightGBM classifier is supported")
+        return treelite.frontend.from_lightgbm(estimator.booster_), 0  # one output: the log-odds
     raise UnsupportedModel(f"no fast path for {type(estimator).__name__}; expected logistic regression or trees")
 
 
 class TreeScorer:
     """Categories to the pipeline's codes by tables, numbers as they are, the trees walked, the response calibrated."""
-
-    method = METHOD
 
     def __init__(self, parts: Parts, *, threads: int | None = None) -> None:
         """`threads`: threads that share a batch's rows (default one: the caller's)."""
@@ -148,6 +169,8 @@ class TreeScorer:
         except (treelite.TreeliteError, AssertionError, AttributeError, NotImplementedError) as error:
             raise UnsupportedModel(f"treelite cannot import the {type(parts.estimator).__name__}: {error!r}") from error
         self._parts = parts
+        self._booster = parts.estimator.booster_ if isinstance(parts.estimator, LightGBMClassifier) else None
+        self.method = METHOD if self._booster is None else SHAP_METHOD
         self._threads = threads or 1
         # scikit-learn's trees compare float32 inputs; boosting compares float64.
         self._float32 = isinstance(parts.estimator, RandomForestClassifier)
@@ -204,3 +227,14 @@ class TreeScorer:
             rows[k, at] = value
         probability = self._probabilities(rows)
         return {name: float(probability[0] - probability[k]) for k, name in enumerate(FEATURE_COLUMNS, start=1)}
+
+    def explain(self, features: Mapping[str, float | str]) -> Attribution:
+        """LightGBM: exact SHAP values in the calibrated log-odds, and the base value they start from. Other trees:
+        occlusion (`contributions`), in probability, with no base value, as they do not add up."""
+        if self._booster is None:
+            return Attribution(terms=self.contributions(features), base=None)
+        shap = self._booster.predict(self._row(features)[None, :], pred_contrib=True)[0]
+        # The calibrated log-odds are -(a * raw + b), raw = expected value + the sum of the SHAP values.
+        a, b = self._parts.a, self._parts.b
+        at = {name: at for name, at, _, _ in self._categorical} | dict(self._numeric_at)
+        return Attribution(terms={name: float(-a * shap[at[name]]) for name in FEATURE_COLUMNS}, base=float(-(a * shap[-1] + b)))

@@ -7,7 +7,7 @@ from sklearn.dummy import DummyClassifier
 from sklearn.pipeline import Pipeline
 
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_COLUMNS, NUMERIC_FEATURES
-from readmission_platform.lib.training import FAMILIES, LOGISTIC_REGRESSION, predict_probability
+from readmission_platform.lib.training import KNOWN_FAMILIES, LIGHTGBM, LOGISTIC_REGRESSION, predict_probability
 from readmission_platform.serving.fast import UNKNOWN, UnsupportedModel, compile, pin
 
 
@@ -34,7 +34,7 @@ def test_set(full_features) -> pl.DataFrame:
     return with_odd_values(full_features.filter(pl.col("split") == "test"))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", KNOWN_FAMILIES)
 def test_fast_path_equals_the_pipeline_for_every_family(family, sample_candidates, test_set):
     model = sample_candidates[family].model
     scorer = compile(model)
@@ -68,6 +68,38 @@ def test_tree_contributions_are_the_change_when_a_feature_is_withheld(family, sa
         assert contributions[name] == pytest.approx(expected, abs=1e-12)
     assert any(abs(c) > 1e-4 for c in contributions.values())
     assert "occlusion" in scorer.method
+
+
+@pytest.mark.parametrize("family", [LOGISTIC_REGRESSION, LIGHTGBM])
+def test_exact_explanations_sum_with_their_base_value_to_the_log_odds_of_the_probability(family, sample_candidates, test_set):
+    scorer = compile(sample_candidates[family].model)
+    assert "exact" in scorer.method
+    worst = 0.0
+    for features in test_set.select(FEATURE_COLUMNS).tail(500).iter_rows(named=True):  # unknown and missing values too
+        attribution = scorer.explain(features)
+        assert set(attribution.terms) == set(FEATURE_COLUMNS) and attribution.base is not None
+        probability = scorer.probability(features)
+        worst = max(worst, abs(attribution.base + math.fsum(attribution.terms.values()) - math.log(probability / (1 - probability))))
+    assert worst < 1e-9
+
+
+def test_lightgbm_terms_are_its_own_shap_values_scaled_by_the_calibration(sample_candidates, rows):
+    model = sample_candidates[LIGHTGBM].model
+    calibrated = model[-1].calibrated_classifiers_[0]
+    a = calibrated.calibrators[0].a_
+    features = rows.select(FEATURE_COLUMNS).row(3, named=True)
+    encoded = model[0].transform(pl.DataFrame([features]).to_pandas())
+    shap = calibrated.estimator.estimator.booster_.predict(encoded, pred_contrib=True)[0]
+    terms = compile(model).explain(features).terms
+    # The first columns the trees see are the categories, in CATEGORICAL_FEATURES order, then the numbers.
+    order = [*CATEGORICAL_FEATURES, *NUMERIC_FEATURES]
+    assert [terms[name] for name in order] == pytest.approx(list(-a * shap[:-1]), abs=1e-12)
+    assert sum(abs(shap[:-1]) > 1e-6) > 5  # more than a handful of features move this encounter
+
+
+def test_occlusion_does_not_claim_to_add_up(sample_candidates, rows):
+    attribution = compile(sample_candidates["hist_gradient_boosting"].model).explain(rows.select(FEATURE_COLUMNS).row(0, named=True))
+    assert attribution.base is None and set(attribution.terms) == set(FEATURE_COLUMNS)
 
 
 def test_a_pipeline_of_another_shape_is_refused_by_name(sample_candidates, sample_parts):
