@@ -37,8 +37,12 @@ observe: install
 status: install
 	$(BIN)/readmission status
 
+# Three workers on two cores: much of a test's time is a server starting or a run launching, not CPU. A file's tests
+# stay on one worker (--dist loadfile), so a module's served model or store is built once.
+TEST_WORKERS ?= 3
+
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # kill -9 of run workers, the daemon and its code server under a real daemon; a few minutes, so not in `make test`.
 chaos: install
