@@ -158,7 +158,10 @@ class FollowedService:
     def __init__(self, url: str, log_path: Path, say):
         self.url, self.log_path, self.say = url, log_path, say
         self.encounter: tuple[dict, str] | None = None  # set once a batch is stored
+        self.traffic: list[dict] = []  # real encounters sent while a candidate is in rollout
         self.answers: list[dict] = []  # the /predict answer of each version seen, in order
+        self.candidate: dict | None = None  # /model's `candidate` at the last poll
+        self.sent = 0
 
     @property
     def version(self) -> str | None:
@@ -174,6 +177,8 @@ class FollowedService:
         request_id = f"demo-{len(self.answers) + 1}"
         try:
             model = httpx.get(f"{self.url}/model", timeout=10)
+            if model.status_code == 200:
+                self.follow_rollout(model.json().get("candidate"))
             if model.status_code != 200 or model.json()["version"] == self.version:
                 return  # 503: nothing promoted yet
             answer = httpx.post(f"{self.url}/predict", json=encounter | {"request_id": request_id}, timeout=30)
@@ -192,6 +197,37 @@ class FollowedService:
                      f"{before['risk_band']} → {body['risk_band']} for the same encounter (request {request_id})")  # fmt: skip
         self.answers.append(body)
 
+    def follow_rollout(self, candidate: dict | None) -> None:
+        """Say where a candidate's rollout stands when it moves, and send real encounters while one is in shadow or
+        canary, as a hospital's traffic would: rollout_sensor judges the candidate on them from the prediction log."""
+        import httpx
+
+        seen = self.candidate
+        self.candidate = candidate
+        if candidate is None:
+            return
+        if seen is None or (seen["version"], seen["stage"], seen.get("share")) != (candidate["version"], candidate["stage"], candidate.get("share")):
+            where = "in shadow (scored beside production, never answering)" if candidate["stage"] == "shadow" else (
+                f"canary, answering {float(candidate.get('share') or 0):.0%} of requests")  # fmt: skip
+            self.say(f"v{candidate['version']} is {where}; rollout_sensor advances it on healthy live signals or rolls "
+                     f"it back (`readmission rollout status`)")  # fmt: skip
+        if not self.traffic:
+            return
+        self.sent += 1
+        batch = [e | {"request_id": f"demo-traffic-{self.sent}-{i}"} for i, e in enumerate(self.traffic)]
+        try:
+            httpx.post(f"{self.url}/predict_batch", json={"encounters": batch}, timeout=30)
+        except httpx.HTTPError:
+            pass  # asked again at the next poll
+
+    def wait_for_rollout(self, timeout: float) -> None:
+        """Poll until no candidate is in rollout (it reached production or was rolled back), or `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        self.poll()
+        while self.candidate is not None and time.monotonic() < deadline:
+            time.sleep(1)
+            self.poll()
+
     def wait_for(self, version: str, timeout: float) -> None:
         """Return once the service answers with `version`; TimeoutError naming its log after `timeout` seconds."""
         deadline = time.monotonic() + timeout
@@ -200,6 +236,18 @@ class FollowedService:
                 raise TimeoutError(f"after {timeout:.0f} s the service does not answer with v{version}; see {self.log_path}")
             time.sleep(1)
             self.poll()
+
+
+def rollout_traffic(settings, rows: int = 200) -> list[dict]:
+    """Real encounters of the first stored batch, as requests, for the demo to send while a candidate rolls out."""
+    from readmission_platform.lib.encounter import from_clean
+    from readmission_platform.lib.warehouse import open_warehouse
+
+    with open_warehouse(settings.warehouse_url) as store:
+        if "clean_batches" not in store.tables():
+            return []
+        found = store.query(f"SELECT * FROM clean_batches ORDER BY batch_id, encounter_id LIMIT {int(rows)}")
+    return [from_clean(row) for row in found.iter_rows(named=True)]
 
 
 def training_covers(instance: dg.DagsterInstance, batch_id: str) -> bool:
@@ -228,6 +276,7 @@ def first_model(settings, landed: list, watcher: RunWatcher, service: FollowedSe
         batch = landed[0]
         watcher.wait({run_tags.SHA: content_hash(batch.path.read_bytes())}, f"ingestion of {batch.path.name}", timeout, log_path)
     service.encounter = sample_encounter(settings)
+    service.traffic = rollout_traffic(settings)
     if landed:
         found = watcher.wait({run_tags.NEWEST_BATCH: batch_id_for(batch.path)}, f"the retrain after {batch.path.name}",
                              timeout, log_path, appear_within=RETRAIN_APPEARS_WITHIN, until=lambda: service.version is not None)  # fmt: skip
@@ -382,6 +431,8 @@ def run_demo(settings, source: bytes, instance: dg.DagsterInstance, progress: Pr
         progress.stage = "more batches"
         if land_rest(land_one, watcher, progress, timeout, log_path) is None and not landed:
             progress(f"every batch of the source is already in {settings.landing_dir}")
+        progress.stage = "rollout"
+        service.wait_for_rollout(timeout)
         if (version := production_version(settings)) is None:
             progress("no version was promoted: nothing to serve (see promotion_decision in the UI)")
             return False

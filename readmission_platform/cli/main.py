@@ -46,6 +46,10 @@ def land(settings: Settings, count: int | None, every: float | None) -> int:
         time.sleep(every)
 
 
+DEMO_ROLLOUT = {"READMISSION_ROLLOUT_STEPS": "50,100", "READMISSION_ROLLOUT_STAGE_SECONDS": "5",
+                "READMISSION_ROLLOUT_MIN_REQUESTS": "200"}  # fmt: skip
+
+
 def demo(settings: Settings, timeout: float, port: int) -> int:
     import dagster as dg
 
@@ -57,6 +61,10 @@ def demo(settings: Settings, timeout: float, port: int) -> int:
 
     progress = Progress(0, _say)
     prepare_dagster_home(settings)
+    # A promoted challenger rolls out (shadow, then canary) before it serves everyone; in the demo each stage lasts
+    # seconds, not hours (unless the variables are set), so the newcomer watches it reach production.
+    for name, value in DEMO_ROLLOUT.items():
+        os.environ.setdefault(name, value)
     _say(
         f"READMISSION_HOME={settings.home}\nwarehouse: {masked(settings.warehouse_url)}\n"
         f"Dagster storage: {masked(settings.dagster_storage_url or 'SQLite in ' + str(settings.dagster_home))}\n"

@@ -15,6 +15,7 @@ from readmission_platform.defs.resources import PredictionLogResource
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.encounter import REQUEST_DTYPES
 from readmission_platform.lib.features import build_features
+from readmission_platform.lib.history import HISTORY_FEATURES
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.training import predict_probability
@@ -26,7 +27,8 @@ from readmission_platform_tests.defs.conftest import TWO_FAMILIES, ingest, metad
 def served(data: bytes, model, version: str) -> pl.DataFrame:
     """A batch file's encounters as the service logs them after `model` scored them as `version`."""
     rows = clean(parse_batch(data, batch_id="served", source_file="f.csv", loaded_elsewhere=NOTHING_LOADED, now=INGESTED_AT).rows).frame
-    probability = predict_probability(model, build_features(rows))
+    # Served without a patient identifier: the history features are a first encounter's, as the service makes them.
+    probability = predict_probability(model, build_features(rows).with_columns(pl.lit(0.0).alias(name) for name in HISTORY_FEATURES))
     return rows.select(pl.col(name).cast(dtype) for name, dtype in REQUEST_DTYPES.items()).with_columns(
         pl.format("r-{}-{}", pl.lit(version), pl.int_range(pl.len())).alias("request_id"),
         pl.lit("/predict_batch").alias("endpoint"),

@@ -9,7 +9,7 @@ from readmission_platform.defs.promotion.assets import promotion_decision
 from readmission_platform.defs.training.assets import trained_model
 from readmission_platform.lib.registry import SHADOW
 from readmission_platform.lib.training import model_input, train_candidates
-from readmission_platform_tests.defs.conftest import ingest, metadata, retrain
+from readmission_platform_tests.defs.conftest import FAST, ingest, metadata, retrain
 
 
 def decide_again(instance, resources) -> dg.ExecuteInProcessResult:
@@ -42,9 +42,11 @@ def test_a_challenger_within_noise_stays_out_and_a_clearly_better_one_goes_to_sh
     first = metadata(retrain(instance, resources), "promotion_decision")
     assert first["rollout_stage"] == "production" and first["comparison"] == "no production model to compare with"
 
-    # v2: the same family on one more batch, judged against v1 on the same test patients.
+    # v2: the same family on one more batch, judged against v1 on the same test patients, on ROC-AUC alone (no
+    # non-inferiority margin: a better calibration cannot carry it).
     ingest(platform, instance, resources, training_batches[3], "batch_0004")
-    noise = metadata(retrain(instance, resources), "promotion_decision")
+    auc_alone = {"ops": FAST["ops"] | {"promotion_decision": {"config": {"non_inferiority_margin": 0.0}}}}
+    noise = metadata(retrain(instance, resources, run_config=auc_alone), "promotion_decision")
     assert noise["challenger_version"] == "2" and noise["promoted"] is False, noise["reason"]
     assert noise["roc_auc_difference_lower"] < 0 < noise["roc_auc_difference_upper"]
     assert noise["roc_auc_p_value"] > 0.05 and "neither better than production v1 with 95% confidence" in noise["reason"]

@@ -111,7 +111,7 @@ def test_an_out_of_scope_encounter_in_a_batch_is_answered_without_a_probability_
     assert items[0]["probability"] == items[-1]["probability"] > 0 and items[0]["reason"] is None
     for item in items[1:-1]:
         assert item == {"probability": None, "decision": None, "risk_band": None, "request_id": item["request_id"],
-                        "reason": DEATH_OR_HOSPICE}  # fmt: skip
+                        "reason": DEATH_OR_HOSPICE, "model_version": None, "stage": None, "history_used": None}  # fmt: skip
     deadline = time.monotonic() + 20
     while not {"scored-0", "scored-1"} <= (logged := set(read_predictions(gated_server.settings.prediction_log_url, ["request_id"])["request_id"])):
         assert time.monotonic() < deadline, "the scored encounters never reached the prediction log"

@@ -33,6 +33,20 @@ def training_reference(store: Warehouse, trained: list[str]) -> tuple[pl.DataFra
     return (assign_split(rows).filter(pl.col(SPLIT) == "train") if rows.height else rows), newest
 
 
+def with_history(warehouse, rows: pl.DataFrame) -> pl.DataFrame:
+    """`rows` (a batch's features) with each encounter's point-in-time history as the training set holds it, so the
+    production model scores them as it was trained; an encounter the training set lacks gets a first encounter's."""
+    from readmission_platform.lib.history import HISTORY_FEATURES
+
+    rows = rows.drop([name for name in HISTORY_FEATURES if name in rows.columns])
+    with warehouse.open() as store:
+        if "training_set" in store.tables():
+            history = store.read_table("training_set").select("encounter_id", *HISTORY_FEATURES).unique("encounter_id")
+            rows = rows.join(history, on="encounter_id", how="left")
+    missing = [pl.lit(0.0).alias(name) for name in HISTORY_FEATURES if name not in rows.columns]
+    return rows.with_columns(missing).with_columns(pl.col(HISTORY_FEATURES).cast(pl.Float64).fill_null(0.0))
+
+
 @dg.asset(
     deps=[FEATURES],
     partitions_def=batches,
@@ -154,6 +168,7 @@ def serving_drift(
             metadata={"predictions": predictions.height, "status": status},
             check_results=[dg.AssetCheckResult(check_name=SERVING_DRIFT_CHECK.name, passed=True, description=f"{status}: drift not measured")],
         )
+    reference = with_history(warehouse, reference)
     reference = reference.with_columns(
         pl.Series(PROBABILITY, predict_probability(registry.load_model(str(production.version)), reference))
     )
