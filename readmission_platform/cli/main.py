@@ -147,14 +147,14 @@ def rollback(settings: Settings, reason: str) -> int:
 
     import polars as pl
 
-    from readmission_platform.lib.promotion import DECISION_SCHEMA, rollback_row
+    from readmission_platform.lib.promotion import DECISION_SCHEMA, record_decisions, rollback_row
     from readmission_platform.lib.registry import ModelRegistry
     from readmission_platform.lib.warehouse import open_warehouse
 
     registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_location)
     replaced, restored = registry.rollback(reason=reason)
     row = rollback_row(replaced=replaced, restored=restored, reason=reason, now=datetime.now(UTC))
-    open_warehouse(settings.warehouse_url).append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
+    record_decisions(open_warehouse(settings.warehouse_url), pl.DataFrame([row], schema=DECISION_SCHEMA))
     _say(f"production moved back from v{replaced} to v{restored}: {reason}")
     return 0
 

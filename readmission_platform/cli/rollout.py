@@ -22,7 +22,7 @@ def rollout(settings: Settings, action: str, reason: str | None, say: Callable[[
     """Show the rollout (`status`), or advance or abort it by hand with `reason`, recorded in promotion_decisions."""
     from readmission_platform.lib import rollout as lib
     from readmission_platform.lib.predictions import read_predictions
-    from readmission_platform.lib.promotion import DECISION_SCHEMA, ROLLOUT_ABORTED
+    from readmission_platform.lib.promotion import DECISION_SCHEMA, ROLLOUT_ABORTED, record_decisions
     from readmission_platform.lib.registry import ModelRegistry
     from readmission_platform.lib.warehouse import open_warehouse
 
@@ -49,6 +49,6 @@ def rollout(settings: Settings, action: str, reason: str | None, say: Callable[[
         raise ValueError(f"`rollout {action}` needs --reason: a sentence recorded on the version and in promotion_decisions")
     step = lib.by_hand(current, lib.ADVANCE if action == "advance" else lib.ROLLBACK, reason.strip(), policy.steps)
     row = lib.act(registry, current, step, signals, now, action=ROLLOUT_ABORTED if action == "abort" else None)
-    warehouse.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
+    record_decisions(warehouse, pl.DataFrame([row], schema=DECISION_SCHEMA))
     say(step.reason)
     return 0

@@ -52,6 +52,16 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
     "signals": pl.String(),
 }
 
+DECISIONS = "promotion_decisions"
+
+
+def record_decisions(store, rows: pl.DataFrame) -> None:
+    """Append decision rows (DECISION_SCHEMA) to `promotion_decisions` in the warehouse `store`. A table made by an
+    earlier version, which lacks the columns added since, is first widened with them (NULL in its rows, every row
+    kept), so an upgraded platform goes on recording where it left off."""
+    store.add_columns(DECISIONS, DECISION_SCHEMA)
+    store.append(DECISIONS, DECISION_SCHEMA, rows.select(list(DECISION_SCHEMA)).cast(DECISION_SCHEMA))
+
 
 @dataclass(frozen=True)
 class Gates:

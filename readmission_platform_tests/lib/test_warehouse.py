@@ -383,3 +383,31 @@ def test_writers_come_from_a_pool_that_replaces_connections_the_server_closed(pg
     assert_frame_equal(stored(warehouse, RAW), pl.concat([raw, raw_b]).sort("batch_id", "line_number"))
     with warehouse._writer() as connection:
         assert connection.info.backend_pid not in pids
+
+
+def test_decisions_recorded_in_a_table_of_an_earlier_version_widen_it_and_keep_its_rows(warehouse):
+    from readmission_platform.lib.promotion import DECISION_SCHEMA, DECISIONS, record_decisions, rollback_row
+
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    earlier = {name: dtype for name, dtype in list(DECISION_SCHEMA.items())[:-6]}  # made before the last six columns
+    old = pl.DataFrame([rollback_row(replaced="2", restored="1", reason="before the upgrade", now=now)], schema=DECISION_SCHEMA)
+    warehouse.append(DECISIONS, earlier, old.select(list(earlier)))
+    new = pl.DataFrame([rollback_row(replaced="3", restored="2", reason="after it", now=now)], schema=DECISION_SCHEMA)
+    record_decisions(warehouse, new)
+    stored = warehouse.read_table(DECISIONS)
+    assert list(stored.columns) == list(DECISION_SCHEMA)
+    assert stored.sort("decided_at", "champion_version")["champion_version"].to_list() == ["2", "3"]
+    added = [name for name in DECISION_SCHEMA if name not in earlier]
+    assert stored.filter(pl.col("champion_version") == "2").select(added).null_count().row(0) == (1,) * len(added)
+    record_decisions(warehouse, new)  # a table of today's layout is appended to as it is
+    assert warehouse.read_table(DECISIONS).height == 3
+
+
+def test_a_table_whose_columns_are_not_a_prefix_of_the_wanted_ones_is_not_widened(warehouse):
+    frame = pl.DataFrame({"a": [1], "b": ["x"]})
+    warehouse.append("widened", {"a": pl.Int64(), "b": pl.String()}, frame)
+    with pytest.raises(WarehouseError, match="has columns"):
+        warehouse.add_columns("widened", {"b": pl.String(), "a": pl.Int64(), "c": pl.Float64()})
+    assert warehouse.add_columns("widened", {"a": pl.Int64(), "b": pl.String(), "c": pl.Float64()}) == ["c"]
+    assert warehouse.read_table("widened").to_dicts() == [{"a": 1, "b": "x", "c": None}]
+    assert warehouse.add_columns("never_made", {"a": pl.Int64()}) == []

@@ -17,6 +17,7 @@ from readmission_platform.lib.promotion import (
     RETRAIN_REQUESTED,
     ROLLBACK_PROPOSED,
     live_action_row,
+    record_decisions,
     rollback_row,
 )
 
@@ -59,7 +60,7 @@ def outcome_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
 
 def _record(decisions: list[dict], warehouse: WarehouseResource) -> None:
     with warehouse.open() as store:
-        store.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame(decisions, schema=DECISION_SCHEMA))
+        record_decisions(store, pl.DataFrame(decisions, schema=DECISION_SCHEMA))
 
 
 @dg.sensor(

@@ -14,6 +14,7 @@ from readmission_platform.lib.promotion import (
     evidence_figures,
     gate_failures,
     gate_warnings,
+    record_decisions,
 )
 from readmission_platform.lib.reporting import markdown_table
 from readmission_platform.lib.splitting import PATIENT
@@ -160,7 +161,7 @@ def promotion_decision(
     }
     with warehouse.open() as store:
         if not decided_in_run_group(context, store, version):
-            store.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
+            record_decisions(store, pl.DataFrame([row], schema=DECISION_SCHEMA))
     context.log.info(decision.reason)
 
     compared = pl.DataFrame(

@@ -9,7 +9,7 @@ from readmission_platform.defs.resources import (
     RolloutPolicyResource,
     WarehouseResource,
 )
-from readmission_platform.lib.promotion import DECISION_SCHEMA
+from readmission_platform.lib.promotion import DECISION_SCHEMA, record_decisions
 
 ROLLOUT = "model_rollout"
 model_rollout = dg.AssetSpec(
@@ -51,7 +51,7 @@ def rollout_sensor(
         return dg.SkipReason(step.reason)
     row = rollout.act(registry, current, step, signals, now)
     with warehouse.open() as store:
-        store.append("promotion_decisions", DECISION_SCHEMA, pl.DataFrame([row], schema=DECISION_SCHEMA))
+        record_decisions(store, pl.DataFrame([row], schema=DECISION_SCHEMA))
     (context.log.warning if step.action == rollout.ROLLBACK else context.log.info)(step.reason)
     return dg.SensorResult(
         asset_events=[

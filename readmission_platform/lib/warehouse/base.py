@@ -142,6 +142,24 @@ class Warehouse(ABC):
         """Add the frame's rows to the table."""
         self._replace(checked(table), columns, frame, keep=True)
 
+    def add_columns(self, table: str, columns: Columns) -> list[str]:
+        """Widen a table made by an earlier version to `columns`, in one transaction: the columns it lacks are added
+        at its end, NULL in the rows it holds. Its columns must be the first of `columns`, in order; a table that
+        does not exist is left to the next write to create. Returns the names added."""
+        existing = list(self.columns(checked(table)))
+        wanted = list(columns)
+        if not existing or existing == wanted:
+            return []
+        if existing != wanted[: len(existing)]:
+            self._check_columns(table, columns, existing)  # raises: columns renamed, reordered or unknown
+        added = wanted[len(existing) :]
+        self._execute([f"ALTER TABLE {table} ADD COLUMN {body({name: columns[name]})}" for name in added])
+        return added
+
+    @abstractmethod
+    def _execute(self, statements: Sequence[str]) -> None:
+        """Run the statements in one transaction."""
+
     def tables(self) -> set[str]:
         """Names of the tables that exist."""
         rows = self.query("SELECT table_name FROM information_schema.tables "

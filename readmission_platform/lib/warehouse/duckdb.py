@@ -157,6 +157,17 @@ class DuckDBWarehouse(Warehouse):
                 yield load
                 load.commit()
 
+    def _execute(self, statements):
+        with self._connected() as connection:
+            connection.begin()
+            try:
+                for statement in statements:
+                    connection.execute(statement)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+
     def _replace(self, table, columns, frame, *, keep):
         with self._connected() as connection:
             connection.begin()

@@ -188,6 +188,16 @@ class PostgresWarehouse(Warehouse):
             for offset in range(0, selected.height, self.CHUNK_ROWS):
                 copy.write(selected.slice(offset, self.CHUNK_ROWS).write_csv(include_header=False))
 
+    def _execute(self, statements):
+        with self._writer() as connection:
+            try:
+                for statement in statements:
+                    connection.execute(statement)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+
     def _replace(self, table, columns, frame, *, keep):
         kinds = self._kinds([table])
         if kinds.get(table) == "p":
