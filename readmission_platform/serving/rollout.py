@@ -94,6 +94,13 @@ class Candidate:
         return described
 
 
+def count_failures_of(candidate: Candidate) -> None:
+    """Make the candidate's failure counters exist at zero, one per cause, as soon as it is in place: a rate over a
+    counter Prometheus has never seen misses its first failures, and a rollout dashboard shows 0, not "no data"."""
+    for cause in (LOAD, RAISED, SLOW):
+        CANDIDATE_FAILURES.labels(model_version=candidate.version, stage=candidate.stage, cause=cause)
+
+
 @dataclass(frozen=True)
 class Trial:
     """What one call to a candidate gave: its answer, or the reason it has none; and the time it took (None: not run)."""

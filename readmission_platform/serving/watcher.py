@@ -15,7 +15,7 @@ from readmission_platform.lib.reporting import masked
 from readmission_platform.serving.metrics import READY, RELOADS, VALIDATION_POSITIVE_RATE
 from readmission_platform.lib.registry import CANARY, SHADOW
 from readmission_platform.serving.model import ServedModel, load_version, serve
-from readmission_platform.serving.rollout import Candidate, RolloutState, rollout_state
+from readmission_platform.serving.rollout import Candidate, RolloutState, count_failures_of, rollout_state
 from readmission_platform.serving.package import MLFLOW_MODEL_FOLDER, PACKED_MODEL
 from readmission_platform.settings import ServingSettings, Settings
 
@@ -130,6 +130,7 @@ class ModelWatcher(threading.Thread):
                 self.candidate_retry -= 1
                 if (current.stage, current.share) != (state.stage, state.share):
                     self.service.candidate = replace(current, stage=state.stage, share=state.share)
+                    count_failures_of(self.service.candidate)
                     log.info("version %s is now %s%s (was %s%s)", current.version, state.stage, _share(state),
                              current.stage, _share(current))  # fmt: skip
                 return
@@ -140,6 +141,7 @@ class ModelWatcher(threading.Thread):
             self.candidate_retry = RETRY_REFUSED_AFTER
             log.error("%s version %s did not load; production answers its requests: %s", state.stage, state.candidate, error)
         self.service.candidate = Candidate(state.candidate, state.stage, state.share, model, error)
+        count_failures_of(self.service.candidate)
         if model is not None:
             log.info("%s version %s loaded%s; production version %s answers %s", state.stage, state.candidate,
                      _share(state), state.production, "every request" if state.stage == SHADOW else "the rest")  # fmt: skip

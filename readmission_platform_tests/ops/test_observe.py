@@ -56,6 +56,7 @@ def test_errors_and_a_failed_run_reach_the_webhook_and_every_panel_has_data(
     monkeypatch.setenv("READMISSION_HOME", str(settings.home))
     registry = registry_of(settings)
     version = register(registry, sample_candidates["hist_gradient_boosting"], sample_parts, promote=False)
+    challenger = register(registry, sample_candidates["logistic_regression"], sample_parts, promote=False)
     encounters, _ = test_encounters
     (settings.landing_dir).mkdir(parents=True)
     (settings.landing_dir / "batch_0002.csv").write_text("waiting\n")
@@ -99,6 +100,10 @@ def test_errors_and_a_failed_run_reach_the_webhook_and_every_panel_has_data(
             # Traffic to a version: single encounters spread over several scrapes, and a batch.
             registry.promote(version, reason="test: observe")
             wait_until(lambda: httpx.get(f"{service}/readyz").status_code == 200, 60, "the service loaded no model")
+            # And a challenger in shadow, for the rollout's panels: scored beside production, never answering.
+            registry.start_shadow(challenger, reason="test: observe a rollout")
+            wait_until(lambda: (httpx.get(f"{service}/model").json().get("candidate") or {}).get("loaded"), 60,
+                       "the service loaded no shadow")  # fmt: skip
             with ThreadPoolExecutor(4) as pool, httpx.Client(base_url=service, timeout=60) as client:
                 for start in range(0, 400, 50):
                     chunk = encounters[start : start + 50]
