@@ -156,9 +156,16 @@ class Warehouse(ABC):
         self._execute([f"ALTER TABLE {table} ADD COLUMN {body({name: columns[name]})}" for name in added])
         return added
 
-    @abstractmethod
     def _execute(self, statements: Sequence[str]) -> None:
         """Run the statements in one transaction."""
+        with self._transaction() as connection:
+            for statement in statements:
+                connection.execute(statement)
+
+    @abstractmethod
+    def _transaction(self):
+        """A context manager giving a connection in a transaction, committed when the block ends without an error and
+        rolled back otherwise."""
 
     def tables(self) -> set[str]:
         """Names of the tables that exist."""

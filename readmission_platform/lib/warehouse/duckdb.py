@@ -157,26 +157,20 @@ class DuckDBWarehouse(Warehouse):
                 yield load
                 load.commit()
 
-    def _execute(self, statements):
+    @contextmanager
+    def _transaction(self):
         with self._connected() as connection:
             connection.begin()
             try:
-                for statement in statements:
-                    connection.execute(statement)
+                yield connection
                 connection.commit()
             except BaseException:
                 connection.rollback()
                 raise
 
     def _replace(self, table, columns, frame, *, keep):
-        with self._connected() as connection:
-            connection.begin()
-            try:
-                self._insert(connection, table, columns, frame, None if keep else "", [])
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
+        with self._transaction() as connection:
+            self._insert(connection, table, columns, frame, None if keep else "", [])
 
 
 class _Load(BatchWriter):

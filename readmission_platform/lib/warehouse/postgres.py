@@ -188,11 +188,11 @@ class PostgresWarehouse(Warehouse):
             for offset in range(0, selected.height, self.CHUNK_ROWS):
                 copy.write(selected.slice(offset, self.CHUNK_ROWS).write_csv(include_header=False))
 
-    def _execute(self, statements):
+    @contextmanager
+    def _transaction(self):
         with self._writer() as connection:
             try:
-                for statement in statements:
-                    connection.execute(statement)
+                yield connection
                 connection.commit()
             except BaseException:
                 connection.rollback()
@@ -203,17 +203,12 @@ class PostgresWarehouse(Warehouse):
         if kinds.get(table) == "p":
             raise WarehouseError(f"table {table} in {self.describe()} is partitioned by batch; write it with replace_batch")
         self._check_columns(table, columns)
-        with self._writer() as connection:
-            try:
-                connection.execute(table_ddl(table, columns))
-                if not keep:
-                    connection.execute(f"DELETE FROM {table}")
-                if frame.height:
-                    self._copy(connection, table, columns, frame)
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
+        with self._transaction() as connection:
+            connection.execute(table_ddl(table, columns))
+            if not keep:
+                connection.execute(f"DELETE FROM {table}")
+            if frame.height:
+                self._copy(connection, table, columns, frame)
 
     @contextmanager
     def batch_writer(self, batch_id: str) -> Iterator[BatchWriter]:
