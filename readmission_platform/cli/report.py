@@ -115,25 +115,28 @@ def render(reports: list[BatchReport]) -> str:
 
 
 def render_models(settings) -> str:
-    """Every promotion decision and rollback, oldest first, and the version behind `production`."""
+    """Every promotion decision, rollout step and rollback, oldest first, and the version behind `production`. A row's
+    `version` is the one it is about: the challenger of a decision, the candidate of a rollout step, the version a
+    rollback replaced."""
     from readmission_platform.lib.registry import ModelRegistry
     from readmission_platform.lib.warehouse import open_warehouse
 
     decisions = open_warehouse(settings.warehouse_url).query("SELECT * FROM promotion_decisions ORDER BY decided_at")
     if not decisions.height:
         return "no model trained yet"
-    lines = [f"{'decided at':<21}{'action':<19}{'challenger':>11}{'test AUC':>10}{'Brier':>8}{'production':>12}  reason"]
+    lines = [f"{'decided at':<21}{'action':<19}{'version':>11}{'test AUC':>10}{'Brier':>8}{'production':>12}  reason"]
     for row in decisions.iter_rows(named=True):
         auc, brier = row["challenger_test_roc_auc"], row["challenger_test_brier"]
+        about = row["challenger_version"] or row.get("candidate_version") or row["champion_version"]
         lines.append(
-            f"{row['decided_at']:%Y-%m-%d %H:%M:%S}  {row['action']:<19}{'v' + str(row['challenger_version'] or '-'):>11}"
+            f"{row['decided_at']:%Y-%m-%d %H:%M:%S}  {row['action']:<19}{'v' + str(about) if about else '-':>11}"
             f"{f'{auc:.3f}' if auc is not None else '-':>10}{f'{brier:.4f}' if brier is not None else '-':>8}"
             f"{'v' + str(row['production_version'] or '-'):>12}  {row['reason']}"
         )
     production = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_location).production()
     versions = decisions.filter(pl.col("challenger_version").is_not_null())["challenger_version"].n_unique()
     lines.append(
-        f"{versions} model versions registered; production: "
+        f"{versions} model version{'' if versions == 1 else 's'} registered; production: "
         + (f"v{production.version} ({production.tags.get('family', '?')})" if production else "none")
     )
     return "\n".join(lines)
