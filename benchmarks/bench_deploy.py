@@ -34,8 +34,10 @@ from readmission_platform.cli.demo import settled  # noqa: E402
 from readmission_platform.deploy import spec  # noqa: E402
 from readmission_platform.deploy.local import Profile  # noqa: E402
 from readmission_platform.lib.landing import land  # noqa: E402
+from readmission_platform.lib.predictions import TABLE as PREDICTIONS  # noqa: E402
 from readmission_platform.lib.registry import ModelRegistry  # noqa: E402
 from readmission_platform.lib.source import read_source_bytes  # noqa: E402
+from readmission_platform.lib.training import model_input  # noqa: E402
 
 ADMIN_URL = os.environ.get("READMISSION_TEST_PG_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -140,6 +142,14 @@ def throughput(profile: Profile, replicas: list[str], body: bytes, encounters: i
             "cpu_seconds_per_encounter": cpu / answered, "batch": encounters}  # fmt: skip
 
 
+def prediction_log_size(url: str) -> dict:
+    """Rows in the prediction log and the bytes its table takes with its indexes, as PostgreSQL counts them."""
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(f"SELECT count(*) FROM {PREDICTIONS}").fetchone()[0]
+        size = connection.execute(f"SELECT pg_total_relation_size('{PREDICTIONS}')").fetchone()[0]
+    return {"rows": rows, "bytes": size}
+
+
 def serving(root: Path, seconds: float, batch: int, clients: int) -> dict:
     databases = Databases("serve")
     profile = Profile(root / "serving", databases.urls, replicas=2, reload_seconds=2)
@@ -149,8 +159,6 @@ def serving(root: Path, seconds: float, batch: int, clients: int) -> dict:
         profile.start_backends()
         registry = ModelRegistry(profile.running["mlflow"].url, None)
         candidate = setup.candidate
-        from readmission_platform.lib.training import model_input
-
         run_id = registry.log_candidate(
             candidate.model, params=candidate.params, metrics={f"validation_{k}": v for k, v in candidate.validation.items()},
             tags={"batch_ids": "all"}, artifacts=None, input_example=model_input(setup.rows.head(5)), run_name="bench-deploy",
@@ -162,7 +170,8 @@ def serving(root: Path, seconds: float, batch: int, clients: int) -> dict:
         body = json.dumps({"encounters": setup.encounters}).encode()
         one = throughput(profile, ["service-1"], body, batch, seconds, clients)
         two = throughput(profile, ["service-1", "service-2"], body, batch, seconds, clients)
-        return {"one": one, "two": two}
+        profile.stop()  # the replicas flush their prediction logs on SIGTERM
+        return {"one": one, "two": two, "log": prediction_log_size(databases.urls["READMISSION_PREDICTION_LOG_URL"])}
     finally:
         profile.stop()
         databases.drop()
@@ -173,17 +182,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="load per throughput measurement (default 30)")
     parser.add_argument("--batch", type=int, default=2_000, help="encounters per /predict_batch request (default 2,000)")
     parser.add_argument("--clients", type=int, default=2, help="client processes per replica (default 2)")
+    parser.add_argument("--only", choices=["ingestion", "serving"], help="one of the two figures (default both)")
     args = parser.parse_args()
     cores = psutil.cpu_count()
-    print(f"{cores} cores, load average {os.getloadavg()[0]:.1f} at the start")
+    print(f"{cores} cores, load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as folder:
         root = Path(folder)
-        serial, serial_most, encounters = ingest_seconds(root, 1)
-        side, side_most, _ = ingest_seconds(root, spec.WAREHOUSE_CONCURRENCY)
-        print(f"\ningestion of the 7 batches ({encounters:,} encounters) on PostgreSQL, through the daemon and the run launcher:")
-        print(f"  concurrency 1: {serial:7.1f} s (at most {serial_most} run at once)")
-        print(f"  concurrency {spec.WAREHOUSE_CONCURRENCY}: {side:7.1f} s (at most {side_most} runs at once)")
-        print(f"  ratio (1 / {spec.WAREHOUSE_CONCURRENCY}): {serial / side:.2f}x")
+        if args.only != "serving":
+            serial, serial_most, encounters = ingest_seconds(root, 1)
+            side, side_most, _ = ingest_seconds(root, spec.WAREHOUSE_CONCURRENCY)
+            print(f"\ningestion of the 7 batches ({encounters:,} encounters) on PostgreSQL, through the daemon and the run launcher:")
+            print(f"  concurrency 1: {serial:7.1f} s (at most {serial_most} run at once)")
+            print(f"  concurrency {spec.WAREHOUSE_CONCURRENCY}: {side:7.1f} s (at most {side_most} runs at once)")
+            print(f"  ratio (1 / {spec.WAREHOUSE_CONCURRENCY}): {serial / side:.2f}x")
+            print(f"  load average {os.getloadavg()[0]:.1f} at the end", flush=True)
+        if args.only == "ingestion":
+            return
         figures = serving(root, args.seconds, args.batch, args.clients)
     one, two = figures["one"], figures["two"]
     print(f"\n/predict_batch of {args.batch:,} encounters, {args.clients} client processes per replica, {args.seconds:.0f} s each:")
@@ -199,7 +213,13 @@ def main() -> None:
     print(f"  one core serves 1 / {cost * 1e6:.1f} µs = {per_core:,.0f} encounters/s")
     print(f"  1,000,000 / {per_core:,.0f} = {cores_needed:,.0f} cores of replicas, at 2 cores a pod (the Deployment's limit) "
           f"{pods:,.0f} pods; at the autoscaler's 70 % target {pods / 0.7:,.0f} pods")  # fmt: skip
-    print("  the prediction log then takes 1,000,000 rows/s (about 250 MB/s at 250 bytes a row) into PostgreSQL")
+    log = figures["log"]
+    if not log["rows"]:
+        raise RuntimeError("the replicas logged no prediction; see the service logs")
+    per_row = log["bytes"] / log["rows"]
+    print(f"  the prediction log: {log['rows']:,} rows took {log['bytes'] / 1e6:,.1f} MB with its indexes, "
+          f"{per_row:,.0f} bytes a row; 1,000,000 rows/s is {per_row:,.0f} MB/s into PostgreSQL before WAL, "
+          f"{per_row * 86_400 / 1e6:,.1f} TB a day")  # fmt: skip
 
 
 if __name__ == "__main__":

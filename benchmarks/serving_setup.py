@@ -15,6 +15,7 @@ import polars as pl
 from readmission_platform.lib.cleaning import clean
 from readmission_platform.lib.encounter import from_clean
 from readmission_platform.lib.features import build_features
+from readmission_platform.lib.history import with_history
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.pipeline import NOTHING_LOADED
 from readmission_platform.lib.registry import SHADOW, ModelRegistry
@@ -56,7 +57,8 @@ class ServingSetup:
 def prepare(home: Path, encounters: int = 10_000) -> ServingSetup:
     parsed = parse_batch(read_source_bytes(), batch_id="all", source_file="all.csv", loaded_elsewhere=NOTHING_LOADED, now=datetime.now(UTC))
     cleaned = clean(parsed.rows).frame
-    features = assign_split(build_features(cleaned))
+    # Every feature the models take, the patients' history among them, as the training set computes it.
+    features = assign_split(with_history(build_features(cleaned), parsed.rows))
     part = {name: features.filter(pl.col(SPLIT) == name) for name in ("train", "validation", "test")}
     (candidate,) = train_candidates(part["train"], part["validation"], families=(LIGHTGBM,))
     settings = Settings.from_env({"READMISSION_HOME": str(home)})

@@ -27,15 +27,11 @@ def observe(settings: Settings, say: Callable[[str], None], *, service: list[str
 
     from readmission_platform.cli.instance import prepare_dagster_home
     from readmission_platform.ops import servers
-    from readmission_platform.ops.pipeline import PipelineCollector
+    from readmission_platform.ops.pipeline import registry_for
 
     prepare_dagster_home(settings)
-    from readmission_platform.definitions import defs
-
     folder = settings.home / "observe"
-    registry = prometheus_client.CollectorRegistry()
-    checks = list(defs.get_repository_def().asset_checks_defs_by_key)
-    registry.register(PipelineCollector(dg.DagsterInstance.get(), settings.landing_dir, checks))
+    registry = registry_for(dg.DagsterInstance.get(), settings.landing_dir)
     exporter, thread = prometheus_client.start_http_server(ports.pipeline, addr="127.0.0.1", registry=registry)
     manager_address, prometheus_address = f"127.0.0.1:{ports.alertmanager}", f"127.0.0.1:{ports.prometheus}"
     prometheus_config, alertmanager_config = servers.write_config(

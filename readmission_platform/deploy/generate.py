@@ -128,6 +128,7 @@ def compose() -> dict:
         "code-location": compose_service("code-location", spec.CODE_SERVER, depends=["postgres", "mlflow"]),
         "dagster-webserver": compose_service("dagster-webserver", spec.WEBSERVER, depends=["postgres", "code-location"]),
         "dagster-daemon": compose_service("dagster-daemon", spec.DAEMON, depends=["postgres", "code-location"]),
+        spec.PIPELINE_EXPORTER.name: compose_service(spec.PIPELINE_EXPORTER.name, spec.PIPELINE_EXPORTER, depends=["postgres"]),
     }
     for replica in range(1, spec.SERVICE.replicas + 1):
         services[f"service-{replica}"] = compose_service(f"service-{replica}", spec.SERVICE, depends=["postgres", "mlflow"])
@@ -156,14 +157,15 @@ def compose() -> dict:
         "ports": ["127.0.0.1:3001:3001"],
         "restart": "unless-stopped",
     }
-    homes = [f"{name}-home" for name in services if name.startswith(("mlflow", "code-location", "dagster-", "service-"))]
+    homes = [f"{name}-home" for name, service in services.items() if f"{name}-home:{spec.HOME_DIR}" in service.get("volumes", [])]
     volumes = ["postgres-data", "landing", "mlflow-artifacts", *homes, "prometheus-data", "grafana-data"]
     return {"name": "readmission-platform", "services": services, "volumes": {name: {} for name in volumes}}
 
 
 def compose_files() -> dict[str, str]:
     services = [f"service-{replica}:{spec.SERVICE.port}" for replica in range(1, spec.SERVICE.replicas + 1)]
-    prometheus = ops_generate.prometheus_config(service=services, pipeline=[], alertmanager="alertmanager:9093",
+    pipeline = [f"{spec.PIPELINE_EXPORTER.name}:{spec.PIPELINE_EXPORTER.port}"]
+    prometheus = ops_generate.prometheus_config(service=services, pipeline=pipeline, alertmanager="alertmanager:9093",
                                                 prometheus="localhost:9090")  # fmt: skip
     databases = "".join(f"CREATE DATABASE {db};\n" for db in LOCAL_DATABASES.values())
     env = "".join(f"{name}={url}\n" for name, url in local_urls("postgres", "${POSTGRES_PASSWORD}").items())

@@ -144,7 +144,7 @@ class Profile:
         return running
 
     def start_backends(self) -> None:
-        """The tracking server, the code location, the webserver and the daemon."""
+        """The tracking server, the code location, the webserver, the daemon and the pipeline's exporter."""
         _private_folder(self.root)
         _private_folder(self.landing)
         self._start("mlflow", spec.MLFLOW)
@@ -154,6 +154,7 @@ class Profile:
             workspace = folder / "workspace.yaml"
             workspace.write_text(yaml.safe_dump(spec.workspace_config(HOST, code.port), sort_keys=False))
             self._start(each.name, each, workspace=str(workspace))
+        self._start(spec.PIPELINE_EXPORTER.name, spec.PIPELINE_EXPORTER)
 
     def start_service(self, replica: int, *, wait_for: str = "/livez") -> Running:
         """Replica `replica` (1, 2, …) of the service: `wait_for` /livez (up) or /readyz (a model loaded)."""

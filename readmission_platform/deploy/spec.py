@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from readmission_platform.settings import PIPELINE_METRICS_PORT
+
 # Every PostgreSQL database of the profile: the variable that names it, and what keeps its tables.
 DATABASES = {
     "READMISSION_WAREHOUSE_URL": "the warehouse (raw, clean, features, decisions, outcomes)",
@@ -124,7 +126,20 @@ SERVICE = Component(
     homes=("READMISSION_HOME", "BENTOML_HOME"),
     replicas=2,
 )
-COMPONENTS = (MLFLOW, CODE_SERVER, WEBSERVER, DAEMON, SERVICE)
+# The pipeline's metrics (job `readmission-pipeline` of ops/), read from Dagster's storage and the landing folder at
+# each scrape; the definitions name the asset checks it reports.
+PIPELINE_EXPORTER = Component(
+    name="pipeline-exporter",
+    command=("python", "-m", "readmission_platform.ops.pipeline", "--host", "{host}", "--port", "{port}"),
+    image=CODE_IMAGE,
+    port=PIPELINE_METRICS_PORT,
+    health="/metrics",
+    secrets=(INSTANCE_SECRET,),
+    config={"READMISSION_LANDING_DIR": LANDING_DIR},
+    homes=("READMISSION_HOME", "DAGSTER_HOME"),
+    needs_landing=True,
+)
+COMPONENTS = (MLFLOW, CODE_SERVER, WEBSERVER, DAEMON, PIPELINE_EXPORTER, SERVICE)
 # The service's health routes as BentoML serves them (README, Serving): the probes of its Deployment.
 LIVENESS, READINESS = "/livez", "/readyz"
 # The autoscaler of the service's Deployment, and what one pod asks for.

@@ -1,21 +1,29 @@
 """The pipeline's health as Prometheus metrics, read from the Dagster instance at each scrape.
 
 `readmission observe` serves them at /metrics beside Prometheus (job `readmission-pipeline`): a custom collector over
-the instance, as Dagster's own run and event storage already hold the answers.
+the instance, as Dagster's own run and event storage already hold the answers. The production profile runs the same
+exporter as a process of its own: `python -m readmission_platform.ops.pipeline --host H --port P`, on the instance of
+DAGSTER_HOME and the landing folder of READMISSION_LANDING_DIR.
 """
 
 from __future__ import annotations
 
+import argparse
+import signal
+import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from readmission_platform.defs.partitions import latest_by_partition
 from readmission_platform.lib.landing import batch_id_for, landed_files
+from readmission_platform.settings import PIPELINE_METRICS_PORT, Settings
 
 # Names as Prometheus stores them; `ops.spec` imports them for the rules and dashboards.
 LAST_INGESTION = "readmission_pipeline_last_ingestion_timestamp_seconds"
@@ -59,3 +67,35 @@ class PipelineCollector(Collector):
             for severity in ("error", "warn"):
                 results.add_metric([outcome, severity], outcomes[outcome, severity])
         yield results
+
+
+def registry_for(instance: dg.DagsterInstance, landing_dir: Path) -> CollectorRegistry:
+    """A registry holding the pipeline's collector over `instance`, judging every asset check the definitions declare."""
+    from readmission_platform.definitions import defs
+
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(instance, landing_dir, list(defs.get_repository_def().asset_checks_defs_by_key)))
+    return registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the pipeline's metrics at /metrics until SIGTERM or Ctrl-C.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=PIPELINE_METRICS_PORT)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    # The instance is DAGSTER_HOME's as given (the profile's dagster.yaml), never one made under READMISSION_HOME.
+    with dg.DagsterInstance.get() as instance:
+        server, thread = start_http_server(args.port, addr=args.host, registry=registry_for(instance, settings.landing_dir))
+        stopping = threading.Event()
+        for each in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(each, lambda *_: stopping.set())
+        print(f"the pipeline's metrics on http://{args.host}:{args.port}/metrics, landing folder {settings.landing_dir}", flush=True)
+        stopping.wait()
+        server.shutdown()
+        thread.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

