@@ -1,7 +1,9 @@
 """How each model version does on the predictions it actually made, once their outcomes are known.
 
 Outcomes are joined to the prediction log by `request_id`; a request a version answered more than once (a retry, an
-explanation after a prediction) counts once for it, as its last answer. Each version's figures come with
+explanation after a prediction) counts once for it, as its last answer. The join runs as outcomes land: each file of
+outcomes is joined once, to the answers logged by then, and kept in the warehouse (`update_joined`), so a measurement
+reads what earlier ones joined instead of the whole log. Each version's figures come with
 percentile intervals from resampling its predictions (`metrics.resampled_intervals`): the log holds no patient id, so
 each outcome is a draw of its own. Judged against the version's test figures from its promotion, a shortfall counts
 only where the interval cannot reach the promised figure.
@@ -10,14 +12,17 @@ only where the interval cannot reach the promised figure.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import polars as pl
 
 from readmission_platform.lib import metrics
+from readmission_platform.lib.outcomes import OUTCOMES
+from readmission_platform.lib.warehouse import Warehouse, literal
 
 LIVE_SCHEMA: dict[str, pl.DataType] = {
     "model_version": pl.String(), "metric": pl.String(), "estimate": pl.Float64(), "lower": pl.Float64(),
@@ -32,6 +37,20 @@ PERIOD_SCHEMA: dict[str, pl.DataType] = {
 # The figures a promotion decision records of a version's test patients (promotion_decisions' challenger columns).
 TEST_FIGURES = ("roc_auc", "pr_auc", "brier")
 PREDICTION_COLUMNS = ("request_id", "predicted_at", "model_version", "probability", "decision")
+# The running join, in the warehouse: each stored outcome with the answers it was joined to, one batch_id per file of
+# outcomes, and a row per file joined (also of one that matched no answer), with what it held when it was joined.
+JOINED, JOINED_FILES = "live_outcome_predictions", "live_outcome_files"
+_TIME = pl.Datetime("us", "UTC")
+JOINED_SCHEMA: dict[str, pl.DataType] = {
+    "batch_id": pl.String(), "request_id": pl.String(), "predicted_at": _TIME, "model_version": pl.String(),
+    "probability": pl.Float64(), "decision": pl.Boolean(), "readmitted_30d": pl.Boolean(),
+}  # fmt: skip
+FILE_SCHEMA: dict[str, pl.DataType] = {
+    "batch_id": pl.String(), "ingested_at": _TIME, "outcomes": pl.Int64(), "readmitted": pl.Int64(),
+    "joined": pl.Int64(), "joined_at": _TIME,
+}  # fmt: skip
+# What tells a file of outcomes stored again (the outcomes asset run again on it) from the one joined.
+_FINGERPRINT = ("ingested_at", "outcomes", "readmitted")
 
 
 def _version_order(version: pl.Expr) -> pl.Expr:
@@ -52,6 +71,64 @@ def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataF
     if not parts:
         return predictions.select(PREDICTION_COLUMNS).join(outcomes.select("request_id", "readmitted_30d"), on="request_id")
     return pl.concat(parts).sort("predicted_at")
+
+
+@dataclass(frozen=True)
+class JoinUpdate:
+    """What `update_joined` did: the files of outcomes joined (new or stored again) and the ones taken out."""
+
+    joined: tuple[str, ...]
+    removed: tuple[str, ...]
+    rows: int
+    """Rows (one per version and request with an outcome) the joined files added."""
+
+
+def update_joined(
+    store: Warehouse, read_log: Callable[[Sequence[str]], pl.DataFrame], now: datetime
+) -> JoinUpdate:
+    """Bring the running join up to the outcomes stored: each file of outcomes not joined yet, or stored again since
+    it was, is joined to the answers `read_log` (request ids → PREDICTION_COLUMNS of the log) gives for its requests,
+    and a file no longer stored is taken out. Each file is written in a transaction of its own."""
+    stored = store.query(
+        "SELECT batch_id, max(ingested_at) AS ingested_at, count(*) AS outcomes, "
+        f"sum(CASE WHEN readmitted_30d THEN 1 ELSE 0 END) AS readmitted FROM {OUTCOMES} GROUP BY batch_id"
+    )
+    fingerprint = {k: v for k, v in FILE_SCHEMA.items() if k == "batch_id" or k in _FINGERPRINT}
+    stored = stored.cast(fingerprint) if stored.width else pl.DataFrame(schema=fingerprint)
+    done = store.query(f"SELECT {', '.join(fingerprint)} FROM {JOINED_FILES}")
+    done = done.cast(fingerprint) if done.width else pl.DataFrame(schema=fingerprint)
+    to_join = stored.join(done, on=list(fingerprint), how="anti").sort("batch_id")
+    removed = done.join(stored, on="batch_id", how="anti")["batch_id"].sort().to_list()
+    for batch_id in removed:
+        with store.batch_writer(batch_id) as writer:
+            writer.put(JOINED, JOINED_SCHEMA, pl.DataFrame(schema=JOINED_SCHEMA))
+            writer.put(JOINED_FILES, FILE_SCHEMA, pl.DataFrame(schema=FILE_SCHEMA))
+    if to_join.is_empty():
+        return JoinUpdate((), tuple(removed), 0)
+    files = ", ".join(literal(batch_id) for batch_id in to_join["batch_id"])
+    outcomes = store.query(
+        f"SELECT batch_id, request_id, readmitted_30d FROM {OUTCOMES} WHERE batch_id IN ({files}) ORDER BY batch_id, line_number"
+    ).cast({"batch_id": pl.String, "request_id": pl.String, "readmitted_30d": pl.Boolean})
+    predictions = read_log(outcomes["request_id"].unique().to_list())
+    added = 0
+    for (batch_id,), rows in outcomes.group_by("batch_id", maintain_order=True):
+        joined = join_outcomes(predictions.filter(pl.col("request_id").is_in(rows["request_id"].implode())), rows)
+        added += joined.height
+        mark = to_join.filter(pl.col("batch_id") == batch_id).with_columns(joined=pl.lit(joined.height), joined_at=pl.lit(now))
+        with store.batch_writer(batch_id) as writer:
+            writer.put(JOINED, JOINED_SCHEMA, joined.with_columns(batch_id=pl.lit(batch_id)).select(list(JOINED_SCHEMA)).cast(JOINED_SCHEMA))
+            writer.put(JOINED_FILES, FILE_SCHEMA, mark.select(list(FILE_SCHEMA)).cast(FILE_SCHEMA))
+    return JoinUpdate(tuple(to_join["batch_id"]), tuple(removed), added)
+
+
+def read_joined(store: Warehouse) -> pl.DataFrame:
+    """The running join's rows, as `join_outcomes` gives them but `request_id`: one per (version, request) with an
+    outcome, oldest first."""
+    columns = [name for name in PREDICTION_COLUMNS if name != "request_id"] + ["readmitted_30d"]
+    rows = store.query(f"SELECT {', '.join(columns)} FROM {JOINED}")
+    if not rows.width:
+        return pl.DataFrame(schema={name: JOINED_SCHEMA[name] for name in columns})
+    return rows.cast({name: JOINED_SCHEMA[name] for name in columns}).sort("predicted_at")
 
 
 def live_figures(

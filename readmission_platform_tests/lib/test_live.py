@@ -137,3 +137,96 @@ def test_the_daily_figures_are_scikit_learn_s_on_each_day():
         assert row["outcomes"] == len(y) and row["roc_auc"] == pytest.approx(roc_auc_score(y, p), rel=1e-9)
         assert row["brier"] == pytest.approx(brier_score_loss(y, p)) and row["observed_rate"] == pytest.approx(y.mean())
     assert days["outcomes"].sum() == 3_000
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    """An empty warehouse: a DuckDB file, or a schema of its own in the session's PostgreSQL database."""
+    from readmission_platform.lib.warehouse import DuckDBWarehouse, PostgresWarehouse
+
+    if request.param == "duckdb":
+        return DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+    return PostgresWarehouse(request.getfixturevalue("pg_schema_url"))
+
+
+def log_predictions(url: str, frame: pl.DataFrame) -> None:
+    """Write `frame` (as `logged` gives it) through the service's own writer, a row at a time."""
+    from readmission_platform.lib.encounter import FIELDS
+    from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+    from readmission_platform.serving.prediction_log import PredictionLog
+
+    log = PredictionLog(url, flush_seconds=0.05)
+    inputs = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
+    for row in frame.drop("predicted_at").iter_rows(named=True):
+        assert log.record([row | {"endpoint": "predict", "model_name": "m", "risk_band": "low", "inputs": inputs}]) == 0
+    log.close()
+
+
+def land(store, batch_id: str, outcomes: pl.DataFrame, at: datetime) -> None:
+    from readmission_platform.lib.outcomes import OUTCOME_SCHEMA, OUTCOMES
+
+    rows = outcomes.with_columns(
+        batch_id=pl.lit(batch_id), known_at=pl.lit(at), source_file=pl.lit(f"{batch_id}.csv"),
+        line_number=pl.int_range(2, outcomes.height + 2), ingested_at=pl.lit(at),
+    ).select(list(OUTCOME_SCHEMA)).cast(OUTCOME_SCHEMA)  # fmt: skip
+    store.replace_batch({OUTCOMES: (OUTCOME_SCHEMA, rows)}, batch_id)
+
+
+def test_the_running_join_measures_what_joining_the_whole_log_measures_and_joins_each_file_once(store, tmp_path):
+    from readmission_platform.lib.predictions import read_predictions
+
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    old, new = logged(600, "3", seed=1), logged(400, "4", seed=2)
+    retry = old[0].head(5).with_columns(pl.col("probability") / 2)  # v3 answered five requests again: the last counts
+    log_predictions(url, pl.concat([old[0], new[0], retry]))
+    outcomes = pl.concat([old[1], new[1]])
+    at = datetime(2026, 4, 1, tzinfo=UTC)
+    land(store, "outcomes_0001", outcomes.head(700), at)
+    land(store, "outcomes_0002", outcomes.tail(300), at)
+    calls = []
+
+    def read_log(ids):
+        calls.append(len(ids))
+        return read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids)
+
+    update = live.update_joined(store, read_log, at)
+    assert update.joined == ("outcomes_0001", "outcomes_0002") and update.removed == () and update.rows == 1_000
+    whole = live.join_outcomes(read_predictions(url, live.PREDICTION_COLUMNS), outcomes)
+    running = live.read_joined(store)
+    assert running.equals(whole.drop("request_id"))
+    answered = store.query(f"SELECT probability FROM {live.JOINED} WHERE request_id = '3-0'")
+    assert answered["probability"].to_list() == [old[0]["probability"][0] / 2]
+    assert live.live_figures(running, {}).equals(live.live_figures(whole, {}))
+    assert live.by_period(running).equals(live.by_period(whole))
+
+    assert live.update_joined(store, read_log, at) == live.JoinUpdate((), (), 0) and calls == [1_000]  # nothing new: the log is not read
+    assert live.read_joined(store).equals(running)
+
+    land(store, "outcomes_0002", outcomes.tail(300).with_columns(pl.col("readmitted_30d").not_()), at + timedelta(days=1))
+    again = live.update_joined(store, read_log, at)
+    assert again.joined == ("outcomes_0002",) and calls[-1] == 300  # stored again: joined again, that file alone
+    flipped = live.read_joined(store)
+    assert flipped.height == 1_000 and flipped["readmitted_30d"].sum() == outcomes.head(700)["readmitted_30d"].sum() + 300 - outcomes.tail(300)["readmitted_30d"].sum()
+
+    with store.batch_writer("outcomes_0002") as writer:  # the file's outcomes taken out of the warehouse
+        from readmission_platform.lib.outcomes import OUTCOME_SCHEMA, OUTCOMES
+
+        writer.put(OUTCOMES, OUTCOME_SCHEMA, pl.DataFrame(schema=OUTCOME_SCHEMA))
+    assert live.update_joined(store, read_log, at) == live.JoinUpdate((), ("outcomes_0002",), 0)
+    assert live.read_joined(store).height == 700
+
+
+def test_a_file_whose_requests_the_log_lacks_is_joined_once_to_nothing(store, tmp_path):
+    url = f"sqlite:///{tmp_path / 'gone.sqlite'}"  # a log that was never written (or was lost)
+    from readmission_platform.lib.predictions import read_predictions
+
+    land(store, "outcomes_0001", logged(50)[1], datetime(2026, 4, 1, tzinfo=UTC))
+    read_log = lambda ids: read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids)  # noqa: E731
+    assert live.update_joined(store, read_log, datetime.now(UTC)) == live.JoinUpdate(("outcomes_0001",), (), 0)
+    assert live.update_joined(store, read_log, datetime.now(UTC)) == live.JoinUpdate((), (), 0)
+    assert live.read_joined(store).is_empty() and live.read_joined(store).columns == ["predicted_at", "model_version", "probability", "decision", "readmitted_30d"]
+
+
+def test_a_warehouse_without_outcomes_yet_joins_nothing(store):
+    assert live.update_joined(store, lambda ids: pytest.fail("the log was read"), datetime.now(UTC)) == live.JoinUpdate((), (), 0)
+    assert live.read_joined(store).is_empty()

@@ -86,12 +86,13 @@ def live_performance(
     prediction_log: PredictionLogResource,
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
-    predictions = prediction_log.read(live.PREDICTION_COLUMNS)
     with warehouse.open() as store:
-        outcomes = store.query(f"SELECT request_id, readmitted_30d FROM {OUTCOMES}")
-        if not outcomes.width:  # no file of outcomes has landed yet
-            outcomes = pl.DataFrame(schema={"request_id": pl.String, "readmitted_30d": pl.Boolean})
-        joined = live.join_outcomes(predictions, outcomes)
+        update = live.update_joined(
+            store, lambda ids: prediction_log.read(live.PREDICTION_COLUMNS, request_ids=ids), datetime.now(UTC)
+        )
+        if update.joined or update.removed:
+            context.log.info(f"outcome files joined to the log: {list(update.joined)} ({update.rows} rows); taken out: {list(update.removed)}")
+        joined = live.read_joined(store)
         decisions = store.query("SELECT * FROM promotion_decisions")
         figures = live.live_figures(joined, live.test_figures(decisions), resamples=config.resamples).with_columns(
             computed_at=pl.lit(datetime.now(UTC)).cast(live.LIVE_SCHEMA["computed_at"])
@@ -100,7 +101,8 @@ def live_performance(
         store.replace_table(LIVE, live.LIVE_SCHEMA, figures)
         store.replace_table(BY_DAY, live.PERIOD_SCHEMA, periods)
     # The version answering now: the one behind the newest logged prediction.
-    serving = predictions["model_version"][-1] if predictions.height else None
+    newest = prediction_log.newest(["model_version"])
+    serving = newest["model_version"][0] if newest.height else None
     replaced = _replaced(mlflow, serving)
     limits = config.limits()
     judged = [
@@ -125,6 +127,7 @@ def live_performance(
     metadata = {
         "dagster/row_count": figures.height,
         "outcomes_joined": joined.height,
+        "outcome_files_joined_now": ", ".join(update.joined) or "none",
         "serving_version": serving,
         "replaced_version": replaced,
         "clearly_worse_than_replaced": worse,
