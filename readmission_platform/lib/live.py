@@ -11,6 +11,7 @@ only where the interval cannot reach the promised figure.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +25,17 @@ from readmission_platform.lib import metrics
 from readmission_platform.lib.outcomes import OUTCOMES
 from readmission_platform.lib.warehouse import Warehouse, literal
 
+LIVE_TABLE, PERIOD_TABLE = "live_performance", "live_performance_by_day"
 LIVE_SCHEMA: dict[str, pl.DataType] = {
     "model_version": pl.String(), "metric": pl.String(), "estimate": pl.Float64(), "lower": pl.Float64(),
     "upper": pl.Float64(), "test": pl.Float64(), "outcomes": pl.Int64(), "readmitted": pl.Int64(),
     "first_predicted_at": pl.Datetime("us", "UTC"), "last_predicted_at": pl.Datetime("us", "UTC"),
     "computed_at": pl.Datetime("us", "UTC"),
+    # What the figures were computed from (`version_inputs`); added after the table was first made, NULL in rows
+    # written before, which are then computed again.
+    "inputs": pl.String(),
 }  # fmt: skip
+_FIGURE_SCHEMA = {k: v for k, v in LIVE_SCHEMA.items() if k not in ("computed_at", "inputs")}
 PERIOD_SCHEMA: dict[str, pl.DataType] = {
     "model_version": pl.String(), "period": pl.Datetime("us", "UTC"), "outcomes": pl.Int64(),
     "roc_auc": pl.Float64(), "brier": pl.Float64(), "observed_rate": pl.Float64(), "mean_predicted": pl.Float64(),
@@ -57,11 +63,12 @@ def _version_order(version: pl.Expr) -> pl.Expr:
     return version.cast(pl.Int64, strict=False)
 
 
-def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataFrame:
-    """One row per (version, request) with an outcome: PREDICTION_COLUMNS and readmitted_30d, oldest first."""
+def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame, carry: Sequence[str] = ()) -> pl.DataFrame:
+    """One row per (version, outcome) with an answer: PREDICTION_COLUMNS, readmitted_30d and the outcomes' `carry`
+    columns, oldest first."""
     # Joined first, each version on its own: a request is then named by its outcome's row number, and finding a
     # version's last answer to it compares integers instead of the (version, request id) text of every prediction.
-    numbered = outcomes.select("request_id", "readmitted_30d").with_row_index("outcome")
+    numbered = outcomes.select("request_id", "readmitted_30d", *carry).with_row_index("outcome")
     parts = [
         rows.join(numbered, on="request_id", how="inner", maintain_order="left")
         .filter(pl.col("outcome").is_last_distinct())
@@ -69,7 +76,7 @@ def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataF
         for rows in predictions.select(PREDICTION_COLUMNS).partition_by("model_version", maintain_order=False)
     ]
     if not parts:
-        return predictions.select(PREDICTION_COLUMNS).join(outcomes.select("request_id", "readmitted_30d"), on="request_id")
+        return predictions.select(PREDICTION_COLUMNS).join(outcomes.select("request_id", "readmitted_30d", *carry), on="request_id")
     return pl.concat(parts).sort("predicted_at")
 
 
@@ -109,32 +116,102 @@ def update_joined(
     outcomes = store.query(
         f"SELECT batch_id, request_id, readmitted_30d FROM {OUTCOMES} WHERE batch_id IN ({files}) ORDER BY batch_id, line_number"
     ).cast({"batch_id": pl.String, "request_id": pl.String, "readmitted_30d": pl.Boolean})
-    predictions = read_log(outcomes["request_id"].unique().to_list())
-    added = 0
-    for (batch_id,), rows in outcomes.group_by("batch_id", maintain_order=True):
-        joined = join_outcomes(predictions.filter(pl.col("request_id").is_in(rows["request_id"].implode())), rows)
-        added += joined.height
-        mark = to_join.filter(pl.col("batch_id") == batch_id).with_columns(joined=pl.lit(joined.height), joined_at=pl.lit(now))
+    joined = join_outcomes(read_log(outcomes["request_id"].unique().to_list()), outcomes, carry=("batch_id",))
+    by_file = joined.select(list(JOINED_SCHEMA)).cast(JOINED_SCHEMA).partition_by("batch_id", as_dict=True)
+    empty = pl.DataFrame(schema=JOINED_SCHEMA)
+    for batch_id in to_join["batch_id"]:
+        rows = by_file.get((batch_id,), empty)
+        mark = to_join.filter(pl.col("batch_id") == batch_id).with_columns(joined=pl.lit(rows.height), joined_at=pl.lit(now))
         with store.batch_writer(batch_id) as writer:
-            writer.put(JOINED, JOINED_SCHEMA, joined.with_columns(batch_id=pl.lit(batch_id)).select(list(JOINED_SCHEMA)).cast(JOINED_SCHEMA))
+            writer.put(JOINED, JOINED_SCHEMA, rows)
             writer.put(JOINED_FILES, FILE_SCHEMA, mark.select(list(FILE_SCHEMA)).cast(FILE_SCHEMA))
-    return JoinUpdate(tuple(to_join["batch_id"]), tuple(removed), added)
+    return JoinUpdate(tuple(to_join["batch_id"]), tuple(removed), joined.height)
 
 
-def read_joined(store: Warehouse) -> pl.DataFrame:
-    """The running join's rows, as `join_outcomes` gives them but `request_id`: one per (version, request) with an
-    outcome, oldest first."""
+def read_joined(store: Warehouse, versions: Sequence[str] | None = None) -> pl.DataFrame:
+    """The running join's rows (of `versions`, default all), as `join_outcomes` gives them but `request_id`: one per
+    (version, request) with an outcome, oldest first."""
     columns = [name for name in PREDICTION_COLUMNS if name != "request_id"] + ["readmitted_30d"]
-    rows = store.query(f"SELECT {', '.join(columns)} FROM {JOINED}")
+    where = f" WHERE model_version IN ({', '.join(literal(v) for v in versions) or 'NULL'})" if versions is not None else ""
+    rows = store.query(f"SELECT {', '.join(columns)} FROM {JOINED}{where}")
     if not rows.width:
         return pl.DataFrame(schema={name: JOINED_SCHEMA[name] for name in columns})
     return rows.cast({name: JOINED_SCHEMA[name] for name in columns}).sort("predicted_at")
 
 
+def version_inputs(store: Warehouse, settings: str) -> pl.DataFrame:
+    """model_version, rows, inputs: each version's rows in the running join, and a digest of what its figures are
+    computed from: the files of outcomes that gave it rows, each as it was joined, and `settings`."""
+    found = store.query(
+        f"SELECT j.model_version, j.batch_id, f.joined_at, count(*) AS rows FROM {JOINED} j "
+        f"JOIN {JOINED_FILES} f ON f.batch_id = j.batch_id GROUP BY j.model_version, j.batch_id, f.joined_at"
+    )
+    schema = {"model_version": pl.String(), "rows": pl.Int64(), "inputs": pl.String()}
+    if not found.height:
+        return pl.DataFrame(schema=schema)
+    digests = []
+    for (version,), files in found.sort("batch_id").group_by("model_version", maintain_order=True):
+        text = "\n".join([settings, *(f"{b} {at.isoformat()} {n}" for b, at, n in files.select("batch_id", "joined_at", "rows").iter_rows())])
+        digests.append((version, int(files["rows"].sum()), hashlib.sha256(text.encode()).hexdigest()))
+    return pl.DataFrame(digests, schema=schema, orient="row").sort(_version_order(pl.col("model_version")), maintain_order=True)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What `measure` stored: the figures (LIVE_SCHEMA) and the figures per period (PERIOD_SCHEMA), which versions
+    were computed and which kept as stored, and how many outcomes have an answer."""
+
+    figures: pl.DataFrame
+    periods: pl.DataFrame
+    computed: tuple[str, ...]
+    kept: tuple[str, ...]
+    outcomes: int
+
+
+def measure(
+    store: Warehouse, test: Mapping[str, Mapping[str, float]], *, now: datetime, resamples: int = 200, period: str = "1d", seed: int = 0
+) -> Measurement:
+    """Each version's live figures and figures per `period` from the running join, stored as LIVE_TABLE and
+    PERIOD_TABLE. A version whose joined rows are the ones its stored figures were computed from (no file of outcomes
+    joined or taken out for it since, the same settings) keeps them, with its `test` figures as they are now."""
+    inputs = version_inputs(store, f"resamples={resamples} seed={seed} period={period}")
+    store.add_columns(LIVE_TABLE, LIVE_SCHEMA)
+    stored = store.query(f"SELECT * FROM {LIVE_TABLE}")
+    kept = (
+        stored.cast(LIVE_SCHEMA).join(inputs.select("model_version", "inputs"), on=["model_version", "inputs"], how="semi")
+        if stored.width else pl.DataFrame(schema=LIVE_SCHEMA)
+    )  # fmt: skip
+    kept_versions = set(kept["model_version"])
+    computed = [version for version in inputs["model_version"] if version not in kept_versions]
+    joined = read_joined(store, computed)
+    promised = pl.DataFrame(
+        [(v, m, float(x)) for v, figures in test.items() for m, x in figures.items() if x is not None],
+        schema={"model_version": pl.String(), "metric": pl.String(), "test": pl.Float64()}, orient="row",
+    )  # fmt: skip
+    fresh = live_figures(joined, test, resamples=resamples, seed=seed).join(
+        inputs.select("model_version", "inputs"), on="model_version", how="left"
+    ).with_columns(computed_at=pl.lit(now))
+    kept = kept.drop("test").join(promised, on=["model_version", "metric"], how="left")
+    figures = (
+        pl.concat([kept.select(list(LIVE_SCHEMA)).cast(LIVE_SCHEMA), fresh.select(list(LIVE_SCHEMA)).cast(LIVE_SCHEMA)])
+        .sort(_version_order(pl.col("model_version")), maintain_order=True)
+    )
+    stored_periods = store.query(f"SELECT * FROM {PERIOD_TABLE}") if kept_versions else pl.DataFrame()
+    periods = by_period(joined, period)
+    if stored_periods.width:
+        kept_periods = stored_periods.select(list(PERIOD_SCHEMA)).cast(PERIOD_SCHEMA).filter(pl.col("model_version").is_in(list(kept_versions)))
+        periods = pl.concat([kept_periods, periods]).sort("model_version", "period")
+    # The periods first: a run stopped between the two writes leaves the figures of before, whose versions are then
+    # computed again, periods and all.
+    store.replace_table(PERIOD_TABLE, PERIOD_SCHEMA, periods)
+    store.replace_table(LIVE_TABLE, LIVE_SCHEMA, figures)
+    return Measurement(figures, periods, tuple(computed), tuple(sorted(kept_versions)), int(inputs["rows"].sum()))
+
+
 def live_figures(
     joined: pl.DataFrame, test: Mapping[str, Mapping[str, float]], *, resamples: int = 200, seed: int = 0
 ) -> pl.DataFrame:
-    """LIVE_SCHEMA but `computed_at`: each version's RESAMPLED_METRICS with intervals, beside its `test` figures
+    """LIVE_SCHEMA but `computed_at` and `inputs`: each version's RESAMPLED_METRICS with intervals, beside its `test` figures
     (version → metric → value). A version whose outcomes are all of one kind has no rows yet."""
 
     def scored(version: str, rows: pl.DataFrame) -> pl.DataFrame | None:
@@ -159,12 +236,12 @@ def live_figures(
     with ThreadPoolExecutor(max_workers=max(1, min(len(versions), os.cpu_count() or 1))) as pool:
         parts = [part for part in pool.map(lambda item: scored(*item), versions) if part is not None]
     if not parts:
-        return pl.DataFrame(schema={k: v for k, v in LIVE_SCHEMA.items() if k != "computed_at"})
+        return pl.DataFrame(schema=_FIGURE_SCHEMA)
     return (
         pl.concat(parts)
         .sort(_version_order(pl.col("model_version")), maintain_order=True)
-        .select([name for name in LIVE_SCHEMA if name != "computed_at"])
-        .cast({k: v for k, v in LIVE_SCHEMA.items() if k != "computed_at"})
+        .select(list(_FIGURE_SCHEMA))
+        .cast(_FIGURE_SCHEMA)
     )
 
 

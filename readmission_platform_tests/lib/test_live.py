@@ -230,3 +230,62 @@ def test_a_file_whose_requests_the_log_lacks_is_joined_once_to_nothing(store, tm
 def test_a_warehouse_without_outcomes_yet_joins_nothing(store):
     assert live.update_joined(store, lambda ids: pytest.fail("the log was read"), datetime.now(UTC)) == live.JoinUpdate((), (), 0)
     assert live.read_joined(store).is_empty()
+
+
+def test_a_version_whose_outcomes_did_not_change_keeps_its_figures_and_the_rest_are_computed_as_from_scratch(store, tmp_path):
+    from readmission_platform.lib.predictions import read_predictions
+
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    old, new = logged(500, "3", seed=1), logged(400, "4", seed=2)
+    log_predictions(url, pl.concat([old[0], new[0]]))
+    at = datetime(2026, 4, 1, tzinfo=UTC)
+    land(store, "outcomes_0001", old[1], at)
+    land(store, "outcomes_0002", new[1].head(200), at)
+    read_log = lambda ids: read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids)  # noqa: E731
+
+    def from_scratch() -> pl.DataFrame:
+        whole = live.join_outcomes(read_predictions(url, live.PREDICTION_COLUMNS), stored_outcomes(store))
+        return live.live_figures(whole, {"3": {"roc_auc": 0.7}}, resamples=50)
+
+    live.update_joined(store, read_log, at)
+    first = live.measure(store, {"3": {"roc_auc": 0.7}}, now=at, resamples=50)
+    assert first.computed == ("3", "4") and first.kept == () and first.outcomes == 700
+    assert first.figures.drop("computed_at", "inputs").equals(from_scratch())
+
+    again = live.measure(store, {"3": {"roc_auc": 0.71}}, now=at + timedelta(hours=1), resamples=50)
+    assert again.computed == () and again.kept == ("3", "4")
+    assert again.figures.drop("test").equals(first.figures.drop("test"))  # computed_at too: as computed then
+    assert again.figures.filter(pl.col("metric") == "roc_auc")["test"].to_list() == [0.71, None]
+    assert again.periods.equals(first.periods)
+
+    land(store, "outcomes_0003", new[1].tail(200), at)  # v4's other outcomes land: v3's figures stand
+    live.update_joined(store, read_log, at + timedelta(hours=2))
+    third = live.measure(store, {"3": {"roc_auc": 0.7}}, now=at + timedelta(hours=2), resamples=50)
+    assert third.computed == ("4",) and third.kept == ("3",) and third.outcomes == 900
+    assert third.figures.drop("computed_at", "inputs").equals(from_scratch())
+    whole = live.read_joined(store)
+    assert third.periods.equals(live.by_period(whole))
+    assert live.measure(store, {}, now=at, resamples=60).computed == ("3", "4")  # other settings: computed again
+
+
+def stored_outcomes(store) -> pl.DataFrame:
+    from readmission_platform.lib.outcomes import OUTCOMES
+
+    return store.query(f"SELECT request_id, readmitted_30d FROM {OUTCOMES} ORDER BY batch_id, line_number")
+
+
+def test_figures_stored_by_the_version_before_are_widened_and_computed_again(store, tmp_path):
+    from readmission_platform.lib.predictions import read_predictions
+
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    predictions, outcomes = logged(300, "3", seed=3)
+    log_predictions(url, predictions)
+    at = datetime(2026, 4, 1, tzinfo=UTC)
+    land(store, "outcomes_0001", outcomes, at)
+    earlier = {k: v for k, v in live.LIVE_SCHEMA.items() if k != "inputs"}  # the table as the version before made it
+    store.replace_table(live.LIVE_TABLE, earlier, pl.DataFrame([dict.fromkeys(earlier) | {"model_version": "3", "metric": "roc_auc"}], schema=earlier))
+    live.update_joined(store, lambda ids: read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids), at)
+    measured = live.measure(store, {}, now=at, resamples=30)
+    assert measured.computed == ("3",) and list(store.columns(live.LIVE_TABLE)) == list(live.LIVE_SCHEMA)
+    stored = store.query(f"SELECT * FROM {live.LIVE_TABLE}")
+    assert stored.height == 7 and stored["estimate"].null_count() == 0 and stored["inputs"].n_unique() == 1
