@@ -37,8 +37,10 @@ PRODUCTION_STAGE = "production"
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S%.f"
 # A SQLite log of fewer rows than this a thread is read on one.
 _ROWS_PER_THREAD = 100_000
-# The temporary table of the request ids a read picks out.
+# The temporary table of the request ids a read picks out, in the database when they are fewer than a
+# quarter of a SQLite log's rows (benchmarks/README.md).
 _WANTED = "wanted_requests"
+_SHARE_PICKED_OUT = 4
 
 
 class PredictionLogError(ValueError):
@@ -108,14 +110,21 @@ def read_predictions(
         if not stored:
             return empty
         if sqlite:
-            cursor.execute(f"SELECT min(rowid), max(rowid) FROM {TABLE}")
+            # Each bound a query of its own: SQLite looks up a lone min() or max() of the rowid, and scans the whole
+            # table for the two together.
+            cursor.execute(f"SELECT (SELECT min(rowid) FROM {TABLE}), (SELECT max(rowid) FROM {TABLE})")
             first, last = cursor.fetchone()
     selected = [quote(name) if name in stored else f"NULL AS {quote(name)}" for name in wanted]
     sql = f"SELECT {', '.join(selected)} FROM {TABLE}"
     if request_ids is not None:
+        ids = list(dict.fromkeys(request_ids))
+        if sqlite and first is not None and len(ids) * _SHARE_PICKED_OUT > last - first + 1:
+            # Many ids: their temporary table and its index cost more than handing every row over (on threads).
+            read = read_predictions(url, list(dict.fromkeys([*wanted, "request_id"])), since=since, until=until)
+            return read.filter(pl.col("request_id").is_in(pl.Series(ids, dtype=pl.String).implode())).select(wanted)
         # Handing the rows over costs far more than the database's scan, so a few requests are picked out in the
         # database: the ids go into a temporary table of the reading connection, on one thread.
-        wanted_ids = pa.table({"request_id": pa.array(list(dict.fromkeys(request_ids)), pa.string())})
+        wanted_ids = pa.table({"request_id": pa.array(ids, pa.string())})
         conditions = [*conditions, f"request_id IN (SELECT request_id FROM {_WANTED})"]
         return _fetch(url, sql, conditions, params, wanted, " ORDER BY rowid" if sqlite else " ORDER BY id", wanted_ids)
     if not sqlite:

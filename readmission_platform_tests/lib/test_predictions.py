@@ -149,3 +149,13 @@ def test_the_newest_prediction_is_the_last_written(url):
     assert newest.rows() == [("r6", "1", "production")] and newest.schema == pl.Schema({k: TYPES[k] for k in newest.columns})
     with pytest.raises(PredictionLogError, match=r"no column \['patient_nbr'\]"):
         predictions.newest_prediction(url, ["patient_nbr"])
+
+
+def test_many_requests_are_picked_out_of_a_sqlite_log_read_whole_as_a_few_are_in_the_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    write(url, [row(i) for i in range(40)] + [row(4) | {"probability": 0.99}])
+    few, many = ["r4", "r7", "none"], [f"r{i}" for i in range(0, 40, 2)]  # 3 and 20 of 41 rows
+    for ids in (few, many):
+        whole = read_predictions(url, ["probability", "decision"], request_ids=ids)
+        expected = read_predictions(url).filter(pl.col("request_id").is_in(ids)).select("probability", "decision")
+        assert whole.equals(expected) and whole.height == len([i for i in ids if i != "none"]) + 1
