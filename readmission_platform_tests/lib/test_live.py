@@ -202,18 +202,30 @@ def test_the_running_join_measures_what_joining_the_whole_log_measures_and_joins
     assert live.update_joined(store, read_log, at) == live.JoinUpdate((), (), 0) and calls == [1_000]  # nothing new: the log is not read
     assert live.read_joined(store).equals(running)
 
+    # An answer logged after its outcome's file was joined is not counted, until the file is stored again.
+    log_predictions(url, old[0].head(1).with_columns(model_version=pl.lit("4")))
+    assert live.update_joined(store, read_log, at).joined == () and live.read_joined(store).equals(running)
+    land(store, "outcomes_0001", outcomes.head(700), at + timedelta(hours=1))
+    assert live.update_joined(store, read_log, at).joined == ("outcomes_0001",)
+    late = store.query(f"SELECT model_version FROM {live.JOINED} WHERE request_id = '3-0' ORDER BY model_version")
+    assert late["model_version"].to_list() == ["3", "4"]
+    running = live.read_joined(store)
+
     land(store, "outcomes_0002", outcomes.tail(300).with_columns(pl.col("readmitted_30d").not_()), at + timedelta(days=1))
     again = live.update_joined(store, read_log, at)
     assert again.joined == ("outcomes_0002",) and calls[-1] == 300  # stored again: joined again, that file alone
     flipped = live.read_joined(store)
-    assert flipped.height == 1_000 and flipped["readmitted_30d"].sum() == outcomes.head(700)["readmitted_30d"].sum() + 300 - outcomes.tail(300)["readmitted_30d"].sum()
+    late_outcome = int(outcomes["readmitted_30d"][0])  # v4's late answer to 3-0 counts its outcome too
+    assert flipped.height == 1_001 and flipped["readmitted_30d"].sum() == (
+        outcomes.head(700)["readmitted_30d"].sum() + late_outcome + 300 - outcomes.tail(300)["readmitted_30d"].sum()
+    )
 
     with store.batch_writer("outcomes_0002") as writer:  # the file's outcomes taken out of the warehouse
         from readmission_platform.lib.outcomes import OUTCOME_SCHEMA, OUTCOMES
 
         writer.put(OUTCOMES, OUTCOME_SCHEMA, pl.DataFrame(schema=OUTCOME_SCHEMA))
     assert live.update_joined(store, read_log, at) == live.JoinUpdate((), ("outcomes_0002",), 0)
-    assert live.read_joined(store).height == 700
+    assert live.read_joined(store).height == 701
 
 
 def test_a_file_whose_requests_the_log_lacks_is_joined_once_to_nothing(store, tmp_path):
