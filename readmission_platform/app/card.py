@@ -70,6 +70,6 @@ def recorded(warehouse_url: str) -> dict[str, pl.DataFrame]:
             [c for c in PROMOTION_COLUMNS if c in decisions.columns]
         )
     live = store.query(f"SELECT * FROM {LIVE}")
-    if live.height:
-        found["live_performance"] = live
+    if live.height:  # `inputs` is the platform's digest of what the figures came from, nothing a reader uses
+        found["live_performance"] = live.drop("inputs", strict=False)
     return found

@@ -12,7 +12,7 @@ import polars as pl
 
 from readmission_platform.lib.drift import PSI_SIGNIFICANT
 from readmission_platform.lib.landing import OUTCOMES_FOLDER
-from readmission_platform.lib.predictions import read_predictions
+from readmission_platform.lib.predictions import newest_prediction, read_predictions
 from readmission_platform.lib.splitting import SPLIT, SPLITS
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 from readmission_platform.settings import DAGSTER_UI_PORT, MLFLOW_UI_PORT
@@ -89,10 +89,20 @@ class PredictionLogResource(dg.ConfigurableResource):
         return engine_for(self.url, create=False)
 
     def read(
-        self, columns: Sequence[str] | None = None, *, since: datetime | None = None, until: datetime | None = None
+        self,
+        columns: Sequence[str] | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        request_ids: Sequence[str] | None = None,
     ) -> pl.DataFrame:
-        """The predictions made in [`since`, `until`), oldest first (`lib/predictions.read_predictions`)."""
-        return read_predictions(self.url, columns, since=since, until=until)
+        """The predictions made in [`since`, `until`), of `request_ids` if given, oldest first
+        (`lib/predictions.read_predictions`)."""
+        return read_predictions(self.url, columns, since=since, until=until, request_ids=request_ids)
+
+    def newest(self, columns: Sequence[str]) -> pl.DataFrame:
+        """The newest prediction (one row, or none yet) as `columns` (`lib/predictions.newest_prediction`)."""
+        return newest_prediction(self.url, columns)
 
 
 class ServingResource(dg.ConfigurableResource):

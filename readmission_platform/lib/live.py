@@ -1,7 +1,9 @@
 """How each model version does on the predictions it actually made, once their outcomes are known.
 
 Outcomes are joined to the prediction log by `request_id`; a request a version answered more than once (a retry, an
-explanation after a prediction) counts once for it, as its last answer. Each version's figures come with
+explanation after a prediction) counts once for it, as its last answer. The join runs as outcomes land: each file of
+outcomes is joined once, to the answers logged by then, and kept in the warehouse (`update_joined`), so a measurement
+reads what earlier ones joined instead of the whole log. Each version's figures come with
 percentile intervals from resampling its predictions (`metrics.resampled_intervals`): the log holds no patient id, so
 each outcome is a draw of its own. Judged against the version's test figures from its promotion, a shortfall counts
 only where the interval cannot reach the promised figure.
@@ -9,22 +11,31 @@ only where the interval cannot reach the promised figure.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import polars as pl
 
 from readmission_platform.lib import metrics
+from readmission_platform.lib.outcomes import OUTCOMES
+from readmission_platform.lib.warehouse import Warehouse, literal
 
+LIVE_TABLE, PERIOD_TABLE = "live_performance", "live_performance_by_day"
 LIVE_SCHEMA: dict[str, pl.DataType] = {
     "model_version": pl.String(), "metric": pl.String(), "estimate": pl.Float64(), "lower": pl.Float64(),
     "upper": pl.Float64(), "test": pl.Float64(), "outcomes": pl.Int64(), "readmitted": pl.Int64(),
     "first_predicted_at": pl.Datetime("us", "UTC"), "last_predicted_at": pl.Datetime("us", "UTC"),
     "computed_at": pl.Datetime("us", "UTC"),
+    # What the figures were computed from (`version_inputs`); added after the table was first made, NULL in rows
+    # written before, which are then computed again.
+    "inputs": pl.String(),
 }  # fmt: skip
+_FIGURE_SCHEMA = {k: v for k, v in LIVE_SCHEMA.items() if k not in ("computed_at", "inputs")}
 PERIOD_SCHEMA: dict[str, pl.DataType] = {
     "model_version": pl.String(), "period": pl.Datetime("us", "UTC"), "outcomes": pl.Int64(),
     "roc_auc": pl.Float64(), "brier": pl.Float64(), "observed_rate": pl.Float64(), "mean_predicted": pl.Float64(),
@@ -32,17 +43,32 @@ PERIOD_SCHEMA: dict[str, pl.DataType] = {
 # The figures a promotion decision records of a version's test patients (promotion_decisions' challenger columns).
 TEST_FIGURES = ("roc_auc", "pr_auc", "brier")
 PREDICTION_COLUMNS = ("request_id", "predicted_at", "model_version", "probability", "decision")
+# The running join, in the warehouse: each stored outcome with the answers it was joined to, one batch_id per file of
+# outcomes, and a row per file joined (also of one that matched no answer), with what it held when it was joined.
+JOINED, JOINED_FILES = "live_outcome_predictions", "live_outcome_files"
+_TIME = pl.Datetime("us", "UTC")
+JOINED_SCHEMA: dict[str, pl.DataType] = {
+    "batch_id": pl.String(), "request_id": pl.String(), "predicted_at": _TIME, "model_version": pl.String(),
+    "probability": pl.Float64(), "decision": pl.Boolean(), "readmitted_30d": pl.Boolean(),
+}  # fmt: skip
+FILE_SCHEMA: dict[str, pl.DataType] = {
+    "batch_id": pl.String(), "ingested_at": _TIME, "outcomes": pl.Int64(), "readmitted": pl.Int64(),
+    "joined": pl.Int64(), "joined_at": _TIME,
+}  # fmt: skip
+# What tells a file of outcomes stored again (the outcomes asset run again on it) from the one joined.
+_FINGERPRINT = ("ingested_at", "outcomes", "readmitted")
 
 
 def _version_order(version: pl.Expr) -> pl.Expr:
     return version.cast(pl.Int64, strict=False)
 
 
-def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataFrame:
-    """One row per (version, request) with an outcome: PREDICTION_COLUMNS and readmitted_30d, oldest first."""
+def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame, carry: Sequence[str] = ()) -> pl.DataFrame:
+    """One row per (version, outcome) with an answer: PREDICTION_COLUMNS, readmitted_30d and the outcomes' `carry`
+    columns, oldest first."""
     # Joined first, each version on its own: a request is then named by its outcome's row number, and finding a
     # version's last answer to it compares integers instead of the (version, request id) text of every prediction.
-    numbered = outcomes.select("request_id", "readmitted_30d").with_row_index("outcome")
+    numbered = outcomes.select("request_id", "readmitted_30d", *carry).with_row_index("outcome")
     parts = [
         rows.join(numbered, on="request_id", how="inner", maintain_order="left")
         .filter(pl.col("outcome").is_last_distinct())
@@ -50,14 +76,142 @@ def join_outcomes(predictions: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataF
         for rows in predictions.select(PREDICTION_COLUMNS).partition_by("model_version", maintain_order=False)
     ]
     if not parts:
-        return predictions.select(PREDICTION_COLUMNS).join(outcomes.select("request_id", "readmitted_30d"), on="request_id")
+        return predictions.select(PREDICTION_COLUMNS).join(outcomes.select("request_id", "readmitted_30d", *carry), on="request_id")
     return pl.concat(parts).sort("predicted_at")
+
+
+@dataclass(frozen=True)
+class JoinUpdate:
+    """What `update_joined` did: the files of outcomes joined (new or stored again) and the ones taken out."""
+
+    joined: tuple[str, ...]
+    removed: tuple[str, ...]
+    rows: int
+    """Rows (one per version and request with an outcome) the joined files added."""
+
+
+def update_joined(
+    store: Warehouse, read_log: Callable[[Sequence[str]], pl.DataFrame], now: datetime
+) -> JoinUpdate:
+    """Bring the running join up to the outcomes stored: each file of outcomes not joined yet, or stored again since
+    it was, is joined to the answers `read_log` (request ids → PREDICTION_COLUMNS of the log) gives for its requests,
+    and a file no longer stored is taken out. Each file is written in a transaction of its own."""
+    stored = store.query(
+        "SELECT batch_id, max(ingested_at) AS ingested_at, count(*) AS outcomes, "
+        f"sum(CASE WHEN readmitted_30d THEN 1 ELSE 0 END) AS readmitted FROM {OUTCOMES} GROUP BY batch_id"
+    )
+    fingerprint = {k: v for k, v in FILE_SCHEMA.items() if k == "batch_id" or k in _FINGERPRINT}
+    stored = stored.cast(fingerprint) if stored.width else pl.DataFrame(schema=fingerprint)
+    done = store.query(f"SELECT {', '.join(fingerprint)} FROM {JOINED_FILES}")
+    done = done.cast(fingerprint) if done.width else pl.DataFrame(schema=fingerprint)
+    to_join = stored.join(done, on=list(fingerprint), how="anti").sort("batch_id")
+    removed = done.join(stored, on="batch_id", how="anti")["batch_id"].sort().to_list()
+    for batch_id in removed:
+        with store.batch_writer(batch_id) as writer:
+            writer.put(JOINED, JOINED_SCHEMA, pl.DataFrame(schema=JOINED_SCHEMA))
+            writer.put(JOINED_FILES, FILE_SCHEMA, pl.DataFrame(schema=FILE_SCHEMA))
+    if to_join.is_empty():
+        return JoinUpdate((), tuple(removed), 0)
+    files = ", ".join(literal(batch_id) for batch_id in to_join["batch_id"])
+    outcomes = store.query(
+        f"SELECT batch_id, request_id, readmitted_30d FROM {OUTCOMES} WHERE batch_id IN ({files}) ORDER BY batch_id, line_number"
+    ).cast({"batch_id": pl.String, "request_id": pl.String, "readmitted_30d": pl.Boolean})
+    joined = join_outcomes(read_log(outcomes["request_id"].unique().to_list()), outcomes, carry=("batch_id",))
+    by_file = joined.select(list(JOINED_SCHEMA)).cast(JOINED_SCHEMA).partition_by("batch_id", as_dict=True)
+    empty = pl.DataFrame(schema=JOINED_SCHEMA)
+    for batch_id in to_join["batch_id"]:
+        rows = by_file.get((batch_id,), empty)
+        mark = to_join.filter(pl.col("batch_id") == batch_id).with_columns(joined=pl.lit(rows.height), joined_at=pl.lit(now))
+        with store.batch_writer(batch_id) as writer:
+            writer.put(JOINED, JOINED_SCHEMA, rows)
+            writer.put(JOINED_FILES, FILE_SCHEMA, mark.select(list(FILE_SCHEMA)).cast(FILE_SCHEMA))
+    return JoinUpdate(tuple(to_join["batch_id"]), tuple(removed), joined.height)
+
+
+def read_joined(store: Warehouse, versions: Sequence[str] | None = None) -> pl.DataFrame:
+    """The running join's rows (of `versions`, default all), as `join_outcomes` gives them but `request_id`: one per
+    (version, request) with an outcome, oldest first."""
+    columns = [name for name in PREDICTION_COLUMNS if name != "request_id"] + ["readmitted_30d"]
+    where = f" WHERE model_version IN ({', '.join(literal(v) for v in versions) or 'NULL'})" if versions is not None else ""
+    rows = store.query(f"SELECT {', '.join(columns)} FROM {JOINED}{where}")
+    if not rows.width:
+        return pl.DataFrame(schema={name: JOINED_SCHEMA[name] for name in columns})
+    return rows.cast({name: JOINED_SCHEMA[name] for name in columns}).sort("predicted_at")
+
+
+def version_inputs(store: Warehouse, settings: str) -> pl.DataFrame:
+    """model_version, rows, inputs: each version's rows in the running join, and a digest of what its figures are
+    computed from: the files of outcomes that gave it rows, each as it was joined, and `settings`."""
+    found = store.query(
+        f"SELECT j.model_version, j.batch_id, f.joined_at, count(*) AS rows FROM {JOINED} j "
+        f"JOIN {JOINED_FILES} f ON f.batch_id = j.batch_id GROUP BY j.model_version, j.batch_id, f.joined_at"
+    )
+    schema = {"model_version": pl.String(), "rows": pl.Int64(), "inputs": pl.String()}
+    if not found.height:
+        return pl.DataFrame(schema=schema)
+    digests = []
+    for (version,), files in found.sort("batch_id").group_by("model_version", maintain_order=True):
+        text = "\n".join([settings, *(f"{b} {at.isoformat()} {n}" for b, at, n in files.select("batch_id", "joined_at", "rows").iter_rows())])
+        digests.append((version, int(files["rows"].sum()), hashlib.sha256(text.encode()).hexdigest()))
+    return pl.DataFrame(digests, schema=schema, orient="row").sort(_version_order(pl.col("model_version")), maintain_order=True)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What `measure` stored: the figures (LIVE_SCHEMA) and the figures per period (PERIOD_SCHEMA), which versions
+    were computed and which kept as stored, and how many outcomes have an answer."""
+
+    figures: pl.DataFrame
+    periods: pl.DataFrame
+    computed: tuple[str, ...]
+    kept: tuple[str, ...]
+    outcomes: int
+
+
+def measure(
+    store: Warehouse, test: Mapping[str, Mapping[str, float]], *, now: datetime, resamples: int = 200, period: str = "1d", seed: int = 0
+) -> Measurement:
+    """Each version's live figures and figures per `period` from the running join, stored as LIVE_TABLE and
+    PERIOD_TABLE. A version whose joined rows are the ones its stored figures were computed from (no file of outcomes
+    joined or taken out for it since, the same settings) keeps them, with its `test` figures as they are now."""
+    inputs = version_inputs(store, f"resamples={resamples} seed={seed} period={period}")
+    store.add_columns(LIVE_TABLE, LIVE_SCHEMA)
+    stored = store.query(f"SELECT * FROM {LIVE_TABLE}")
+    kept = (
+        stored.cast(LIVE_SCHEMA).join(inputs.select("model_version", "inputs"), on=["model_version", "inputs"], how="semi")
+        if stored.width else pl.DataFrame(schema=LIVE_SCHEMA)
+    )  # fmt: skip
+    kept_versions = set(kept["model_version"])
+    computed = [version for version in inputs["model_version"] if version not in kept_versions]
+    joined = read_joined(store, computed)
+    promised = pl.DataFrame(
+        [(v, m, float(x)) for v, figures in test.items() for m, x in figures.items() if x is not None],
+        schema={"model_version": pl.String(), "metric": pl.String(), "test": pl.Float64()}, orient="row",
+    )  # fmt: skip
+    fresh = live_figures(joined, test, resamples=resamples, seed=seed).join(
+        inputs.select("model_version", "inputs"), on="model_version", how="left"
+    ).with_columns(computed_at=pl.lit(now))
+    kept = kept.drop("test").join(promised, on=["model_version", "metric"], how="left")
+    figures = (
+        pl.concat([kept.select(list(LIVE_SCHEMA)).cast(LIVE_SCHEMA), fresh.select(list(LIVE_SCHEMA)).cast(LIVE_SCHEMA)])
+        .sort(_version_order(pl.col("model_version")), maintain_order=True)
+    )
+    stored_periods = store.query(f"SELECT * FROM {PERIOD_TABLE}") if kept_versions else pl.DataFrame()
+    periods = by_period(joined, period)
+    if stored_periods.width:
+        kept_periods = stored_periods.select(list(PERIOD_SCHEMA)).cast(PERIOD_SCHEMA).filter(pl.col("model_version").is_in(list(kept_versions)))
+        periods = pl.concat([kept_periods, periods]).sort("model_version", "period")
+    # The periods first: a run stopped between the two writes leaves the figures of before, whose versions are then
+    # computed again, periods and all.
+    store.replace_table(PERIOD_TABLE, PERIOD_SCHEMA, periods)
+    store.replace_table(LIVE_TABLE, LIVE_SCHEMA, figures)
+    return Measurement(figures, periods, tuple(computed), tuple(sorted(kept_versions)), int(inputs["rows"].sum()))
 
 
 def live_figures(
     joined: pl.DataFrame, test: Mapping[str, Mapping[str, float]], *, resamples: int = 200, seed: int = 0
 ) -> pl.DataFrame:
-    """LIVE_SCHEMA but `computed_at`: each version's RESAMPLED_METRICS with intervals, beside its `test` figures
+    """LIVE_SCHEMA but `computed_at` and `inputs`: each version's RESAMPLED_METRICS with intervals, beside its `test` figures
     (version → metric → value). A version whose outcomes are all of one kind has no rows yet."""
 
     def scored(version: str, rows: pl.DataFrame) -> pl.DataFrame | None:
@@ -82,12 +236,12 @@ def live_figures(
     with ThreadPoolExecutor(max_workers=max(1, min(len(versions), os.cpu_count() or 1))) as pool:
         parts = [part for part in pool.map(lambda item: scored(*item), versions) if part is not None]
     if not parts:
-        return pl.DataFrame(schema={k: v for k, v in LIVE_SCHEMA.items() if k != "computed_at"})
+        return pl.DataFrame(schema=_FIGURE_SCHEMA)
     return (
         pl.concat(parts)
         .sort(_version_order(pl.col("model_version")), maintain_order=True)
-        .select([name for name in LIVE_SCHEMA if name != "computed_at"])
-        .cast({k: v for k, v in LIVE_SCHEMA.items() if k != "computed_at"})
+        .select(list(_FIGURE_SCHEMA))
+        .cast(_FIGURE_SCHEMA)
     )
 
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 
 from readmission_platform.lib.encounter import REQUEST_DTYPES
 from readmission_platform.lib.reporting import masked
@@ -36,6 +37,10 @@ PRODUCTION_STAGE = "production"
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S%.f"
 # A SQLite log of fewer rows than this a thread is read on one.
 _ROWS_PER_THREAD = 100_000
+# The temporary table of the request ids a read picks out, in the database when they are fewer than a
+# quarter of a SQLite log's rows (benchmarks/README.md).
+_WANTED = "wanted_requests"
+_SHARE_PICKED_OUT = 4
 
 
 class PredictionLogError(ValueError):
@@ -76,11 +81,16 @@ def _stored_columns(cursor, sqlite: bool) -> set[str]:
 
 
 def read_predictions(
-    url: str, columns: Sequence[str] | None = None, *, since: datetime | None = None, until: datetime | None = None
+    url: str,
+    columns: Sequence[str] | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    request_ids: Sequence[str] | None = None,
 ) -> pl.DataFrame:
-    """The logged predictions made in [`since`, `until`) (either open), oldest first, as `columns` (default all) of
-    `TYPES`; no rows when the log has none yet. A column the stored table does not have yet (a log written before
-    the column was added) reads as nulls."""
+    """The logged predictions made in [`since`, `until`) (either open), of `request_ids` if given, oldest first, as
+    `columns` (default all) of `TYPES`; no rows when the log has none yet. A column the stored table does not have
+    yet (a log written before the column was added) reads as nulls."""
     wanted = list(columns) if columns is not None else list(TYPES)
     if unknown := [name for name in wanted if name not in TYPES]:
         raise PredictionLogError(f"the prediction log has no column {unknown}; expected some of {list(TYPES)}")
@@ -100,10 +110,23 @@ def read_predictions(
         if not stored:
             return empty
         if sqlite:
-            cursor.execute(f"SELECT min(rowid), max(rowid) FROM {TABLE}")
+            # Each bound a query of its own: SQLite looks up a lone min() or max() of the rowid, and scans the whole
+            # table for the two together.
+            cursor.execute(f"SELECT (SELECT min(rowid) FROM {TABLE}), (SELECT max(rowid) FROM {TABLE})")
             first, last = cursor.fetchone()
     selected = [quote(name) if name in stored else f"NULL AS {quote(name)}" for name in wanted]
     sql = f"SELECT {', '.join(selected)} FROM {TABLE}"
+    if request_ids is not None:
+        ids = list(dict.fromkeys(request_ids))
+        if sqlite and first is not None and len(ids) * _SHARE_PICKED_OUT > last - first + 1:
+            # Many ids: their temporary table and its index cost more than handing every row over (on threads).
+            read = read_predictions(url, list(dict.fromkeys([*wanted, "request_id"])), since=since, until=until)
+            return read.filter(pl.col("request_id").is_in(pl.Series(ids, dtype=pl.String).implode())).select(wanted)
+        # Handing the rows over costs far more than the database's scan, so a few requests are picked out in the
+        # database: the ids go into a temporary table of the reading connection, on one thread.
+        wanted_ids = pa.table({"request_id": pa.array(ids, pa.string())})
+        conditions = [*conditions, f"request_id IN (SELECT request_id FROM {_WANTED})"]
+        return _fetch(url, sql, conditions, params, wanted, " ORDER BY rowid" if sqlite else " ORDER BY id", wanted_ids)
     if not sqlite:
         return _fetch(url, sql, conditions, params, wanted, " ORDER BY id")
     if first is None:
@@ -119,10 +142,33 @@ def read_predictions(
         return pl.concat(pool.map(lambda part: _fetch(url, sql, *part, wanted, " ORDER BY rowid"), ranges))
 
 
-def _fetch(url: str, sql: str, conditions: list[str], params: list, wanted: list[str], order: str) -> pl.DataFrame:
-    """The rows of `sql` that meet every condition, in `order`, typed as TYPES."""
+def newest_prediction(url: str, columns: Sequence[str]) -> pl.DataFrame:
+    """The newest logged prediction (one row, or none when the log has none yet) as `columns` of `TYPES`."""
+    if unknown := [name for name in columns if name not in TYPES]:
+        raise PredictionLogError(f"the prediction log has no column {unknown}; expected some of {list(TYPES)}")
+    empty = pl.DataFrame(schema={name: TYPES[name] for name in columns})
+    if (path := _sqlite_path(url)) is not None and not path.exists():
+        return empty
+    with _connect(url) as connection, connection.cursor() as cursor:
+        stored = _stored_columns(cursor, path is not None)
+    if not stored:
+        return empty
+    selected = [quote(name) if name in stored else f"NULL AS {quote(name)}" for name in columns]
+    order = " ORDER BY rowid DESC LIMIT 1" if path is not None else " ORDER BY id DESC LIMIT 1"
+    return _fetch(url, f"SELECT {', '.join(selected)} FROM {TABLE}", [], [], list(columns), order)
+
+
+def _fetch(
+    url: str, sql: str, conditions: list[str], params: list, wanted: list[str], order: str, wanted_ids: pa.Table | None = None
+) -> pl.DataFrame:
+    """The rows of `sql` that meet every condition, in `order`, typed as TYPES; `wanted_ids` (request_id) are put in
+    a temporary table `_WANTED` first."""
     sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
     with _connect(url) as connection, connection.cursor() as cursor:
+        if wanted_ids is not None:
+            cursor.adbc_ingest(_WANTED, wanted_ids, mode="create", temporary=True)
+            # Without an index SQLite probes a temporary B-tree it builds anyway; PostgreSQL hashes the ids either way.
+            cursor.execute(f"CREATE UNIQUE INDEX {_WANTED}_request_id ON {_WANTED} (request_id)")
         if _sqlite_path(url) is not None:
             # The SQLite driver infers a column's type from its first batch of rows and refuses a later batch that
             # disagrees (a rollout column NULL in the first rows, text later): one batch of every row, as the rows are

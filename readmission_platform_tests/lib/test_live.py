@@ -137,3 +137,167 @@ def test_the_daily_figures_are_scikit_learn_s_on_each_day():
         assert row["outcomes"] == len(y) and row["roc_auc"] == pytest.approx(roc_auc_score(y, p), rel=1e-9)
         assert row["brier"] == pytest.approx(brier_score_loss(y, p)) and row["observed_rate"] == pytest.approx(y.mean())
     assert days["outcomes"].sum() == 3_000
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    """An empty warehouse: a DuckDB file, or a schema of its own in the session's PostgreSQL database."""
+    from readmission_platform.lib.warehouse import DuckDBWarehouse, PostgresWarehouse
+
+    if request.param == "duckdb":
+        return DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+    return PostgresWarehouse(request.getfixturevalue("pg_schema_url"))
+
+
+def log_predictions(url: str, frame: pl.DataFrame) -> None:
+    """Write `frame` (as `logged` gives it) through the service's own writer, a row at a time."""
+    from readmission_platform.lib.encounter import FIELDS
+    from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+    from readmission_platform.serving.prediction_log import PredictionLog
+
+    log = PredictionLog(url, flush_seconds=0.05)
+    inputs = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
+    for row in frame.drop("predicted_at").iter_rows(named=True):
+        assert log.record([row | {"endpoint": "predict", "model_name": "m", "risk_band": "low", "inputs": inputs}]) == 0
+    log.close()
+
+
+def land(store, batch_id: str, outcomes: pl.DataFrame, at: datetime) -> None:
+    from readmission_platform.lib.outcomes import OUTCOME_SCHEMA, OUTCOMES
+
+    rows = outcomes.with_columns(
+        batch_id=pl.lit(batch_id), known_at=pl.lit(at), source_file=pl.lit(f"{batch_id}.csv"),
+        line_number=pl.int_range(2, outcomes.height + 2), ingested_at=pl.lit(at),
+    ).select(list(OUTCOME_SCHEMA)).cast(OUTCOME_SCHEMA)  # fmt: skip
+    store.replace_batch({OUTCOMES: (OUTCOME_SCHEMA, rows)}, batch_id)
+
+
+def test_the_running_join_measures_what_joining_the_whole_log_measures_and_joins_each_file_once(store, tmp_path):
+    from readmission_platform.lib.predictions import read_predictions
+
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    old, new = logged(600, "3", seed=1), logged(400, "4", seed=2)
+    retry = old[0].head(5).with_columns(pl.col("probability") / 2)  # v3 answered five requests again: the last counts
+    log_predictions(url, pl.concat([old[0], new[0], retry]))
+    outcomes = pl.concat([old[1], new[1]])
+    at = datetime(2026, 4, 1, tzinfo=UTC)
+    land(store, "outcomes_0001", outcomes.head(700), at)
+    land(store, "outcomes_0002", outcomes.tail(300), at)
+    calls = []
+
+    def read_log(ids):
+        calls.append(len(ids))
+        return read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids)
+
+    update = live.update_joined(store, read_log, at)
+    assert update.joined == ("outcomes_0001", "outcomes_0002") and update.removed == () and update.rows == 1_000
+    whole = live.join_outcomes(read_predictions(url, live.PREDICTION_COLUMNS), outcomes)
+    running = live.read_joined(store)
+    assert running.equals(whole.drop("request_id"))
+    answered = store.query(f"SELECT probability FROM {live.JOINED} WHERE request_id = '3-0'")
+    assert answered["probability"].to_list() == [old[0]["probability"][0] / 2]
+    assert live.live_figures(running, {}).equals(live.live_figures(whole, {}))
+    assert live.by_period(running).equals(live.by_period(whole))
+
+    assert live.update_joined(store, read_log, at) == live.JoinUpdate((), (), 0) and calls == [1_000]  # nothing new: the log is not read
+    assert live.read_joined(store).equals(running)
+
+    # An answer logged after its outcome's file was joined is not counted, until the file is stored again.
+    log_predictions(url, old[0].head(1).with_columns(model_version=pl.lit("4")))
+    assert live.update_joined(store, read_log, at).joined == () and live.read_joined(store).equals(running)
+    land(store, "outcomes_0001", outcomes.head(700), at + timedelta(hours=1))
+    assert live.update_joined(store, read_log, at).joined == ("outcomes_0001",)
+    late = store.query(f"SELECT model_version FROM {live.JOINED} WHERE request_id = '3-0' ORDER BY model_version")
+    assert late["model_version"].to_list() == ["3", "4"]
+    running = live.read_joined(store)
+
+    land(store, "outcomes_0002", outcomes.tail(300).with_columns(pl.col("readmitted_30d").not_()), at + timedelta(days=1))
+    again = live.update_joined(store, read_log, at)
+    assert again.joined == ("outcomes_0002",) and calls[-1] == 300  # stored again: joined again, that file alone
+    flipped = live.read_joined(store)
+    late_outcome = int(outcomes["readmitted_30d"][0])  # v4's late answer to 3-0 counts its outcome too
+    assert flipped.height == 1_001 and flipped["readmitted_30d"].sum() == (
+        outcomes.head(700)["readmitted_30d"].sum() + late_outcome + 300 - outcomes.tail(300)["readmitted_30d"].sum()
+    )
+
+    with store.batch_writer("outcomes_0002") as writer:  # the file's outcomes taken out of the warehouse
+        from readmission_platform.lib.outcomes import OUTCOME_SCHEMA, OUTCOMES
+
+        writer.put(OUTCOMES, OUTCOME_SCHEMA, pl.DataFrame(schema=OUTCOME_SCHEMA))
+    assert live.update_joined(store, read_log, at) == live.JoinUpdate((), ("outcomes_0002",), 0)
+    assert live.read_joined(store).height == 701
+
+
+def test_a_file_whose_requests_the_log_lacks_is_joined_once_to_nothing(store, tmp_path):
+    url = f"sqlite:///{tmp_path / 'gone.sqlite'}"  # a log that was never written (or was lost)
+    from readmission_platform.lib.predictions import read_predictions
+
+    land(store, "outcomes_0001", logged(50)[1], datetime(2026, 4, 1, tzinfo=UTC))
+    read_log = lambda ids: read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids)  # noqa: E731
+    assert live.update_joined(store, read_log, datetime.now(UTC)) == live.JoinUpdate(("outcomes_0001",), (), 0)
+    assert live.update_joined(store, read_log, datetime.now(UTC)) == live.JoinUpdate((), (), 0)
+    assert live.read_joined(store).is_empty() and live.read_joined(store).columns == ["predicted_at", "model_version", "probability", "decision", "readmitted_30d"]
+
+
+def test_a_warehouse_without_outcomes_yet_joins_nothing(store):
+    assert live.update_joined(store, lambda ids: pytest.fail("the log was read"), datetime.now(UTC)) == live.JoinUpdate((), (), 0)
+    assert live.read_joined(store).is_empty()
+
+
+def test_a_version_whose_outcomes_did_not_change_keeps_its_figures_and_the_rest_are_computed_as_from_scratch(store, tmp_path):
+    from readmission_platform.lib.predictions import read_predictions
+
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    old, new = logged(500, "3", seed=1), logged(400, "4", seed=2)
+    log_predictions(url, pl.concat([old[0], new[0]]))
+    at = datetime(2026, 4, 1, tzinfo=UTC)
+    land(store, "outcomes_0001", old[1], at)
+    land(store, "outcomes_0002", new[1].head(200), at)
+    read_log = lambda ids: read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids)  # noqa: E731
+
+    def from_scratch() -> pl.DataFrame:
+        whole = live.join_outcomes(read_predictions(url, live.PREDICTION_COLUMNS), stored_outcomes(store))
+        return live.live_figures(whole, {"3": {"roc_auc": 0.7}}, resamples=50)
+
+    live.update_joined(store, read_log, at)
+    first = live.measure(store, {"3": {"roc_auc": 0.7}}, now=at, resamples=50)
+    assert first.computed == ("3", "4") and first.kept == () and first.outcomes == 700
+    assert first.figures.drop("computed_at", "inputs").equals(from_scratch())
+
+    again = live.measure(store, {"3": {"roc_auc": 0.71}}, now=at + timedelta(hours=1), resamples=50)
+    assert again.computed == () and again.kept == ("3", "4")
+    assert again.figures.drop("test").equals(first.figures.drop("test"))  # computed_at too: as computed then
+    assert again.figures.filter(pl.col("metric") == "roc_auc")["test"].to_list() == [0.71, None]
+    assert again.periods.equals(first.periods)
+
+    land(store, "outcomes_0003", new[1].tail(200), at)  # v4's other outcomes land: v3's figures stand
+    live.update_joined(store, read_log, at + timedelta(hours=2))
+    third = live.measure(store, {"3": {"roc_auc": 0.7}}, now=at + timedelta(hours=2), resamples=50)
+    assert third.computed == ("4",) and third.kept == ("3",) and third.outcomes == 900
+    assert third.figures.drop("computed_at", "inputs").equals(from_scratch())
+    whole = live.read_joined(store)
+    assert third.periods.equals(live.by_period(whole))
+    assert live.measure(store, {}, now=at, resamples=60).computed == ("3", "4")  # other settings: computed again
+
+
+def stored_outcomes(store) -> pl.DataFrame:
+    from readmission_platform.lib.outcomes import OUTCOMES
+
+    return store.query(f"SELECT request_id, readmitted_30d FROM {OUTCOMES} ORDER BY batch_id, line_number")
+
+
+def test_figures_stored_by_the_version_before_are_widened_and_computed_again(store, tmp_path):
+    from readmission_platform.lib.predictions import read_predictions
+
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    predictions, outcomes = logged(300, "3", seed=3)
+    log_predictions(url, predictions)
+    at = datetime(2026, 4, 1, tzinfo=UTC)
+    land(store, "outcomes_0001", outcomes, at)
+    earlier = {k: v for k, v in live.LIVE_SCHEMA.items() if k != "inputs"}  # the table as the version before made it
+    store.replace_table(live.LIVE_TABLE, earlier, pl.DataFrame([dict.fromkeys(earlier) | {"model_version": "3", "metric": "roc_auc"}], schema=earlier))
+    live.update_joined(store, lambda ids: read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids), at)
+    measured = live.measure(store, {}, now=at, resamples=30)
+    assert measured.computed == ("3",) and list(store.columns(live.LIVE_TABLE)) == list(live.LIVE_SCHEMA)
+    stored = store.query(f"SELECT * FROM {live.LIVE_TABLE}")
+    assert stored.height == 7 and stored["estimate"].null_count() == 0 and stored["inputs"].n_unique() == 1

@@ -130,3 +130,32 @@ def test_a_sqlite_column_null_in_its_first_thousands_of_rows_reads_with_its_type
     read = read_frame(url, ["request_id", "shadow_version", "shadow_probability", "candidate_error", "candidate_ms"])
     assert read.height == 3_001 and read.row(-1) == ("late", "2", 0.4, "raised ValueError: x", 1.5)
     assert read["candidate_error"].null_count() == 3_000
+
+
+def test_the_predictions_of_given_requests_are_picked_out_in_order(url):
+    write(url, [row(i) for i in range(30)] + [row(4) | {"probability": 0.99}])  # r4 answered twice
+    picked = read_predictions(url, ["request_id", "probability"], request_ids=["r12", "r4", "r4", "r29", "never"])
+    assert picked.rows() == [("r4", 0.04), ("r12", 0.12), ("r29", 0.29), ("r4", 0.99)]
+    assert read_predictions(url, ["request_id"], request_ids=[]).is_empty()
+    first = read_predictions(url, ["predicted_at"])["predicted_at"][0]
+    assert read_predictions(url, ["request_id"], since=first, request_ids=["r1", "r30"])["request_id"].to_list() == ["r1"]
+
+
+def test_the_newest_prediction_is_the_last_written(url):
+    assert predictions.newest_prediction(url, ["model_version"]).is_empty()
+    write(url, [row(i) for i in range(5)])
+    write(url, [row(6)])
+    newest = predictions.newest_prediction(url, ["request_id", "model_version", "stage"])
+    assert newest.rows() == [("r6", "1", "production")] and newest.schema == pl.Schema({k: TYPES[k] for k in newest.columns})
+    with pytest.raises(PredictionLogError, match=r"no column \['patient_nbr'\]"):
+        predictions.newest_prediction(url, ["patient_nbr"])
+
+
+def test_many_requests_are_picked_out_of_a_sqlite_log_read_whole_as_a_few_are_in_the_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    write(url, [row(i) for i in range(40)] + [row(4) | {"probability": 0.99}])
+    few, many = ["r4", "r7", "none"], [f"r{i}" for i in range(0, 40, 2)]  # 3 and 20 of 41 rows
+    for ids in (few, many):
+        whole = read_predictions(url, ["probability", "decision"], request_ids=ids)
+        expected = read_predictions(url).filter(pl.col("request_id").is_in(ids)).select("probability", "decision")
+        assert whole.equals(expected) and whole.height == len([i for i in ids if i != "none"]) + 1

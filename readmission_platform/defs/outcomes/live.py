@@ -15,7 +15,7 @@ from readmission_platform.lib import live
 from readmission_platform.lib.outcomes import OUTCOMES
 from readmission_platform.lib.reporting import markdown_table
 
-LIVE, BY_DAY = "live_performance", "live_performance_by_day"
+LIVE, BY_DAY = live.LIVE_TABLE, live.PERIOD_TABLE
 DISCRIMINATION, CALIBRATION = "check_live_performance_discrimination", "check_live_performance_calibration"
 SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR}
 
@@ -86,21 +86,20 @@ def live_performance(
     prediction_log: PredictionLogResource,
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
-    predictions = prediction_log.read(live.PREDICTION_COLUMNS)
     with warehouse.open() as store:
-        outcomes = store.query(f"SELECT request_id, readmitted_30d FROM {OUTCOMES}")
-        if not outcomes.width:  # no file of outcomes has landed yet
-            outcomes = pl.DataFrame(schema={"request_id": pl.String, "readmitted_30d": pl.Boolean})
-        joined = live.join_outcomes(predictions, outcomes)
-        decisions = store.query("SELECT * FROM promotion_decisions")
-        figures = live.live_figures(joined, live.test_figures(decisions), resamples=config.resamples).with_columns(
-            computed_at=pl.lit(datetime.now(UTC)).cast(live.LIVE_SCHEMA["computed_at"])
+        update = live.update_joined(
+            store, lambda ids: prediction_log.read(live.PREDICTION_COLUMNS, request_ids=ids), datetime.now(UTC)
         )
-        periods = live.by_period(joined, config.period)
-        store.replace_table(LIVE, live.LIVE_SCHEMA, figures)
-        store.replace_table(BY_DAY, live.PERIOD_SCHEMA, periods)
+        if update.joined or update.removed:
+            context.log.info(f"outcome files joined to the log: {list(update.joined)} ({update.rows} rows); taken out: {list(update.removed)}")
+        decisions = store.query("SELECT * FROM promotion_decisions")
+        measured = live.measure(
+            store, live.test_figures(decisions), now=datetime.now(UTC), resamples=config.resamples, period=config.period
+        )
+    figures, periods = measured.figures, measured.periods
     # The version answering now: the one behind the newest logged prediction.
-    serving = predictions["model_version"][-1] if predictions.height else None
+    newest = prediction_log.newest(["model_version"])
+    serving = newest["model_version"][0] if newest.height else None
     replaced = _replaced(mlflow, serving)
     limits = config.limits()
     judged = [
@@ -124,7 +123,11 @@ def live_performance(
     )
     metadata = {
         "dagster/row_count": figures.height,
-        "outcomes_joined": joined.height,
+        "outcomes_joined": measured.outcomes,
+        "outcome_files_joined_now": ", ".join(update.joined) or "none",
+        # A version none of whose outcomes changed keeps the figures computed before (live.measure).
+        "versions_computed": ", ".join(f"v{v}" for v in measured.computed) or "none",
+        "versions_kept": ", ".join(f"v{v}" for v in measured.kept) or "none",
         "serving_version": serving,
         "replaced_version": replaced,
         "clearly_worse_than_replaced": worse,
