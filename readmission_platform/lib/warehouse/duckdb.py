@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from readmission_platform.lib.warehouse.base import (
     BatchWriter,
@@ -84,8 +85,10 @@ class _Attached:
         # An instance inherited through fork is not safe to use, nor are its files': the child starts its own.
         if cls._host is None or cls._host_pid != os.getpid():
             # A filled row group is written at once instead of after four more (the default buffers five), so a
-            # batch's groups are written during its INSERT, two at a time with two threads.
-            cls._host = duckdb.connect(config={"threads": 2, "write_buffer_row_group_count": 1})
+            # batch's groups are written during its INSERT. Four threads on two cores: the batch's groups are filled
+            # and compressed by threads of their own while the pass keeps its core, and on a shared machine the load
+            # waits less for a core (measured in benchmarks/README.md).
+            cls._host = duckdb.connect(config={"threads": 4, "write_buffer_row_group_count": 1})
             cls._host_pid = os.getpid()
             cls._open = {}
 
@@ -144,7 +147,11 @@ class DuckDBWarehouse(Warehouse):
             connection.execute(f"DELETE FROM {table} {where}", params)
         if frame.height:
             # Arrow's string views are polars' own strings and DuckDB's layout: no copy into offsets and bytes first.
-            connection.register("incoming", frame.select(list(columns)).to_arrow(compat_level=pl.CompatLevel.newest()))
+            incoming = frame.select(list(columns)).to_arrow(compat_level=pl.CompatLevel.newest())
+            # One Arrow batch a row group: DuckDB's threads then each fill and compress a group of their own, where
+            # the frame's own chunks, which fill none, were gathered into groups again before they were written.
+            batches = incoming.combine_chunks().to_batches(max_chunksize=ROW_GROUP_SIZE)
+            connection.register("incoming", pa.Table.from_batches(batches, schema=incoming.schema))
             connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
             connection.unregister("incoming")
 
