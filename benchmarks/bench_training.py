@@ -33,7 +33,8 @@ from readmission_platform.lib.evaluation import subgroup_tables
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_SCHEMA, build_features
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.landing import split_batches
-from readmission_platform.lib.pipeline import FEATURES, NOTHING_LOADED
+from readmission_platform.lib.history import HISTORY_FEATURES, with_history
+from readmission_platform.lib.pipeline import FEATURES, NOTHING_LOADED, RAW
 from readmission_platform.lib.source import read_source_bytes
 from readmission_platform.lib.splitting import SPLIT, assign_split
 from readmission_platform.lib.training import HIST_GRADIENT_BOOSTING, labels, model_input, predict_probability, train_candidates
@@ -47,17 +48,24 @@ TARGET_ROC_AUC, TARGET_PATH_RATIO, CALIBRATION_SLOPE = 0.69, 25.0, (0.9, 1.1)
 LEAK_ROC_AUC = 0.72
 
 
-def load_features(url: str) -> pl.DataFrame:
-    """The full data set's features, batch by batch into the warehouse, as the ingestion assets leave them."""
+def load_batches(url: str) -> pl.DataFrame:
+    """The full data set's raw rows and features, batch by batch into the warehouse, as the ingestion assets leave
+    them; the features with each encounter's point-in-time history, as training_set computes it."""
     store = open_warehouse(url)
-    tables = []
+    raws, tables = [], []
     for index, content in enumerate(split_batches(read_source_bytes()), start=1):
         batch_id = f"batch_{index:04d}"
         parsed = parse_batch(content, batch_id=batch_id, source_file=f"{batch_id}.csv", loaded_elsewhere=NOTHING_LOADED, now=datetime.now(UTC))
         table = build_features(clean(parsed.rows).frame)
-        store.replace_batch({"features": (FEATURE_SCHEMA, table)}, batch_id)
+        store.replace_batch({RAW: (schema.RAW_SCHEMA, parsed.rows), FEATURES: (FEATURE_SCHEMA, table)}, batch_id)
+        raws.append(parsed.rows)
         tables.append(table)
-    return pl.concat(tables)
+    return with_history(pl.concat(tables), pl.concat(raws))
+
+
+def without_history(frame: pl.DataFrame) -> pl.DataFrame:
+    """Every history feature at a first encounter's value: one encounter's features alone, as today's model has."""
+    return frame.with_columns(pl.lit(0.0).alias(name) for name in HISTORY_FEATURES)
 
 
 def retrain_once(url: str, folder: Path) -> tuple[float, dict, dict]:
@@ -66,9 +74,10 @@ def retrain_once(url: str, folder: Path) -> tuple[float, dict, dict]:
     assets = [training_set, trained_model, promotion_decision, serving_bento]
     checks = dg.load_asset_checks_from_modules([training_checks, promotion_checks])
     with dg.instance_for_test() as instance:
-        # training_set takes the batches Dagster records as materialized: record those load_features stored.
+        # training_set takes the batches Dagster records as materialized: record those load_batches stored.
         for batch_id in open_warehouse(url).read_table(FEATURES)[schema.BATCH_ID].unique().sort():
-            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=FEATURES, partition=batch_id))
+            for asset in (RAW, FEATURES):
+                instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=asset, partition=batch_id))
         started = time.perf_counter()
         result = dg.materialize(
             [*assets, *checks],
@@ -115,9 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="readmission_bench_") as tmp:
         folder = Path(tmp)
         url = f"duckdb:///{folder / 'warehouse.duckdb'}"
-        frame = assign_split(load_features(url))
+        frame = assign_split(load_batches(url))
         train, test = frame.filter(pl.col(SPLIT) == "train"), frame.filter(pl.col(SPLIT) == "test")
-        print(f"{frame.height:,} encounters: {train.height:,} train, {test.height:,} test", flush=True)
+        seen = float((test["history_prior_encounters"] > 0).mean())
+        print(f"{frame.height:,} encounters: {train.height:,} train, {test.height:,} test ({seen:.0%} with an earlier one)", flush=True)
 
         runs = []
         for repeat in range(args.repeats):
@@ -126,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(retrain_once(url, run_folder))
             print(f"  retrain path {runs[-1][0]:6.1f} s → v{runs[-1][2]['production_version']} ({runs[-1][1]['family']})", flush=True)
         seconds, trained, decided = runs[-1]
+        # The path must have trained on the same history as measured here, or the quality below is not the path's.
+        stored = open_warehouse(url).read_table("training_set").sort("encounter_id").select(HISTORY_FEATURES)
+        if not stored.equals(frame.sort("encounter_id").select(HISTORY_FEATURES)):
+            raise SystemExit("training_set's history features differ from lib/history's on the same raw encounters")
         bare_seconds = statistics.median(bare_lightgbm(train) for _ in range(args.repeats))
 
         registry = MlflowResource(tracking_uri=decided["tracking_uri"]).registry()
@@ -134,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         threshold = float(registry.version(decided["production_version"]).tags["threshold"])
         promoted = quality(model, test, prevalence, threshold, args.resamples)
         validation = frame.filter(pl.col(SPLIT) == "validation")
-        (today,) = train_candidates(train, validation, families=(HIST_GRADIENT_BOOSTING,))
-        baseline = quality(today.model, test, prevalence, today.threshold, args.resamples)
+        (today,) = train_candidates(without_history(train), without_history(validation), families=(HIST_GRADIENT_BOOSTING,))
+        baseline = quality(today.model, without_history(test), prevalence, today.threshold, args.resamples)
         fit_times = {
             r.data.params["family"]: round(r.data.metrics["fit_seconds"], 2)
             for r in registry.client.search_runs([registry.experiment_id])

@@ -15,7 +15,8 @@ Nothing of a later encounter ever is: no total per patient, no "has a next encou
 
 One definition serves training and serving. A patient's history before an encounter is a `STATE` (counts and the
 latest encounter's values); `states_before` gives it for every encounter of a table, `patient_states` for the next
-encounter of every patient (what serving stores), and `history_values` turns states and the encounter's own values
+encounter of every patient, `keyed_states` the same with the encounters whose outcome came back from the service's
+predictions (what serving stores), and `history_values` turns states and the encounter's own values
 into the `HISTORY_FEATURES` (`history_expressions`, `record_history`). Without a state (no patient identifier in a request) the features are those of a first
 encounter, which is what 70 % of training encounters are, and the answer says that no history was used.
 
@@ -51,6 +52,13 @@ STATE_SCHEMA: dict[str, pl.DataType] = {
 }
 STATE = tuple(STATE_SCHEMA)
 NO_STATE = dict.fromkeys(STATE, 0)  # before a patient's first encounter
+
+KEY = "patient_key"  # the keyed hash that stands for a patient wherever one is kept (`patient_key`)
+# An encounter the service scored for a named patient, whose outcome came back (`keyed_states`).
+CONFIRMED_SCHEMA: dict[str, pl.DataType] = {
+    "request_id": pl.String(), KEY: pl.String(), "predicted_at": pl.Datetime("us", "UTC"),
+    **{name: pl.Int64() for name in dict.fromkeys(("time_in_hospital", *PREVIOUS))}, "readmitted_30d": pl.Boolean(),
+}  # fmt: skip
 
 HISTORY_FEATURES = (
     "history_prior_encounters",
@@ -89,13 +97,9 @@ def states_before(raw: pl.DataFrame) -> pl.DataFrame:
     return _states(_encounters(raw)).select(ENCOUNTER, *STATE).collect()
 
 
-def patient_states(raw: pl.DataFrame) -> pl.DataFrame:
-    """Every patient of the raw encounters → `patient_nbr` and the `STATE` a next encounter of theirs would have.
-
-    A next encounter is appended to each patient with an `encounter_id` past every one, and its state read by the
-    same rule as `states_before`, so serving and training cannot define history twice.
-    """
-    encounters = _encounters(raw)
+def _next_states(encounters: pl.LazyFrame) -> pl.LazyFrame:
+    """Every patient of `encounters` (`_encounters`' columns) → the patient column and the `STATE` a next encounter of
+    theirs would have: one is appended past each patient's last, and its state read by the rule of `states_before`."""
     after = encounters.group_by(PATIENT).agg(pl.col(ENCOUNTER).max() + 1).with_columns(
         *(pl.lit(None, pl.Int64).alias(name) for name in dict.fromkeys(("time_in_hospital", *PREVIOUS))),
         pl.lit(0, pl.Int64).alias("readmitted_30d_now"),
@@ -103,7 +107,44 @@ def patient_states(raw: pl.DataFrame) -> pl.DataFrame:
     both = pl.concat([encounters, after.select(encounters.collect_schema().names())])
     return _states(both.with_columns(pl.col("time_in_hospital").fill_null(0))).join(
         after.select(PATIENT, ENCOUNTER), on=[PATIENT, ENCOUNTER]
-    ).select(PATIENT, *STATE).sort(PATIENT).collect()
+    ).select(PATIENT, *STATE).sort(PATIENT)
+
+
+def patient_states(raw: pl.DataFrame) -> pl.DataFrame:
+    """Every patient of the raw encounters → `patient_nbr` and the `STATE` a next encounter of theirs would have, by
+    the same rule as `states_before`, so serving and training cannot define history twice."""
+    return _next_states(_encounters(raw)).collect()
+
+
+def keyed_states(raw: pl.DataFrame, confirmed: pl.DataFrame, key: bytes) -> pl.DataFrame:
+    """Every patient → `KEY` (`patient_key` of `patient_nbr`) and the `STATE` a next encounter of theirs would have,
+    from the raw encounters and the `confirmed` ones (`CONFIRMED_SCHEMA`).
+
+    A confirmed encounter is one the service scored for a patient named in the request and whose 30-day outcome has
+    come back: it happened, and what it was is known. It is taken as later than every raw encounter (it was scored
+    after the batches were loaded), confirmed ones in the order they were predicted, and counted by the same rule as
+    a raw one: it becomes the latest encounter, so the patient's previous latest one now counts among the earlier
+    outcomes, and its own outcome counts once another encounter follows it, as in training. One whose `request_id` is
+    the `encounter_id` of a raw encounter is that encounter, already counted.
+    """
+    if missing := [name for name in CONFIRMED_SCHEMA if name not in confirmed.columns]:
+        raise ValueError(f"confirmed encounters lack the columns {missing}; expected {list(CONFIRMED_SCHEMA)}")
+    encounters = _encounters(raw).collect()
+    patients = encounters[PATIENT].unique()
+    keys = pl.DataFrame({PATIENT: patients, KEY: patient_keys(patients, key)}, schema={PATIENT: pl.Int64, KEY: pl.String})
+    loaded = encounters.join(keys, on=PATIENT).drop(PATIENT).rename({KEY: PATIENT})
+    later = (
+        confirmed.filter(pl.col("request_id").is_in(encounters[ENCOUNTER].cast(pl.String).implode()).not_())
+        .sort("predicted_at", "request_id")
+        .select(
+            (pl.int_range(pl.len(), dtype=pl.Int64) + (encounters[ENCOUNTER].max() or 0) + 1).alias(ENCOUNTER),
+            pl.col(KEY).alias(PATIENT),
+            *(pl.col(name).cast(pl.Int64) for name in dict.fromkeys(("time_in_hospital", *PREVIOUS))),
+            pl.col("readmitted_30d").cast(pl.Int64).alias("readmitted_30d_now"),
+        )
+    )
+    both = pl.concat([loaded, later.select(loaded.columns)])
+    return _next_states(both.lazy()).rename({PATIENT: KEY}).collect()
 
 
 def history_expressions(columns: Collection[str]) -> list[pl.Expr]:

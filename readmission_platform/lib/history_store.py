@@ -11,11 +11,10 @@ from __future__ import annotations
 import polars as pl
 import sqlalchemy as sa
 
-from readmission_platform.lib.history import STATE, STATE_SCHEMA
+from readmission_platform.lib.history import KEY, STATE, STATE_SCHEMA
 
 TABLE = "patient_history"
 VERSION_TABLE = "patient_history_version"
-KEY = "patient_key"
 STORED_SCHEMA: dict[str, pl.DataType] = {KEY: pl.String()} | STATE_SCHEMA
 
 _metadata = sa.MetaData()

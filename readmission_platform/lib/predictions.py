@@ -1,8 +1,8 @@
 """The service's prediction log read into polars, for monitoring: SQLite (a file) or PostgreSQL, by URL.
 
 The layout is declared here, and `serving/prediction_log.py` writes it: a row per prediction with its result columns
-(with a rollout's: the stage that answered, the shadow's version and probability, why a candidate failed, its time)
-and the encounter's fields. Both databases are read through ADBC, which hands the rows over as Arrow without a Python object
+(with a rollout's: the stage that answered, the shadow's version and probability, why a candidate failed, its time;
+and the keyed hash of the patient the request named) and the encounter's fields. Both databases are read through ADBC, which hands the rows over as Arrow without a Python object
 per value; SQLite's text times and 0/1 decisions come back as PostgreSQL's do (UTC times, booleans).
 """
 
@@ -27,11 +27,15 @@ RESULT_TYPES: dict[str, pl.DataType] = {
     "request_id": pl.String(), "predicted_at": TIME, "endpoint": pl.String(), "model_name": pl.String(),
     "model_version": pl.String(), "probability": pl.Float64(), "decision": pl.Boolean(), "risk_band": pl.String(),
     "stage": pl.String(), "shadow_version": pl.String(), "shadow_probability": pl.Float64(), "candidate_error": pl.String(), "candidate_ms": pl.Float64(),
+    "patient_key": pl.String(),
 }  # fmt: skip
 TYPES: dict[str, pl.DataType] = RESULT_TYPES | dict(REQUEST_DTYPES)
 # Added for rollouts (issue 15): a log written before has none of them until a worker writes to it again, and its rows
 # read with them NULL; a NULL `stage` reads as production, which answered every request then.
 ROLLOUT_COLUMNS = ("stage", "shadow_version", "shadow_probability", "candidate_error", "candidate_ms")
+# Added for history as outcomes arrive (issue 17): the keyed hash of the request's patient_id (`history.patient_key`),
+# null without one; a log written before reads it as null.
+PATIENT_KEY = "patient_key"
 PRODUCTION_STAGE = "production"
 # How the writer stores a time in SQLite (UTC, without the offset); as text, it orders as the time does.
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S%.f"

@@ -220,31 +220,29 @@ class ModelRegistry:
 
     def log_candidate(
         self,
-        model: Pipeline,
+        model: Pipeline | None,
         *,
         params: Mapping[str, object],
         metrics: Mapping[str, float],
         tags: Mapping[str, object],
         artifacts: Mapping[str, Path] | None,
-        input_example: pd.DataFrame,
+        input_example: pd.DataFrame | None,
         run_name: str,
     ) -> str:
         """Log one trained candidate as a finished run: params, metrics, tags, extra files and the model; its run id.
 
         `artifacts` maps a name inside the run ('plots/roc.png', or 'roc' to keep the file's extension) to a local
         file. The model's signature is inferred from the first rows of `input_example` and their predict_proba output.
+        Without a model (a candidate not chosen, which can never be registered), the run keeps its figures only.
         """
         if (active := mlflow.active_run()) is not None:
             raise RegistryError(
                 f"MLflow run {active.info.run_id} is active in this process; end it first, as each candidate gets a "
                 "run of its own"
             )
+        if model is not None and input_example is None:
+            raise ValueError("a logged model needs an input_example to infer its signature from; give the first rows of the training frame")
         files = _artifact_files(artifacts or {})
-        example = input_example.head(INPUT_EXAMPLE_ROWS)
-        signature = infer_signature(example, model.predict_proba(example))
-        # skops only loads types it is told to trust. These are the types of a model this process has just trained,
-        # e.g. sklearn's calibration and tree internals; the list is stored in the MLmodel file for loading.
-        trusted_types = skops.io.get_untrusted_types(data=skops.io.dumps(model))
 
         run_id = self.client.create_run(
             self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()}
@@ -264,6 +262,13 @@ class ModelRegistry:
                         (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(path, Path(folder) / name)
                     self.client.log_artifacts(run_id, folder)
+            if model is None:
+                return run_id
+            example = input_example.head(INPUT_EXAMPLE_ROWS)
+            signature = infer_signature(example, model.predict_proba(example))
+            # skops only loads types it is told to trust. These are the types of a model this process has just
+            # trained, e.g. sklearn's calibration and tree internals; the list is stored in the MLmodel file for loading.
+            trusted_types = skops.io.get_untrusted_types(data=skops.io.dumps(model))
             mlflow.sklearn.log_model(
                 model,
                 name=MODEL_ARTIFACT,

@@ -3,7 +3,7 @@
 The states (`lib/history_store`) are read whole into memory and read again when the pipeline writes a new version
 (checked every `interval` seconds), so a lookup is a dictionary get for one encounter and one join for a batch, with
 no database round trip on the request's path. The hospital's identifier is hashed at once (`history.patient_key`)
-and goes no further: not into the log, not into the answer, not into this worker's own logs.
+and goes no further: not into the log (which keeps the hash), not into the answer, not into this worker's own logs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class PatientHistory(threading.Thread):
-    """The stored states by patient key; `ready` once a version is read. Without a key nothing is looked up."""
+    """The stored states by patient key, used once a version is read. Without a key nothing is looked up."""
 
     def __init__(self, engine: sa.Engine | None, key: bytes | None, *, interval: float = 30.0) -> None:
         super().__init__(name="patient-history", daemon=True)
@@ -32,11 +32,6 @@ class PatientHistory(threading.Thread):
         self.frame = pl.DataFrame(schema={KEY: pl.String(), **{name: pl.Int64() for name in STATE}})
         self.by_key: dict[str, dict[str, int]] = {}
         self.stopped = threading.Event()
-
-    @property
-    def ready(self) -> bool:
-        """History can be looked up: a key is configured and the states are read."""
-        return self.key is not None and self.version is not None
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -60,19 +55,27 @@ class PatientHistory(threading.Thread):
     def state(self, identifier: str | None) -> Mapping[str, int] | None:
         """The state of the patient a request names; None without an identifier or history. A patient the states do not
         hold has had no encounter yet: a first encounter's state."""
-        if identifier is None or not self.ready:
-            return None
-        return self.by_key.get(patient_key(identifier, self.key), dict.fromkeys(STATE, 0))
+        return self.lookup(identifier)[1]
 
-    def states(self, identifiers: pl.Series) -> tuple[pl.DataFrame | None, pl.Series]:
+    def lookup(self, identifier: str | None) -> tuple[str | None, Mapping[str, int] | None]:
+        """The keyed hash of the identifier a request gives (None without one or without a key: what the prediction
+        log keeps, so the request's outcome can bring the patient's history up to date) and the patient's `state`."""
+        if identifier is None or self.key is None:
+            return None, None
+        key = patient_key(identifier, self.key)
+        return key, self.by_key.get(key, dict.fromkeys(STATE, 0)) if self.version is not None else None
+
+    def states(self, identifiers: pl.Series) -> tuple[pl.DataFrame | None, pl.Series, pl.Series | None]:
         """The states (`STATE` columns, null where none is used; None when no row uses one) of a batch's identifiers
-        (null: none given), and which rows used history."""
-        used = identifiers.is_not_null() if self.ready else pl.repeat(False, identifiers.len(), eager=True)
-        if not self.ready or not used.any():
-            return None, used
+        (null: none given), which rows used history, and the identifiers' keyed hashes (None without a key)."""
+        given = identifiers.is_not_null()
+        if self.key is None or not given.any():
+            return None, pl.repeat(False, identifiers.len(), eager=True), None
         keys = pl.Series(KEY, [None if i is None else patient_key(i, self.key) for i in identifiers], pl.String)
+        if self.version is None:
+            return None, pl.repeat(False, identifiers.len(), eager=True), keys
         joined = keys.to_frame().join(self.frame, on=KEY, how="left", maintain_order="left")
         # Given but not held: a first encounter (zeros), as `state` answers.
-        states = joined.select(pl.when(used).then(pl.col(n).fill_null(0)).alias(n) for n in STATE)
-        return states, used
+        states = joined.select(pl.when(given).then(pl.col(n).fill_null(0)).alias(n) for n in STATE)
+        return states, given, keys
 

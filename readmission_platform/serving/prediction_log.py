@@ -7,9 +7,10 @@ are dropped and counted (`dropped`), so overload slows nothing down and loses no
 queue, so a clean stop loses nothing.
 
 A row holds the prediction and the encounter's fields as sent, one typed column each, named as the data set names
-them (`A1Cresult`, `glyburide-metformin`): the request model refuses identifiers, so no patient identifier is stored.
-A table made before the rollout columns (stage, shadow_version, shadow_probability, candidate_error, candidate_ms) gets
-them added (ALTER TABLE … ADD COLUMN), its rows NULL there. A table of another layout (an earlier version's kept the
+them (`A1Cresult`, `glyburide-metformin`): the request model refuses the data set's identifiers, and of a request's
+`patient_id` only its keyed hash is stored (`patient_key`), so no patient identifier is.
+A table made before the rollout columns (stage, shadow_version, shadow_probability, candidate_error, candidate_ms) or
+`patient_key` gets them added (ALTER TABLE … ADD COLUMN), its rows NULL there. A table of another layout (an earlier version's kept the
 fields as one JSON text) is renamed, with its rows, to `predictions_until_<UTC time>`, and a new one is made. The log is
 read back by `lib/predictions.read_predictions`.
 """
@@ -36,7 +37,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import FIELDS, REQUEST_DTYPES
-from readmission_platform.lib.predictions import RESULT_TYPES, TABLE, TYPES
+from readmission_platform.lib.predictions import PATIENT_KEY, RESULT_TYPES, TABLE, TYPES
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.warehouse import quote
 
@@ -68,7 +69,7 @@ def _columns() -> list[sa.Column]:
             sa.Column(name, sa.Integer() if name in _INTEGER_FIELDS else sa.Text(), nullable=schema.CLEAN_BY_NAME[name].nullable)
             for name in FIELDS
         ),
-        *_rollout_columns(),
+        *_added_columns(),
     ]
 
 
@@ -85,6 +86,16 @@ def _rollout_columns() -> list[sa.Column]:
 
 
 ROLLOUT_COLUMNS = tuple(column.name for column in _rollout_columns())
+
+
+def _added_columns() -> list[sa.Column]:
+    """The columns added to the first layout, in the order they were added: a log lacking some gets them at the end."""
+    # The keyed hash of the request's patient_id (never the identifier), so an outcome of the request can bring that
+    # patient's history up to date (`lib/history.keyed_states`).
+    return [*_rollout_columns(), sa.Column(PATIENT_KEY, sa.String(64), nullable=True)]
+
+
+ADDED_COLUMNS = tuple(column.name for column in _added_columns())
 
 
 _metadata = sa.MetaData()
@@ -145,7 +156,7 @@ def ensure_table(engine: sa.Engine) -> None:
             have, want = [column["name"] for column in found.get_columns(TABLE)], list(table.columns.keys())
             if have == want:
                 return
-            if want[: len(have)] == have and set(want[len(have) :]) <= set(ROLLOUT_COLUMNS):
+            if want[: len(have)] == have and set(want[len(have) :]) <= set(ADDED_COLUMNS):
                 _add_columns(connection, table, want[len(have) :])
                 return
             kept = f"{TABLE}_until_{datetime.now(UTC):%Y%m%d_%H%M%S}"
@@ -163,7 +174,7 @@ def ensure_table(engine: sa.Engine) -> None:
 
 
 def _add_columns(connection: sa.Connection, table: sa.Table, names: list[str]) -> None:
-    """Add the rollout columns a log made before them lacks; its rows keep NULL there."""
+    """Add the columns a log made before them lacks (`ADDED_COLUMNS`); its rows keep NULL there."""
     dialect = connection.dialect
     for name in names:
         column = table.c[name]
@@ -176,8 +187,8 @@ def _add_columns(connection: sa.Connection, table: sa.Table, names: list[str]) -
 
 
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A recorded row (`inputs` a dict of the encounter's fields) with a value of every column (a rollout column
-    left out is NULL)."""
+    """A recorded row (`inputs` a dict of the encounter's fields) with a value of every column (an added column left
+    out is NULL)."""
     inputs = row["inputs"]
     return {**{c: row.get(c) for c in RESULT_COLUMNS}, **{name: inputs.get(name) for name in FIELDS}}
 
@@ -245,7 +256,7 @@ class PredictionLog:
 
     def record_frame(self, frame: pl.DataFrame) -> int:
         """Queue a frame of rows (COLUMNS but `predicted_at`, the fields typed as `encounter.decode_batch` gives them;
-        a rollout column left out is NULL) at once; the number dropped."""
+        an added column left out is NULL) at once; the number dropped."""
         if frame.is_empty():  # a batch of encounters none of which was scored: the writer takes a frame's time from its first row
             return 0
         return self._offer(frame.with_columns(pl.lit(datetime.now(UTC)).alias("predicted_at")), frame.height)
@@ -279,7 +290,7 @@ class PredictionLog:
             if isinstance(item, pl.DataFrame):
                 take_singles()
                 at = item["predicted_at"][0].strftime(time_format)  # a frame's rows share one time
-                absent = {c: pl.lit(None, dtype=types[c]) for c in ROLLOUT_COLUMNS if c not in item.columns}
+                absent = {c: pl.lit(None, dtype=types[c]) for c in ADDED_COLUMNS if c not in item.columns}
                 parts.append(item.with_columns(**absent).select(COLUMNS).with_columns(predicted_at=pl.lit(at)).cast(types))
             else:
                 singles.append(_flat(item) | {"predicted_at": item["predicted_at"].strftime(time_format)})

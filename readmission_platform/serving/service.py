@@ -193,10 +193,10 @@ class ReadmissionService:
 
     def _answer(
         self, model: ServedModel, stage: str, probability: float, endpoint: str, given: dict[str, Any], request_id: str,
-        rollout: dict[str, Any] = NO_CANDIDATE,
+        rollout: dict[str, Any] = NO_CANDIDATE, patient: str | None = None,
     ) -> tuple[bool, str]:
         """Count and log an answer of `model` at `stage`; its decision and risk band. `rollout`: the log's candidate
-        columns (`candidate_columns`)."""
+        columns (`candidate_columns`); `patient`: the keyed hash of the request's patient_id."""
         decision = probability >= model.threshold
         PREDICTIONS.labels(model_version=model.version, stage=stage, decision="flagged" if decision else "not_flagged").inc()
         PROBABILITY.observe(probability)
@@ -204,7 +204,7 @@ class ReadmissionService:
         self.log.record(
             [{"request_id": request_id, "endpoint": endpoint, "model_name": model.name, "model_version": model.version,
               "probability": probability, "decision": decision, "risk_band": band, "stage": stage, **rollout,
-              "inputs": given}]
+              "patient_key": patient, "inputs": given}]
         )  # fmt: skip
         return decision, band
 
@@ -216,7 +216,7 @@ class ReadmissionService:
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused  # type: ignore[return-value]
         given = record(encounter)
-        state = self.history.state(encounter.patient_id)
+        patient, state = self.history.lookup(encounter.patient_id)
         features = record_features(clean_record(given), state)
         request_id = encounter.request_id or uuid.uuid4().hex
         candidate = self.candidate
@@ -232,7 +232,7 @@ class ReadmissionService:
             answering, stage, probability = model, PRODUCTION, model.probability(features)
             SCORING_SECONDS.labels(model_version=model.version, stage=PRODUCTION, endpoint="predict").observe(time.perf_counter() - started)
         rollout = candidate_columns(candidate, trial)
-        decision, band = self._answer(answering, stage, probability, "predict", given, request_id, rollout)
+        decision, band = self._answer(answering, stage, probability, "predict", given, request_id, rollout, patient)
         return Prediction(
             probability=probability, decision=decision, risk_band=band, threshold=answering.threshold,
             model_name=answering.name, model_version=answering.version, stage=stage, request_id=request_id,
@@ -250,7 +250,7 @@ class ReadmissionService:
         out = encounters["discharge_disposition_id"].is_in(schema.DEATH_OR_HOSPICE_DISPOSITIONS)
         scored = encounters.filter(~out) if (unscored := int(out.sum())) else encounters
         scored_ids = request_ids.filter(~out) if unscored else request_ids
-        states, used = self.history.states(scored[PATIENT_ID])
+        states, used, patients = self.history.states(scored[PATIENT_ID])
         features = features_frame(scored, states)
         routed = None  # the rows the canary answers
         trial = None
@@ -294,6 +294,7 @@ class ReadmissionService:
         self.log.record_frame(
             answers.with_columns(
                 scored.select(FIELDS), endpoint=pl.lit("predict_batch"), model_name=pl.lit(model.name),
+                patient_key=patients if patients is not None else pl.lit(None, pl.String),
                 **candidate_frame_columns(candidate, trial, routed, scored.height),
             )  # fmt: skip
         )
@@ -322,7 +323,7 @@ class ReadmissionService:
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused  # type: ignore[return-value]
         given = record(encounter)
-        state = self.history.state(encounter.patient_id)
+        patient, state = self.history.lookup(encounter.patient_id)
         features = record_features(clean_record(given), state)
         if model.scorer is None:
             return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)  # type: ignore[return-value]
@@ -330,7 +331,7 @@ class ReadmissionService:
         attribution = model.scorer.explain(features)
         terms = attribution.terms
         request_id = encounter.request_id or uuid.uuid4().hex
-        decision, _ = self._answer(model, PRODUCTION, probability, "explain", given, request_id)
+        decision, _ = self._answer(model, PRODUCTION, probability, "explain", given, request_id, patient=patient)
         ranked = sorted(FEATURE_COLUMNS, key=lambda name: -abs(terms[name]))
         fields = sorted(
             (FieldContribution(field=field, contribution=math.fsum(found.values()), features=list(found))

@@ -45,8 +45,13 @@ def test_the_first_model_is_tracked_registered_and_promoted(platform, instance, 
     runs = mlflow_module.MlflowClient(mlflow.tracking_uri).search_runs([registry.experiment_id])
     assert sorted(r.data.params["family"] for r in runs) == ["hist_gradient_boosting", "logistic_regression"]
     assert all(r.data.tags["dagster_run_id"] == result.run_id for r in runs)
-    artifacts = {a.path for a in mlflow_module.MlflowClient(mlflow.tracking_uri).list_artifacts(runs[0].info.run_id)}
-    assert {"roc.png", "precision_recall.png", "calibration.png", "feature_importances.csv"} <= artifacts
+    # The challenger's run has the plots, importances, subgroups and model; the other's its figures and settings only.
+    client = mlflow_module.MlflowClient(mlflow.tracking_uri)
+    artifacts = {r.info.run_id: {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs}
+    assert {"roc.png", "precision_recall.png", "calibration.png", "feature_importances.csv", "subgroups.csv"} <= artifacts[production.run_id]
+    (other,) = [r for r in runs if r.info.run_id != production.run_id]
+    assert artifacts[other.info.run_id] == set() and not other.outputs.model_outputs
+    assert other.data.metrics["validation_roc_auc"] > 0 and "grid" in other.data.tags
     challenger_run = mlflow_module.MlflowClient(mlflow.tracking_uri).get_run(production.run_id)
     assert challenger_run.data.metrics["test_roc_auc"] == pytest.approx(decided["production_test_roc_auc"])
     decisions = platform.warehouse.read_table("promotion_decisions")

@@ -10,10 +10,12 @@ from readmission_platform.lib.cleaning import clean, clean_record
 from readmission_platform.lib.encounter import features_frame, from_clean, typed_frame
 from readmission_platform.lib.features import FEATURE_COLUMNS, build_features, record_features
 from readmission_platform.lib.history import (
+    CONFIRMED_SCHEMA,
     ENCOUNTER,
     HISTORY_FEATURES,
     PATIENT,
     encounter_history,
+    keyed_states,
     patient_key,
     patient_keys,
     patient_states,
@@ -74,6 +76,51 @@ def test_the_state_serving_stores_is_the_history_of_a_next_encounter():
     expected = states_before(following).filter(pl.col(ENCOUNTER) == 3).drop(ENCOUNTER).row(0, named=True)
     assert state == expected
     assert (state["encounters"], state["readmissions_30d"], state["latest_num_medications"]) == (2, 1, 14)
+
+
+def confirmed_rows(*rows: dict) -> pl.DataFrame:
+    """Encounters the service scored for a named patient whose outcome came back (`CONFIRMED_SCHEMA`)."""
+    base = {"time_in_hospital": 3, "num_medications": 10, "num_lab_procedures": 40, "number_diagnoses": 7, "number_inpatient": 0}
+    return pl.DataFrame([base | r for r in rows]).with_columns(
+        pl.col("predicted_at").str.to_datetime(time_zone="UTC")
+    ).select(list(CONFIRMED_SCHEMA)).cast(CONFIRMED_SCHEMA)
+
+
+def test_an_encounter_whose_outcome_came_back_counts_as_if_it_had_been_loaded():
+    raw = raw_rows(
+        {ENCOUNTER: "1", PATIENT: "7", "readmitted": "<30"},
+        {ENCOUNTER: "2", PATIENT: "7", "readmitted": "<30", "num_medications": "14"},
+        {ENCOUNTER: "5", PATIENT: "8"},
+    )
+    seven, nine = patient_key("7", KEY_BYTES), patient_key("9", KEY_BYTES)
+    confirmed = confirmed_rows(
+        # Predicted for patient 7 after both loaded encounters, in this order (listed out of it).
+        {"request_id": "b", KEY: seven, "predicted_at": "2026-03-02T00:00:00", "num_medications": 30, "readmitted_30d": False},
+        {"request_id": "a", KEY: seven, "predicted_at": "2026-03-01T00:00:00", "time_in_hospital": 6, "readmitted_30d": True},
+        {"request_id": "z", KEY: nine, "predicted_at": "2026-03-01T00:00:00", "readmitted_30d": True},  # no loaded encounter
+        {"request_id": "5", KEY: patient_key("8", KEY_BYTES), "predicted_at": "2026-03-01T00:00:00", "readmitted_30d": True},
+    )
+    # The same encounters as raw rows past every loaded one: the states must be those patient_states gives them.
+    as_loaded = raw_rows(
+        *raw.to_dicts(),
+        {ENCOUNTER: "100", PATIENT: "7", "time_in_hospital": "6", "readmitted": "<30"},
+        {ENCOUNTER: "101", PATIENT: "7", "num_medications": "30", "readmitted": "NO"},
+        {ENCOUNTER: "102", PATIENT: "9", "readmitted": "<30"},
+    )
+    expected = patient_states(as_loaded).with_columns(pl.Series(KEY, patient_keys(patient_states(as_loaded)[PATIENT], KEY_BYTES)))
+    found = keyed_states(raw, confirmed, KEY_BYTES)
+    assert found.sort(KEY).equals(expected.drop(PATIENT).select(found.columns).sort(KEY))
+    by_key = {row[KEY]: row for row in found.iter_rows(named=True)}
+    # Patient 7: encounter 2's readmission now counts (another encounter followed it); "a"'s counts once one follows "b".
+    assert (by_key[seven]["encounters"], by_key[seven]["readmissions_30d"], by_key[seven]["latest_num_medications"]) == (4, 3, 30)
+    assert by_key[nine]["encounters"] == 1 and by_key[nine]["latest_readmitted_30d"] == 1
+    # Request "5" is the loaded encounter 5 (the client sent its encounter_id as request_id): counted once.
+    assert by_key[patient_key("8", KEY_BYTES)]["encounters"] == 1
+    alone = keyed_states(raw, confirmed.clear(), KEY_BYTES)
+    loaded = patient_states(raw).with_columns(pl.Series(KEY, patient_keys(patient_states(raw)[PATIENT], KEY_BYTES)))
+    assert alone.sort(KEY).equals(loaded.select(alone.columns).sort(KEY))
+    with pytest.raises(ValueError, match="lack the columns"):
+        keyed_states(raw, confirmed.drop("readmitted_30d"), KEY_BYTES)
 
 
 def test_no_identifier_label_or_later_encounter_count_is_a_feature():
@@ -183,7 +230,7 @@ def test_serving_history_equals_training_history_on_the_whole_test_set(tmp_path,
         history.refresh()
         requests = served.select(ENCOUNTER, PATIENT).join(clean_rows, on=ENCOUNTER, how="left", maintain_order="left")
         typed = typed_frame([from_clean(r) for r in requests.iter_rows(named=True)])
-        found, used = history.states(served[PATIENT].cast(pl.String))
+        found, used, _ = history.states(served[PATIENT].cast(pl.String))
         assert used.all()
         assert features_frame(typed, found).equals(served.select(FEATURE_COLUMNS)), f"rank {rank}"
         for row, expected in zip(requests.head(50).iter_rows(named=True), served.head(50).select(FEATURE_COLUMNS).iter_rows(named=True)):
@@ -204,8 +251,12 @@ def test_without_an_identifier_or_a_key_no_history_is_used(tmp_path):
     keyed.refresh(), keyless.refresh()
     assert keyed.state("p1")["encounters"] == 1 and keyed.state("someone new")["encounters"] == 0
     assert keyed.state(None) is None and keyless.state("p1") is None
-    states, used = keyed.states(pl.Series([None, "p1", "someone new"], dtype=pl.String))
+    states, used, keys = keyed.states(pl.Series([None, "p1", "someone new"], dtype=pl.String))
     assert used.to_list() == [False, True, True]
     assert states["encounters"].to_list() == [None, 1, 0]
-    assert keyless.states(pl.Series(["p1"]))[1].to_list() == [False]
+    # What the prediction log keeps: the keyed hash, never the identifier.
+    assert keys.to_list() == [None, patient_key("p1", KEY_BYTES), patient_key("someone new", KEY_BYTES)]
+    assert keyed.lookup("p1") == (patient_key("p1", KEY_BYTES), keyed.state("p1")) and keyed.lookup(None) == (None, None)
+    assert keyless.states(pl.Series(["p1"]))[1].to_list() == [False] and keyless.states(pl.Series(["p1"]))[2] is None
+    assert keyless.lookup("p1") == (None, None)
     assert keyed.states(pl.Series([None], dtype=pl.String))[0] is None

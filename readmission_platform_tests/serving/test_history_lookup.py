@@ -83,14 +83,24 @@ def test_no_raw_identifier_is_stored_or_logged(served):
     client, settings, log_path, requests, _, _ = served
     for r in requests[:20]:
         assert client.post("/predict", json=r | {"request_id": "kept"}).status_code == 200
+    batch = [r | {"request_id": f"kept-{i}"} if i % 2 else {k: v for k, v in r.items() if k != "patient_id"} | {"request_id": f"kept-{i}"}
+             for i, r in enumerate(requests[:4])]  # fmt: skip
+    assert client.post("/predict_batch", json={"encounters": batch}).status_code == 200
     client.post("/predict", json=requests[0] | {"age": "[200-210)"})  # refused: the error names the field, not the id
     home_files = [p for p in settings.home.rglob("*") if p.is_file() and "mlflow" not in p.parts and "bentoml" not in p.parts]
     assert any(p.name.startswith("predictions.sqlite") for p in home_files)
     # Rows reach the log within its flush interval; wait for the ones just sent, then look for any identifier.
     deadline = time.monotonic() + 60
-    while (read_predictions(settings.prediction_log_url, ["request_id"])["request_id"] == "kept").sum() < 20:
+    while (read_predictions(settings.prediction_log_url, ["request_id"])["request_id"].str.starts_with("kept")).sum() < 24:
         assert time.monotonic() < deadline, "the predictions did not reach the log"
         time.sleep(0.5)
+    # What the log keeps of the patient instead: the keyed hash, by which an outcome reaches the patient's history.
+    logged = read_predictions(settings.prediction_log_url, ["request_id", "patient_key"])
+    hashed = logged.filter(pl.col("request_id") == "kept")["patient_key"]
+    assert sorted(hashed) == sorted(patient_keys([r["patient_id"] for r in requests[:20]], PATIENT_KEY.encode()))
+    by_request = dict(logged.filter(pl.col("request_id").str.starts_with("kept-")).iter_rows())
+    assert by_request == {f"kept-{i}": patient_keys([r["patient_id"]], PATIENT_KEY.encode())[0] if i % 2 else None
+                          for i, r in enumerate(requests[:4])}  # fmt: skip
     held = {p: p.read_bytes() for p in home_files if p.exists()} | {log_path: log_path.read_bytes()}
     found = [str(p) for p, content in held.items() if PREFIX.encode() in content]
     assert found == [], f"a raw patient identifier is held in {found}"

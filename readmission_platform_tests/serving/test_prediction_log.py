@@ -242,11 +242,11 @@ print("written", log.written, "logged", count_predictions(log.url))
 
 
 def test_a_log_from_before_rollouts_gets_their_columns_and_keeps_its_rows(url):
-    from readmission_platform.serving.prediction_log import ROLLOUT_COLUMNS, TABLE, _columns
+    from readmission_platform.serving.prediction_log import ADDED_COLUMNS, ROLLOUT_COLUMNS, TABLE, _columns
 
     engine = engine_for(url, create=False)
     postgres = engine.dialect.name == "postgresql"
-    before = [c for c in _columns() if c.name not in ROLLOUT_COLUMNS]
+    before = [c for c in _columns() if c.name not in ADDED_COLUMNS]
     ids = [sa.Column("id", sa.BigInteger(), primary_key=True, autoincrement=True)] if postgres else []
     sa.Table(TABLE, sa.MetaData(), *ids, *before).create(engine)
     with engine.begin() as connection:
@@ -260,7 +260,7 @@ def test_a_log_from_before_rollouts_gets_their_columns_and_keeps_its_rows(url):
     assert read.to_dicts() == [{"request_id": "r0", "stage": "production", "shadow_version": None,
                                 "shadow_probability": None, "candidate_error": None, "candidate_ms": None}]  # fmt: skip
     log = PredictionLog(url)
-    log.record([row(1) | {"stage": "canary", "candidate_ms": 1.5}])
+    log.record([row(1) | {"stage": "canary", "candidate_ms": 1.5, "patient_key": "a" * 64}])
     shadowed = frame_of([row(2), row(3)]).with_columns(
         stage=pl.lit("production"), shadow_version=pl.lit("4"), shadow_probability=pl.Series([0.2, 0.3]),
         candidate_error=pl.lit(None, dtype=pl.String), candidate_ms=pl.lit(2.0),
@@ -269,13 +269,13 @@ def test_a_log_from_before_rollouts_gets_their_columns_and_keeps_its_rows(url):
     log.close()
     assert log.written == 3 and log.dropped == 0
     engine = engine_for(url, create=False)
-    assert [c["name"] for c in sa.inspect(engine).get_columns(TABLE)][-5:] == list(ROLLOUT_COLUMNS)
-    read = read_predictions(url, ["request_id", *ROLLOUT_COLUMNS])
+    assert [c["name"] for c in sa.inspect(engine).get_columns(TABLE)][-6:] == list(ADDED_COLUMNS)
+    read = read_predictions(url, ["request_id", *ADDED_COLUMNS])
     assert read.rows() == [
-        ("r0", "production", None, None, None, None),
-        ("r1", "canary", None, None, None, 1.5),
-        ("r2", "production", "4", 0.2, None, 2.0),
-        ("r3", "production", "4", 0.3, None, 2.0),
+        ("r0", "production", None, None, None, None, None),
+        ("r1", "canary", None, None, None, 1.5, "a" * 64),
+        ("r2", "production", "4", 0.2, None, 2.0, None),
+        ("r3", "production", "4", 0.3, None, 2.0, None),
     ]
     assert [r["request_id"] for r in stored_rows(url)] == ["r0", "r1", "r2", "r3"]
     assert sa.inspect(engine).get_table_names() == [TABLE]  # migrated in place, not renamed away

@@ -114,26 +114,31 @@ def trained_model(
     train, validation = parts["train"], parts["validation"]
     candidates = train_candidates(train, validation, families=tuple(config.families), seed=config.seed)
     lineage = _lineage(context, parts, BATCHES_TAG, RUN_GROUP_TAG)
-    run_ids, subgroups = {}, {}
-    y = labels(validation)
+    challenger = choose_challenger(candidates)
+    run_ids = {}
     for candidate in candidates:
-        subgroups[candidate.family] = subgroup_tables(candidate.model, validation, threshold=candidate.threshold)
+        chosen = candidate is challenger
         with tempfile.TemporaryDirectory() as folder:
-            artifacts = evaluation_plots(y, predict_probability(candidate.model, validation), Path(folder), candidate.family)
-            artifacts["feature_importances"] = Path(folder) / "feature_importances.csv"
-            feature_importances(candidate.model, validation).write_csv(artifacts["feature_importances"])
-            artifacts["subgroups"] = Path(folder) / "subgroups_validation.csv"
-            subgroups[candidate.family].write_csv(artifacts["subgroups"])
+            # Only the challenger can be registered and served: its model, plots, permutation importances and
+            # subgroups are what a person looks at, and the others' cost as much again (benchmarks/README.md,
+            # Training); their runs keep the figures they were judged on.
+            artifacts = {}
+            if chosen:
+                subgroups = subgroup_tables(candidate.model, validation, threshold=candidate.threshold)
+                artifacts = evaluation_plots(labels(validation), predict_probability(candidate.model, validation), Path(folder), candidate.family)
+                artifacts["feature_importances"] = Path(folder) / "feature_importances.csv"
+                feature_importances(candidate.model, validation).write_csv(artifacts["feature_importances"])
+                artifacts["subgroups"] = Path(folder) / "subgroups_validation.csv"
+                subgroups.write_csv(artifacts["subgroups"])
             run_ids[candidate.family] = registry.log_candidate(
-                candidate.model,
+                candidate.model if chosen else None,
                 params={"family": candidate.family, "threshold": candidate.threshold, **candidate.params},
                 metrics={**{f"validation_{k}": v for k, v in candidate.validation.items()}, "fit_seconds": candidate.fit_seconds},
                 tags=lineage | {"grid": str(list(candidate.grid))},
                 artifacts=artifacts,
-                input_example=model_input(train.head(5)),
+                input_example=model_input(train.head(5)) if chosen else None,
                 run_name=candidate.family,
             )
-    challenger = choose_challenger(candidates)
     version = registry.register(
         run_ids[challenger.family], threshold=challenger.threshold, tags=lineage | {"family": challenger.family}
     )
@@ -154,9 +159,7 @@ def trained_model(
             "validation_brier": challenger.validation["brier"],
             "candidates": dg.MetadataValue.md(markdown_table(table)),
             "subgroups_validation": dg.MetadataValue.md(
-                markdown_table(
-                    subgroups[challenger.family].select("by", "group", "rows", "roc_auc", "brier", "positive_rate"), limit=30
-                )
+                markdown_table(subgroups.select("by", "group", "rows", "roc_auc", "brier", "positive_rate"), limit=30)
             ),
             "mlflow_run": dg.MetadataValue.url(registry.run_url(run_ids[challenger.family])),
             "mlflow_model": dg.MetadataValue.url(registry.version_url(version)),
