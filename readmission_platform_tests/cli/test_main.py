@@ -18,11 +18,12 @@ DEMO_ROWS = 15_500  # two batches: 15,000 + 500
 
 
 def readmission(
-    *args: str, home: Path, source: Path | None = None, timeout: float = 60, umask: int = 0o022
+    *args: str, home: Path, source: Path | None = None, timeout: float = 180, umask: int = 0o022
 ) -> subprocess.CompletedProcess:
     """The command in a child process with the given umask (the usual one by default), on a clean environment.
 
-    Past `timeout` it is interrupted as Ctrl-C would, so that the demo stops the daemon and the `bentoml serve` it
+    `timeout` guards against a hang, not a slow start: on two loaded cores `status` once took over 60 s. Past it the
+    command is interrupted as Ctrl-C would, so that the demo stops the daemon and the `bentoml serve` it
     started (a SIGKILL left them running on the test's home), then killed; the test fails with what it printed.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("READMISSION_", "DAGSTER_"))}
