@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
+
+# scikit-learn's gradient boosting runs one OpenMP thread per core, and OpenMP threads spin while they wait for each
+# other: with several pytest-xdist workers (and their servers) on two cores, a fit took many times as long as on one
+# thread (benchmarks/README.md, Tests). Set before any library that loads OpenMP is imported; inherited by children.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pickle  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import polars as pl
-import pytest
+import polars as pl  # noqa: E402
+import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import CleanResult, clean
@@ -157,14 +165,18 @@ def new_mlflow_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def full_features(full_raw: pl.DataFrame, full_clean: CleanResult) -> pl.DataFrame:
+def full_features(once_per_run, request) -> pl.DataFrame:
     """`build_features` of the whole clean data set with each encounter's history, and its patient-grouped `split`, as
-    the training set holds them; do not mutate."""
+    the training set holds them (made once per run); do not mutate."""
     from readmission_platform.lib.features import build_features
     from readmission_platform.lib.history import with_history
     from readmission_platform.lib.splitting import assign_split
 
-    return assign_split(with_history(build_features(full_clean.frame), full_raw))
+    def build() -> pl.DataFrame:
+        raw, cleaned = request.getfixturevalue("full_raw"), request.getfixturevalue("full_clean")
+        return assign_split(with_history(build_features(cleaned.frame), raw))
+
+    return once_per_run("full_features", build)
 
 
 @pytest.fixture(scope="session")
@@ -177,8 +189,34 @@ def sample_parts(full_features: pl.DataFrame) -> dict[str, pl.DataFrame]:
 
 
 @pytest.fixture(scope="session")
-def sample_candidates(sample_parts: dict[str, pl.DataFrame]) -> dict:
-    """One calibrated candidate of each known model family trained on `sample_parts`, by family."""
+def once_per_run(tmp_path_factory, worker_id):
+    """`once(name, make)`: `make()` run by the first pytest-xdist worker that asks, pickled where the others load it.
+
+    Session fixtures are per worker; this keeps what is costly to make (trained models) to one making per run.
+    """
+    if worker_id == "master":
+        return lambda name, make: make()
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above every worker's own
+
+    def once(name: str, make):
+        path = shared / f"{name}.pickle"
+        with FileLock(f"{path}.lock"):
+            if path.is_file():
+                return pickle.loads(path.read_bytes())
+            made = make()
+            path.write_bytes(pickle.dumps(made))
+            return made
+
+    return once
+
+
+@pytest.fixture(scope="session")
+def sample_candidates(once_per_run, sample_parts: dict[str, pl.DataFrame]) -> dict:
+    """One calibrated candidate of each known model family trained on `sample_parts`, by family (made once per run)."""
     from readmission_platform.lib.training import KNOWN_FAMILIES, train_candidates
 
-    return {c.family: c for c in train_candidates(sample_parts["train"], sample_parts["validation"], families=KNOWN_FAMILIES, search_seconds=float("inf"))}
+    def train() -> dict:
+        trained = train_candidates(sample_parts["train"], sample_parts["validation"], families=KNOWN_FAMILIES, search_seconds=float("inf"))
+        return {c.family: c for c in trained}
+
+    return once_per_run("sample_candidates", train)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from readmission_platform.lib.training import HIST_GRADIENT_BOOSTING, PARAM_GRIDS, train_candidates
+from readmission_platform.lib.training import HIST_GRADIENT_BOOSTING
 from readmission_platform.serving.server import running_server
 from readmission_platform.settings import Settings
 from readmission_platform_tests.serving.conftest import new_home, register, registry_of  # noqa: F401 (a fixture)
@@ -23,14 +23,11 @@ class Service:
 
 
 @pytest.fixture(scope="session")
-def app_service(tmp_path_factory, new_home, sample_parts) -> Iterator[Service]:
-    """`bentoml serve .` with READMISSION_API_TOKEN set, serving a promoted gradient-boosting candidate (one setting
-    of its grid: the app's tests are about the app, not the model)."""
-    family = HIST_GRADIENT_BOOSTING
-    (candidate,) = train_candidates(sample_parts["train"], sample_parts["validation"], families=(family,),
-                                    grids={family: PARAM_GRIDS[family][:1]})  # fmt: skip
+def app_service(tmp_path_factory, new_home, sample_candidates, sample_parts) -> Iterator[Service]:
+    """`bentoml serve .` with READMISSION_API_TOKEN set, serving a promoted gradient-boosting candidate (the run's
+    shared one: the app's tests are about the app, not the model)."""
     settings = new_home(tmp_path_factory.mktemp("app-home"))
-    version = register(registry_of(settings), candidate, sample_parts, promote=True)
+    version = register(registry_of(settings), sample_candidates[HIST_GRADIENT_BOOSTING], sample_parts, promote=True)
     with running_server(settings, bento=None, env={"READMISSION_API_TOKEN": TOKEN}) as url:
         yield Service(url, settings, version)
 
