@@ -7,7 +7,7 @@ import pytest
 
 from readmission_platform.defs.promotion.assets import promotion_decision
 from readmission_platform.defs.training.assets import trained_model
-from readmission_platform.lib.registry import SHADOW
+from readmission_platform.lib.registry import ROLLOUT_END_REASON, SHADOW
 from readmission_platform.lib.training import model_input, train_candidates
 from readmission_platform_tests.defs.conftest import FAST, ingest, metadata, retrain
 
@@ -54,6 +54,10 @@ def test_a_challenger_within_noise_stays_out_and_a_clearly_better_one_goes_to_sh
     assert mlflow.registry().rollout() is None
 
     weak = weak_production(platform, mlflow)
+    # A candidate already in rollout (the weak model registered again) gives way to the better challenger.
+    registry = mlflow.registry()
+    in_rollout = registry.register(registry.version(weak).run_id, threshold=0.5, tags={})
+    registry.start_shadow(in_rollout, reason="a candidate in rollout, for the test")
     better = metadata(decide_again(instance, resources), "promotion_decision")
     assert better["promoted"] is True and better["rollout_stage"] == SHADOW, better["reason"]
     assert better["roc_auc_difference_lower"] > 0 and better["roc_auc_p_value"] < 0.01 and better["delong_p_value"] < 0.01
@@ -66,10 +70,14 @@ def test_a_challenger_within_noise_stays_out_and_a_clearly_better_one_goes_to_sh
     assert tags["promotion.decision"] == "shadow"
     assert float(tags["promotion.roc_auc_difference"]) == pytest.approx(better["roc_auc_difference"])
 
+    assert registry.version(in_rollout).tags[ROLLOUT_END_REASON].startswith("replaced by v2: ")
+
     rows = platform.warehouse.query("SELECT * FROM promotion_decisions ORDER BY decided_at")
-    assert rows["promoted"].to_list() == [True, False, True]
-    assert rows["rollout_stage"].to_list() == ["production", None, SHADOW]
-    assert rows["candidate_version"].to_list() == [None, None, "2"]
+    assert rows["promoted"].to_list() == [True, False, True, None]
+    assert rows["rollout_stage"].to_list() == ["production", None, SHADOW, None]
+    assert rows["candidate_version"].to_list() == [None, None, "2", in_rollout]
+    assert rows["action"][3] == "rollout_aborted" and rows["production_version"][3] == weak
+    assert rows["reason"][3] == f"v{in_rollout}'s rollout ends: replaced by v2, promoted on newer evidence"
     assert rows["roc_auc_difference"][2] == pytest.approx(better["roc_auc_difference"])
     assert rows["brier_difference_upper"][1] == pytest.approx(noise["brier_difference_upper"])
     assert rows["comparison"][0] is None and "paired bootstrap over" in rows["comparison"][2]

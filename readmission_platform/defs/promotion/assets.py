@@ -9,12 +9,14 @@ from readmission_platform.lib.evaluation import subgroup_tables
 from readmission_platform.lib.model_card import build_card, log_card, to_markdown
 from readmission_platform.lib.promotion import (
     DECISION_SCHEMA,
+    ROLLOUT_ABORTED,
     Gates,
     decide,
     evidence_figures,
     gate_failures,
     gate_warnings,
     record_decisions,
+    rollout_row,
 )
 from readmission_platform.lib.reporting import markdown_table
 from readmission_platform.lib.splitting import PATIENT
@@ -136,13 +138,13 @@ def promotion_decision(
     )
     # A challenger that beat a serving production model is rolled out (`rollout_sensor`); the first model, or one
     # replacing a production model that cannot even load, serves at once.
-    stage = None
+    stage, replaced = None, None
     if decision.promoted:
         stage = SHADOW if champion_version is not None else PRODUCTION
         if already_promoted:
             stage = PRODUCTION
         elif stage == SHADOW:
-            registry.start_shadow(version, reason=decision.reason)
+            replaced = registry.start_shadow(version, reason=decision.reason)
         else:
             registry.promote(version, reason=decision.reason)
     registry.annotate(
@@ -159,9 +161,18 @@ def promotion_decision(
         "rollout_stage": stage,
         "rollout_share": 0.0 if stage == SHADOW else None,
     }
+    rows = [row]
+    if replaced is not None:  # a candidate still in rollout gives way to the newer one: its end is a decision too
+        rows.append(
+            rollout_row(
+                action=ROLLOUT_ABORTED, candidate=replaced, production=row["production_version"], stage=None, share=None,
+                reason=f"v{replaced}'s rollout ends: replaced by v{version}, promoted on newer evidence", signals="",
+                now=datetime.now(UTC),
+            )
+        )  # fmt: skip
     with warehouse.open() as store:
         if not decided_in_run_group(context, store, version):
-            record_decisions(store, pl.DataFrame([row], schema=DECISION_SCHEMA))
+            record_decisions(store, pl.DataFrame(rows, schema=DECISION_SCHEMA))
     context.log.info(decision.reason)
 
     compared = pl.DataFrame(
