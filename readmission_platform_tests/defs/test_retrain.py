@@ -87,6 +87,16 @@ def test_the_retrain_sensor_asks_for_a_run_after_new_batches_and_not_before(plat
     assert again.run_key != first.run_key
     assert tick(instance, mlflow).run_key == again.run_key  # the same data never makes a second run
 
+    # Batch 3's retrain trained on batches 1-3 whatever it decided; batch 4 lands while it runs, so it trains on 1-4.
+    ingest(platform, instance, resources, training_batches[3], "batch_0004")
+    retrain(instance, resources)
+    assert mlflow.registry().versions()[0].tags["batch_ids"] == "batch_0001,batch_0002,batch_0003,batch_0004"
+    after_coalesced = tick(instance, mlflow)  # the request's state (1-3) is gone, but its rows were trained on
+    assert isinstance(after_coalesced, dg.SkipReason), after_coalesced
+    assert "trained on these 4 batches as they are now" in after_coalesced.skip_message
+    reloaded = ingest(platform, instance, resources, training_batches[3], "batch_0004")  # loaded again: new rows
+    assert reloaded.success and isinstance(tick(instance, mlflow), dg.RunRequest)
+
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("platform", ["postgres"], indirect=True)

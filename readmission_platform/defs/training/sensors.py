@@ -60,6 +60,19 @@ def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, 
             f"{f'v{production.version}' if production else '(none)'}; retraining needs "
             f"{retrain_policy.min_new_batches} batches and {retrain_policy.min_new_rows} rows, and no batch drifted"
         )
+    # A retrain reads every batch loaded when its training_set runs, not only those of its request: batches that landed
+    # while it was queued were trained on already, and retraining on the same rows would register the same model again.
+    registry = mlflow.registry()
+    newest = next(iter(registry.versions()), None)
+    last_set = context.instance.fetch_materializations(dg.AssetKey("training_set"), limit=1).records
+    if (
+        newest is not None and last_set and set(trained_batches(newest)) == set(batches)
+        and max(record.storage_id for record in batches.values()) < last_set[0].storage_id
+    ):  # fmt: skip
+        return dg.SkipReason(
+            f"v{newest.version} was trained on these {len(batches)} batches as they are now; nothing new to train on "
+            "(launch the retrain job by hand to train on them again)"
+        )
     # The same data never retrains twice: the key is the set of feature partitions as materialized now.
     state = ",".join(f"{key}:{record.storage_id}" for key, record in sorted(batches.items()))
     trigger = "drift" if drifted and not enough_new else "new_data"
