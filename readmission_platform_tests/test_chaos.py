@@ -158,8 +158,14 @@ def batch_runs(instance, batch_id: str) -> list[dg.DagsterRun]:
 
 
 def decided(runs: list[dg.DagsterRun]) -> bool:
-    """settled, and each failed run already tagged whether it will be retried (the tag follows the failure by a moment)."""
-    return settled(runs) and all(r.status != dg.DagsterRunStatus.FAILURE or run_tags.WILL_RETRY in r.tags for r in runs)
+    """settled, and each failed run (newest first) already tagged whether it will be retried (the tag follows the
+    failure by a moment) or followed by a run that succeeded: a run that fails while the code server is down may never
+    be tagged, as Dagster's retry daemon cannot reach the job, and the landing sensor's new run ingests the batch."""
+    return settled(runs) and all(
+        r.status != dg.DagsterRunStatus.FAILURE or run_tags.WILL_RETRY in r.tags
+        or any(newer.status == dg.DagsterRunStatus.SUCCESS for newer in runs[:i])
+        for i, r in enumerate(runs)
+    )  # fmt: skip
 
 
 def started(instance, batch_id: str):
