@@ -112,7 +112,7 @@ def two_batches(tmp_path_factory, full_source_bytes) -> Path:
 @pytest.mark.e2e
 def test_demo_serves_from_the_first_promotion_and_follows_the_next_without_a_restart(tmp_path, two_batches):
     # --timeout bounds each run the demo waits for (it then names the log to read); the whole demo waits for about ten
-    # runs, so it gets more: on two loaded cores the 900 s this test once gave all of it ran out.
+    # runs, so the whole gets more than one run's bound: on two loaded cores a single bound for all of it ran out.
     result = readmission("demo", "--port", str(free_port()), "--timeout", "900", home=tmp_path, source=two_batches, timeout=2400)
 
     assert result.returncode == 0, result.stdout + result.stderr

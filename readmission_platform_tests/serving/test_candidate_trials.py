@@ -65,8 +65,8 @@ def test_a_slow_candidate_is_given_up_at_its_budget_and_skipped_while_still_runn
         return first, waited, second
 
     first, waited, second = asyncio.run(twice())
-    # Given up at the budget, not before it; that it did not wait for the slow call (0.5 s) is what the second call
-    # shows, with no clock: the first call is still running when it comes. (A bound on the wait from above would only
+    # Given up at the budget, not before it; that it did not wait for the slow call is what the second call shows,
+    # with no clock: the first call is still running when it comes. (A bound on the wait from above would only
     # measure the machine's load.)
     assert first.error == "slower than 100 ms" and waited >= 0.09
     assert second.error.startswith("slower than 100 ms: an earlier call is still running")

@@ -43,7 +43,8 @@ def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, 
         return dg.SkipReason("no features partition has been materialized yet")
     from readmission_platform.lib.registry import trained_batches
 
-    production = mlflow.registry().production()
+    registry = mlflow.registry()
+    production = registry.production()
     trained = set(trained_batches(production))
     new = {key: record for key, record in batches.items() if key not in trained}
     new_rows = sum(_metadata_value(record, "dagster/row_count") or 0 for record in new.values())
@@ -62,7 +63,6 @@ def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, 
         )
     # A retrain reads every batch loaded when its training_set runs, not only those of its request: batches that landed
     # while it was queued were trained on already, and retraining on the same rows would register the same model again.
-    registry = mlflow.registry()
     newest = next(iter(registry.versions()), None)
     last_set = context.instance.fetch_materializations(dg.AssetKey("training_set"), limit=1).records
     if (
