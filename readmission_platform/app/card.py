@@ -8,10 +8,10 @@ from typing import Any
 
 import polars as pl
 
+from readmission_platform.lib.live import LIVE_TABLE as LIVE
+from readmission_platform.lib.promotion import DECISIONS as PROMOTIONS
 from readmission_platform.lib.warehouse import open_warehouse
 
-PROMOTIONS = "promotion_decisions"
-LIVE = "live_performance"
 PROMOTION_COLUMNS = ("decided_at", "action", "challenger_version", "champion_version", "production_version",
                      "challenger_test_roc_auc", "champion_test_roc_auc", "reason")  # fmt: skip
 # The sections of a model card the page draws when /model has them (learner and rollout keys), by key.

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from readmission_platform.app import state
-from readmission_platform.app.card import SECTIONS, figure, metrics_table, recorded, table
+from readmission_platform.app.card import PROMOTIONS, SECTIONS, figure, metrics_table, recorded, table
 from readmission_platform.lib.warehouse import WarehouseError
 
 st.title("The model serving now")
@@ -50,7 +50,7 @@ for key, title in SECTIONS.items():
             st.line_chart(given, x="mean_predicted", y="observed_rate")
     elif key in records:
         st.dataframe(records[key], hide_index=True)
-        st.caption(f"from the warehouse's `{key if key != 'promotion_history' else 'promotion_decisions'}` table")
+        st.caption(f"from the warehouse's `{key if key != 'promotion_history' else PROMOTIONS}` table")
     else:
         st.caption(f"Not reported: this service's /model has no `{key}`, and the warehouse holds none yet.")
 
