@@ -3,7 +3,9 @@
 Measures the service as shipped (the fast single-encounter path) and, in the same run, the same service with
 READMISSION_FAST_PATH=0, which scores each request with the pipeline's own predict_proba on a one-row frame: the
 way a straightforward service would. Reports requests/s, p50/p95/p99 latency and failures, and checks that the
-prediction log holds a row for every answered request.
+prediction log holds a row for every answered request. Then the ceiling: a trivial BentoML service that answers a
+constant on the same route, with the same request model and server settings (`ceiling/service.py`), under the same
+load; the service as shipped should keep at least 80 % of its throughput with at most 1.5× its p99.
 
 `--rollout` measures instead, side by side, the service as shipped with production alone and with a candidate in
 shadow (a second version of the same model, scored beside production on every request and logged): the targets are
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serving_setup import prepare, wait_for_candidate  # noqa: E402
 
 from readmission_platform.serving.prediction_log import count_predictions  # noqa: E402
-from readmission_platform.serving.server import running_server  # noqa: E402
+from readmission_platform.serving.server import free_port, running_server, stop, wait_until_answering  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "loadtest.json"
@@ -35,6 +37,8 @@ TARGET_RPS, TARGET_P99_MS = 500.0, 50.0
 VARIANTS = {"fast path (as shipped)": "1", "pipeline per request (baseline)": "0"}
 ROLLOUT_VARIANTS = {"production alone": False, "with a shadow": True}
 MIN_SHADOW_THROUGHPUT, MAX_SHADOW_P99 = 2 / 3, 1.5
+CEILING = "constant answer (ceiling)"
+MIN_CEILING_THROUGHPUT, MAX_CEILING_P99 = 0.8, 1.5
 
 
 def locust(url: str, encounters: Path, users: int, seconds: int, prefix: Path) -> dict:
@@ -80,6 +84,23 @@ def measure(setup, encounters: Path, fast: str, users: int, seconds: int, folder
     return result
 
 
+def measure_ceiling(encounters: Path, users: int, seconds: int, folder: Path) -> dict:
+    """The same load against `ceiling/service.py` under `bentoml serve`, warmed up the same way."""
+    port, log_path = free_port(), folder / "bentoml-serve-ceiling.log"
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).with_name("bentoml")), "serve", "service:Ceiling", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "BENTOML_HOME": str(folder / "bentoml-ceiling")}
+    with open(log_path, "wb") as output:
+        process = subprocess.Popen(command, env=env, cwd=HERE / "ceiling", stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until_answering(process, f"{url}/readyz", "the ceiling's bentoml serve", 120, log_path)
+            for body in json.loads(encounters.read_text())[:200]:
+                httpx.post(f"{url}/predict", json=body, timeout=30).raise_for_status()
+            return locust(url, encounters, users, seconds, folder / "locust_ceiling")
+        finally:
+            stop(process)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=8, help="concurrent clients (default 8)")
@@ -100,18 +121,31 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{name}: {args.users} clients for {args.seconds} s against one worker …", flush=True)
             results[name] = measure(setup, encounters, fast, args.users, args.seconds, Path(folder))
+        if not args.skip_baseline:
+            print(f"{CEILING}: {args.users} clients for {args.seconds} s against one worker …", flush=True)
+            ceiling = measure_ceiling(encounters, args.users, args.seconds, Path(folder))
     print(f"\n{'':34}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'failures':>10}{'logged':>9}")
     for name, r in results.items():
         print(f"{name:34}{r['requests_per_s']:8.0f}{r['p50_ms']:9.0f}{r['p95_ms']:9.0f}{r['p99_ms']:9.0f}"
               f"{r['failures']:>10}{r['logged_rows']:>9}")  # fmt: skip
+    if not args.skip_baseline:
+        print(f"{CEILING:34}{ceiling['requests_per_s']:8.0f}{ceiling['p50_ms']:9.0f}{ceiling['p95_ms']:9.0f}"
+              f"{ceiling['p99_ms']:9.0f}{ceiling['failures']:>10}{'—':>9}")  # fmt: skip
     shipped = results["fast path (as shipped)"]
     baseline = results.get("pipeline per request (baseline)")
     if baseline:
         print(f"throughput ratio fast / baseline: {shipped['requests_per_s'] / baseline['requests_per_s']:.1f}×")
+        throughput, p99 = shipped["requests_per_s"] / ceiling["requests_per_s"], shipped["p99_ms"] / ceiling["p99_ms"]
+        within = throughput >= MIN_CEILING_THROUGHPUT and p99 <= MAX_CEILING_P99
+        print(f"fast / ceiling: throughput {throughput:.2f}× (≥ {MIN_CEILING_THROUGHPUT}), p99 {p99:.2f}× (≤ {MAX_CEILING_P99}): "
+              f"{'met' if within else 'NOT met'}")  # fmt: skip
+        results[CEILING] = ceiling
     met = shipped["requests_per_s"] >= TARGET_RPS and shipped["p99_ms"] <= TARGET_P99_MS and shipped["failures"] == 0
     print(f"target ≥ {TARGET_RPS:.0f} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms, no failures, one worker, log on: "
           f"{'met' if met else 'NOT met'}")  # fmt: skip
     for name, r in results.items():
+        if name == CEILING:
+            continue
         print(f"{name}: {r['answered']:,} predictions answered (warm-up included), {r['logged_rows']:,} rows in the "
               f"prediction log, {r['log_dropped']:.0f} dropped")  # fmt: skip
     RESULTS.parent.mkdir(exist_ok=True)

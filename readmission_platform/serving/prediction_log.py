@@ -206,12 +206,17 @@ class PredictionLog:
         capacity: int = 100_000,
         batch_rows: int = 5_000,
         flush_seconds: float = 0.5,
+        gather_seconds: float = 0.05,
         on_drop: Callable[[int], None] = lambda n: None,
         nice: int = 0,
     ) -> None:
         """`nice`: the writer thread's niceness on Linux (0: as the thread that made the log). Below 0 it gets more of
         the CPU than the threads that make predictions, so that under load it keeps up instead of dropping rows; that
-        needs CAP_SYS_NICE (root has it), and without it the writer keeps the default and says so once."""
+        needs CAP_SYS_NICE (root has it), and without it the writer keeps the default and says so once.
+
+        `gather_seconds`: after a write, the rows that come in are gathered this long before the next one (unless
+        `batch_rows` of them wait). Under a load of single requests a write otherwise took one or two rows, and its
+        fixed cost (a frame, its Arrow form, a transaction), paid per row, was most of the worker's CPU."""
         self.url = url
         self._nice = nice
         # The table is made by the writer on its first write: a log database that is down when the service starts
@@ -226,9 +231,12 @@ class PredictionLog:
         self._ready = threading.Condition()
         self._batch_rows = batch_rows
         self._flush_seconds = flush_seconds
+        self._gather_seconds = gather_seconds
+        self._written_at = float("-inf")  # when the last write ended (time.monotonic)
         self._on_drop = on_drop
         self.dropped = 0
         self.written = 0
+        self.writes = 0  # transactions that wrote rows
         self.failed = 0
         self._closed = False
         self._writer = threading.Thread(target=self._run, name="prediction-log", daemon=True)
@@ -266,6 +274,9 @@ class PredictionLog:
         with self._ready:
             if not self._pending and not self._closed:
                 self._ready.wait(self._flush_seconds)
+            gather = self._written_at + self._gather_seconds - time.monotonic()
+            if gather > 0:
+                self._ready.wait_for(lambda: self._closed or self._pending_rows >= self._batch_rows, gather)
             items, rows = [], 0
             while self._pending and rows < self._batch_rows:
                 item = self._pending.popleft()
@@ -351,6 +362,7 @@ class PredictionLog:
                 else:
                     self._insert_postgres(rows)
                 self.written += count
+                self.writes += 1
                 return
             except (sa.exc.SQLAlchemyError, AdbcError) as error:
                 log.warning("prediction log: writing %d rows failed (attempt %d): %s", count, attempt + 1, error)
@@ -372,6 +384,7 @@ class PredictionLog:
             items, finished = self._take()
             if items:
                 self._write(items)
+                self._written_at = time.monotonic()
             if finished:
                 return
 

@@ -59,6 +59,19 @@ def test_every_row_is_written_and_a_clean_close_loses_nothing(url):
     assert log.written == 1_000 and log.dropped == 0 and count_predictions(url) == 1_000
 
 
+def test_single_rows_coming_one_by_one_are_gathered_into_few_writes(url):
+    log = PredictionLog(url, gather_seconds=0.05)
+    started = time.monotonic()
+    for i in range(300):  # a request a millisecond, as under load
+        assert log.record([row(i)]) == 0
+        time.sleep(0.001)
+    elapsed = time.monotonic() - started
+    log.close()
+    assert log.written == 300 and count_predictions(url) == 300
+    # At most one write per gathering window, besides the first row's (written at once) and the close's.
+    assert log.writes <= elapsed / 0.05 + 2, f"{log.writes} writes in {elapsed:.2f} s"
+
+
 def test_a_full_queue_drops_rows_and_counts_them_without_waiting(tmp_path):
     url = f"sqlite:///{tmp_path / 'p.sqlite'}"
     engine_for(url).dispose()
