@@ -41,7 +41,7 @@ def paired_auc_difference(patients, y, first, second, *, resamples: int, seed: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--family", default=training.HIST_GRADIENT_BOOSTING, choices=training.FAMILIES)
+    parser.add_argument("--family", default=training.HIST_GRADIENT_BOOSTING, choices=training.KNOWN_FAMILIES)
     parser.add_argument("--resamples", type=int, default=500)
     args = parser.parse_args()
     from datetime import UTC, datetime

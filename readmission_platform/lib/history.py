@@ -20,9 +20,7 @@ predictions (what serving stores), and `history_values` turns states and the enc
 into the `HISTORY_FEATURES` (`history_expressions`, `record_history`). Without a state (no patient identifier in a request) the features are those of a first
 encounter, which is what 70 % of training encounters are, and the answer says that no history was used.
 
-What it is worth: issue 17 measured +0.014 [+0.009, +0.020] test ROC-AUC (paired patient bootstrap, same learner) from
-features like these; only 30 % of test encounters have an earlier one. These features, by `benchmarks/history_gain.py`
-on the platform's split: 0.6736 → 0.6824, +0.0088 [+0.0030, +0.0142] (README.md, Patient history).
+What it is worth, measured by `benchmarks/history_gain.py` on the platform's split: README.md, Patient history.
 """
 
 from __future__ import annotations
