@@ -18,6 +18,7 @@ import polars as pl
 import pyarrow as pa
 
 from readmission_platform.lib.encounter import REQUEST_DTYPES
+from readmission_platform.lib.history import KEY as PATIENT_KEY
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.warehouse import quote
 
@@ -27,15 +28,14 @@ RESULT_TYPES: dict[str, pl.DataType] = {
     "request_id": pl.String(), "predicted_at": TIME, "endpoint": pl.String(), "model_name": pl.String(),
     "model_version": pl.String(), "probability": pl.Float64(), "decision": pl.Boolean(), "risk_band": pl.String(),
     "stage": pl.String(), "shadow_version": pl.String(), "shadow_probability": pl.Float64(), "candidate_error": pl.String(), "candidate_ms": pl.Float64(),
-    "patient_key": pl.String(),
+    # Added for history as outcomes arrive (issue 17): the keyed hash of the request's patient_id
+    # (`history.patient_key`), null without one; a log written before reads it as null.
+    PATIENT_KEY: pl.String(),
 }  # fmt: skip
 TYPES: dict[str, pl.DataType] = RESULT_TYPES | dict(REQUEST_DTYPES)
 # Added for rollouts (issue 15): a log written before has none of them until a worker writes to it again, and its rows
 # read with them NULL; a NULL `stage` reads as production, which answered every request then.
 ROLLOUT_COLUMNS = ("stage", "shadow_version", "shadow_probability", "candidate_error", "candidate_ms")
-# Added for history as outcomes arrive (issue 17): the keyed hash of the request's patient_id (`history.patient_key`),
-# null without one; a log written before reads it as null.
-PATIENT_KEY = "patient_key"
 PRODUCTION_STAGE = "production"
 # How the writer stores a time in SQLite (UTC, without the offset); as text, it orders as the time does.
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S%.f"

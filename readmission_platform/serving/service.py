@@ -50,6 +50,7 @@ from readmission_platform.lib.encounter import (
     record,
 )
 from readmission_platform.lib.features import FEATURE_COLUMNS, by_field, record_features
+from readmission_platform.lib.predictions import PATIENT_KEY
 from readmission_platform.lib.registry import CANARY, PRODUCTION, SHADOW
 from readmission_platform.lib.routing import canary_rows, to_canary
 from readmission_platform.serving.contract import (
@@ -204,7 +205,7 @@ class ReadmissionService:
         self.log.record(
             [{"request_id": request_id, "endpoint": endpoint, "model_name": model.name, "model_version": model.version,
               "probability": probability, "decision": decision, "risk_band": band, "stage": stage, **rollout,
-              "patient_key": patient, "inputs": given}]
+              PATIENT_KEY: patient, "inputs": given}]
         )  # fmt: skip
         return decision, band
 
@@ -294,7 +295,7 @@ class ReadmissionService:
         self.log.record_frame(
             answers.with_columns(
                 scored.select(FIELDS), endpoint=pl.lit("predict_batch"), model_name=pl.lit(model.name),
-                patient_key=patients if patients is not None else pl.lit(None, pl.String),
+                **{PATIENT_KEY: patients if patients is not None else pl.lit(None, pl.String)},
                 **candidate_frame_columns(candidate, trial, routed, scored.height),
             )  # fmt: skip
         )
