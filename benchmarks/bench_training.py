@@ -108,13 +108,6 @@ def bare_lightgbm(train: pl.DataFrame, params: dict | None) -> float:
     return time.perf_counter() - started
 
 
-def registry_run_params(decided: dict) -> dict[str, str]:
-    """The MLflow parameters of the promoted version's run."""
-    registry = MlflowResource(tracking_uri=decided["tracking_uri"]).registry()
-    run_id = registry.version(decided["production_version"]).run_id
-    return registry.client.get_run(run_id).data.params
-
-
 def quality(model, test: pl.DataFrame, prevalence: float, threshold: float, resamples: int) -> dict:
     """Test ROC-AUC, PR-AUC, Brier with patient-bootstrap intervals, the calibration slope and the subgroups."""
     y, probability = labels(test), predict_probability(model, test)
@@ -184,14 +177,14 @@ def main(argv: list[str] | None = None) -> None:
         if not stored.equals(frame.sort("encounter_id").select(HISTORY_FEATURES)):
             raise SystemExit("training_set's history features differ from lib/history's on the same raw encounters")
         # The promoted learner bare, in its promoted setting (the run's parameters but the platform's own).
-        run = registry_run_params(decided)
+        registry = MlflowResource(tracking_uri=decided["tracking_uri"]).registry()
+        run = registry.client.get_run(registry.version(decided["production_version"]).run_id).data.params
         setting = {k: json.loads(v) for k, v in run.items() if k not in ("family", "threshold")}
         if run.get("family") != LIGHTGBM:
             raise SystemExit(f"the promoted family is {run.get('family')}; the baseline is a bare LightGBM fit")
         bare_seconds = statistics.median(bare_lightgbm(train, setting) for _ in range(args.repeats))
         default_seconds = statistics.median(bare_lightgbm(train, None) for _ in range(args.repeats))
 
-        registry = MlflowResource(tracking_uri=decided["tracking_uri"]).registry()
         model = registry.load_model(decided["production_version"])
         prevalence = float(labels(train).mean())
         threshold = float(registry.version(decided["production_version"]).tags["threshold"])
