@@ -303,6 +303,9 @@ def report(results: dict) -> str:
     lines += ["", f"targets ({results['rows']:,} encounters in {results['batches']} batches)"]
     for name, met in targets["under_10_seconds"].items():
         lines.append(f"  {LABELS[name]} under {TARGET_SECONDS:.0f} s: {'met' if met else 'NOT met'}")
+    if (duckdb_first := targets["duckdb_at_most_postgres"]) is not None:
+        over = backends[DUCKDB]["median_seconds"] / backends[POSTGRES]["median_seconds"]
+        lines.append(f"  {LABELS[DUCKDB]} / {LABELS[POSTGRES]} time = {over:.2f}× (≤ 1×: {'met' if duckdb_first else 'NOT met'})")
     if (ratio := results["ratio_postgres_over_baseline"]) is not None:
         verdict = "met" if targets["ratio_at_least_10x"] else "NOT met"
         lines.append(f"  {LABELS[POSTGRES]} throughput / baseline = {ratio:.2f}× (≥ {TARGET_RATIO:.0f}×: {verdict})")
@@ -376,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
         },
         "targets": {
             "under_10_seconds": {name: backends[name]["median_seconds"] < TARGET_SECONDS for name in platforms},
+            "duckdb_at_most_postgres": None
+            if POSTGRES not in backends
+            else backends[DUCKDB]["median_seconds"] <= backends[POSTGRES]["median_seconds"],
             "ratio_at_least_10x": None if ratio is None else ratio >= TARGET_RATIO,
         },
     }

@@ -30,7 +30,11 @@ from readmission_platform.lib.warehouse.base import (
 # that fill none wait for the commit, which then compresses them on the committing thread, after the pass has
 # computed everything. Row groups smaller than a batch move that work into the loader thread, while the pass computes
 # the next stage, and leave the commit little more than the WAL's pointers to the blocks already written.
-ROW_GROUP_SIZE = 8_192
+ROW_GROUP_SIZE = 4_096
+# Rows reach DuckDB in Arrow batches of two row groups each: an INSERT of one batch's table then keeps more than one
+# of DuckDB's threads filling and compressing groups, where with groups as large as the Arrow batches it kept one
+# (measured in benchmarks/README.md, with the file's size and read time beside).
+ARROW_BATCH_ROWS = 2 * ROW_GROUP_SIZE
 ALIAS = "warehouse"
 
 
@@ -148,9 +152,9 @@ class DuckDBWarehouse(Warehouse):
         if frame.height:
             # Arrow's string views are polars' own strings and DuckDB's layout: no copy into offsets and bytes first.
             incoming = frame.select(list(columns)).to_arrow(compat_level=pl.CompatLevel.newest())
-            # One Arrow batch a row group: DuckDB's threads then each fill and compress a group of their own, where
-            # the frame's own chunks, which fill none, were gathered into groups again before they were written.
-            batches = incoming.combine_chunks().to_batches(max_chunksize=ROW_GROUP_SIZE)
+            # Arrow batches of whole row groups: DuckDB's threads then each fill and compress groups of their own,
+            # where the frame's own chunks, which fill none, were gathered into groups again before they were written.
+            batches = incoming.combine_chunks().to_batches(max_chunksize=ARROW_BATCH_ROWS)
             connection.register("incoming", pa.Table.from_batches(batches, schema=incoming.schema))
             connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
             connection.unregister("incoming")
