@@ -250,7 +250,10 @@ class PredictionLog:
             else:
                 self._pending.append(item)
                 self._pending_rows += rows
-                self._ready.notify()
+                # The writer waits either for a first row or, gathering, for a batch's worth: woken for every row, it
+                # would take the GIL from the event loop once per request only to wait again.
+                if len(self._pending) == 1 or self._pending_rows >= self._batch_rows:
+                    self._ready.notify()
                 return 0
         self.dropped += dropped
         self._on_drop(dropped)
