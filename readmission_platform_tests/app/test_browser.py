@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from readmission_platform.app.server import running_app
-from readmission_platform.lib.predictions import read_predictions
 from readmission_platform_tests.app.conftest import TOKEN
+from readmission_platform_tests.serving.conftest import logged_once
 
 pytestmark = pytest.mark.browser
 
@@ -61,7 +61,9 @@ def test_a_clinician_fills_the_form_and_reads_the_risk_and_what_drove_it(app_ser
     assert screenshot.stat().st_size > 20_000
 
     # What the page showed is what the service logged for the encounter the form sent.
-    logged = read_predictions(app_service.settings.prediction_log_url, ["endpoint", "probability", "number_inpatient", "diag_1"])
-    sent = logged.filter((pl.col("endpoint") == "predict") & (pl.col("number_inpatient") == 5) & (pl.col("diag_1") == "486"))
+    form = (pl.col("endpoint") == "predict") & (pl.col("number_inpatient") == 5) & (pl.col("diag_1") == "486")
+    logged = logged_once(app_service.settings.prediction_log_url, ["endpoint", "probability", "number_inpatient", "diag_1"],
+                         lambda f: f.filter(form).height > 0, "the form's encounter")  # fmt: skip
+    sent = logged.filter(form)
     assert sent.height == 1
     assert shown == f"{100 * sent['probability'][0]:.1f} %"

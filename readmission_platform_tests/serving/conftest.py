@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from readmission_platform.lib.encounter import from_clean
 from readmission_platform.lib.history import HISTORY_FEATURES
+from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.registry import ModelRegistry
 from readmission_platform.lib.training import Candidate, model_input
 from readmission_platform.serving.server import running_server
@@ -32,6 +34,16 @@ def new_home(new_mlflow_store):
         return settings
 
     return make
+
+
+def logged_once(url: str, columns: Sequence[str], done: Callable[[pl.DataFrame], bool], what: str, seconds: float = 20) -> pl.DataFrame:
+    """The prediction log's `columns` once `done` holds for them: the service writes its rows from a queue, a moment
+    after it answers. Fails naming `what` if they do not get there within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not done(logged := read_predictions(url, columns)):
+        assert time.monotonic() < deadline, f"{what} never reached the prediction log"
+        time.sleep(0.2)
+    return logged
 
 
 def registry_of(settings: Settings) -> ModelRegistry:
