@@ -29,7 +29,7 @@ from readmission_platform.defs.training import checks as training_checks
 from readmission_platform.defs.training.assets import trained_model, training_set
 from readmission_platform.lib import metrics, schema
 from readmission_platform.lib.cleaning import clean
-from readmission_platform.lib.evaluation import SUBGROUP_COLUMNS, age_band, subgroup_tables
+from readmission_platform.lib.evaluation import subgroup_tables, subgroups
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_SCHEMA, build_features
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.paired import paired_bootstrap
@@ -128,14 +128,7 @@ def subgroup_differences(promoted, today, test: pl.DataFrame, resamples: int) ->
     interval short of zero is what chance alone gives about half the time."""
     y = labels(test)
     a, b = predict_probability(promoted, test), predict_probability(today, without_history(test))
-    groups = test.with_columns(age_band=age_band(pl.col("age_years")))
-    masks = {}
-    for column in SUBGROUP_COLUMNS:
-        names = groups[column].cast(pl.String).fill_null("missing")  # as metrics.subgroup_report names them
-        for group in names.unique().sort():
-            rows = (names == group).to_numpy()
-            if 0 < y[rows].sum() < rows.sum():
-                masks[f"{column}={group}"] = rows
+    masks = {f"{column}={group}": rows for column, group, rows in subgroups(test) if 0 < y[rows].sum() < rows.sum()}
     patients, family_level = test["patient_nbr"].to_numpy(), 1 - 0.05 / len(masks)
     found = {}
     for name, rows in masks.items():

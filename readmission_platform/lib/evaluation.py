@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import polars as pl
 
 from readmission_platform.lib import metrics
@@ -24,10 +27,24 @@ def evaluate_model(model, part: pl.DataFrame, *, threshold: float, prevalence: f
     return metrics.evaluate(labels(part), predict_probability(model, part), threshold=threshold, prevalence=prevalence)
 
 
+def with_age_band(part: pl.DataFrame) -> pl.DataFrame:
+    return part.with_columns(age_band=age_band(pl.col("age_years")))
+
+
+def subgroups(part: pl.DataFrame) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(attribute, group, its rows as a boolean mask) of every gender, race and age-band group of `part`, named as
+    `subgroup_tables` names them."""
+    groups = with_age_band(part)
+    for column in SUBGROUP_COLUMNS:
+        names = metrics.group_labels(groups[column])
+        for group in names.unique().sort():
+            yield column, group, (names == group).to_numpy()
+
+
 def subgroup_tables(model, part: pl.DataFrame, *, threshold: float) -> pl.DataFrame:
     """ROC-AUC, Brier, positive rate and calibration by gender, race and age band, one row per group."""
     y, p = labels(part), predict_probability(model, part)
-    groups = part.with_columns(age_band=age_band(pl.col("age_years")))
+    groups = with_age_band(part)
     return pl.concat(
         [
             metrics.subgroup_report(groups[name], y, p, threshold=threshold).insert_column(0, pl.lit(name).alias("by"))

@@ -124,13 +124,18 @@ def calibration_table(y_true, probability, bins: int = 10) -> pl.DataFrame:
     )
 
 
+def group_labels(groups) -> pl.Series:
+    """Each row's group as `subgroup_report` names it: its value as text, "missing" where there is none."""
+    return pl.Series(groups).cast(pl.String).fill_null("missing")
+
+
 def subgroup_report(groups, y_true, probability, *, threshold: float) -> pl.DataFrame:
     """One row per value of `groups` (gender, race, age band …): size, ROC-AUC, Brier and calibration in the large.
 
     ROC-AUC is None for a group whose rows are all of one class.
     """
     y, p = _checked(y_true, probability)
-    labels = pl.Series(groups).cast(pl.String).fill_null("missing")
+    labels = group_labels(groups)
     if len(labels) != len(y):
         raise ValueError(f"groups has {len(labels)} values and y_true {len(y)}; expected one group per row")
     rows = []
