@@ -10,14 +10,12 @@ import numpy as np
 import polars as pl
 from scipy.special import expit
 from sklearn.metrics import (
-    average_precision_score,
     brier_score_loss,
     f1_score,
     log_loss,
     precision_recall_curve,
     precision_score,
     recall_score,
-    roc_auc_score,
 )
 
 BOOTSTRAP_METRICS = ("roc_auc", "pr_auc", "brier")
@@ -81,12 +79,52 @@ def choose_threshold(y_true, probability) -> float:
     return float(thresholds[np.argmax(f1)])
 
 
+def tie_starts(sorted_scores: np.ndarray) -> np.ndarray:
+    """The first position of each run of equal values in `sorted_scores`."""
+    return np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+
+
+def tied_weights(y_sorted: np.ndarray, starts: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weight of readmitted and of other rows at each distinct score, under each row of `weight` (resamples × rows,
+    the rows in rising order of the score, as `y_sorted`, with `starts` = `tie_starts` of the sorted scores)."""
+    positive, negative = weight * y_sorted, weight * (1 - y_sorted)
+    if len(starts) == weight.shape[1]:
+        return positive, negative
+    return np.add.reduceat(positive, starts, axis=1), np.add.reduceat(negative, starts, axis=1)
+
+
+def roc_auc_of(tied_positive: np.ndarray, tied_negative: np.ndarray) -> np.ndarray:
+    """ROC-AUC of each row of `tied_weights`: a readmission outranks every other row of a lower score and half of
+    those of its own, as scikit-learn counts ties; NaN for a row without both classes."""
+    below = np.cumsum(tied_negative, axis=1) - tied_negative / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (tied_positive * below).sum(axis=1) / (tied_positive.sum(axis=1) * tied_negative.sum(axis=1))
+
+
+def average_precision_of(tied_positive: np.ndarray, tied_negative: np.ndarray) -> np.ndarray:
+    """Average precision (scikit-learn's, not interpolated) of each row of `tied_weights`: from the highest score down,
+    each cut adds its readmissions times its precision; NaN for a row without readmissions."""
+    true, false = np.cumsum(tied_positive[:, ::-1], axis=1), np.cumsum(tied_negative[:, ::-1], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.divide(true, true + false, out=np.zeros_like(true), where=(true + false) > 0)
+        return (tied_positive[:, ::-1] * precision).sum(axis=1) / tied_positive.sum(axis=1)
+
+
+def _ranking_of(y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ROC-AUC and average precision of `p` under each row of `weight` (one row of ones if None)."""
+    order = np.argsort(p, kind="stable")
+    w = np.ones((1, len(y))) if weight is None else weight[:, order]
+    tied = tied_weights(y[order].astype(float), tie_starts(p[order]), w)
+    return roc_auc_of(*tied), average_precision_of(*tied)
+
+
 def ranking(y_true, probability) -> dict[str, float]:
     """ROC-AUC and PR-AUC (average precision): how well the probabilities order readmitted before not readmitted."""
     y, p = _checked(y_true, probability)
     if not _both_classes(y):
         raise ValueError(f"ranking metrics need rows of both classes; all {len(y)} rows have y_true == {int(y[0])}")
-    return {"roc_auc": float(roc_auc_score(y, p)), "pr_auc": float(average_precision_score(y, p))}
+    roc_auc, pr_auc = _ranking_of(y, p)
+    return {"roc_auc": float(roc_auc[0]), "pr_auc": float(pr_auc[0])}
 
 
 def evaluate(y_true, probability, *, threshold: float, prevalence: float) -> dict[str, float]:
@@ -147,7 +185,7 @@ def subgroup_report(groups, y_true, probability, *, threshold: float) -> pl.Data
                 "group": group,
                 "rows": int(mask.sum()),
                 "positives": int(y_group.sum()),
-                "roc_auc": float(roc_auc_score(y_group, p_group)) if _both_classes(y_group) else None,
+                "roc_auc": float(_ranking_of(y_group, p_group)[0][0]) if _both_classes(y_group) else None,
                 "brier": float(np.mean((p_group - y_group) ** 2)),
                 "positive_rate": float((p_group >= threshold).mean()),
                 "mean_predicted": float(p_group.mean()),
@@ -158,15 +196,7 @@ def subgroup_report(groups, y_true, probability, *, threshold: float) -> pl.Data
     return report.sort("rows", descending=True, maintain_order=True)
 
 
-def _weighted_scores(y: np.ndarray, p: np.ndarray, weight: np.ndarray) -> tuple[float, float, float]:
-    brier = float(np.average((p - y) ** 2, weights=weight))
-    if not _both_classes(y):
-        return np.nan, np.nan, brier
-    return (
-        float(roc_auc_score(y, p, sample_weight=weight)),
-        float(average_precision_score(y, p, sample_weight=weight)),
-        brier,
-    )
+_CHUNK = 50  # resamples scored together
 
 
 def bootstrap_intervals(
@@ -185,14 +215,22 @@ def bootstrap_intervals(
         raise ValueError(f"patients has {len(patient_index)} values and y_true {len(y)}; expected one id per row")
     count = int(patient_index.max()) + 1
     rng = np.random.default_rng(seed)
-    draws = np.empty((resamples, len(BOOTSTRAP_METRICS)))
-    for r in range(resamples):
-        weight = np.bincount(rng.integers(0, count, count), minlength=count)[patient_index]
-        drawn = weight > 0
-        draws[r] = _weighted_scores(y[drawn], p[drawn], weight[drawn])
+    # Rows in rising probability once; each resample is then a row of weights, scored with the others in array
+    # operations (`tied_weights`), a chunk of resamples at a time to bound the memory.
+    order = np.argsort(p, kind="stable")
+    y_sorted, starts, patient_sorted, squared = y[order].astype(float), tie_starts(p[order]), patient_index[order], (p[order] - y[order]) ** 2
+    draws = []
+    for first in range(0, resamples, _CHUNK):
+        weight = np.stack([np.bincount(rng.integers(0, count, count), minlength=count) for _ in range(min(_CHUNK, resamples - first))])
+        weight = weight[:, patient_sorted].astype(float)
+        tied = tied_weights(y_sorted, starts, weight)
+        scores = np.column_stack([roc_auc_of(*tied), average_precision_of(*tied), weight @ squared / weight.sum(axis=1)])
+        scores[(tied[0].sum(axis=1) == 0) | (tied[1].sum(axis=1) == 0), :2] = np.nan  # a resample of one class
+        draws.append(scores)
     tail = (1 - level) / 2 * 100
-    lower, upper = np.nanpercentile(draws, [tail, 100 - tail], axis=0)
-    estimate = _weighted_scores(y, p, np.ones(len(y)))
+    lower, upper = np.nanpercentile(np.concatenate(draws), [tail, 100 - tail], axis=0)
+    roc_auc, pr_auc = _ranking_of(y, p)
+    estimate = (float(roc_auc[0]), float(pr_auc[0]), float(squared.mean()))
     return pl.DataFrame({"metric": BOOTSTRAP_METRICS, "estimate": estimate, "lower": lower, "upper": upper})
 
 
@@ -226,14 +264,6 @@ def calibration_fit(y_true, probability, weight=None) -> dict[str, float]:
 RESAMPLED_METRICS = ("roc_auc", "pr_auc", "brier", "calibration_intercept", "calibration_slope", "positive_rate", "observed_rate")
 
 
-def _scores(y: np.ndarray, p: np.ndarray, flagged: np.ndarray, weight: np.ndarray) -> list[float]:
-    roc_auc, pr_auc, brier = _weighted_scores(y, p, weight)
-    fit = calibration_fit(y, p, weight) if _both_classes(y) else {"calibration_intercept": np.nan, "calibration_slope": np.nan}
-    total = weight.sum()
-    return [roc_auc, pr_auc, brier, fit["calibration_intercept"], fit["calibration_slope"],
-            float(weight @ flagged / total), float(weight @ y / total)]  # fmt: skip
-
-
 def cell_scores(y: np.ndarray, p: np.ndarray, flagged: np.ndarray, squared_error: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """RESAMPLED_METRICS of many resamples at once: cells (one label and flag each, `p` their probability in rising
     order, `squared_error` their rows' mean) drawn `counts` times (resamples × cells).
@@ -242,18 +272,11 @@ def cell_scores(y: np.ndarray, p: np.ndarray, flagged: np.ndarray, squared_error
     (the tests hold them equal), in array operations over all resamples instead of a scikit-learn call per resample.
     """
     w = counts.astype(float)
-    positive, negative = w * y, w * (1 - y)
-    readmitted, other, total = positive.sum(1), negative.sum(1), w.sum(1)
-    starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # the first cell of each probability
-    tied_positive, tied_negative = np.add.reduceat(positive, starts, axis=1), np.add.reduceat(negative, starts, axis=1)
+    readmitted, total = w @ y, w.sum(1)
+    other = total - readmitted
+    tied = tied_weights(y, tie_starts(p), w)
+    roc_auc, pr_auc = roc_auc_of(*tied), average_precision_of(*tied)
     with np.errstate(divide="ignore", invalid="ignore"):
-        # A readmission outranks every other encounter of a lower probability, and half of those of its own.
-        below = np.cumsum(tied_negative, axis=1) - tied_negative / 2
-        roc_auc = (tied_positive * below).sum(1) / (readmitted * other)
-        # Average precision: from the highest probability down, each cut adds its readmissions times its precision.
-        true, false = np.cumsum(tied_positive[:, ::-1], axis=1), np.cumsum(tied_negative[:, ::-1], axis=1)
-        precision = np.divide(true, true + false, out=np.zeros_like(true), where=(true + false) > 0)
-        pr_auc = (tied_positive[:, ::-1] * precision).sum(1) / readmitted
         logit = np.log(np.clip(p, 1e-9, 1 - 1e-9) / np.clip(1 - p, 1e-9, 1 - 1e-9))
         intercept, slope, shift = np.zeros(len(w)), np.ones(len(w)), np.zeros(len(w))
         for _ in range(50):

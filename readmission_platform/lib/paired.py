@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm, rankdata
 
+from readmission_platform.lib.metrics import roc_auc_of, tie_starts, tied_weights
+
 PAIRED_METRICS = ("roc_auc", "brier")
 
 
@@ -105,22 +107,6 @@ def delong(y_true, score_a, score_b, *, level: float = 0.95) -> DeLong:
     return DeLong(float(auc[0]), float(auc[1]), difference, se, float(z), p, difference - half, difference + half)
 
 
-def _tie_starts(sorted_scores: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-
-
-def _weighted_auc(y_sorted: np.ndarray, starts: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """ROC-AUC of one score under each row of `weight` (resamples × rows, in rising order of the score, as `y_sorted`
-    and the first row of each tie, `starts`), ties counted half, as scikit-learn counts them."""
-    positive, negative = weight * y_sorted, weight * ~y_sorted
-    tied_positive, tied_negative = positive, negative
-    if len(starts) < weight.shape[1]:
-        tied_positive, tied_negative = np.add.reduceat(positive, starts, axis=1), np.add.reduceat(negative, starts, axis=1)
-    below = np.cumsum(tied_negative, axis=1) - tied_negative / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (tied_positive * below).sum(axis=1) / (positive.sum(axis=1) * negative.sum(axis=1))
-
-
 def _p_value(draws: np.ndarray) -> float:
     """Two-sided bootstrap p-value of 'no difference': twice the smaller share of draws on either side of 0, each
     counted with the observed sample (+1) so that it is never 0."""
@@ -142,7 +128,7 @@ def paired_bootstrap(
     count = int(patient_index.max()) + 1
     # Each score's rows in rising order, with their labels, first rows of ties and patients in that order.
     orders = [np.argsort(s, kind="stable") for s in (a, b)]
-    ranked = [(y[o], _tie_starts(s[o]), patient_index[o]) for s, o in zip((a, b), orders, strict=True)]
+    ranked = [(y[o].astype(float), tie_starts(s[o]), patient_index[o]) for s, o in zip((a, b), orders, strict=True)]
     # Brier by patient: a resample's Brier is its patients' squared errors over their encounters, weighted by draws.
     squared = np.stack([np.bincount(patient_index, (s - y) ** 2, minlength=count) for s in (a, b)], axis=1)
     encounters = np.bincount(patient_index, minlength=count).astype(float)
@@ -154,14 +140,14 @@ def paired_bootstrap(
         drawn = rng.integers(0, count, (size, count)) + (np.arange(size) * count)[:, None]
         # A patient drawn k times enters with weight k: the same as repeating their encounters k times.
         draws = np.bincount(drawn.ravel(), minlength=size * count).reshape(size, count).astype(float)
-        auc_a, auc_b = (_weighted_auc(labels, starts, draws[:, patients_sorted]) for labels, starts, patients_sorted in ranked)
+        auc_a, auc_b = (roc_auc_of(*tied_weights(labels, starts, draws[:, patients_sorted])) for labels, starts, patients_sorted in ranked)
         brier = (draws @ squared) / (draws @ encounters)[:, None]
         differences["roc_auc"].append(auc_a - auc_b)
         differences["brier"].append(brier[:, 0] - brier[:, 1])
         done += size
     ones = np.ones((1, len(y)))
     estimates = {
-        "roc_auc": [float(_weighted_auc(labels, starts, ones)[0]) for labels, starts, _ in ranked],
+        "roc_auc": [float(roc_auc_of(*tied_weights(labels, starts, ones))[0]) for labels, starts, _ in ranked],
         "brier": [float(((s - y) ** 2).mean()) for s in (a, b)],
     }
     tail = (1 - level) / 2 * 100

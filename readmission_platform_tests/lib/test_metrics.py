@@ -16,10 +16,14 @@ from readmission_platform.lib.metrics import (
     bootstrap_intervals,
     calibration_table,
     choose_threshold,
+    average_precision_of,
     evaluate,
     ranking,
+    roc_auc_of,
     subgroup_report,
     threshold_metrics,
+    tie_starts,
+    tied_weights,
 )
 
 # By hand: flagging p >= 0.35 catches all three positives with one false alarm, F1 = 6/7;
@@ -59,6 +63,23 @@ def test_labels_may_be_booleans_and_ranking_matches_evaluate():
         "roc_auc": pytest.approx(roc_auc_score(y, p)),
         "pr_auc": pytest.approx(average_precision_score(y, p)),
     }
+
+
+def test_ranking_and_weighted_resamples_are_scikit_learn_s_scores_ties_and_left_out_rows_included():
+    rng = np.random.default_rng(5)
+    p = np.round(rng.beta(1.2, 9.0, 3_000), 2)  # rounded: many rows share a probability
+    y = (rng.random(len(p)) < p).astype(int)
+    assert ranking(y, p) == {
+        "roc_auc": pytest.approx(roc_auc_score(y, p), rel=1e-12),
+        "pr_auc": pytest.approx(average_precision_score(y, p), rel=1e-12),
+    }
+    weight = rng.poisson(1.0, (4, len(p))).astype(float)  # a resample's draws; 0 leaves a row out
+    order = np.argsort(p, kind="stable")
+    tied = tied_weights(y[order].astype(float), tie_starts(p[order]), weight[:, order])
+    for roc_auc, pr_auc, w in zip(roc_auc_of(*tied), average_precision_of(*tied), weight, strict=True):
+        drawn = w > 0
+        assert roc_auc == pytest.approx(roc_auc_score(y[drawn], p[drawn], sample_weight=w[drawn]), rel=1e-12)
+        assert pr_auc == pytest.approx(average_precision_score(y[drawn], p[drawn], sample_weight=w[drawn]), rel=1e-12)
 
 
 def test_base_rate_brier_is_the_brier_of_a_constant_prediction():
