@@ -3,6 +3,8 @@ import dataclasses
 import numpy as np
 import polars as pl
 import pytest
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
 
 from readmission_platform.lib import metrics
 from readmission_platform.lib.features import CATEGORICAL_FEATURES, FEATURE_COLUMNS
@@ -12,6 +14,7 @@ from readmission_platform.lib.training import (
     LIGHTGBM,
     LOGISTIC_REGRESSION,
     PARAM_GRIDS,
+    _output_columns,
     choose_challenger,
     feature_importances,
     labels,
@@ -120,6 +123,18 @@ def test_feature_importances_name_each_feature_and_credit_the_informative_ones(c
         assert importances["importance"].is_sorted(descending=True)
         assert all(by_feature[name] == 0 for name in constant), candidate.family
         assert "discharge_disposition_id" in importances["feature"].head(3).to_list(), candidate.family
+
+
+def test_importances_from_encoded_columns_are_those_of_shuffling_the_feature_columns(sample_candidates, sample):
+    for family in (LOGISTIC_REGRESSION, LIGHTGBM):  # one-hot and scaled columns; ordinal codes and raw values
+        model = sample_candidates[family].model
+        # An identity step in front: the pipeline predicts the same, but its encoding is no longer known column by
+        # column, so its importances come from shuffling the feature columns and encoding every copy.
+        opaque = Pipeline([("same", FunctionTransformer()), *model.steps])
+        assert _output_columns(model) is not None and _output_columns(opaque) is None
+        found, expected = (feature_importances(m, sample["validation"], rows=500, repeats=2) for m in (model, opaque))
+        assert found["feature"].to_list() == expected["feature"].to_list(), family
+        assert found["importance"].to_numpy() == pytest.approx(expected["importance"].to_numpy(), abs=1e-12), family
 
 
 def test_lightgbm_is_calibrated_on_its_log_odds_and_predicts_on_one_thread(sample_candidates, sample):
