@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export READMISSION_HOME ?= $(CURDIR)/.readmission
 
-.PHONY: install demo ui mlflow-ui serve app observe status test e2e chaos observability rollout browser profile bench loadtest clean
+.PHONY: install demo ui mlflow-ui serve app observe status test contract e2e chaos observability rollout browser profile bench loadtest clean
 
 # constraints.txt pins every package of a known-good resolution, so a fresh install resolves the same versions.
 $(BIN)/readmission: pyproject.toml constraints.txt
@@ -43,6 +43,10 @@ TEST_WORKERS ?= 3
 
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# Schemathesis over every route of the served API at full depth; `make test` runs the same check with fewer examples.
+contract: install
+	$(BIN)/python -m pytest -m contract
 
 # The headless demo end to end (`readmission demo` on two batches under a real daemon, sensors and bentoml serve); the
 # longest test by far, so not in `make test`, which keeps a small-data end-to-end train (defs/test_training.py).
