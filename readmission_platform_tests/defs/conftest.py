@@ -55,7 +55,7 @@ def platform(request, tmp_path: Path) -> Platform:
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         yield instance
 
 
