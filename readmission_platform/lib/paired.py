@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from readmission_platform.lib.metrics import roc_auc_of, tie_starts, tied_weights
+from readmission_platform.lib.ranks import roc_auc_of, tie_starts, tied_weights
 
 PAIRED_METRICS = ("roc_auc", "brier")
 
