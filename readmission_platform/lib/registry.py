@@ -21,7 +21,6 @@ from urllib.parse import quote
 import mlflow
 import mlflow.sklearn
 import pandas as pd
-import skops.io
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -268,6 +267,9 @@ class ModelRegistry:
             signature = infer_signature(example, model.predict_proba(example))
             # skops only loads types it is told to trust. These are the types of a model this process has just
             # trained, e.g. sklearn's calibration and tree internals; the list is stored in the MLmodel file for loading.
+            # Imported here: it takes a noticeable part of a second, and most users of the registry log no model.
+            import skops.io
+
             trusted_types = skops.io.get_untrusted_types(data=skops.io.dumps(model))
             mlflow.sklearn.log_model(
                 model,
