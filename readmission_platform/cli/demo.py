@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 import sys
 import time
@@ -25,6 +27,26 @@ RELOAD_SECONDS = 2
 # retrain_sensor ticks every 5 s, but on two loaded cores one evaluation was seen to take minutes: a retrain it requests
 # is a run well within this, unless it skipped.
 RETRAIN_APPEARS_WITHIN = 300
+# history_sensor ticks every 10 s once a batch is loaded; its run is queued behind the warehouse's other writers.
+HISTORY_APPEARS_WITHIN = 300
+# Where the demo keeps the key it hashes patient identifiers with when READMISSION_PATIENT_KEY is not set.
+PATIENT_KEY_FILE = "patient.key"
+
+
+def demo_patient_key(home: Path) -> tuple[str, Path]:
+    """The key the demo hashes patient identifiers with when READMISSION_PATIENT_KEY is not set, and its file: made
+    once for the home, readable by its owner only, and read again by later demos, so that the history stored under
+    it stays valid."""
+    path = home / PATIENT_KEY_FILE
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass  # made by an earlier demo
+    else:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_hex(32))
+    return path.read_text().strip(), path
 
 
 def daemon_is_alive(instance: dg.DagsterInstance, within_seconds: float = 60) -> bool:
@@ -358,6 +380,54 @@ def serve_last_batch(url: str, settings, say) -> list[str] | None:
     return [e["request_id"] for e in encounters] if batch.status_code == 200 else None
 
 
+def show_returning_patient(url: str, settings, watcher: RunWatcher, say, timeout: float, log_path: Path) -> bool:
+    """Once patient_history has stored the loaded patients' history, ask for the patient with the most stored
+    encounters as if they came back with their latest one, with their identifier and without it; False if no history
+    was stored or the service never used it."""
+    import httpx
+
+    from readmission_platform.lib.encounter import PATIENT_ID, from_clean
+    from readmission_platform.lib.warehouse import open_warehouse
+
+    runs = watcher.wait(dg.RunsFilter(job_name="update_patient_history"), "update_patient_history", timeout, log_path,
+                        appear_within=HISTORY_APPEARS_WITHIN)  # fmt: skip
+    if not runs or runs[0].status != dg.DagsterRunStatus.SUCCESS:
+        say("patient_history was not stored (see update_patient_history in the UI; a daemon started without "
+            "READMISSION_PATIENT_KEY keeps no history): no history to serve")
+        return False
+    with open_warehouse(settings.warehouse_url) as store:
+        most = store.query(
+            "SELECT patient_nbr, count(*) AS encounters FROM clean_batches GROUP BY patient_nbr "
+            "ORDER BY encounters DESC, patient_nbr LIMIT 1"
+        ).row(0, named=True)
+        latest = store.query(
+            "SELECT * FROM clean_batches WHERE patient_nbr = $1 ORDER BY encounter_id DESC LIMIT 1", [most["patient_nbr"]]
+        ).row(0, named=True)
+    encounter = from_clean(latest)
+    named = encounter | {PATIENT_ID: str(most["patient_nbr"]), "request_id": "demo-history-patient"}
+    deadline = time.monotonic() + timeout
+    while True:  # the service reads a new history version within RELOAD_SECONDS of its writing
+        try:
+            answer = httpx.post(f"{url}/predict", json=named, timeout=30)
+            unnamed = httpx.post(f"{url}/predict", json=encounter | {"request_id": "demo-history-none"}, timeout=30)
+        except httpx.HTTPError as error:
+            say(f"serving failed: {error}")
+            return False
+        if answer.status_code != 200 or unnamed.status_code != 200:
+            say(f"POST {url}/predict → {answer.status_code} {answer.text}; without patient_id → {unnamed.status_code}")
+            return False
+        if answer.json()["history_used"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    used, first = answer.json(), unnamed.json()
+    say(f"a returning patient: POST {url}/predict with the patient_id of the patient with the most stored encounters "
+        f"({most['encounters']}), their latest encounter sent again → history used: {'yes' if used['history_used'] else 'no'}, "
+        f"probability {used['probability']:.3f}; without the patient_id (a first encounter's history) "
+        f"{first['probability']:.3f}. The service hashes the identifier with READMISSION_PATIENT_KEY at once; the "
+        f"prediction log keeps the hash, never the identifier")  # fmt: skip
+    return bool(used["history_used"])
+
+
 def count_logged(settings, request_ids: list[str], say) -> bool:
     """Print how many of the demo's requests the prediction log holds (read once the service has stopped and flushed
     it); False if none of `request_ids` is there."""
@@ -439,6 +509,9 @@ def run_demo(settings, source: bytes, instance: dg.DagsterInstance, progress: Pr
         service.wait_for(version, timeout)
         progress.stage = "serving"
         request_ids = serve_last_batch(url, settings, progress)
+        progress.stage = "history"
+        # Said, not fatal: a daemon another command started without the key keeps no history, and serving still works.
+        show_returning_patient(url, settings, watcher, progress, timeout, log_path)
     progress("stopped the service; its worker wrote every prediction to the log before it exited")
     if request_ids is None or not count_logged(settings, request_ids, progress):
         return False

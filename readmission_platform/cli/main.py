@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -53,7 +54,7 @@ DEMO_ROLLOUT = {"READMISSION_ROLLOUT_STEPS": "50,100", "READMISSION_ROLLOUT_STAG
 def demo(settings: Settings, timeout: float, port: int) -> int:
     import dagster as dg
 
-    from readmission_platform.cli.demo import Progress, port_is_free, run_demo, running_daemon
+    from readmission_platform.cli.demo import Progress, demo_patient_key, port_is_free, run_demo, running_daemon
     from readmission_platform.cli.instance import prepare_dagster_home
     from readmission_platform.lib.landing import landed_files, split_batches
     from readmission_platform.lib.source import read_source_bytes
@@ -65,10 +66,20 @@ def demo(settings: Settings, timeout: float, port: int) -> int:
     # seconds, not hours (unless the variables are set), so the newcomer watches it reach production.
     for name, value in DEMO_ROLLOUT.items():
         os.environ.setdefault(name, value)
+    # Patient history needs a key to hash identifiers with; the demo's processes (daemon, code server, service) share
+    # the one it keeps for the home unless one is given.
+    key_note = "READMISSION_PATIENT_KEY: given"
+    if not settings.patient_key:
+        key, key_path = demo_patient_key(settings.home)
+        os.environ["READMISSION_PATIENT_KEY"] = key
+        settings = dataclasses.replace(settings, patient_key=key)
+        key_note = (f"READMISSION_PATIENT_KEY: not set, so the demo hashes patient identifiers with the key it keeps in "
+                    f"{key_path} (export READMISSION_PATIENT_KEY=\"$(cat {key_path})\" to give `readmission ui` and "
+                    f"`serve` the same)")  # fmt: skip
     _say(
         f"READMISSION_HOME={settings.home}\nwarehouse: {masked(settings.warehouse_url)}\n"
         f"Dagster storage: {masked(settings.dagster_storage_url or 'SQLite in ' + str(settings.dagster_home))}\n"
-        f"MLflow: {masked(settings.mlflow_tracking_uri)}"
+        f"MLflow: {masked(settings.mlflow_tracking_uri)}\n{key_note}"
     )
     source = read_source_bytes(settings.source)
     progress.batches, progress.landed = len(split_batches(source)), len(landed_files(settings.landing_dir))

@@ -144,6 +144,11 @@ def test_demo_serves_from_the_first_promotion_and_follows_the_next_without_a_res
     served = out[out.index("POST " + first.group(1) + "/predict_batch") :]
     assert re.search(r"/predict_batch  \(all 1\d,\d\d\d encounters of batch_0002, .*\) → 200", served)
     assert "logged in sqlite:///" in served and "1 row(s) for request demo-1" in served
+    # Patient history under the key the demo made for its home: the returning patient's answer used it.
+    assert re.search(r"a returning patient: POST .*\(([2-9]|\d\d+)\), their latest encounter sent again → history used: yes", served), served
+    key_file = tmp_path / "patient.key"
+    assert f"hashes patient identifiers with the key it keeps in {key_file}" in out and len(key_file.read_text()) == 64
+    assert key_file.read_text() not in out
     assert re.search(r"landed outcomes_0001\.csv: outcomes of 1\d,\d\d\d served encounters", out)
     assert "ingest_outcomes outcomes_0001" in out
     live = out[out.index("live performance (95 % intervals") :]
