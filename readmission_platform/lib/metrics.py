@@ -81,12 +81,11 @@ def choose_threshold(y_true, probability) -> float:
     return float(thresholds[np.argmax(f1)])
 
 
-def _ranking_of(y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ROC-AUC and average precision of `p` under each row of `weight` (one row of ones if None)."""
+def _ranking_of(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """ROC-AUC and average precision of `p`, every row counted once."""
     order = np.argsort(p, kind="stable")
-    w = np.ones((1, len(y))) if weight is None else weight[:, order]
-    tied = tied_weights(y[order].astype(float), tie_starts(p[order]), w)
-    return roc_auc_of(*tied), average_precision_of(*tied)
+    tied = tied_weights(y[order].astype(float), tie_starts(p[order]), np.ones((1, len(y))))
+    return float(roc_auc_of(*tied)[0]), float(average_precision_of(*tied)[0])
 
 
 def ranking(y_true, probability) -> dict[str, float]:
@@ -95,7 +94,7 @@ def ranking(y_true, probability) -> dict[str, float]:
     if not _both_classes(y):
         raise ValueError(f"ranking metrics need rows of both classes; all {len(y)} rows have y_true == {int(y[0])}")
     roc_auc, pr_auc = _ranking_of(y, p)
-    return {"roc_auc": float(roc_auc[0]), "pr_auc": float(pr_auc[0])}
+    return {"roc_auc": roc_auc, "pr_auc": pr_auc}
 
 
 def evaluate(y_true, probability, *, threshold: float, prevalence: float) -> dict[str, float]:
@@ -156,7 +155,7 @@ def subgroup_report(groups, y_true, probability, *, threshold: float) -> pl.Data
                 "group": group,
                 "rows": int(mask.sum()),
                 "positives": int(y_group.sum()),
-                "roc_auc": float(_ranking_of(y_group, p_group)[0][0]) if _both_classes(y_group) else None,
+                "roc_auc": _ranking_of(y_group, p_group)[0] if _both_classes(y_group) else None,
                 "brier": float(np.mean((p_group - y_group) ** 2)),
                 "positive_rate": float((p_group >= threshold).mean()),
                 "mean_predicted": float(p_group.mean()),
@@ -189,7 +188,8 @@ def bootstrap_intervals(
     # Rows in rising probability once; each resample is then a row of weights, scored with the others in array
     # operations (`tied_weights`), a chunk of resamples at a time to bound the memory.
     order = np.argsort(p, kind="stable")
-    y_sorted, starts, patient_sorted, squared = y[order].astype(float), tie_starts(p[order]), patient_index[order], (p[order] - y[order]) ** 2
+    y_sorted, starts, patient_sorted = y[order].astype(float), tie_starts(p[order]), patient_index[order]
+    squared = (p[order] - y[order]) ** 2
     draws = []
     for first in range(0, resamples, _CHUNK):
         weight = np.stack([np.bincount(rng.integers(0, count, count), minlength=count) for _ in range(min(_CHUNK, resamples - first))])
@@ -200,8 +200,7 @@ def bootstrap_intervals(
         draws.append(scores)
     tail = (1 - level) / 2 * 100
     lower, upper = np.nanpercentile(np.concatenate(draws), [tail, 100 - tail], axis=0)
-    roc_auc, pr_auc = _ranking_of(y, p)
-    estimate = (float(roc_auc[0]), float(pr_auc[0]), float(squared.mean()))
+    estimate = (*_ranking_of(y, p), float(squared.mean()))
     return pl.DataFrame({"metric": BOOTSTRAP_METRICS, "estimate": estimate, "lower": lower, "upper": upper})
 
 
