@@ -27,7 +27,7 @@ RELOAD_SECONDS = 2
 # retrain_sensor ticks every 5 s, but on two loaded cores one evaluation was seen to take minutes: a retrain it requests
 # is a run well within this, unless it skipped.
 RETRAIN_APPEARS_WITHIN = 300
-# history_sensor ticks every 10 s once a batch is loaded; its run is queued behind the warehouse's other writers.
+# history_sensor asks for a run once a batch is loaded, and the run queues behind the warehouse's other writers.
 HISTORY_APPEARS_WITHIN = 300
 # Where the demo keeps the key it hashes patient identifiers with when READMISSION_PATIENT_KEY is not set.
 PATIENT_KEY_FILE = "patient.key"
@@ -380,10 +380,10 @@ def serve_last_batch(url: str, settings, say) -> list[str] | None:
     return [e["request_id"] for e in encounters] if batch.status_code == 200 else None
 
 
-def show_returning_patient(url: str, settings, watcher: RunWatcher, say, timeout: float, log_path: Path) -> bool:
+def show_returning_patient(url: str, settings, watcher: RunWatcher, say, timeout: float, log_path: Path) -> None:
     """Once patient_history has stored the loaded patients' history, ask for the patient with the most stored
-    encounters as if they came back with their latest one, with their identifier and without it; False if no history
-    was stored or the service never used it."""
+    encounters as if they came back with their latest one, with their identifier and without it, and say what the
+    service answered (or why it could not)."""
     import httpx
 
     from readmission_platform.lib.encounter import PATIENT_ID, from_clean
@@ -394,7 +394,7 @@ def show_returning_patient(url: str, settings, watcher: RunWatcher, say, timeout
     if not runs or runs[0].status != dg.DagsterRunStatus.SUCCESS:
         say("patient_history was not stored (see update_patient_history in the UI; a daemon started without "
             "READMISSION_PATIENT_KEY keeps no history): no history to serve")
-        return False
+        return
     with open_warehouse(settings.warehouse_url) as store:
         most = store.query(
             "SELECT patient_nbr, count(*) AS encounters FROM clean_batches GROUP BY patient_nbr "
@@ -412,10 +412,10 @@ def show_returning_patient(url: str, settings, watcher: RunWatcher, say, timeout
             unnamed = httpx.post(f"{url}/predict", json=encounter | {"request_id": "demo-history-none"}, timeout=30)
         except httpx.HTTPError as error:
             say(f"serving failed: {error}")
-            return False
+            return
         if answer.status_code != 200 or unnamed.status_code != 200:
             say(f"POST {url}/predict → {answer.status_code} {answer.text}; without patient_id → {unnamed.status_code}")
-            return False
+            return
         if answer.json()["history_used"] or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -425,7 +425,6 @@ def show_returning_patient(url: str, settings, watcher: RunWatcher, say, timeout
         f"probability {used['probability']:.3f}; without the patient_id (a first encounter's history) "
         f"{first['probability']:.3f}. The service hashes the identifier with READMISSION_PATIENT_KEY at once; the "
         f"prediction log keeps the hash, never the identifier")  # fmt: skip
-    return bool(used["history_used"])
 
 
 def count_logged(settings, request_ids: list[str], say) -> bool:

@@ -1,6 +1,7 @@
 """ROC-AUC and average precision of one score under many weightings at once (the resamples of a bootstrap), in array
-operations: the one implementation behind every ROC-AUC and PR-AUC the platform reports (`metrics`, `paired`), equal to
-scikit-learn's, ties and weights included (lib/test_metrics.py holds them equal).
+operations: what every ROC-AUC and PR-AUC the platform reports is computed by (`metrics`, `paired`'s bootstrap; DeLong's
+test, which needs each row's placement, ranks its own), equal to scikit-learn's, ties and weights included
+(lib/test_metrics.py holds them equal).
 
 Its own module, with numpy alone, so that what compares versions (`paired`, the promotion, the command line) does not
 import scikit-learn's metrics with it.
