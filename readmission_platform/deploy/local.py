@@ -212,19 +212,24 @@ class Profile:
 
 
 def _wait_for_code_server(process: subprocess.Popen, port: int, within: float, log: Path) -> None:
-    from dagster._grpc.client import DagsterGrpcClient
+    # The standard gRPC health service, which a Dagster code server reports on under "DagsterApi" once it serves
+    # (what `dagster api grpc-health-check`, the chart's probe, asks).
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    client = DagsterGrpcClient(port=port, host=HOST)
     deadline = time.monotonic() + within
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"the code server exited with {process.returncode}; see {log}")
-        with contextlib.suppress(Exception):
-            if client.ping("profile") is not None:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the code server did not answer on port {port} within {within:.0f} s; see {log}")
-        time.sleep(0.5)
+    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the code server exited with {process.returncode}; see {log}")
+            with contextlib.suppress(grpc.RpcError):
+                answer = health.Check(health_pb2.HealthCheckRequest(service="DagsterApi"), timeout=5)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the code server did not answer on port {port} within {within:.0f} s; see {log}")
+            time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
