@@ -6,7 +6,6 @@ the same metrics `/metrics` gathers from every worker (`bentoml.metrics` is now 
 
 from __future__ import annotations
 
-import numpy as np
 import prometheus_client
 
 # BentoML's request-duration buckets (its default lacks 0.4): the SLO thresholds, 400 ms (p95) and 500 ms (p99),
@@ -59,24 +58,3 @@ VALIDATION_POSITIVE_RATE = prometheus_client.Gauge(
 UNLOGGED = prometheus_client.Counter(
     name="readmission_refusals_unlogged", documentation="Refused requests not written to the log, past its rate limit.",
 )  # fmt: skip
-
-
-def observe_many(histogram: prometheus_client.Histogram, values: np.ndarray) -> None:
-    """`histogram.observe` for every value, with one increment per bucket instead of one call per value.
-
-    prometheus_client has no public way to observe many values at once (its maintainers declined one: client_python
-    #733, #911), and in multiprocess mode each `observe` is a locked write to a memory-mapped file, which for a
-    20,000-encounter batch would cost more than scoring it. So this one function reaches into the histogram; the
-    tests hold it to `observe` value by value, and should prometheus_client change, it falls back to that loop.
-    """
-    bounds = getattr(histogram, "_upper_bounds", None)
-    buckets = getattr(histogram, "_buckets", None)
-    if bounds is None or buckets is None or len(bounds) != len(buckets):  # prometheus_client changed: the slow way
-        for value in values:
-            histogram.observe(float(value))
-        return
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    for bucket, count in zip(buckets, counts, strict=False):
-        if count:
-            bucket.inc(int(count))
-    histogram._sum.inc(float(np.sum(values)))

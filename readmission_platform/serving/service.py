@@ -75,7 +75,6 @@ from readmission_platform.serving.metrics import (
     PREDICTIONS,
     PROBABILITY,
     SCORING_SECONDS,
-    observe_many,
 )
 from readmission_platform.serving.model import ServedModel
 from readmission_platform.serving.prediction_log import PredictionLog, engine_for
@@ -291,7 +290,8 @@ class ReadmissionService:
             }
         )
         self._count_batch(answers)
-        observe_many(PROBABILITY, probability)
+        for value in probability.tolist():  # prometheus_client has no public way to observe many at once
+            PROBABILITY.observe(value)
         self.log.record_frame(
             answers.with_columns(
                 scored.select(FIELDS), endpoint=pl.lit("predict_batch"), model_name=pl.lit(model.name),

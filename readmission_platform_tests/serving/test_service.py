@@ -96,8 +96,11 @@ def test_probabilities_equal_the_batch_pipeline_for_1000_test_encounters(server,
 
 def test_batch_answers_in_order_and_echoes_request_ids(server, test_encounters):
     requests = [r | {"request_id": f"row-{i}"} for i, r in enumerate(test_encounters[0][:300])]
+    observed = metric(server, "readmission_prediction_probability_count")
     answer = server.client.post("/predict_batch", json={"encounters": requests}).json()
     assert [p["request_id"] for p in answer["predictions"]] == [f"row-{i}" for i in range(300)]
+    # Every encounter of the batch is observed in the probability histogram (/metrics sums the workers').
+    assert metric(server, "readmission_prediction_probability_count") == observed + 300
 
 
 BAD_BODIES = {
