@@ -4,9 +4,9 @@ scikit-learn offers no public view of a histogram gradient boosting's trees, and
 categories and starts threads per call. Treelite, a library made to carry tree ensembles between frameworks, imports
 the fitted estimator (`treelite.sklearn.import_model` for boosting and forests, `treelite.frontend.from_lightgbm` for
 LightGBM's booster, categorical splits included) and shows every tree's nodes through its public accessors; they are
-copied into flat arrays that a numba-compiled loop walks, for one encounter or many. Treelite's own `gtil.predict`
-gives the same numbers but costs several times the CPU on a batch, and more than the whole path on one encounter
-(benchmarks/README.md).
+copied into one array of node records, each tree in preorder, that a numba-compiled loop walks, for one encounter or
+many. Treelite's own `gtil.predict` gives the same numbers but costs several times the CPU on a batch, and more than
+the whole path on one encounter (benchmarks/README.md).
 
 Explanations: LightGBM's own `pred_contrib` gives each encounter's exact SHAP values (TreeSHAP), which with the
 booster's expected value sum to its log-odds; the calibration's sigmoid is affine in them, so after it they still
@@ -49,42 +49,62 @@ LEAF, NUMERICAL, CATEGORICAL = 0, 1, 2  # treelite's node types
 LESS_OR_EQUAL = 3  # treelite's comparison operator of a numerical split
 
 
-@numba.njit(nogil=True, cache=True)
-def _walk(x, roots, nodes, weights, default_left, category_at, category_width, category_left, base, mean, out):
-    """Each row's response: the sum of its leaves' values over `roots` (their mean for a forest), onto `base`.
+# One node in one record, so that a step down a tree reads one place in memory: the threshold (a leaf: its value),
+# the split's feature (-1 at a leaf), the right child (the left one is the next node: each tree is stored in preorder,
+# left first), where the split's categories start in `category_left` (-1: a numerical split) and how many it lists,
+# and the side a missing value takes.
+NODE = np.dtype(
+    [("value", np.float64), ("right", np.int32), ("feature", np.int32), ("category_at", np.int32),
+     ("category_width", np.int32), ("default_left", np.bool_)],
+    align=True,
+)  # fmt: skip
 
-    `nodes[i]`: feature (-1 at a leaf), left child, right child; `weights[i]`: the threshold, or the leaf's value. A
-    categorical split sends a code left when `category_left[category_at[i] + code]`; NaN follows `default_left`.
-    Tree by tree, so one tree's nodes stay in cache while every row walks it.
+
+@numba.njit(nogil=True, cache=True)
+def _walk(x, roots, nodes, category_left, base, mean, out):
+    """Each row's response: the sum of its leaves' values over the trees at `roots` (their mean for a forest), onto
+    `base`. A categorical split sends a code left when `category_left[category_at + code]`; NaN follows
+    `default_left`. Tree by tree, so one tree's nodes stay in cache while every row walks it.
     """
     out[:] = base
     for root in roots:
         for row in range(x.shape[0]):
             i = root
-            feature = nodes[i, 0]
-            while feature >= 0:
-                value = x[row, feature]
+            node = nodes[i]
+            while node.feature >= 0:
+                value = x[row, node.feature]
                 if value != value:
-                    left = default_left[i]
-                elif category_at[i] >= 0:
+                    left = node.default_left
+                elif node.category_at >= 0:
                     code = np.int64(value)
-                    left = 0 <= code < category_width[i] and category_left[category_at[i] + code]
+                    left = 0 <= code < node.category_width and category_left[node.category_at + code]
                 else:
-                    left = value <= weights[i]
-                i = nodes[i, 1] if left else nodes[i, 2]
-                feature = nodes[i, 0]
-            out[row] += weights[i]
+                    left = value <= node.value
+                i = i + 1 if left else node.right
+                node = nodes[i]
+            out[row] += node.value
     if mean:
         out /= len(roots)
     return out
 
 
+def _preorder(left: np.ndarray, right: np.ndarray, leaf: np.ndarray) -> np.ndarray:
+    """A tree's node ids in preorder, left child first, from the root (node 0)."""
+    order, stack = [], [0]
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        if not leaf[i]:
+            stack += [right[i], left[i]]
+    return np.array(order, dtype=np.int64)
+
+
 class Forest:
-    """Every tree of a treelite model in flat arrays, for `_walk`."""
+    """Every tree of a treelite model as `NODE` records in preorder, one tree after another, for `_walk`."""
 
     def __init__(self, model: treelite.Model, *, response_class: int) -> None:
         header = model.get_header_accessor()
-        nodes, weights, default_left, category_at, category_width, category_left, roots = [], [], [], [], [], [], []
+        trees, category_left, roots = [], [], []
         offset = categories = 0
         for t in range(model.num_tree):
             tree = model.get_tree_accessor(t)
@@ -96,19 +116,12 @@ class Forest:
                 raise UnsupportedModel("a categorical split names the categories that go right; expected left")
             leaf = kind == LEAF
             left, right = tree.get_field("cleft"), tree.get_field("cright")
-            nodes.append(np.column_stack([
-                np.where(leaf, -1, tree.get_field("split_index")),
-                np.where(leaf, -1, left + offset),
-                np.where(leaf, -1, right + offset),
-            ]))  # fmt: skip
             vector = tree.get_field("leaf_vector")
             if len(vector):  # one value per class at each leaf (a forest's class fractions)
                 leaf_value = np.zeros(n)
                 leaf_value[leaf] = vector[tree.get_field("leaf_vector_begin")[leaf].astype(np.int64) + response_class]
             else:
                 leaf_value = tree.get_field("leaf_value")
-            weights.append(np.where(leaf, leaf_value, tree.get_field("threshold")))
-            default_left.append(tree.get_field("default_left").astype(np.bool_))
             listed, begin, end = tree.get_field("category_list"), tree.get_field("category_list_begin"), tree.get_field("category_list_end")
             at, width = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
             for i in np.flatnonzero(kind == CATEGORICAL):
@@ -118,23 +131,26 @@ class Forest:
                 at[i], width[i] = categories, len(table)
                 category_left.append(table)
                 categories += len(table)
-            category_at.append(at)
-            category_width.append(width)
+            order = _preorder(left, right, leaf)
+            position = np.empty(n, dtype=np.int64)
+            position[order] = np.arange(n) + offset
+            nodes = np.zeros(n, dtype=NODE)
+            nodes["value"] = np.where(leaf, leaf_value, tree.get_field("threshold"))[order]
+            nodes["feature"] = np.where(leaf, -1, tree.get_field("split_index"))[order]
+            nodes["right"] = np.where(leaf, -1, position[np.where(leaf, 0, right)])[order]
+            nodes["category_at"], nodes["category_width"] = at[order], width[order]
+            nodes["default_left"] = tree.get_field("default_left").astype(np.bool_)[order]
+            trees.append(nodes)
             roots.append(offset)
             offset += n
-        self.nodes = np.ascontiguousarray(np.concatenate(nodes), dtype=np.int64)
-        self.weights = np.concatenate(weights).astype(np.float64)
-        self.default_left = np.concatenate(default_left)
-        self.category_at = np.concatenate(category_at)
-        self.category_width = np.concatenate(category_width)
+        self.nodes = np.concatenate(trees)
         self.category_left = np.concatenate(category_left) if category_left else np.zeros(0, dtype=np.bool_)
         self.roots = np.array(roots, dtype=np.int64)
         self.base = float(np.ravel(header.get_field("base_scores"))[response_class])
         self.mean = bool(np.ravel(header.get_field("average_tree_output"))[0])
 
     def responses(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        return _walk(x, self.roots, self.nodes, self.weights, self.default_left, self.category_at,
-                     self.category_width, self.category_left, self.base, self.mean, out)  # fmt: skip
+        return _walk(x, self.roots, self.nodes, self.category_left, self.base, self.mean, out)
 
 
 def _import(estimator) -> tuple[treelite.Model, int]:
