@@ -137,6 +137,20 @@ def test_tables_round_trip_the_schema_types(warehouse, batches):
     assert cleaned["race"].null_count() > 0 and features.height == cleaned.height > 290
 
 
+def test_columns_of_one_value_round_trip_every_type(warehouse):
+    # PostgreSQL loads such columns as one value each (`postgres._constants`), not row by row; a NULL or a float is sent.
+    columns = {"batch_id": pl.String, "n": pl.Int64, "small": pl.Int16, "flag": pl.Boolean, "x": pl.Float64,
+               "at": pl.Datetime("us", "UTC"), "quoted": pl.String, "gap": pl.String}  # fmt: skip
+    at = datetime(2026, 12, 5, 1, 2, 3, 456789, tzinfo=UTC)
+    rows = pl.DataFrame(
+        {"batch_id": ["c"] * 3, "n": [7] * 3, "small": [2] * 3, "flag": [False] * 3, "x": [0.5] * 3, "at": [at] * 3,
+         "quoted": ["it's"] * 3, "gap": [None] * 3},
+        schema=columns,
+    )  # fmt: skip
+    warehouse.replace_batch({"constants": (columns, rows)}, "c")
+    assert_frame_equal(warehouse.read_table("constants"), rows)
+
+
 def test_empty_frame_clears_the_batch_and_still_creates_the_table(warehouse, batches):
     raw, rejected = batches["a"]
     warehouse.replace_batch(writes(raw, rejected), "a")
