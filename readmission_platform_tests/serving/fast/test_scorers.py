@@ -125,3 +125,24 @@ def test_numbers_keep_their_float_values(sample_candidates, rows):
 def test_threads_that_share_a_batch_give_the_same_probabilities(sample_candidates, test_set):
     model = sample_candidates["hist_gradient_boosting"].model
     assert np.array_equal(compile(model, threads=3).probabilities(test_set), compile(model).probabilities(test_set))
+
+
+@pytest.mark.parametrize("family", ["hist_gradient_boosting", "random_forest", LIGHTGBM])
+def test_the_walk_gives_treelites_own_prediction_of_every_tree(family, sample_candidates, rows):
+    # The trees' records (preorder, categorical tables, the side of a missing value) against treelite's reference
+    # predictor on the same imported model, before any calibration.
+    from treelite import gtil
+
+    from readmission_platform.serving.fast.trees import _import
+
+    scorer = compile(sample_candidates[family].model)
+    model, response_class = _import(scorer._parts.estimator)
+    features = rows.select(FEATURE_COLUMNS).with_columns(  # missing numbers too
+        pl.when(pl.int_range(pl.len()) % 7 == 0).then(None).otherwise(pl.col("num_lab_procedures")).alias("num_lab_procedures")
+    )
+    x = np.array([scorer._row(row) for row in features.iter_rows(named=True)])
+    if family == "random_forest":  # scikit-learn's trees compare float32 inputs
+        x = x.astype(np.float32).astype(np.float64)
+    walked = scorer._forest.responses(x, np.empty(len(x)))
+    reference = gtil.predict(model, x, pred_margin=True).reshape(len(x), -1)[:, response_class]
+    assert np.isnan(x).any() and walked == pytest.approx(reference, rel=1e-12, abs=1e-12)
