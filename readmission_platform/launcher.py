@@ -6,7 +6,7 @@ import dagster as dg
 import psutil
 
 # The one private Dagster import in the platform: a run launcher's health check answers with these two types, which
-# Dagster exports nowhere else (its own launchers, dagster-docker and dagster-k8s, import them from here too).
+# Dagster exports nowhere else (its own Docker and Kubernetes launchers import them from here too).
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 
 # psutil derives a process's start time from clock ticks since boot: allow for its rounding.
