@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -80,6 +80,9 @@ class Signals:
     agreement: float | None
     """Shadow only: the share of shadowed encounters on which its decision equals production's."""
     psi: float | None
+    reference: int = 0
+    """Production's probabilities the PSI compares the candidate's with: the shadowed encounters', or in canary
+    production's answers over the stage (or just before it, when the stage left production too few)."""
     live: str | None = None
     """Why its matured live performance falls short, when it does (`lib/live`)."""
 
@@ -97,7 +100,7 @@ class Signals:
         if self.agreement is not None:
             parts.append(f"agrees with production on {self.agreement:.1%} of {self.compared:,} shadowed encounters")
         if self.psi is not None:
-            parts.append(f"PSI of its probabilities against production's {self.psi:.3f}")
+            parts.append(f"PSI of its probabilities against production's {self.psi:.3f} ({self.reference:,} of production's)")
         if self.live:
             parts.append(self.live)
         return ", ".join(parts)
@@ -123,13 +126,15 @@ def _psi(reference: pl.Series, current: pl.Series) -> float | None:
     return float(report["psi"][0])
 
 
-def measure(rows: pl.DataFrame, stage: str, version: str, threshold: float) -> Signals:
+def measure(rows: pl.DataFrame, stage: str, version: str, threshold: float, before: pl.DataFrame | None = None) -> Signals:
     """The candidate `version`'s signals in `stage` from the prediction log's ROLLOUT_COLUMNS since the stage began;
-    `threshold` is its decision threshold (for agreement with production's decisions)."""
+    `threshold` is its decision threshold (for agreement with production's decisions). In canary, `before` (rows
+    from just before the stage) adds production's answers to compare the candidate's probabilities with."""
     if stage not in (SHADOW, CANARY):
         raise ValueError(f"stage {stage!r} is not a rollout stage; expected {SHADOW!r} or {CANARY!r}")
-    if missing := [c for c in ROLLOUT_COLUMNS if c not in rows.columns]:
-        raise ValueError(f"the prediction rows lack {missing}; read them with ROLLOUT_COLUMNS")
+    for frame in (rows,) if before is None else (rows, before):
+        if missing := [c for c in ROLLOUT_COLUMNS if c not in frame.columns]:
+            raise ValueError(f"the prediction rows lack {missing}; read them with ROLLOUT_COLUMNS")
     failed = pl.col("candidate_error").is_not_null()
     if stage == SHADOW:
         took_part = (pl.col("shadow_version") == version) | failed
@@ -141,7 +146,10 @@ def measure(rows: pl.DataFrame, stage: str, version: str, threshold: float) -> S
         took_part = canary | failed
         scored = rows.filter(canary & ~failed)
         # Requests are split by a hash of their id, so production's answers over the same time are the comparison.
-        production = rows.filter((pl.col("stage").fill_null(PRODUCTION) == PRODUCTION) & (pl.col("model_version") != version) & ~failed)
+        compared_with = rows if before is None else pl.concat([before.select(ROLLOUT_COLUMNS), rows.select(ROLLOUT_COLUMNS)])
+        production = compared_with.filter(
+            (pl.col("stage").fill_null(PRODUCTION) == PRODUCTION) & (pl.col("model_version") != version) & ~failed
+        )
         candidate, reference, agreement = scored["probability"], production["probability"], None
     involved = rows.filter(took_part.fill_null(False))
     per_request = involved.group_by("request_id").agg(failed.any().alias("failed"), pl.col("candidate_ms").max())
@@ -153,6 +161,7 @@ def measure(rows: pl.DataFrame, stage: str, version: str, threshold: float) -> S
         compared=scored.height,
         agreement=agreement,
         psi=_psi(reference, candidate),
+        reference=reference.drop_nulls().len(),
     )
 
 
@@ -183,7 +192,8 @@ def judge(
             problems.append(f"its p95 latency {signals.latency_p95_ms:.1f} ms is above {policy.max_candidate_ms:g} ms")
         if signals.agreement is not None and signals.agreement < policy.min_agreement:
             problems.append(f"it agrees with production on {signals.agreement:.1%} of {signals.compared:,} shadowed encounters, below {policy.min_agreement:.0%}")
-        if signals.psi is not None and signals.psi > policy.max_psi:
+        # Fewer of production's probabilities than a stage's requests make the index noise, not evidence.
+        if signals.psi is not None and signals.reference >= policy.min_requests and signals.psi > policy.max_psi:
             problems.append(f"its probabilities shifted against production's: PSI {signals.psi:.3f} above {policy.max_psi:g}")
     here = _where(stage, share)
     if problems:
@@ -233,7 +243,15 @@ def assess(
     if current is None:
         return None
     production = registry.production()
-    signals = measure(read(current.started_at), current.stage, current.version, decision_threshold(registry.version(current.version)))
+    rows = read(current.started_at)
+    threshold = decision_threshold(registry.version(current.version))
+    signals = measure(rows, current.stage, current.version, threshold)
+    if current.stage == CANARY and current.started_at is not None and signals.reference < policy.min_requests:
+        # At a large share production answers few requests in the stage (at 100 %, only those before the workers
+        # followed): its answers over the stage's length before it began are the comparison too.
+        since = current.started_at - timedelta(seconds=policy.stage_seconds)
+        before = read(since).filter(pl.col("predicted_at") < current.started_at)
+        signals = measure(rows, current.stage, current.version, threshold, before)
     signals = replace(signals, live=live_finding(live_figures, current.version, str(production.version) if production else None))
     step = judge(current.version, current.stage, current.share, current.started_at or now, now, signals, policy)
     return current, signals, step

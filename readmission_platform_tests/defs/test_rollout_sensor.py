@@ -37,8 +37,9 @@ def rollout(mlflow, tmp_path):
     return registry
 
 
-def plant(url: str, rows: int, *, stage: str, shift: float = 0.0, failing: int = 0, seed: int = 0) -> None:
-    """`rows` requests through the real log writer: v2 scoring beside production v1 (shadow), or answering (canary)."""
+def plant(url: str, rows: int, *, stage: str, shift: float = 0.0, failing: int = 0, seed: int = 0, whole: bool = False) -> None:
+    """`rows` requests through the real log writer: v2 scoring beside production v1 (shadow), or answering (canary:
+    every other request, or every one when `whole`)."""
     rng = np.random.default_rng(seed)
     log = PredictionLog(url, flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
@@ -53,7 +54,7 @@ def plant(url: str, rows: int, *, stage: str, shift: float = 0.0, failing: int =
             row |= {"model_version": "1", "probability": float(production[i]), "decision": bool(production[i] >= THRESHOLD),
                     "stage": "production", "shadow_version": "2",
                     "shadow_probability": None if error else float(candidate[i])}  # fmt: skip
-        elif i % 2:  # the canary answers every other request, production the rest
+        elif whole or i % 2:
             row |= {"model_version": "2", "probability": float(candidate[i]), "decision": bool(candidate[i] >= THRESHOLD), "stage": CANARY}
         else:
             row |= {"model_version": "1", "probability": float(production[i]), "decision": bool(production[i] >= THRESHOLD),
@@ -63,14 +64,14 @@ def plant(url: str, rows: int, *, stage: str, shift: float = 0.0, failing: int =
     log.close()
 
 
-def tick(instance, platform, mlflow, url, steps=(0.5, 1.0)):
+def tick(instance, platform, mlflow, url, steps=(0.5, 1.0), stage_seconds=0):
     context = dg.build_sensor_context(
         instance=instance,
         resources={
             "warehouse": platform.resources["warehouse"],
             "mlflow": mlflow,
             "prediction_log": PredictionLogResource(url=url),
-            "rollout_policy": RolloutPolicyResource(steps=list(steps), stage_seconds=0, min_requests=100),
+            "rollout_policy": RolloutPolicyResource(steps=list(steps), stage_seconds=stage_seconds, min_requests=100),
         },
     )
     return rollout_sensor(context)
@@ -135,6 +136,27 @@ def test_a_healthy_candidate_advances_step_by_step_to_production(platform, insta
     assert rows["rollout_share"].to_list() == [0.5, 1.0, None]
     assert rows["production_version"].to_list() == ["1", "1", "2"]
     assert rollout.version("2").tags["previous_production"] == "1"
+
+
+def test_a_whole_canary_is_compared_with_production_s_answers_from_before_its_step(platform, instance, mlflow, rollout, tmp_path):
+    url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
+    plant(url, 120, stage=SHADOW)
+    tick(instance, platform, mlflow, url)
+    plant(url, 240, stage=CANARY, seed=1)
+    tick(instance, platform, mlflow, url)
+    assert (rollout.rollout().stage, rollout.rollout().share) == (CANARY, 1.0)
+
+    # At 100 % production answers nothing in the step; its answers of the hour before (120 in shadow, 120 at 50 %)
+    # are the comparison.
+    plant(url, 150, stage=CANARY, seed=2, shift=0.3, whole=True)
+    result = tick(instance, platform, mlflow, url, stage_seconds=3600)
+
+    assert rollout.rollout() is None and str(rollout.production().version) == "1"
+    row = decisions(platform).row(-1, named=True)
+    assert row["action"] == "rollout_rolled_back" and "v2 rolled back from canary at 100%" in row["reason"]
+    signals = json.loads(row["signals"])
+    assert signals["psi"] > 0.25 and signals["reference"] == 240 and signals["requests"] == 150
+    assert result.asset_events[0].metadata["psi_reference"].value == 240
 
 
 def test_nothing_in_rollout_is_skipped(platform, instance, mlflow, tmp_path):

@@ -120,6 +120,25 @@ def test_a_canary_whose_scores_shifted_is_rolled_back():
     assert step.action == ROLLBACK and "canary at 50%" in step.reason and "PSI" in step.reason
 
 
+def test_a_psi_against_a_handful_of_production_s_answers_is_not_judged():
+    # At 100 % production answers only the requests routed before the workers followed the new share.
+    rows = canaried(share=1.0, seed=1).vstack(canaried(rows=20, share=0.0, seed=2).with_columns(probability=np.linspace(0.3, 0.9, 20)))
+    signals = measure(rows, CANARY, "2", THRESHOLD)
+    assert signals.reference == 20 and signals.psi > 0.25
+    step = judge("2", CANARY, 1.0, START, START + timedelta(seconds=61), signals, POLICY)
+    assert (step.action, step.stage) == (ADVANCE, PRODUCTION)
+    assert "(20 of production's)" in step.reason
+
+
+def test_a_whole_canary_is_compared_with_production_s_answers_from_before_it():
+    before = canaried(share=0.0, seed=3)
+    steady = measure(canaried(share=1.0, seed=1), CANARY, "2", THRESHOLD, before)
+    assert steady.reference == 1_000 and steady.psi < 0.1 and steady.requests == 1_000
+    shifted = measure(canaried(share=1.0, shift=0.25, seed=1), CANARY, "2", THRESHOLD, before)
+    step = judge("2", CANARY, 1.0, START, START + timedelta(seconds=61), shifted, POLICY)
+    assert step.action == ROLLBACK and "canary at 100%" in step.reason and "PSI" in step.reason
+
+
 def test_live_performance_falling_short_rolls_back_at_any_time():
     signals = measure(canaried(rows=50), CANARY, "2", THRESHOLD)
     signals = type(signals)(**{**signals.__dict__, "live": "live ROC-AUC 0.55 of v2 is clearly below 0.66 of v1"})

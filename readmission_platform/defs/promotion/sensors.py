@@ -71,6 +71,7 @@ def rollout_sensor(
                     "latency_p95_ms": signals.latency_p95_ms,
                     "agreement": signals.agreement,
                     "psi": signals.psi,
+                    "psi_reference": signals.reference,
                     "live": signals.live or "no matured finding",
                     "mlflow_model": dg.MetadataValue.url(registry.version_url(current.version)),
                 },
