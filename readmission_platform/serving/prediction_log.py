@@ -50,7 +50,8 @@ _INTEGER_FIELDS = frozenset(name for name, dtype in REQUEST_DTYPES.items() if dt
 # there (without the offset), and there the decision as 0 or 1.
 _POSTGRES_TYPES = TYPES | {"predicted_at": pl.String()}
 _SQLITE_TYPES = _POSTGRES_TYPES | {"decision": pl.Int64()}
-_SQLITE_TIME, _POSTGRES_TIME = "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S.%f+00:00"
+# (polars' formats: `%.6f` is a dot and the microseconds.)
+_SQLITE_TIME, _POSTGRES_TIME = "%Y-%m-%d %H:%M:%S%.6f", "%Y-%m-%d %H:%M:%S%.6f+00:00"
 
 
 def _columns() -> list[sa.Column]:
@@ -186,13 +187,6 @@ def _add_columns(connection: sa.Connection, table: sa.Table, names: list[str]) -
     log.warning("prediction log: added the columns %s to the table %r; its earlier rows have them NULL", names, TABLE)
 
 
-def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A recorded row (`inputs` a dict of the encounter's fields) with a value of every column (an added column left
-    out is NULL)."""
-    inputs = row["inputs"]
-    return {**{c: row.get(c) for c in RESULT_COLUMNS}, **{name: inputs.get(name) for name in FIELDS}}
-
-
 class PredictionLog:
     """A bounded queue of prediction rows and the thread that writes them to `url`.
 
@@ -296,20 +290,23 @@ class PredictionLog:
         singles: list[dict[str, Any]] = []
 
         def take_singles() -> None:
+            # Column by column, straight from the recorded rows: the writer's time competes with the event loop's.
             if singles:
-                parts.append(pl.DataFrame({c: [row[c] for row in singles] for c in COLUMNS}).cast(types))
+                inputs = [row["inputs"] for row in singles]
+                columns = {c: [row.get(c) for row in singles] for c in RESULT_COLUMNS}
+                parts.append(pl.DataFrame(columns | {name: [given.get(name) for given in inputs] for name in FIELDS}))
                 singles.clear()
 
         for item in items:
             if isinstance(item, pl.DataFrame):
                 take_singles()
-                at = item["predicted_at"][0].strftime(time_format)  # a frame's rows share one time
                 absent = {c: pl.lit(None, dtype=types[c]) for c in ADDED_COLUMNS if c not in item.columns}
-                parts.append(item.with_columns(**absent).select(COLUMNS).with_columns(predicted_at=pl.lit(at)).cast(types))
+                parts.append(item.with_columns(**absent))
             else:
-                singles.append(_flat(item) | {"predicted_at": item["predicted_at"].strftime(time_format)})
+                singles.append(item)
         take_singles()
-        return pl.concat(parts)
+        at = pl.col("predicted_at").dt.strftime(time_format)
+        return pl.concat([part.select(COLUMNS).with_columns(at).cast(types) for part in parts])
 
     def _insert_sqlite(self, table: pa.Table) -> None:
         # ADBC binds the Arrow columns in C: the driver's executemany spent most of its time turning every value of
