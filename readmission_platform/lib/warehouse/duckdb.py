@@ -137,7 +137,8 @@ class DuckDBWarehouse(Warehouse):
                     return pl.DataFrame()
                 raise
 
-    def _insert(self, connection, table: str, columns: Columns, frame: pl.DataFrame, where: str | None, params) -> None:
+    def _insert(self, connection, table: str, columns: Columns, rows: pa.Table, where: str | None, params) -> None:
+        """Insert `rows` (`arrow_rows`) into `table`, created from `columns` if missing, after deleting `where`."""
         # duckdb_columns() rather than the information_schema view over it, whose binding costs tens of milliseconds.
         existing = connection.execute(
             "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
@@ -149,13 +150,8 @@ class DuckDBWarehouse(Warehouse):
             connection.execute(table_ddl(table, columns))
         elif where is not None:
             connection.execute(f"DELETE FROM {table} {where}", params)
-        if frame.height:
-            # Arrow's string views are polars' own strings and DuckDB's layout: no copy into offsets and bytes first.
-            incoming = frame.select(list(columns)).to_arrow(compat_level=pl.CompatLevel.newest())
-            # Arrow batches of whole row groups: DuckDB's threads then each fill and compress groups of their own,
-            # where the frame's own chunks, which fill none, were gathered into groups again before they were written.
-            batches = incoming.combine_chunks().to_batches(max_chunksize=ARROW_BATCH_ROWS)
-            connection.register("incoming", pa.Table.from_batches(batches, schema=incoming.schema))
+        if rows.num_rows:
+            connection.register("incoming", rows)
             connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
             connection.unregister("incoming")
 
@@ -181,19 +177,29 @@ class DuckDBWarehouse(Warehouse):
 
     def _replace(self, table, columns, frame, *, keep):
         with self._transaction() as connection:
-            self._insert(connection, table, columns, frame, None if keep else "", [])
+            self._insert(connection, table, columns, arrow_rows(frame, columns), None if keep else "", [])
+
+
+def arrow_rows(frame: pl.DataFrame, columns: Columns) -> pa.Table:
+    """The frame's `columns` as DuckDB inserts them fastest: one Arrow batch per two row groups."""
+    # Arrow's string views are polars' own strings and DuckDB's layout: no copy into offsets and bytes first. Arrow
+    # batches of whole row groups: DuckDB's threads then each fill and compress groups of their own, where the frame's
+    # own chunks, which fill none, were gathered into groups again before they were written.
+    incoming = frame.select(list(columns)).rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
+    return pa.Table.from_batches(incoming.to_batches(max_chunksize=ARROW_BATCH_ROWS), schema=incoming.schema)
 
 
 class _Load(BatchWriter):
     """One transaction on a cursor of its own, fed by a loader thread: each table is inserted as soon as it is put,
-    while the pass computes the next stage (DuckDB lets go of the GIL while it inserts).
+    while the pass computes the next stage (DuckDB lets go of the GIL while it inserts). The loader's inserts are
+    the pass's longest wait, so a table is made Arrow batches on the pass's thread, in `put`.
 
     A table taken back after it was inserted makes the commit start the transaction again with the tables kept.
     """
 
     def __init__(self, warehouse: DuckDBWarehouse, batch_id: str) -> None:
         self.warehouse, self.batch_id = warehouse, batch_id
-        self.tables: dict[str, tuple[Columns, pl.DataFrame]] = {}
+        self.tables: dict[str, tuple[Columns, pa.Table]] = {}
         self.loads: list[Future] = []
         self.retaken = False
 
@@ -216,13 +222,13 @@ class _Load(BatchWriter):
         finally:
             self.connection.close()
 
-    def _insert(self, table: str, columns: Columns, frame: pl.DataFrame) -> None:
-        self.warehouse._insert(self.connection, table, columns, frame, "WHERE batch_id = $1", [self.batch_id])
+    def _insert(self, table: str, columns: Columns, rows: pa.Table) -> None:
+        self.warehouse._insert(self.connection, table, columns, rows, "WHERE batch_id = $1", [self.batch_id])
 
     def put(self, table, columns, frame):
         if table in self.tables:
             raise WarehouseError(f"table {table} is put twice for batch {self.batch_id}")
-        self.tables[checked(table)] = (columns, frame.select(list(columns)))
+        self.tables[checked(table)] = (columns, arrow_rows(frame, columns))
         self.loads.append(self.loader.submit(self._insert, table, *self.tables[table]))
 
     def discard(self, table):
@@ -238,6 +244,6 @@ class _Load(BatchWriter):
         if self.retaken:
             self.connection.rollback()
             self.connection.begin()
-            for table, (columns, frame) in self.tables.items():
-                self._insert(table, columns, frame)
+            for table, (columns, rows) in self.tables.items():
+                self._insert(table, columns, rows)
         self.connection.commit()
