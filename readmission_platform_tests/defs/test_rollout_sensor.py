@@ -146,8 +146,8 @@ def test_a_whole_canary_is_compared_with_production_s_answers_from_before_its_st
     tick(instance, platform, mlflow, url)
     assert (rollout.rollout().stage, rollout.rollout().share) == (CANARY, 1.0)
 
-    # At 100 % production answers nothing in the step; its answers of the hour before (120 in shadow, 120 at 50 %)
-    # are the comparison.
+    # At the whole share production answers nothing in the step; its answers of the hour before (the shadowed
+    # encounters and its half of the first step) are the comparison.
     plant(url, 150, stage=CANARY, seed=2, shift=0.3, whole=True)
     result = tick(instance, platform, mlflow, url, stage_seconds=3600)
 
