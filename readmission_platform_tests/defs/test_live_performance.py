@@ -52,12 +52,12 @@ def land_outcomes(platform, readmitted: np.ndarray) -> None:
     platform.warehouse.replace_batch({OUTCOMES: (OUTCOME_SCHEMA, rows)}, "outcomes_0001")
 
 
-def measure(platform, served, tmp_path, instance) -> dg.ExecuteInProcessResult:
+def measure(platform, served, tmp_path, instance, raise_on_error=True) -> dg.ExecuteInProcessResult:
     resources = platform.resources | {
         "prediction_log": PredictionLogResource(url=served["url"]),
         "mlflow": MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "artifacts").as_uri()),
     }
-    return dg.materialize([live_performance], resources=resources, instance=instance)
+    return dg.materialize([live_performance], resources=resources, instance=instance, raise_on_error=raise_on_error)
 
 
 def act(platform, tmp_path, instance, cursor=None) -> dg.SensorResult:
@@ -162,3 +162,17 @@ def test_a_version_clearly_worse_live_than_the_one_it_replaced_is_proposed_for_r
         assert proposed["reason"].startswith("Rollback of production v2 to v1 proposed: live ROC-AUC")
         assert "readmission rollback" in proposed["reason"]
         assert str(registry.production().version) == "2"
+
+
+def test_a_measurement_that_failed_before_its_checks_ran_leaves_the_sensor_working(platform, served, tmp_path, instance):
+    flipped = np.random.default_rng(11).random(SERVED) < 0.3
+    land_outcomes(platform, served["readmitted"] ^ flipped)
+    measure(platform, served, tmp_path, instance)
+    broken = {**served, "url": f"sqlite:///{tmp_path}"}  # a folder: the log cannot be read
+
+    failed = measure(platform, broken, tmp_path, instance, raise_on_error=False)
+
+    assert not failed.success  # its checks were planned and never evaluated: the newest record of each is a plan
+    acted = act(platform, tmp_path, instance)
+    assert [(r.job_name, r.tags.get("readmission/trigger")) for r in acted.run_requests] == [("retrain", "live_performance")]
+    assert act(platform, tmp_path, instance, acted.cursor).run_requests == []

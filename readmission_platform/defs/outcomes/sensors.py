@@ -21,6 +21,9 @@ from readmission_platform.lib.promotion import (
     rollback_row,
 )
 
+# How many of a check's newest executions the sensor looks through for an evaluation (past runs that failed first).
+EXECUTIONS_SEARCHED = 20
+
 ingest_outcomes_job = dg.define_asset_job(
     "ingest_outcomes",
     selection=dg.AssetSelection.assets(OUTCOMES),
@@ -56,6 +59,15 @@ def outcome_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
         dynamic_partitions_requests=[outcome_files.build_add_request(new_keys)] if new_keys else [],
         cursor=json.dumps(seen, sort_keys=True),
     )
+
+
+def _latest_evaluation(instance: dg.DagsterInstance, key: dg.AssetCheckKey):
+    """The newest evaluation of a check, or None. A measurement that failed before its checks ran leaves only their
+    plans, newer than the last evaluation; those are passed over."""
+    for record in instance.event_log_storage.get_asset_check_execution_history(key, limit=EXECUTIONS_SEARCHED):
+        if record.event is not None and record.event.asset_check_evaluation is not None:
+            return record
+    return None
 
 
 def _record(decisions: list[dict], warehouse: WarehouseResource) -> None:
@@ -95,12 +107,11 @@ def live_performance_sensor(
         )
         cursor["outcomes"] = newest[0].storage_id
 
-    keys = [dg.AssetCheckKey(dg.AssetKey(LIVE), name) for name in (DISCRIMINATION, CALIBRATION)]
-    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
     failed = []
-    for record in (latest[key] for key in keys if key in latest):  # discrimination first
-        evaluation = record.event.dagster_event.event_specific_data if record.event and record.event.dagster_event else None
-        if record.id > cursor["checks"] and evaluation is not None and not evaluation.passed:
+    for name in (DISCRIMINATION, CALIBRATION):  # discrimination first
+        record = _latest_evaluation(instance, dg.AssetCheckKey(dg.AssetKey(LIVE), name))
+        evaluation = record.event.asset_check_evaluation if record is not None else None
+        if evaluation is not None and record.id > cursor["checks"] and not evaluation.passed:
             failed.append((record, evaluation))
     if failed:
         cursor["checks"] = max(record.id for record, _ in failed)
