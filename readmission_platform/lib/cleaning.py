@@ -55,6 +55,11 @@ def _typed(column: schema.Column, text: pl.Expr, *, strip: bool = True) -> pl.Ex
     return value.alias(column.name)
 
 
+def raw_value(name: str) -> pl.Expr:
+    """A raw text column read as its clean column types it: stripped, '?' and a value not of its type null."""
+    return _typed(schema.CLEAN_BY_NAME[name], _present(name))
+
+
 @dataclass(frozen=True)
 class CleanResult:
     frame: pl.DataFrame

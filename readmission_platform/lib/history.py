@@ -33,6 +33,7 @@ from typing import Any
 import polars as pl
 
 from readmission_platform.lib import schema
+from readmission_platform.lib.cleaning import raw_value
 
 ENCOUNTER, PATIENT = schema.IDENTIFIERS
 READMITTED_WITHIN_30 = "<30"
@@ -68,12 +69,14 @@ HISTORY_FEATURES = (
 
 
 def _encounters(raw: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
-    """Raw rows (text columns) → identifiers, the values history reads, and the 30-day outcome as 0/1."""
+    """Raw rows (text columns) → identifiers, the values history reads, and the 30-day outcome as 0/1. Values are read
+    as cleaning reads them (`raw_value`); one that is missing or not a number counts as 0, as no state does: a raw
+    row whose batch cleaning refused still is an encounter the hospital had."""
     return raw.lazy().select(
-        pl.col(ENCOUNTER).cast(pl.Int64),
-        pl.col(PATIENT).cast(pl.Int64),
-        *(pl.col(name).cast(pl.Int64) for name in dict.fromkeys(("time_in_hospital", *PREVIOUS))),
-        (pl.col(schema.LABEL) == READMITTED_WITHIN_30).cast(pl.Int64).fill_null(0).alias("readmitted_30d_now"),
+        raw_value(ENCOUNTER).cast(pl.Int64),
+        raw_value(PATIENT).cast(pl.Int64),
+        *(raw_value(name).cast(pl.Int64).fill_null(0) for name in dict.fromkeys(("time_in_hospital", *PREVIOUS))),
+        (raw_value(schema.LABEL) == READMITTED_WITHIN_30).cast(pl.Int64).fill_null(0).alias("readmitted_30d_now"),
     )
 
 

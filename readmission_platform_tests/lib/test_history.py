@@ -65,6 +65,21 @@ def test_history_counts_earlier_encounters_only_in_encounter_id_order():
     assert by_id[20]["history_prior_encounters"] == 0  # patient 8's first
 
 
+def test_raw_values_are_read_as_cleaning_reads_them():
+    # Padded ids and values, a label with spaces, and a value that is not a number (as in a batch cleaning refused).
+    raw = raw_rows(
+        {ENCOUNTER: " 10", PATIENT: "7 ", "time_in_hospital": " 2 ", "readmitted": " <30 "},
+        {ENCOUNTER: "20", PATIENT: " 7", "time_in_hospital": "?", "num_medications": "many"},
+        {ENCOUNTER: "30", PATIENT: "7", "time_in_hospital": "4"},
+    )
+    by_id = {row[ENCOUNTER]: row for row in states_before(raw).iter_rows(named=True)}
+
+    assert (by_id[20]["encounters"], by_id[20]["inpatient_days"], by_id[20]["latest_readmitted_30d"]) == (1, 2, 1)
+    assert (by_id[30]["encounters"], by_id[30]["inpatient_days"], by_id[30]["readmissions_30d"]) == (2, 2, 1)
+    assert by_id[30]["latest_num_medications"] == 0  # unknown, as without a state
+    assert patient_states(raw).row(0, named=True)["encounters"] == 3
+
+
 def test_the_state_serving_stores_is_the_history_of_a_next_encounter():
     raw = raw_rows(
         {ENCOUNTER: "1", PATIENT: "7", "readmitted": "<30"},
