@@ -75,6 +75,23 @@ def test_a_changed_file_is_ingested_again_under_a_fresh_run_key(instance, landin
     assert instance.get_dynamic_partitions(batches.name) == ["batch_0001"]
 
 
+def test_a_content_that_comes_back_after_a_change_is_ingested_again(instance, landing, sample_batches):
+    path = landing / "batch_0001.csv"
+    path.write_bytes(sample_batches[0])
+    first = tick(instance, landing)
+    path.write_bytes(sample_batches[0].replace(b"Caucasian", b"Hispanic", 1))
+    corrected = tick(instance, landing, first.cursor)
+    path.write_bytes(sample_batches[0])  # the correction withdrawn: the warehouse holds the corrected rows
+
+    restored = tick(instance, landing, corrected.cursor)
+    again = tick(instance, landing, corrected.cursor)  # the same tick evaluated again, as after a crash before its cursor
+
+    assert keys(restored) == ["batch_0001"]
+    run_keys = [r.run_requests[0].run_key for r in (first, corrected, restored)]
+    assert len(set(run_keys)) == 3  # Dagster runs a run key once
+    assert again.run_requests[0].run_key == restored.run_requests[0].run_key
+
+
 def test_a_copy_of_a_landed_file_under_another_name_is_skipped(instance, landing, sample_batches):
     (landing / "batch_0001.csv").write_bytes(sample_batches[0])
     first = tick(instance, landing)
@@ -130,6 +147,24 @@ def test_a_crash_the_retry_daemon_gave_up_on_is_run_again_while_retries_last(ret
     assert keys(tick(retrying_instance, landing, first.cursor)) == []
 
 
+def test_only_runs_of_the_same_content_count_against_its_crash_retries(retrying_instance, landing, sample_batches):
+    path = landing / "batch_0001.csv"
+    cursor = None
+    for content in (sample_batches[0], sample_batches[1]):  # two earlier contents, each ingested
+        path.write_bytes(content)
+        landed = tick(retrying_instance, landing, cursor)
+        cursor = landed.cursor
+        retrying_instance.add_run(dg.DagsterRun(job_name="ingest_batch", status=dg.DagsterRunStatus.SUCCESS,
+                                                tags={**landed.run_requests[0].tags, "dagster/partition": "batch_0001"}))  # fmt: skip
+    path.write_bytes(sample_batches[0].replace(b"Caucasian", b"Hispanic", 1))
+    third = tick(retrying_instance, landing, cursor)
+    crashed = failed_run(retrying_instance, third, "UNEXPECTED_TERMINATION")
+
+    again = tick(retrying_instance, landing, third.cursor)
+
+    assert keys(again) == ["batch_0001"] and again.run_requests[0].run_key.endswith(crashed.run_id)
+
+
 def test_a_bad_file_a_retried_crash_and_a_changed_file_are_not_run_again(retrying_instance, landing, sample_batches):
     (landing / "batch_0001.csv").write_bytes(sample_batches[0])
     first = tick(retrying_instance, landing)
@@ -142,7 +177,7 @@ def test_a_bad_file_a_retried_crash_and_a_changed_file_are_not_run_again(retryin
 
     (landing / "batch_0001.csv").write_bytes(sample_batches[1])
     changed = tick(retrying_instance, landing, first.cursor)
-    assert [r.run_key.count(":") for r in changed.run_requests] == [1]  # the new content's own run, nothing else
+    assert [r.run_key.count(":") for r in changed.run_requests] == [2]  # the new content's own run, nothing else
 
 
 def test_a_crash_the_retry_daemon_said_it_would_retry_but_did_not_is_run_again_after_a_grace(

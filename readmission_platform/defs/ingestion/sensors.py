@@ -59,7 +59,10 @@ def crashes_left_unretried(
         if landed is None or landed["sha256"] != run.tags.get(run_tags.SHA):
             continue
         batch_id = run.tags[run_tags.PARTITION]
-        attempts = instance.get_runs(dg.RunsFilter(job_name=ingest_batch_job.name, tags={run_tags.PARTITION: batch_id}))
+        # The runs of this content only: those of the file's earlier contents were not attempts at it.
+        attempts = instance.get_runs(
+            dg.RunsFilter(job_name=ingest_batch_job.name, tags={run_tags.PARTITION: batch_id, run_tags.SHA: run.tags[run_tags.SHA]})
+        )
         if attempts[0].run_id != run.run_id or len(attempts) > instance.run_retries_max_retries:
             continue
         requests.append(
@@ -75,8 +78,8 @@ def crashes_left_unretried(
 
 def new_files(folder: Path, seen: dict[str, dict], log: logging.Logger) -> list[tuple[Path, str]]:
     """Each file landed in `folder` that is new or changed since `seen` (a sensor's cursor: file name → its size,
-    mtime and sha256, updated here), with its sha256. Unchanged files are not reread; a file with the content of
-    another one already seen is skipped with a warning."""
+    mtime, sha256 and how many contents it has had, updated here), with its sha256. Unchanged files are not reread; a
+    file with the content of another one already seen is skipped with a warning."""
     changed = []
     for path in landed_files(folder):
         stat = path.stat()
@@ -84,15 +87,24 @@ def new_files(folder: Path, seen: dict[str, dict], log: logging.Logger) -> list[
         if previous and (previous["size"], previous["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
             continue
         digest = content_hash(path.read_bytes())
-        seen[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        contents = previous.get("contents", 1) if previous else 0
         if previous and previous["sha256"] == digest:
+            seen[path.name] = previous | {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             continue
+        seen[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest, "contents": contents + 1}
         twin = next((name for name, s in seen.items() if name != path.name and s["sha256"] == digest), None)
         if twin is not None:
             log.warning(f"{path.name} has the same content as {twin}, which is already ingested; skipped")
             continue
         changed.append((path, digest))
     return changed
+
+
+def run_key(key: str, landed: dict) -> str:
+    """The run key of a landed file's content (`landed`: its entry in `new_files`' cursor): its partition, hash and
+    how many contents the file has had. A sensor re-evaluated after a crash asks again under the same key, which
+    Dagster runs once; a content that comes back after another was ingested is a change of its own and runs again."""
+    return f"{key}:{landed['sha256'][:16]}:{landed.get('contents', 1)}"
 
 
 @dg.sensor(
@@ -113,7 +125,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
             new_keys.append(batch_id)
         run_requests.append(
             dg.RunRequest(
-                run_key=f"{batch_id}:{digest[:16]}",
+                run_key=run_key(batch_id, seen[path.name]),
                 partition_key=batch_id,
                 tags={run_tags.SOURCE_FILE: path.name, run_tags.SHA: digest},
             )

@@ -5,7 +5,7 @@ import dagster as dg
 import polars as pl
 
 from readmission_platform.defs import run_tags
-from readmission_platform.defs.ingestion.sensors import new_files
+from readmission_platform.defs.ingestion.sensors import new_files, run_key
 from readmission_platform.defs.outcomes.live import CALIBRATION, DISCRIMINATION, LIVE
 from readmission_platform.defs.partitions import outcome_files
 from readmission_platform.defs.resources import DegradationPolicy, LandingResource, MlflowResource, WarehouseResource
@@ -52,7 +52,7 @@ def outcome_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
         if key not in existing and key not in new_keys:
             new_keys.append(key)
         run_requests.append(
-            dg.RunRequest(run_key=f"{key}:{digest[:16]}", partition_key=key, tags={run_tags.SOURCE_FILE: path.name, run_tags.SHA: digest})
+            dg.RunRequest(run_key=run_key(key, seen[path.name]), partition_key=key, tags={run_tags.SOURCE_FILE: path.name, run_tags.SHA: digest})
         )
     return dg.SensorResult(
         run_requests=run_requests,
