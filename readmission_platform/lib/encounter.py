@@ -43,8 +43,9 @@ REQUEST_ID_PATTERN = r"^[ -~]+$"
 DEATH_OR_HOSPICE = "death_or_hospice"
 # Free text has no space at either end: the training data's text was stripped, so " Surgery" would not be "Surgery".
 # Written with the characters Python counts as space but some regex engines do not (\x1c-\x1f, \x85) named, so the
-# documented pattern means the same to a client's validator, to hypothesis's generator and to pydantic.
-TRIMMED = r"^[^\s\x1c-\x1f\x85](?:.*[^\s\x1c-\x1f\x85])?$"
+# documented pattern means the same to a client's validator, to hypothesis's generator and to pydantic. No control
+# character anywhere: a NUL cannot be stored in PostgreSQL's text, and none is part of a clinical value.
+TRIMMED = r"^[^\s\x00-\x1f\x7f\x85](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f\x85])?$"
 
 
 def out_of_scope(disposition: int) -> str:

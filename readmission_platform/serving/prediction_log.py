@@ -30,6 +30,7 @@ from typing import Any
 
 import adbc_driver_sqlite.dbapi
 import polars as pl
+import psycopg
 import pyarrow as pa
 import sqlalchemy as sa
 from adbc_driver_manager import Error as AdbcError
@@ -348,6 +349,12 @@ class PredictionLog:
 
     def _write(self, items: list[dict[str, Any] | pl.DataFrame]) -> None:
         count = sum(item.height if isinstance(item, pl.DataFrame) else 1 for item in items)
+        try:
+            self._write_rows(items, count)
+        except Exception as error:  # anything else: the rows are lost, counted, and the writer goes on
+            self._lose(count, f"{type(error).__name__}: {_first_line(error)}")
+
+    def _write_rows(self, items: list[dict[str, Any] | pl.DataFrame], count: int) -> None:
         if self._sqlite:
             rows: Any = self._frame(items, _SQLITE_TYPES, _SQLITE_TIME).to_arrow()
         else:
@@ -364,14 +371,18 @@ class PredictionLog:
                 self.written += count
                 self.writes += 1
                 return
-            except (sa.exc.SQLAlchemyError, AdbcError) as error:
-                log.warning("prediction log: writing %d rows failed (attempt %d): %s", count, attempt + 1, error)
+            # psycopg's own errors come from the COPY, which runs on the driver's cursor, not through SQLAlchemy.
+            except (sa.exc.SQLAlchemyError, AdbcError, psycopg.Error) as error:
+                log.warning("prediction log: writing %d rows failed (attempt %d): %s", count, attempt + 1, _first_line(error))
                 self._close_adbc()  # a fresh connection for the next attempt
                 time.sleep(0.2 * (attempt + 1))
+        self._lose(count, f"3 failed writes to {masked(self.url)}")
+
+    def _lose(self, count: int, why: str) -> None:
         self.failed += count
         self.dropped += count
         self._on_drop(count)
-        log.error("prediction log: %d rows dropped after 3 failed writes to %s", count, masked(self.url))
+        log.error("prediction log: %d rows dropped after %s", count, why)
 
     def _run(self) -> None:
         if self._nice and sys.platform == "linux":
@@ -402,6 +413,11 @@ class PredictionLog:
         else:
             self._close_adbc()
         self.engine.dispose()
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's first line: what failed, without the rows' values a database's context lines may quote."""
+    return next(iter(str(error).splitlines()), "")
 
 
 def count_predictions(url: str) -> int:

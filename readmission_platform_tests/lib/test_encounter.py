@@ -80,6 +80,8 @@ BAD_VALUES = [
         ({"admission_source_id": 16}, "admission_source_id", "Input should be 1"),
         ({"discharge_disposition_id": 31}, "discharge_disposition_id", "Input should be 1"),
         ({"request_id": "ward\n7"}, "request_id", "should match pattern"),
+        ({"medical_specialty": "Surg\x00ery"}, "medical_specialty", "should match pattern"),  # PostgreSQL refuses a NUL
+        ({"medical_specialty": "Surgery\tGeneral"}, "medical_specialty", "should match pattern"),
         ({"gender": None}, "gender", "'Female' or 'Male'"),
         ({"encounter_id": 12}, "encounter_id", "Extra inputs are not permitted"),
         ({"patient_nbr": 12}, "patient_nbr", "Extra inputs are not permitted"),

@@ -155,6 +155,24 @@ def test_rows_a_sqlite_table_refuses_are_counted_and_the_writer_goes_on(tmp_path
         assert connection.execute("SELECT count(*) FROM predictions").fetchone() == (0,)
 
 
+@pytest.mark.postgres
+def test_rows_postgresql_refuses_are_counted_and_the_writer_goes_on(pg_schema_url):
+    # A text PostgreSQL cannot store (its COPY raises psycopg's own error, not SQLAlchemy's), as a request validated
+    # by other rules might carry.
+    log = PredictionLog(pg_schema_url, flush_seconds=0.05)
+    refused = row(0)
+    refused["inputs"] = refused["inputs"] | {"medical_specialty": "Surg\x00ery"}
+    assert log.record([refused]) == 0
+    deadline = time.perf_counter() + 10
+    while log.failed < 1 and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert log.failed == 1 and log.dropped == 1
+    assert log.record([row(i) for i in range(1, 4)]) == 0  # the writer is alive and writes the next rows
+    log.close()
+    assert [r["request_id"] for r in stored_rows(pg_schema_url)] == ["r1", "r2", "r3"]
+    assert log.written == 3 and log.dropped == 1
+
+
 def test_the_fields_are_typed_columns_named_as_the_data_set_names_them(url):
     log = PredictionLog(url, flush_seconds=0.05)
     log.record([row(1) | {"probability": 1 / 3}])
