@@ -95,7 +95,10 @@ class Explanation(BaseModel):
     exact: bool = Field(description="True when `base_value` plus every contribution is `log_odds`, exactly.")
     unit: Literal["log-odds", "probability"] = Field(description="The unit of `base_value` and the contributions.")
     base_value: float | None = Field(description="Where the contributions start from (log-odds); null when not exact.")
-    log_odds: float = Field(description="The log-odds of `probability`: log(p / (1 - p)).")
+    log_odds: float = Field(
+        description="The log-odds of `probability`: log(p / (1 - p)). Where p is 0 or 1 in floating point (log-odds "
+        "past about ±37), the model's own log-odds when `exact`, else those of the nearest probability inside (0, 1)."
+    )
     contributions: list[Contribution] = Field(description="Every feature, the strongest push (up or down) first.")
     fields: list[FieldContribution] = Field(
         description="The contributions summed per recorded field (or history), the strongest push first."

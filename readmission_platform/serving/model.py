@@ -86,6 +86,8 @@ class ServedModel:
 
     def probabilities(self, frame: pl.DataFrame) -> np.ndarray:
         """The probabilities of every row of a features-table frame."""
+        if frame.is_empty():  # every row of a batch out of scope or routed to a canary: the pipeline refuses 0 rows
+            return np.empty(0)
         if self.scorer is not None:
             return self.scorer.probabilities(frame)
         return predict_probability(self.pipeline, frame)

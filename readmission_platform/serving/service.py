@@ -343,7 +343,7 @@ class ReadmissionService:
             probability=probability, decision=decision, model_name=model.name, model_version=model.version,
             stage=PRODUCTION, method=model.method, history_used=state is not None, exact=attribution.base is not None,
             unit="probability" if attribution.base is None else "log-odds", base_value=attribution.base,
-            log_odds=math.log(probability / (1.0 - probability)), request_id=request_id,
+            log_odds=attribution.log_odds(probability), request_id=request_id,
             contributions=[Contribution(feature=n, value=features[n], contribution=terms[n]) for n in ranked],
             fields=fields,
         )  # fmt: skip

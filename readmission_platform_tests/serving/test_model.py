@@ -42,3 +42,12 @@ def test_a_fast_path_that_fails_its_pin_falls_back_to_the_pipeline_and_says_so(s
     assert np.array_equal(model.probabilities(rows), predict_probability(pipeline, rows))
     assert model.probability(rows.select(FEATURE_COLUMNS).row(0, named=True)) == predict_probability(pipeline, rows)[0]
     assert not np.allclose(predict_probability(pipeline, rows), predict_probability(candidate.model, rows))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_no_rows_to_score_are_no_probabilities_with_or_without_a_fast_path(sample_candidates, sample_parts, fast):
+    # A batch whose every encounter is out of scope, or routed to a canary, leaves production nothing to score.
+    candidate = sample_candidates["lightgbm"]
+    model = serve(candidate.model, info(candidate), fast=fast)
+    assert (model.scorer is not None) == fast
+    assert model.probabilities(sample_parts["test"].head(0)).shape == (0,)

@@ -31,6 +31,17 @@ class Attribution:
     terms: Mapping[str, float]
     base: float | None
 
+    def log_odds(self, probability: float) -> float:
+        """log(p / (1 - p)) of the probability served. Past log-odds of about ±37 p is 0 or 1 in floating point:
+        then the model's own log-odds when exact (`base` plus the terms, of which p is the sigmoid), else those of
+        the nearest probability inside (0, 1)."""
+        if 0.0 < probability < 1.0:
+            return math.log(probability / (1.0 - probability))
+        if self.base is not None:
+            return self.base + math.fsum(self.terms.values())
+        inside = min(max(probability, math.nextafter(0.0, 1.0)), math.nextafter(1.0, 0.0))
+        return math.log(inside / (1.0 - inside))
+
 
 class UnsupportedModel(ValueError):
     """The pipeline has no fast path (its shape is not one `compile` knows, or the path fails its pin)."""

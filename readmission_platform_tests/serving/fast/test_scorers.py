@@ -83,6 +83,21 @@ def test_exact_explanations_sum_with_their_base_value_to_the_log_odds_of_the_pro
     assert worst < 1e-9
 
 
+def test_where_the_probability_rounds_to_one_the_log_odds_are_the_models_own_and_finite(sample_candidates, rows):
+    scorer = compile(sample_candidates[LOGISTIC_REGRESSION].model)
+    counts = {"number_inpatient": 365.0, "number_emergency": 365.0, "number_outpatient": 365.0, "prior_visits": 1095.0,
+              "history_prior_encounters": 1000.0, "history_prior_inpatient_days": 10_000.0}  # fmt: skip
+    features = rows.select(FEATURE_COLUMNS).row(0, named=True) | counts  # far past anything the model saw
+    attribution = scorer.explain(features)
+
+    assert scorer.probability(features) == 1.0
+    log_odds = attribution.log_odds(1.0)
+    assert log_odds == attribution.base + math.fsum(attribution.terms.values()) and 37 < log_odds < math.inf
+    assert attribution.log_odds(0.5) == 0.0
+    occlusion = type(attribution)(terms=attribution.terms, base=None)
+    assert occlusion.log_odds(1.0) == pytest.approx(36.7, abs=0.1) and occlusion.log_odds(0.0) < -700
+
+
 def test_lightgbm_terms_are_its_own_shap_values_scaled_by_the_calibration(sample_candidates, rows):
     model = sample_candidates[LIGHTGBM].model
     calibrated = model[-1].calibrated_classifiers_[0]
