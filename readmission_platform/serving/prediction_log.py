@@ -364,6 +364,11 @@ class PredictionLog:
                 if not self._table_ready:
                     ensure_table(self.engine)
                     self._table_ready = True
+                    if self._sqlite:
+                        # Python's sqlite3 made the table; the rows go through ADBC's own copy of SQLite. One process
+                        # must not hold the file open through both: either copy's closing it releases every lock the
+                        # other holds on it (sqlite.org/howtocorrupt.html, 2.2.1).
+                        self.engine.dispose()
                 if self._sqlite:
                     self._insert_sqlite(rows)
                 else:
@@ -400,7 +405,8 @@ class PredictionLog:
                 return
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write everything queued, then stop the writer. Rows recorded afterwards are dropped and counted."""
+        """Write everything queued, then stop the writer. Rows recorded afterwards are dropped and counted; so are
+        those still queued when the writer has not finished within `timeout` (its write under way may still land)."""
         with self._ready:
             if self._closed:
                 return
@@ -408,8 +414,12 @@ class PredictionLog:
             self._ready.notify()
         self._writer.join(timeout)
         if self._writer.is_alive():
-            log.error("prediction log: the writer did not finish within %.0f s; %d rows may be lost", timeout,
-                      self._pending_rows)  # fmt: skip
+            with self._ready:
+                lost, self._pending_rows = self._pending_rows, 0
+                self._pending.clear()
+            self.dropped += lost
+            self._on_drop(lost)
+            log.error("prediction log: the writer did not finish within %.0f s; %d queued rows dropped", timeout, lost)
         else:
             self._close_adbc()
         self.engine.dispose()

@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 
+import adbc_driver_sqlite.dbapi
 import polars as pl
 import pytest
 import sqlalchemy as sa
@@ -94,6 +95,28 @@ def test_rows_recorded_after_close_are_counted_as_dropped(tmp_path):
     log = PredictionLog(f"sqlite:///{tmp_path / 'p.sqlite'}")
     log.close()
     assert log.record([row(1)]) == 1 and log.dropped == 1
+
+
+def test_rows_still_queued_when_a_close_runs_out_of_time_are_counted_as_dropped(tmp_path):
+    path = tmp_path / "p.sqlite"
+    engine_for(f"sqlite:///{path}").dispose()
+    # Through the writer's own SQLite (ADBC's): two copies of SQLite in one process do not see each other's locks.
+    blocker = adbc_driver_sqlite.dbapi.connect(str(path), autocommit=True)
+    blocker.cursor().execute("BEGIN EXCLUSIVE")  # the writer's first write waits on the lock (its busy timeout is 30 s)
+    counted = []
+    log = PredictionLog(f"sqlite:///{path}", flush_seconds=0.05, batch_rows=10, on_drop=counted.append)
+    assert log.record([row(i) for i in range(50)]) == 0
+    time.sleep(0.5)  # the writer has taken its first 10 rows and waits
+
+    log.close(timeout=1)
+
+    assert log.dropped == 40 and counted == [40]
+    blocker.cursor().execute("ROLLBACK")
+    blocker.close()
+    log._writer.join(60)  # the write under way lands once the lock is free
+    assert (log.written, log.failed) == (10, 0), (log.written, log.failed)
+    with adbc_driver_sqlite.dbapi.connect(str(path)) as reader, reader.cursor() as cursor:
+        assert cursor.execute("SELECT count(*) FROM predictions").fetchone() == (10,)
 
 
 def test_an_unsupported_url_is_named():
