@@ -12,6 +12,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from readmission_platform.lib.history import KEY, STATE, STATE_SCHEMA
+from readmission_platform.lib.predictions import connect, sqlite_path
 
 TABLE = "patient_history"
 VERSION_TABLE = "patient_history_version"
@@ -45,19 +46,28 @@ def write_states(engine: sa.Engine, states: pl.DataFrame) -> int:
     return version + 1
 
 
-def stored_version(engine: sa.Engine) -> int | None:
-    """The version of the stored states, None before the first write."""
-    with engine.connect() as connection:
-        if not sa.inspect(connection).has_table(VERSION_TABLE):
-            return None
-        return connection.execute(sa.select(sa.func.max(version_table.c.version))).scalar()
+def read_newer(url: str, held: int | None) -> tuple[int | None, pl.DataFrame | None]:
+    """The stored version and, unless it is `held`, every patient's state (`STORED_SCHEMA`; None when it is), from the
+    prediction log's database at `url`; (None, None) before the first write.
 
-
-def read_states(engine: sa.Engine) -> tuple[int | None, pl.DataFrame]:
-    """The stored version and every patient's state (`STORED_SCHEMA`), read in one transaction."""
-    with engine.connect() as connection, connection.begin():
-        if not sa.inspect(connection).has_table(VERSION_TABLE):
-            return None, pl.DataFrame(schema=STORED_SCHEMA)
-        version = connection.execute(sa.select(sa.func.max(version_table.c.version))).scalar()
-        rows = connection.execute(sa.select(*(states_table.c[n] for n in STORED_SCHEMA))).all()
-    return version, pl.DataFrame(rows, schema=STORED_SCHEMA, orient="row")
+    Read through ADBC (`predictions.connect`), as a process that writes the log must. The version is read first: a
+    write between the two reads gives newer states under the older version, which the next read replaces."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None, None
+    catalog = (
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?"
+        if path is not None
+        else "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = $1"
+    )
+    with connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute(catalog, [VERSION_TABLE])
+        if not cursor.fetchone()[0]:
+            return None, None
+        cursor.execute(f"SELECT max(version) FROM {VERSION_TABLE}")
+        (version,) = cursor.fetchone()
+        if version == held:
+            return version, None
+        cursor.execute(f"SELECT {', '.join(STORED_SCHEMA)} FROM {TABLE}")
+        states = pl.DataFrame(pl.from_arrow(cursor.fetch_arrow_table())).cast(STORED_SCHEMA)
+    return version, states

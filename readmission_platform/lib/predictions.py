@@ -51,7 +51,8 @@ class PredictionLogError(ValueError):
     """The prediction log's URL or the columns asked of it are not ones the log has."""
 
 
-def _sqlite_path(url: str) -> Path | None:
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL; None for any other."""
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
@@ -62,8 +63,11 @@ def _postgres_uri(url: str) -> str | None:
     return None
 
 
-def _connect(url: str):
-    if (path := _sqlite_path(url)) is not None:
+def connect(url: str):
+    """An ADBC connection to the prediction log's database. A process that writes the log (the service's workers)
+    reads its SQLite file through this too: one process holding a file through two copies of SQLite (ADBC's and
+    Python's sqlite3) loses its locks whenever either closes it."""
+    if (path := sqlite_path(url)) is not None:
         import adbc_driver_sqlite.dbapi
 
         return adbc_driver_sqlite.dbapi.connect(str(path))
@@ -103,13 +107,13 @@ def read_predictions(
         if at.tzinfo is None:
             raise PredictionLogError(f"time bound {at} has no time zone; give an aware datetime (UTC)")
     empty = pl.DataFrame(schema={name: TYPES[name] for name in wanted})
-    if (path := _sqlite_path(url)) is not None and not path.exists():
+    if (path := sqlite_path(url)) is not None and not path.exists():
         return empty
     sqlite = path is not None
     conditions = [f"predicted_at {op} {'?' if sqlite else f'${i}'}" for i, (op, _) in enumerate(bounds, start=1)]
     # SQLite compares the stored text, so a bound is written as the writer writes a time.
     params = [at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else at for _, at in bounds]
-    with _connect(url) as connection, connection.cursor() as cursor:
+    with connect(url) as connection, connection.cursor() as cursor:
         stored = _stored_columns(cursor, sqlite)
         if not stored:
             return empty
@@ -151,9 +155,9 @@ def newest_prediction(url: str, columns: Sequence[str]) -> pl.DataFrame:
     if unknown := [name for name in columns if name not in TYPES]:
         raise PredictionLogError(f"the prediction log has no column {unknown}; expected some of {list(TYPES)}")
     empty = pl.DataFrame(schema={name: TYPES[name] for name in columns})
-    if (path := _sqlite_path(url)) is not None and not path.exists():
+    if (path := sqlite_path(url)) is not None and not path.exists():
         return empty
-    with _connect(url) as connection, connection.cursor() as cursor:
+    with connect(url) as connection, connection.cursor() as cursor:
         stored = _stored_columns(cursor, path is not None)
     if not stored:
         return empty
@@ -168,12 +172,12 @@ def _fetch(
     """The rows of `sql` that meet every condition, in `order`, typed as TYPES; `wanted_ids` (request_id) are put in
     a temporary table `_WANTED` first."""
     sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    with _connect(url) as connection, connection.cursor() as cursor:
+    with connect(url) as connection, connection.cursor() as cursor:
         if wanted_ids is not None:
             cursor.adbc_ingest(_WANTED, wanted_ids, mode="create", temporary=True)
             # Without an index SQLite probes a temporary B-tree it builds anyway; PostgreSQL hashes the ids either way.
             cursor.execute(f"CREATE UNIQUE INDEX {_WANTED}_request_id ON {_WANTED} (request_id)")
-        if _sqlite_path(url) is not None:
+        if sqlite_path(url) is not None:
             # The SQLite driver infers a column's type from its first batch of rows and refuses a later batch that
             # disagrees (a rollout column NULL in the first rows, text later): one batch of every row, as the rows are
             # all collected here anyway.
@@ -182,7 +186,7 @@ def _fetch(
         frame = pl.from_arrow(cursor.fetch_arrow_table())
     if frame.is_empty():  # SQLite types the columns of no rows by no value: as integers
         return pl.DataFrame(schema={name: TYPES[name] for name in wanted})
-    if _sqlite_path(url) is not None and "predicted_at" in wanted:
+    if sqlite_path(url) is not None and "predicted_at" in wanted:
         frame = frame.with_columns(pl.col("predicted_at").str.to_datetime(_SQLITE_TIME, time_unit="us", time_zone="UTC"))
     frame = frame.cast({name: TYPES[name] for name in wanted})
     if "stage" in wanted:

@@ -13,10 +13,9 @@ import threading
 from collections.abc import Mapping
 
 import polars as pl
-import sqlalchemy as sa
 
 from readmission_platform.lib.history import STATE, patient_key
-from readmission_platform.lib.history_store import KEY, read_states, stored_version
+from readmission_platform.lib.history_store import KEY, read_newer
 from readmission_platform.lib.reporting import masked
 
 log = logging.getLogger(__name__)
@@ -25,9 +24,10 @@ log = logging.getLogger(__name__)
 class PatientHistory(threading.Thread):
     """The stored states by patient key, used once a version is read. Without a key nothing is looked up."""
 
-    def __init__(self, engine: sa.Engine | None, key: bytes | None, *, interval: float = 30.0) -> None:
+    def __init__(self, url: str | None, key: bytes | None, *, interval: float = 30.0) -> None:
+        """`url`: the prediction log's database, where the pipeline stores the states (None: no history)."""
         super().__init__(name="patient-history", daemon=True)
-        self.engine, self.key, self.interval = engine, key, interval
+        self.url, self.key, self.interval = url, key, interval
         self.version: int | None = None
         self.frame = pl.DataFrame(schema={KEY: pl.String(), **{name: pl.Int64() for name in STATE}})
         self.by_key: dict[str, dict[str, int]] = {}
@@ -39,14 +39,14 @@ class PatientHistory(threading.Thread):
 
     def refresh(self) -> None:
         """Read the states again if the pipeline wrote a new version; a failure keeps the copy held and is logged."""
-        if self.engine is None or self.key is None:
+        if self.url is None or self.key is None:
             return
         try:
-            if stored_version(self.engine) == self.version:
-                return
-            version, frame = read_states(self.engine)
+            version, frame = read_newer(self.url, self.version)
         except Exception as error:  # the database is unreachable: keep what is held
-            log.warning("cannot read patient history from %s: %s", masked(str(self.engine.url)), error)
+            log.warning("cannot read patient history from %s: %s", masked(self.url), error)
+            return
+        if frame is None:  # the version held, or none stored yet
             return
         self.by_key = {row[KEY]: {name: row[name] for name in STATE} for row in frame.iter_rows(named=True)}
         self.frame, self.version = frame, version

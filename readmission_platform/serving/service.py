@@ -77,7 +77,7 @@ from readmission_platform.serving.metrics import (
     SCORING_SECONDS,
 )
 from readmission_platform.serving.model import ServedModel
-from readmission_platform.serving.prediction_log import PredictionLog, engine_for
+from readmission_platform.serving.prediction_log import PredictionLog
 from readmission_platform.serving.rollout import NO_CANDIDATE, Candidate, Trials, candidate_columns, candidate_frame_columns
 from readmission_platform.serving.watcher import ModelWatcher
 from readmission_platform.settings import ServingSettings, Settings, keep_private
@@ -163,7 +163,7 @@ class ReadmissionService:
         # The patients' history states, kept in memory and read again when the pipeline writes them anew.
         key = settings.patient_key
         self.history = PatientHistory(
-            engine_for(settings.prediction_log_url, create=False) if key else None,
+            settings.prediction_log_url if key else None,
             key.encode() if key else None,
             interval=SERVING.reload_seconds,
         )

@@ -15,7 +15,7 @@ from readmission_platform.lib.features import record_features
 from readmission_platform.lib.cleaning import clean_record
 from readmission_platform.lib.history import ENCOUNTER, HISTORY_FEATURES, PATIENT, patient_key, patient_keys, patient_states
 from readmission_platform.lib.history_store import KEY as STORED_KEY
-from readmission_platform.lib.history_store import read_states
+from readmission_platform.lib.history_store import read_newer
 from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import PredictionLog
@@ -39,7 +39,7 @@ def test_history_reads_earlier_batches_and_the_service_store_gets_every_patient(
         resources=resources | {"prediction_log": prediction_log}, instance=instance,
     )  # fmt: skip
     raw = platform.warehouse.read_table("raw_batches")
-    version, states = read_states(prediction_log.engine())
+    version, states = read_newer(prediction_log.url, None)
     assert version == metadata(done, "patient_history")["store_version"] == 1
     assert sorted(states["patient_key"]) == sorted(patient_keys(raw["patient_nbr"].unique(), KEY.encode()))
     table = platform.warehouse.read_table("training_set")
@@ -121,7 +121,7 @@ def test_an_outcome_of_a_named_patients_prediction_reaches_that_patients_next_re
     # The next request for the patient is scored with it; every other patient's state is as it was.
     features = record_features(clean_record(encounter), after)
     assert (features["history_prior_encounters"], features["history_prior_readmissions_30d"]) == (3, before["readmissions_30d"] + 1)
-    _, stored = read_states(any_log.engine())
+    _, stored = read_newer(any_log.url, None)
     assert stored.height == raw[PATIENT].n_unique()
     assert stored.filter(pl.col(STORED_KEY) != patient_key(patient, KEY.encode())).sort(STORED_KEY).equals(
         history_before_outcome(raw, patient).sort(STORED_KEY)
@@ -130,11 +130,8 @@ def test_an_outcome_of_a_named_patients_prediction_reaches_that_patients_next_re
 
 def served_state(log: PredictionLogResource, patient: str) -> dict[str, int]:
     """The patient's state as a service worker reads it from the store (`PatientHistory`)."""
-    history = PatientHistory(log.engine(), KEY.encode())
+    history = PatientHistory(log.url, KEY.encode())
     history.refresh()
-    # Its connection is closed before the test goes on: a SQLite file open through Python's sqlite3 and through ADBC's
-    # own SQLite in one process loses its locks when the other closes (the pipeline and the service are processes apart).
-    history.engine.dispose()
     return dict(history.state(patient))
 
 

@@ -22,7 +22,7 @@ from readmission_platform.lib.history import (
     states_before,
     with_history,
 )
-from readmission_platform.lib.history_store import KEY, read_states, write_states
+from readmission_platform.lib.history_store import KEY, read_newer, write_states
 from readmission_platform.lib.splitting import SPLIT, split_overlap
 from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.prediction_log import engine_for
@@ -197,36 +197,43 @@ def test_history_keeps_the_patient_split(full_features):
 
 @pytest.mark.postgres
 def test_states_are_stored_and_read_back_on_postgresql(new_pg_database, full_raw):
-    engine = engine_for(new_pg_database("history"))
+    url = new_pg_database("history")
+    engine = engine_for(url)
+    assert read_newer(url, None) == (None, None)
     states = patient_states(full_raw.head(2_000))
     keyed = states.with_columns(pl.Series(KEY, patient_keys(states[PATIENT], KEY_BYTES))).drop(PATIENT)
     assert write_states(engine, keyed) == 1 and write_states(engine, keyed) == 2
-    version, stored = read_states(engine)
+    version, stored = read_newer(url, None)
     assert version == 2 and stored.sort(KEY).equals(keyed.select(stored.columns).sort(KEY))
+    assert read_newer(url, 2) == (2, None)  # the version held: the states are not read again
     engine.dispose()
 
 
 def test_a_stored_state_names_no_patient_and_replaces_the_last_in_one_version(tmp_path, full_raw):
-    engine = engine_for(f"sqlite:///{tmp_path / 'log.sqlite'}")
+    url = f"sqlite:///{tmp_path / 'log.sqlite'}"
+    engine = engine_for(url)
     states = patient_states(full_raw.head(500))
     keyed = states.with_columns(pl.Series(KEY, patient_keys(states[PATIENT], KEY_BYTES))).drop(PATIENT)
     assert write_states(engine, keyed) == 1
     assert write_states(engine, keyed.head(10)) == 2
-    version, stored = read_states(engine)
+    engine.dispose()  # read through ADBC's SQLite, as the service does: one copy of SQLite at a time on a file
+    version, stored = read_newer(url, None)
     assert version == 2 and stored.height == 10
     held = (tmp_path / "log.sqlite").read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("log.sqlite-*"))
     assert not any(f"{n}".encode() in held for n in states[PATIENT].head(10))
     with pytest.raises(ValueError, match="one row per patient_key"):
         write_states(engine, pl.concat([keyed.head(2), keyed.head(1)]))
-    assert read_states(engine)[1].height == 10  # a refused write leaves the stored states as they were
+    engine.dispose()
+    assert read_newer(url, None)[1].height == 10  # a refused write leaves the stored states as they were
 
 
 def test_serving_history_equals_training_history_on_the_whole_test_set(tmp_path, full_raw, full_clean, full_features):
     """Each test encounter is served as its patient's next encounter, with the state the pipeline would have stored
     from the encounters before it (written to a real SQLite store, read by the service's `PatientHistory`). Its
     features, by the batch path and the single-encounter path, equal the training set's row for it."""
-    engine = engine_for(f"sqlite:///{tmp_path / 'log.sqlite'}")
-    history = PatientHistory(engine, KEY_BYTES)
+    url = f"sqlite:///{tmp_path / 'log.sqlite'}"
+    engine = engine_for(url)
+    history = PatientHistory(url, KEY_BYTES)
     test = full_features.filter(pl.col(SPLIT) == "test")
     raw = full_raw.with_columns(pl.col(ENCOUNTER).cast(pl.Int64).alias("_id"), pl.col(PATIENT).cast(pl.Int64).alias("_p"))
     ranks = raw.select("_id", "_p", pl.int_range(pl.len()).over("_p", order_by="_id").alias("rank"))
@@ -242,6 +249,7 @@ def test_serving_history_equals_training_history_on_the_whole_test_set(tmp_path,
         earlier = earlier.filter(pl.col(PATIENT).cast(pl.Int64).is_in(served[PATIENT].implode()))
         states = patient_states(earlier)
         write_states(engine, states.with_columns(pl.Series(KEY, patient_keys(states[PATIENT], KEY_BYTES))).drop(PATIENT))
+        engine.dispose()  # the pipeline writes in a process of its own
         history.refresh()
         requests = served.select(ENCOUNTER, PATIENT).join(clean_rows, on=ENCOUNTER, how="left", maintain_order="left")
         typed = typed_frame([from_clean(r) for r in requests.iter_rows(named=True)])
@@ -256,13 +264,15 @@ def test_serving_history_equals_training_history_on_the_whole_test_set(tmp_path,
 
 
 def test_without_an_identifier_or_a_key_no_history_is_used(tmp_path):
-    engine = engine_for(f"sqlite:///{tmp_path / 'log.sqlite'}")
+    url = f"sqlite:///{tmp_path / 'log.sqlite'}"
+    engine = engine_for(url)
     write_states(engine, pl.DataFrame({KEY: [patient_key("p1", KEY_BYTES)]}).with_columns(
         *(pl.lit(1, pl.Int64).alias(n) for n in ("encounters", "inpatient_days", "readmissions_30d", "latest_readmitted_30d",
                                                  "latest_time_in_hospital", "latest_num_medications", "latest_num_lab_procedures",
                                                  "latest_number_diagnoses", "latest_number_inpatient"))
     ))  # fmt: skip
-    keyed, keyless = PatientHistory(engine, KEY_BYTES), PatientHistory(engine, None)
+    engine.dispose()
+    keyed, keyless = PatientHistory(url, KEY_BYTES), PatientHistory(url, None)
     keyed.refresh(), keyless.refresh()
     assert keyed.state("p1")["encounters"] == 1 and keyed.state("someone new")["encounters"] == 0
     assert keyed.state(None) is None and keyless.state("p1") is None
