@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import dagster as dg
 import pytest
 
-from readmission_platform.defs.promotion.assets import promotion_decision
+from readmission_platform.defs.promotion.assets import challenger_version, promotion_decision
 from readmission_platform.defs.training.assets import trained_model
 from readmission_platform.lib.registry import ROLLOUT_END_REASON, SHADOW
 from readmission_platform.lib.training import model_input, train_candidates
@@ -39,7 +41,8 @@ def test_a_challenger_within_noise_stays_out_and_a_clearly_better_one_goes_to_sh
 ):
     for i, data in enumerate(training_batches[:3], start=1):
         ingest(platform, instance, resources, data, f"batch_{i:04d}")
-    first = metadata(retrain(instance, resources), "promotion_decision")
+    first_run = retrain(instance, resources)
+    first = metadata(first_run, "promotion_decision")
     assert first["rollout_stage"] == "production" and first["comparison"] == "no production model to compare with"
 
     # v2: the same family on one more batch, judged against v1 on the same test patients, on ROC-AUC alone (no
@@ -58,7 +61,8 @@ def test_a_challenger_within_noise_stays_out_and_a_clearly_better_one_goes_to_sh
     registry = mlflow.registry()
     in_rollout = registry.register(registry.version(weak).run_id, threshold=0.5, tags={})
     registry.start_shadow(in_rollout, reason="a candidate in rollout, for the test")
-    better = metadata(decide_again(instance, resources), "promotion_decision")
+    better_run = decide_again(instance, resources)
+    better = metadata(better_run, "promotion_decision")
     assert better["promoted"] is True and better["rollout_stage"] == SHADOW, better["reason"]
     assert better["roc_auc_difference_lower"] > 0 and better["roc_auc_p_value"] < 0.01 and better["delong_p_value"] < 0.01
     assert f"better than production v{weak} with 95% confidence" in better["reason"]
@@ -81,3 +85,9 @@ def test_a_challenger_within_noise_stays_out_and_a_clearly_better_one_goes_to_sh
     assert rows["roc_auc_difference"][2] == pytest.approx(better["roc_auc_difference"])
     assert rows["brier_difference_upper"][1] == pytest.approx(noise["brier_difference_upper"])
     assert rows["comparison"][0] is None and "paired bootstrap over" in rows["comparison"][2]
+
+    # A retry of the first retrain, made after later ones trained, decides on the version its own run trained; a
+    # decision run alone takes the newest.
+    instance.report_runless_asset_event(dg.AssetMaterialization(trained_model.key, metadata={"model_version": "99"}))
+    assert challenger_version(SimpleNamespace(instance=instance, run=first_run.dagster_run)) == "1"
+    assert challenger_version(SimpleNamespace(instance=instance, run=better_run.dagster_run)) == "99"
