@@ -78,7 +78,7 @@ def test_the_retrain_sensor_asks_for_a_run_after_new_batches_and_not_before(plat
     ingest(platform, instance, resources, training_batches[1], "batch_0002")
     retrain(instance, resources)  # production now holds batches 1 and 2
     after_training = tick(instance, mlflow)
-    assert isinstance(after_training, dg.SkipReason) and "0 new batches" in after_training.skip_message
+    assert isinstance(after_training, dg.SkipReason) and "0 new or reloaded batches" in after_training.skip_message
 
     ingest(platform, instance, resources, training_batches[2], "batch_0003")
     again = tick(instance, mlflow)
@@ -96,6 +96,20 @@ def test_the_retrain_sensor_asks_for_a_run_after_new_batches_and_not_before(plat
     assert "trained on these 4 batches as they are now" in after_coalesced.skip_message
     reloaded = ingest(platform, instance, resources, training_batches[3], "batch_0004")  # loaded again: new rows
     assert reloaded.success and isinstance(tick(instance, mlflow), dg.RunRequest)
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_a_batch_loaded_again_after_production_trained_on_it_retrains(platform, instance, resources, mlflow, training_batches):
+    ingest(platform, instance, resources, training_batches[0], "batch_0001")
+    retrain(instance, resources)  # the first model: production, trained on batch 1
+    assert isinstance(tick(instance, mlflow), dg.SkipReason)
+
+    corrected = training_batches[0].replace(b"Caucasian", b"Hispanic", 1)
+    assert ingest(platform, instance, resources, corrected, "batch_0001").success
+
+    reloaded = tick(instance, mlflow)
+    assert isinstance(reloaded, dg.RunRequest), reloaded
+    assert reloaded.tags["readmission/new_batches"] == "batch_0001"
 
 
 @pytest.mark.postgres

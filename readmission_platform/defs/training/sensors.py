@@ -15,12 +15,29 @@ retrain_job = dg.define_asset_job(
     ),
 )
 
+TRAINING_SET = dg.AssetKey("training_set")
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
+
+
+def _trained_at(instance: dg.DagsterInstance, version) -> int | None:
+    """The storage id of the training_set materialization a registered version was trained on (in the run, or run
+    group, that registered it); None when its run is not on this instance."""
+    run_id = version.tags.get("dagster_run_id") if version is not None else None
+    if not run_id or not instance.has_run(run_id):
+        return None
+    group = instance.get_run_group(run_id)
+    found = [
+        record.storage_id
+        for attempt in (group[1] if group else [instance.get_run_by_id(run_id)])
+        for record in instance.get_records_for_run(attempt.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        if record.event_log_entry.asset_materialization.asset_key == TRAINING_SET
+    ]
+    return max(found, default=None)
 
 
 def _metadata_value(record: dg.EventLogRecord, key: str):
@@ -45,8 +62,12 @@ def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, 
 
     registry = mlflow.registry()
     production = registry.production()
-    trained = set(trained_batches(production))
-    new = {key: record for key, record in batches.items() if key not in trained}
+    trained, trained_at = set(trained_batches(production)), _trained_at(context.instance, production)
+    # New: not among production's batches, or loaded again after production's training set was read.
+    new = {
+        key: record for key, record in batches.items()
+        if key not in trained or (trained_at is not None and record.storage_id > trained_at)
+    }  # fmt: skip
     new_rows = sum(_metadata_value(record, "dagster/row_count") or 0 for record in new.values())
     drifted = {
         key: psi
@@ -57,14 +78,14 @@ def retrain_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource, 
     enough_new = len(new) >= retrain_policy.min_new_batches and new_rows >= retrain_policy.min_new_rows
     if not enough_new and not drifted:
         return dg.SkipReason(
-            f"{len(new)} new batches ({new_rows} rows) since production "
+            f"{len(new)} new or reloaded batches ({new_rows} rows) since production "
             f"{f'v{production.version}' if production else '(none)'}; retraining needs "
             f"{retrain_policy.min_new_batches} batches and {retrain_policy.min_new_rows} rows, and no batch drifted"
         )
     # A retrain reads every batch loaded when its training_set runs, not only those of its request: batches that landed
     # while it was queued were trained on already, and retraining on the same rows would register the same model again.
     newest = next(iter(registry.versions()), None)
-    last_set = context.instance.fetch_materializations(dg.AssetKey("training_set"), limit=1).records
+    last_set = context.instance.fetch_materializations(TRAINING_SET, limit=1).records
     if (
         newest is not None and last_set and set(trained_batches(newest)) == set(batches)
         and max(record.storage_id for record in batches.values()) < last_set[0].storage_id
