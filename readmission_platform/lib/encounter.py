@@ -17,12 +17,14 @@ from typing import Annotated, Any, Literal
 import polars as pl
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
     StringConstraints,
     create_model,
 )
+from pydantic_core import PydanticKnownError
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import clean_request
@@ -79,9 +81,18 @@ def allowed(column: schema.Column) -> tuple:
     return tuple(NOT_TAKEN if v == schema.NOT_MEASURED else v for v in column.allowed)
 
 
+def _whole(value: Any) -> Any:
+    """A JSON integer and nothing else: a code's Literal would take true for 1, and 1.0."""
+    if type(value) is not int:
+        raise PydanticKnownError("int_type")
+    return value
+
+
 def _annotation(column: schema.Column) -> Any:
     if column.allowed is not None:
         typ: Any = Literal[allowed(column)]  # type: ignore[valid-type]
+        if all(type(value) is int for value in column.allowed):
+            typ = Annotated[typ, BeforeValidator(_whole)]
     elif column.range is not None:
         typ = Annotated[StrictInt, Field(ge=column.range[0], le=column.range[1])]
     elif column.pattern is not None:

@@ -79,6 +79,8 @@ BAD_VALUES = [
         ({"metformin": "Yes"}, "metformin", "'No', 'Steady', 'Up' or 'Down'"),
         ({"admission_source_id": 16}, "admission_source_id", "Input should be 1"),
         ({"discharge_disposition_id": 31}, "discharge_disposition_id", "Input should be 1"),
+        ({"admission_type_id": True}, "admission_type_id", "valid integer"),  # a code is a JSON integer, not true
+        ({"admission_source_id": 7.0}, "admission_source_id", "valid integer"),
         ({"request_id": "ward\n7"}, "request_id", "should match pattern"),
         ({"medical_specialty": "Surg\x00ery"}, "medical_specialty", "should match pattern"),  # PostgreSQL refuses a NUL
         ({"medical_specialty": "Surgery\tGeneral"}, "medical_specialty", "should match pattern"),
