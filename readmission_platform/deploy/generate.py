@@ -1,9 +1,9 @@
 """Writes deploy/ from `deploy/spec.py`: `python -m readmission_platform.deploy.generate`.
 
 The Dockerfiles, the compose file (the whole profile on one host, the observability stack of ops/ beside it), the
-Kubernetes manifests (kustomize base and overlays for a local cluster and for production) and the values for Dagster's
-Helm chart. The files are checked in; a test regenerates them and compares, and another reads the rendered manifests
-and the compose file back and holds them to the spec.
+Kubernetes manifests (kustomize base and overlays for a local cluster and for production) and, for each overlay, the
+values for Dagster's Helm chart. The files are checked in; a test regenerates them and compares, and another reads the
+rendered manifests and the compose file back and holds them to the spec.
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ LOCAL_DATABASES = {
     "READMISSION_PREDICTION_LOG_URL": "readmission_predictions",
 }
 HOST_PORTS = {"mlflow": 5000, "dagster-webserver": 3000, "service-1": 3100, "service-2": 3101}
+# Production's registry and PostgreSQL server: placeholders to replace with one's own. The production overlay rewrites
+# the images to the registry (kustomize `images:`) and the chart's values name the same images and server, as the
+# chart reads neither the overlay nor the Secret's URLs (its instance takes host, user and database one by one).
+REGISTRY = "registry.example.org"
+PRODUCTION_POSTGRES_HOST = "postgres.example.org"
+# Alertmanager's receivers on compose: a webhook on the Docker host's port 9095 (127.0.0.1 inside its container would be
+# Alertmanager itself), as `readmission observe` sends to 127.0.0.1:9095, until a team sets its own.
+COMPOSE_WEBHOOK = "http://host.docker.internal:9095/alerts"
+COMPOSE_ALERTMANAGER = "http://alertmanager:9093"
 
 
 def to_yaml(document: dict | list, header: str = HEADER) -> str:
@@ -60,10 +69,10 @@ WORKDIR {spec.APP_DIR}
 COPY pyproject.toml constraints.txt README.md bentofile.yaml ./
 COPY readmission_platform ./readmission_platform
 RUN pip install --no-cache-dir --constraint constraints.txt --editable {target}
-RUN useradd --uid 10001 --home-dir {spec.HOME_DIR} readmission \\
+RUN useradd --uid {spec.APP_UID} --home-dir {spec.HOME_DIR} readmission \\
     && mkdir -p {spec.HOME_DIR} {spec.LANDING_DIR} {spec.ARTIFACTS_DIR} \\
     && chown -R readmission {spec.HOME_DIR} {spec.LANDING_DIR} {spec.ARTIFACTS_DIR}
-USER 10001
+USER {spec.APP_UID}
 ENV READMISSION_HOME={spec.HOME_DIR}/home DAGSTER_HOME={spec.HOME_DIR}/dagster BENTOML_HOME={spec.HOME_DIR}/bentoml
 EXPOSE {component.port}
 ENTRYPOINT ["tini", "--"]
@@ -73,10 +82,9 @@ CMD [{command}]
 
 # -- compose ---------------------------------------------------------------------------------------------------------
 def compose_environment(component: spec.Component) -> dict[str, str]:
-    env = {name: f"${{{name}:?set {name} in deploy/compose/profile.env}}" for name in component.secrets
-           if name != "READMISSION_API_TOKEN"}  # fmt: skip
-    if "READMISSION_API_TOKEN" in component.secrets:
-        env["READMISSION_API_TOKEN"] = "${READMISSION_API_TOKEN:-}"
+    # A required secret stops compose when unset; an optional one (the token, the patient key, Alertmanager) may be empty.
+    env = {name: f"${{{name}:-}}" if name in spec.OPTIONAL_SECRETS else f"${{{name}:?set {name} in deploy/compose/profile.env}}"
+           for name in component.secrets}  # fmt: skip
     env |= component.config
     homes = {"READMISSION_HOME": f"{spec.HOME_DIR}/home", "DAGSTER_HOME": f"{spec.HOME_DIR}/dagster",
              "BENTOML_HOME": f"{spec.HOME_DIR}/bentoml"}  # fmt: skip
@@ -106,8 +114,6 @@ def compose_service(name: str, component: spec.Component, *, depends: list[str])
         service["volumes"].append(f"mlflow-artifacts:{spec.ARTIFACTS_DIR}")
     if name in HOST_PORTS:
         service["ports"] = [f"127.0.0.1:{HOST_PORTS[name]}:{component.port}"]
-    if component is spec.SERVICE:
-        service["cap_add"] = ["SYS_NICE"]  # the prediction log's writer thread runs at niceness -5 (README, Serving)
     if component.health:
         url = f"http://127.0.0.1:{component.port}{component.health}"
         service["healthcheck"] = {"test": ["CMD", "python", "-c", f"import urllib.request; urllib.request.urlopen('{url}')"],
@@ -125,7 +131,8 @@ def compose() -> dict:
             "restart": "unless-stopped",
         },
         "mlflow": compose_service("mlflow", spec.MLFLOW, depends=["postgres"]),
-        "code-location": compose_service("code-location", spec.CODE_SERVER, depends=["postgres", "mlflow"]),
+        # Its sensors post the pipeline's alerts to the Alertmanager below (READMISSION_ALERTMANAGER_URL, profile.env).
+        "code-location": compose_service("code-location", spec.CODE_SERVER, depends=["postgres", "mlflow", "alertmanager"]),
         "dagster-webserver": compose_service("dagster-webserver", spec.WEBSERVER, depends=["postgres", "code-location"]),
         "dagster-daemon": compose_service("dagster-daemon", spec.DAEMON, depends=["postgres", "code-location"]),
         spec.PIPELINE_EXPORTER.name: compose_service(spec.PIPELINE_EXPORTER.name, spec.PIPELINE_EXPORTER, depends=["postgres"]),
@@ -144,7 +151,9 @@ def compose() -> dict:
     services["alertmanager"] = {
         "image": "prom/alertmanager:v0.28.1",
         "command": ["--config.file=/etc/alertmanager/alertmanager.yml"],
-        "volumes": [f"{ops}/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro"],
+        # ops/'s routes with a receiver it can reach from its container (COMPOSE_WEBHOOK: the Docker host).
+        "volumes": ["./alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro"],
+        "extra_hosts": ["host.docker.internal:host-gateway"],
         "ports": ["127.0.0.1:9093:9093"],
         "restart": "unless-stopped",
     }
@@ -169,12 +178,16 @@ def compose_files() -> dict[str, str]:
                                                 prometheus="localhost:9090")  # fmt: skip
     databases = "".join(f"CREATE DATABASE {db};\n" for db in LOCAL_DATABASES.values())
     env = "".join(f"{name}={url}\n" for name, url in local_urls("postgres", "${POSTGRES_PASSWORD}").items())
+    env += f"{spec.ALERTMANAGER_URL}={COMPOSE_ALERTMANAGER}\n"
+    # Empty: no patient history. Set, the code location and the service hash patient identifiers with the same key.
+    env += f"# Any long random string (openssl rand -hex 32) keeps patient history; keep it secret.\n{spec.PATIENT_KEY}=\n"
     return {
         "compose/compose.yaml": to_yaml(compose(), HEADER + "# docker compose --env-file deploy/compose/profile.env -f deploy/compose/compose.yaml up\n"),
         "compose/dagster.yaml": to_yaml(spec.instance_config()),
         "compose/workspace.yaml": to_yaml(spec.workspace_config("code-location", spec.CODE_SERVER.port)),
         "compose/prometheus.yml": to_yaml(prometheus),
         "compose/grafana-datasource.yml": to_yaml(ops_generate.grafana_datasource("http://prometheus:9090")),
+        "compose/alertmanager.yml": to_yaml(ops_generate.alertmanager_config(webhook=COMPOSE_WEBHOOK)),
         "compose/databases.sql": "-- " + HEADER[2:] + databases,
         # A one-host profile's own PostgreSQL: change the password before the first `up`.
         "compose/profile.env": HEADER + "POSTGRES_PASSWORD=readmission-local\nREADMISSION_API_TOKEN=\n" + env,
@@ -184,7 +197,7 @@ def compose_files() -> dict[str, str]:
 # -- Kubernetes ------------------------------------------------------------------------------------------------------
 def secret_env(names: tuple[str, ...]) -> list[dict]:
     return [{"name": name, "valueFrom": {"secretKeyRef": {"name": spec.SECRET_NAME, "key": name,
-                                                          **({"optional": True} if name == "READMISSION_API_TOKEN" else {})}}}
+                                                          **({"optional": True} if name in spec.OPTIONAL_SECRETS else {})}}}
             for name in names]  # fmt: skip
 
 
@@ -217,9 +230,10 @@ def service_manifests() -> list[dict]:
         "startupProbe": http_probe(spec.LIVENESS, component.port, periodSeconds=5, failureThreshold=36),
         "livenessProbe": http_probe(spec.LIVENESS, component.port, periodSeconds=10, failureThreshold=3),
         "readinessProbe": http_probe(spec.READINESS, component.port, periodSeconds=5, failureThreshold=2),
-        # The prediction log's writer runs at niceness -5 (README, Serving).
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"], "add": ["SYS_NICE"]}},  # fmt: skip
+        # No capability: one added (SYS_NICE, for the log writer's niceness) reaches only the bounding set of a process
+        # that is not root, never its effective set (kubernetes/kubernetes#56374); the writer keeps the default.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": spec.APP_UID, "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},  # fmt: skip
         "volumeMounts": [{"name": "home", "mountPath": spec.HOME_DIR}],
     }
     deployment = {
@@ -295,7 +309,11 @@ def mlflow_manifests() -> list[dict]:
                 "strategy": {"type": "Recreate"},
                 "template": {
                     "metadata": {"labels": LABELS | selector | {"app.kubernetes.io/component": "tracking"}},
-                    "spec": {"containers": [container],
+                    # The image's user, not root, writes the volume: fsGroup gives it the volume's group (a new
+                    # volume's root is root's own), changed only when the root's is not already that group.
+                    "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": spec.APP_UID, "fsGroup": spec.APP_UID,
+                                                 "fsGroupChangePolicy": "OnRootMismatch"},
+                             "containers": [container],
                              "volumes": [{"name": "artifacts", "persistentVolumeClaim": {"claimName": "mlflow-artifacts"}}]},  # fmt: skip
                 },
             },
@@ -371,6 +389,13 @@ def local_postgres() -> list[dict]:
 
 
 LOCAL_PASSWORD = "readmission-local"  # a local cluster's own PostgreSQL, reachable only inside it
+LOCAL_PATIENT_KEY = "readmission-local-patient-key"  # a laptop's cluster keeps patient history, as the demo does
+OVERLAYS = ("local", "production")
+
+
+def overlay_image(image: str, overlay: str) -> str:
+    """`image` (spec.CODE_IMAGE, spec.SERVICE_IMAGE) as the overlay runs it: production's from its registry."""
+    return f"{REGISTRY}/{image}" if overlay == "production" else image
 
 
 def overlay_files() -> dict[str, str]:
@@ -383,9 +408,11 @@ def overlay_files() -> dict[str, str]:
         # Fixed names: Dagster's chart refers to these Secrets by name.
         "generatorOptions": {"disableNameSuffixHash": True},
         "secretGenerator": [
-            {"name": spec.SECRET_NAME, "literals": [*local_secret, "READMISSION_API_TOKEN=local-token"]},
+            # No Alertmanager in the cluster: READMISSION_ALERTMANAGER_URL is left out, the pipeline's alerts are logged.
+            {"name": spec.SECRET_NAME, "literals": [*local_secret, "READMISSION_API_TOKEN=local-token",
+                                                    f"{spec.PATIENT_KEY}={LOCAL_PATIENT_KEY}"]},
             {"name": "postgres", "literals": [f"password={LOCAL_PASSWORD}"]},
-            # The chart's PostgreSQL password Secret (values-local.yaml: generatePostgresqlPasswordSecret false).
+            # The chart's PostgreSQL password Secret (deploy/helm/values-local.yaml: generatePostgresqlPasswordSecret false).
             {"name": "dagster-postgresql-secret", "literals": [f"postgresql-password={LOCAL_PASSWORD}"]},
         ],
         # A laptop's cluster: fewer, smaller service pods.
@@ -403,8 +430,9 @@ def overlay_files() -> dict[str, str]:
         "namespace": "readmission",
         "resources": ["../../base"],
         # The Secret `readmission-platform` is made outside Git (README, Deploying: kubectl create secret …).
-        "images": [{"name": spec.SERVICE_IMAGE, "newName": f"registry.example.org/{spec.SERVICE_IMAGE}", "newTag": VERSION},
-                   {"name": spec.CODE_IMAGE, "newName": f"registry.example.org/{spec.CODE_IMAGE}", "newTag": VERSION}],  # fmt: skip
+        # The same images as deploy/helm/values-production.yaml names for the code location and its runs.
+        "images": [{"name": image, "newName": overlay_image(image, "production"), "newTag": VERSION}
+                   for image in (spec.SERVICE_IMAGE, spec.CODE_IMAGE)],  # fmt: skip
         "patches": [{"target": {"kind": "Service", "name": "readmission-service"},
                      "patch": yaml.safe_dump([{"op": "add", "path": "/spec/type", "value": "LoadBalancer"}])}],  # fmt: skip
     }
@@ -422,9 +450,10 @@ def code_server_args() -> list[str]:
     return command[command.index("--module-name"):]
 
 
-def helm_values() -> dict:
-    """Values for dagster/dagster: the code location as a user deployment of its image, K8sRunLauncher, PostgreSQL
-    outside the chart, four runs and four `warehouse` slots; everything else the chart's defaults."""
+def helm_values(overlay: str) -> dict:
+    """Values for dagster/dagster beside the kustomize overlay `overlay`: the code location as a user deployment of its
+    image as the overlay runs it, K8sRunLauncher, PostgreSQL outside the chart (the local overlay's Service `postgres`,
+    production's own server), four runs and four `warehouse` slots; everything else the chart's defaults."""
     component = spec.CODE_SERVER
     landing = {"volumes": [{"name": "landing", "persistentVolumeClaim": {"claimName": "readmission-landing"}}],
                "volumeMounts": [{"name": "landing", "mountPath": spec.LANDING_DIR}]}  # fmt: skip
@@ -436,7 +465,7 @@ def helm_values() -> dict:
             "enabled": True,
             "deployments": [{
                 "name": "readmission-platform",
-                "image": {"repository": spec.CODE_IMAGE, "tag": VERSION, "pullPolicy": "IfNotPresent"},
+                "image": {"repository": overlay_image(spec.CODE_IMAGE, overlay), "tag": VERSION, "pullPolicy": "IfNotPresent"},
                 "codeServerArgs": code_server_args(),
                 "port": component.port,
                 "env": env,
@@ -456,7 +485,7 @@ def helm_values() -> dict:
         },
         "postgresql": {
             "enabled": False,
-            "postgresqlHost": "postgres",
+            "postgresqlHost": "postgres" if overlay == "local" else PRODUCTION_POSTGRES_HOST,
             "postgresqlUsername": "readmission",
             "postgresqlDatabase": LOCAL_DATABASES["READMISSION_DAGSTER_STORAGE_URL"],
             "service": {"port": 5432},
@@ -470,7 +499,10 @@ def helm_values() -> dict:
                               "startTimeoutSeconds": instance["run_monitoring"]["start_timeout_seconds"],
                               "cancelTimeoutSeconds": instance["run_monitoring"]["cancel_timeout_seconds"],
                               "freeSlotsAfterRunEndSeconds": instance["run_monitoring"]["free_slots_after_run_end_seconds"]},
-            "runRetries": {"enabled": True, "maxRetries": instance["run_retries"]["max_retries"]},
+            # As dagster.yaml: a run whose process died is retried, one that failed in an asset is not (the chart's
+            # default, like Dagster's, would retry both).
+            "runRetries": {"enabled": True, "maxRetries": instance["run_retries"]["max_retries"],
+                           "retryOnAssetOrOpFailure": instance["run_retries"]["retry_on_asset_or_op_failure"]},
         },  # fmt: skip
         # The pool `warehouse`'s slots: batches ingest side by side on PostgreSQL.
         "additionalInstanceConfig": {"concurrency": {"pools": instance["concurrency"]["pools"]}},
@@ -487,8 +519,18 @@ def files() -> dict[str, str]:
         **compose_files(),
         **base_files(),
         **overlay_files(),
-        "helm/dagster-values.yaml": to_yaml(helm_values(), HEADER + "# helm upgrade --install dagster dagster/dagster -n readmission -f deploy/helm/dagster-values.yaml\n"),
+        **{f"helm/values-{overlay}.yaml": to_yaml(helm_values(overlay), HEADER + f"# Beside `kubectl apply -k deploy/k8s/overlays/{overlay}`: "
+                                                  f"helm upgrade --install dagster dagster/dagster -n readmission -f deploy/helm/values-{overlay}.yaml\n")
+           for overlay in OVERLAYS},  # fmt: skip
     }
+
+
+def stale() -> list[Path]:
+    """Files under deploy/ this generator wrote once (they start with its header) and writes no more."""
+    generated = {DEPLOY / path for path in files()}
+    headers = (HEADER.splitlines()[0], "-- " + HEADER[2:].splitlines()[0])
+    return sorted(path for path in DEPLOY.rglob("*") if path.is_file() and path not in generated
+                  and path.read_text(errors="replace").startswith(headers))  # fmt: skip
 
 
 def main() -> None:
@@ -497,6 +539,9 @@ def main() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         print(target)
+    for path in stale():
+        path.unlink()
+        print(f"removed {path}")
 
 
 if __name__ == "__main__":

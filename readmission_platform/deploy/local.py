@@ -2,7 +2,8 @@
 directory and home under `root`, speaking PostgreSQL, gRPC and HTTP on loopback; the landing folder the one shared.
 
 `python -m readmission_platform.deploy.local --root DIR` runs it until Ctrl-C, with the databases' URLs from the
-environment (the variables of `spec.DATABASES`); the tests and `benchmarks/bench_deploy.py` use `Profile` directly.
+environment (the variables of `spec.DATABASES`; READMISSION_API_TOKEN, READMISSION_PATIENT_KEY and
+READMISSION_ALERTMANAGER_URL if set); the tests and `benchmarks/bench_deploy.py` use `Profile` directly.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Profile:
         landing: Path | None = None,
         replicas: int = spec.SERVICE.replicas,
         token: str | None = None,
+        patient_key: str | None = None,
+        alertmanager_url: str | None = None,
         reload_seconds: float | None = None,
         concurrency: int = spec.WAREHOUSE_CONCURRENCY,
         extra_env: Mapping[str, str] | None = None,
@@ -83,6 +86,7 @@ class Profile:
         self.databases = dict(databases)
         self.landing = (landing or self.root / "landing").resolve()
         self.replicas, self.token, self.reload_seconds = replicas, token, reload_seconds
+        self.patient_key, self.alertmanager_url = patient_key, alertmanager_url
         self.concurrency = concurrency
         self.extra_env = dict(extra_env or {})
         self.running: dict[str, Running] = {}
@@ -92,11 +96,14 @@ class Profile:
         return {k: v for k, v in os.environ.items() if not k.startswith(INHERITED_PREFIXES)} | self.extra_env
 
     def secrets(self) -> dict[str, str]:
-        """The values the Secret holds on Kubernetes: the databases, the tracking server's URL and the token."""
+        """The values the Secret holds on Kubernetes: the databases, the tracking server's URL, the token, the patient
+        key and Alertmanager's URL (the last three optional: empty, a component starts without them)."""
         values = dict(self.databases)
         if "mlflow" in self.running:
             values[spec.TRACKING_URL] = self.running["mlflow"].url
         values["READMISSION_API_TOKEN"] = self.token or ""
+        values[spec.PATIENT_KEY] = self.patient_key or ""
+        values[spec.ALERTMANAGER_URL] = self.alertmanager_url or ""
         return values
 
     def environment(self, component: spec.Component, folder: Path) -> dict[str, str]:
@@ -241,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     databases = {name: os.environ.get(name, "") for name in spec.DATABASES}
     try:
         profile = Profile(args.root, databases, landing=args.landing, replicas=args.replicas,
-                          token=os.environ.get("READMISSION_API_TOKEN"))  # fmt: skip
+                          token=os.environ.get("READMISSION_API_TOKEN"), patient_key=os.environ.get(spec.PATIENT_KEY),
+                          alertmanager_url=os.environ.get(spec.ALERTMANAGER_URL))  # fmt: skip
         stopping = threading.Event()
         for each in (signal.SIGINT, signal.SIGTERM):
             signal.signal(each, lambda *_: stopping.set())

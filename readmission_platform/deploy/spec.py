@@ -36,9 +36,18 @@ HOME_DIR = "/var/lib/readmission"
 LANDING_DIR = "/landing"
 ARTIFACTS_DIR = "/var/lib/mlflow/artifacts"
 
-# The names of the Secret (Kubernetes) / env file (compose) holding the URLs and the token, and what reads them.
+# The images' user (Dockerfile `USER`), not root; on Kubernetes also the group that owns the volumes it writes (fsGroup).
+APP_UID = 10001
+
+# The names of the Secret (Kubernetes) / env file (compose) holding the URLs, the token and the key, and what reads them.
 SECRET_NAME = "readmission-platform"
 TRACKING_URL = "READMISSION_MLFLOW_TRACKING_URI"
+# The key of the HMAC that stands for a patient identifier: the pipeline (patient_history) and the service must share it.
+PATIENT_KEY = "READMISSION_PATIENT_KEY"
+# Where the pipeline's alert sensors post (they run in the code location's process); unset, they log and skip.
+ALERTMANAGER_URL = "READMISSION_ALERTMANAGER_URL"
+# Secrets a component starts without: an open service, no patient history, alerts only logged.
+OPTIONAL_SECRETS = ("READMISSION_API_TOKEN", PATIENT_KEY, ALERTMANAGER_URL)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,8 @@ CODE_SECRETS = (
     "READMISSION_DAGSTER_STORAGE_URL",
     TRACKING_URL,
     "READMISSION_PREDICTION_LOG_URL",
+    PATIENT_KEY,
+    ALERTMANAGER_URL,
 )
 
 MLFLOW = Component(
@@ -121,7 +132,7 @@ SERVICE = Component(
     image=SERVICE_IMAGE,
     port=3000,
     health="/readyz",
-    secrets=(TRACKING_URL, "READMISSION_PREDICTION_LOG_URL", "READMISSION_API_TOKEN"),
+    secrets=(TRACKING_URL, "READMISSION_PREDICTION_LOG_URL", "READMISSION_API_TOKEN", PATIENT_KEY),
     config={"READMISSION_RELOAD_SECONDS": "30", "READMISSION_SERVE_WORKERS": "1"},
     homes=("READMISSION_HOME", "BENTOML_HOME"),
     replicas=2,

@@ -101,13 +101,25 @@ CASES = (
     Case("8 % over 500 ms", "ReadmissionLatencyP99BudgetBurn", _durations("0+92x60", "0+92x60", "0+100x60"), "45m",
          (CRITICAL, WARNING)),  # fmt: skip
     Case("0.5 % over 500 ms", "ReadmissionLatencyP99BudgetBurn", _durations("0+99x60", "0+199x60", "0+200x60"), "60m", ()),
-    Case("batches waiting, nothing ingested for a day", "ReadmissionIngestionStale",
+    # The exporter serves the last ingestion's time once a batch was ingested, and no sample of it before: "never" is
+    # an absent series, not 0. Every series steps 5 minutes; 26h is 93,600 s.
+    Case("batches waiting, the last ingestion 26 hours ago", "ReadmissionIngestionStale",
          {_series(pipeline.LAST_INGESTION, job=spec.PIPELINE_JOB): "0x320",
           _series(pipeline.BATCHES_WAITING, job=spec.PIPELINE_JOB): "2x320"},
          "26h", ({"job": spec.PIPELINE_JOB} | WARNING,), "5m"),  # fmt: skip
+    Case("batches waiting for 40 minutes, nothing ever ingested", "ReadmissionIngestionStale",
+         {_series(pipeline.BATCHES_WAITING, job=spec.PIPELINE_JOB): "2x20"}, "40m", ({"job": spec.PIPELINE_JOB} | WARNING,),
+         "5m"),  # fmt: skip
+    Case("batches waiting for 20 minutes, nothing ever ingested: pending", "ReadmissionIngestionStale",
+         {_series(pipeline.BATCHES_WAITING, job=spec.PIPELINE_JOB): "2x20"}, "20m", (), "5m"),  # fmt: skip
+    Case("batches waiting, one ingested 10 minutes ago", "ReadmissionIngestionStale",
+         {_series(pipeline.LAST_INGESTION, job=spec.PIPELINE_JOB): "0x310 93000x10",
+          _series(pipeline.BATCHES_WAITING, job=spec.PIPELINE_JOB): "2x320"}, "26h", (), "5m"),  # fmt: skip
     Case("nothing waiting", "ReadmissionIngestionStale",
          {_series(pipeline.LAST_INGESTION, job=spec.PIPELINE_JOB): "0x320",
           _series(pipeline.BATCHES_WAITING, job=spec.PIPELINE_JOB): "0x320"}, "26h", (), "5m"),  # fmt: skip
+    Case("nothing landed, nothing ever ingested", "ReadmissionIngestionStale",
+         {_series(pipeline.BATCHES_WAITING, job=spec.PIPELINE_JOB): "0x20"}, "40m", (), "5m"),  # fmt: skip
 )
 
 

@@ -221,11 +221,13 @@ ALERTS = (
     *(alert for slo in SLOS for alert in _burn_alerts(slo)),
     Alert(
         name="ReadmissionIngestionStale",
-        expr=f"time() - {pipeline.LAST_INGESTION} > 86400 and on (job) {pipeline.BATCHES_WAITING} > 0",
+        # Batches wait and no ingestion is less than a day old: the exporter serves no last ingestion before the first
+        # one, so a deployment that never ingested (its series absent) fires too, as one that stopped a day ago.
+        expr=f"{pipeline.BATCHES_WAITING} > 0 unless on (job) (time() - {pipeline.LAST_INGESTION} <= 86400)",
         duration="30m",
         severity="warning",
-        summary="Batches wait in the landing folder and none has been ingested for a day.",
-        description="Batch files wait in the landing folder; no batch has been ingested for more than a day.",
+        summary="Batches wait in the landing folder and none has been ingested for a day, or ever.",
+        description="Batch files wait in the landing folder; no batch has been ingested for more than a day, or none ever was.",
     ),
 )
 

@@ -58,6 +58,10 @@ def spec_env(component: spec.Component) -> set[str]:
 def test_checked_in_files_are_the_generated_ones():
     stale = [path for path, text in generate.files().items() if not (DEPLOY / path).is_file() or (DEPLOY / path).read_text() != text]
     assert not stale, f"regenerate with `python -m readmission_platform.deploy.generate`: {stale}"
+    # Every file under deploy/ is one the generator writes now (one it wrote once and no more is removed by it).
+    extra = {str(path.relative_to(DEPLOY)) for path in DEPLOY.rglob("*") if path.is_file()} - set(generate.files())
+    assert not extra and not generate.stale(), f"{extra} are not generated any more: remove them"
+    assert OVERLAYS == sorted(generate.OVERLAYS)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -107,8 +111,15 @@ def test_secret_references_are_the_profiles_variables(overlay):
     expected = {name for c in spec.COMPONENTS for name in c.secrets}
     assert {key for name, key in references if name == spec.SECRET_NAME} <= expected
     secrets = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == spec.SECRET_NAME]
+    # What a component starts without (the token, the patient key, Alertmanager's URL) is an optional reference, the
+    # rest required; a Secret may leave out only the optional ones.
+    for ref in (e["valueFrom"]["secretKeyRef"] for o in objects if o["kind"] == "Deployment"
+                for c in o["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if "valueFrom" in e):  # fmt: skip
+        assert ref.get("optional", False) == (ref["key"] in spec.OPTIONAL_SECRETS), ref
     if overlay == "local":
-        assert set(secrets[0]["data"]) == expected
+        assert set(secrets[0]["data"]) <= expected and expected - set(secrets[0]["data"]) <= set(spec.OPTIONAL_SECRETS)
+        # The local cluster keeps patient history: the service and the code location read the same key.
+        assert spec.PATIENT_KEY in secrets[0]["data"]
         assert all(key in next(s for s in objects if s["kind"] == "Secret" and s["metadata"]["name"] == name)["data"]
                    for name, key in references)  # fmt: skip
     else:
@@ -124,8 +135,38 @@ def test_mlflow_runs_the_profiles_tracking_server():
     assert find(objects, "Service", "mlflow")["spec"]["ports"][0]["port"] == spec.MLFLOW.port
 
 
-def test_dagster_chart_values_run_the_profiles_code_server_with_the_k8s_run_launcher():
-    values = yaml.safe_load((DEPLOY / "helm" / "dagster-values.yaml").read_text())
+def runs_as(pod: dict, container: dict) -> int | None:
+    """The user a container runs as: its own or its pod's runAsUser, else our images' USER, else None (the image's)."""
+    for context in (container.get("securityContext", {}), pod.get("securityContext", {})):
+        if "runAsUser" in context:
+            return context["runAsUser"]
+    return spec.APP_UID if any(image in container["image"] for image in (spec.CODE_IMAGE, spec.SERVICE_IMAGE)) else None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_pod_not_running_as_root_owns_the_volumes_it_writes_and_adds_no_capability(overlay):
+    """A new volume's root is root's own: a pod whose user is not root gets it as its group (fsGroup) to write its
+    claim (the tracking server's artifacts). A capability added to a process that is not root lands only in its
+    bounding set, not its effective one (kubernetes/kubernetes#56374), so none is added."""
+    deployments = [o for o in rendered(overlay) if o["kind"] == "Deployment"]
+    checked = []
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        users = {runs_as(pod, container) for container in pod["containers"]}
+        if users == {None}:
+            continue  # the image's user (PostgreSQL's entrypoint starts as root and owns its data itself)
+        assert None not in users and 0 not in users, deployment["metadata"]["name"]
+        for container in pod["containers"]:
+            assert not container.get("securityContext", {}).get("capabilities", {}).get("add"), deployment["metadata"]["name"]
+        if any("persistentVolumeClaim" in volume for volume in pod.get("volumes", [])):
+            assert pod["securityContext"]["fsGroup"] == spec.APP_UID, deployment["metadata"]["name"]
+            checked.append(deployment["metadata"]["name"])
+    assert "mlflow" in checked
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dagster_chart_values_run_the_profiles_code_server_with_the_k8s_run_launcher(overlay):
+    values = yaml.safe_load((DEPLOY / "helm" / f"values-{overlay}.yaml").read_text())
     deployment = values["dagster-user-deployments"]["deployments"][0]
     command = spec.CODE_SERVER.command_for(host="0.0.0.0")
     # The chart runs `dagster code-server start -h 0.0.0.0 -p <port>` followed by these.
@@ -135,7 +176,27 @@ def test_dagster_chart_values_run_the_profiles_code_server_with_the_k8s_run_laun
         *command[command.index("--module-name"):],
     ]  # fmt: skip
     assert {e["name"] for e in deployment["env"]} | {"DAGSTER_HOME"} == spec_env(spec.CODE_SERVER)
-    assert deployment["image"]["repository"] == spec.CODE_IMAGE
+    for ref in (e["valueFrom"]["secretKeyRef"] for e in deployment["env"] if "valueFrom" in e):
+        assert ref.get("optional", False) == (ref["key"] in spec.OPTIONAL_SECRETS), ref
+    # The code location's image is the one the overlay runs the code image as (production's from its registry).
+    objects = rendered(overlay)
+    code_image = find(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert f"{deployment['image']['repository']}:{deployment['image']['tag']}" == code_image
+    assert deployment["image"]["repository"].endswith(spec.CODE_IMAGE)
+    # PostgreSQL: the local overlay's Service; production's own server, which the overlay does not make.
+    host = values["postgresql"]["postgresqlHost"]
+    services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
+    if overlay == "local":
+        assert host in services
+    else:
+        assert host == generate.PRODUCTION_POSTGRES_HOST and host not in services
+    # Runs are retried as dagster.yaml retries them on one machine: after a crash, never after a failure in an asset.
+    retries = values["dagsterDaemon"]["runRetries"]
+    local_instance = yaml.safe_load((DEPLOY.parent / "dagster.yaml").read_text())["run_retries"]
+    assert local_instance == spec.instance_config()["run_retries"]
+    assert (retries["enabled"], retries["maxRetries"], retries["retryOnAssetOrOpFailure"]) == (
+        local_instance["enabled"], local_instance["max_retries"], local_instance["retry_on_asset_or_op_failure"]
+    ) == (True, 2, False)  # fmt: skip
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     assert {m["mountPath"] for m in values["runLauncher"]["config"]["k8sRunLauncher"]["volumeMounts"]} == {spec.LANDING_DIR}
     assert values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["maxConcurrentRuns"] == 4
@@ -184,7 +245,8 @@ def test_the_compose_file_runs_the_profile_on_one_host():
             continue
         assert service["command"] == component.command_for(host="0.0.0.0", workspace=f"{spec.HOME_DIR}/workspace.yaml")
         assert set(service["environment"]) == spec_env(component)
-        assert all(value for key, value in service["environment"].items() if key != "READMISSION_API_TOKEN")
+        assert all(value for key, value in service["environment"].items() if key not in spec.OPTIONAL_SECRETS)
+        assert "cap_add" not in service, f"{name} runs as {spec.APP_UID}: an added capability never becomes effective"
         home = [v.split(":")[0] for v in service["volumes"] if v.endswith(f":{spec.HOME_DIR}")]
         homes.extend(home)
         shared = {v.split(":")[0] for v in service["volumes"]} & {"landing", "mlflow-artifacts"}
@@ -195,6 +257,36 @@ def test_the_compose_file_runs_the_profile_on_one_host():
     assert targets[ops_spec.SERVICE_JOB] == [f"{name}:{spec.SERVICE.port}" for name in replicas]
     exporter = spec.PIPELINE_EXPORTER
     assert targets[ops_spec.PIPELINE_JOB] == [f"{exporter.name}:{exporter.port}"] and exporter.name in services
+    # The pipeline's sensors post to the compose file's Alertmanager, by its service name and port.
+    alertmanager = services["code-location"]["environment"][spec.ALERTMANAGER_URL]
+    assert alertmanager == generate.COMPOSE_ALERTMANAGER
+    assert any(port.endswith(f":{alertmanager.rsplit(':', 1)[1]}") for port in services["alertmanager"]["ports"])
+    # The patient key: the same variable in the code location (patient_history) and every service replica.
+    raw = yaml.safe_load((folder / "compose.yaml").read_text())["services"]
+    keys = {name: service["environment"].get(spec.PATIENT_KEY) for name, service in raw.items()
+            if name == "code-location" or name in replicas}  # fmt: skip
+    assert set(keys.values()) == {f"${{{spec.PATIENT_KEY}:-}}"}, keys
+    assert spec.PATIENT_KEY in env
+
+
+def test_the_compose_files_alertmanager_sends_to_a_receiver_outside_its_own_container():
+    """ops/alertmanager.yml's webhook is 127.0.0.1:9095, `readmission observe`'s host; in the compose file's Alertmanager
+    container that address would be Alertmanager itself: its own file sends to the Docker host instead."""
+    from urllib.parse import urlparse
+
+    services = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())["services"]
+    mounted = next(v.split(":")[0] for v in services["alertmanager"]["volumes"] if v.endswith(":/etc/alertmanager/alertmanager.yml:ro"))
+    config = DEPLOY / "compose" / mounted
+    hosts = {urlparse(hook["url"]).hostname for receiver in yaml.safe_load(config.read_text())["receivers"]
+             for hook in receiver.get("webhook_configs", [])}  # fmt: skip
+    assert hosts and not hosts & {"127.0.0.1", "localhost", "::1"}, hosts
+    if "host.docker.internal" in hosts:  # Docker Engine on Linux knows the name only when told
+        assert "host.docker.internal:host-gateway" in services["alertmanager"]["extra_hosts"]
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.fail("amtool is not installed; `apt-get install -y prometheus-alertmanager` (as .ci/run does)")
+    done = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def docker_compose() -> Path:
@@ -239,6 +331,7 @@ def test_docker_compose_accepts_the_compose_file_and_resolves_the_profile(tmp_pa
 def test_the_dockerfiles_run_the_profiles_commands(image):
     text = (DEPLOY / "docker" / f"{image}.Dockerfile").read_text()
     component = spec.SERVICE if image == "service" else spec.CODE_SERVER
+    assert f"USER {spec.APP_UID}" in text  # the user the manifests' runAsUser and fsGroup name
     cmd = yaml.safe_load(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))
     assert cmd == component.command_for(host="0.0.0.0")
     assert f"EXPOSE {component.port}" in text

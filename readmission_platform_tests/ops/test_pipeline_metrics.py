@@ -11,7 +11,7 @@ import httpx
 import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
-from readmission_platform.ops import pipeline
+from readmission_platform.ops import pipeline, rule_tests
 from readmission_platform.ops.pipeline import PipelineCollector
 from readmission_platform.serving.server import free_port, stop, wait_until_answering
 
@@ -55,6 +55,21 @@ def test_ingestion_batches_waiting_failed_runs_and_check_results(tmp_path):
         assert value(pipeline.CHECK_RESULTS, {"outcome": "failed", "severity": "warn"}) == 1
         assert value(pipeline.CHECK_RESULTS, {"outcome": "passed", "severity": "error"}) == 1
         assert value(pipeline.CHECK_RESULTS, {"outcome": "failed", "severity": "error"}) == 0
+
+
+def test_before_any_ingestion_there_is_no_last_ingestion_and_the_stale_alert_is_tested_so(tmp_path):
+    """Nothing ingested yet: the last ingestion's time is no sample at all (not 0), batches wait. ReadmissionIngestionStale
+    has a promtool case of this very input, the series absent, and it fires."""
+    for name in ("batch_0001.csv", "batch_0002.csv"):
+        (tmp_path / name).write_text("encounter_id\n1\n")
+    with dg.instance_for_test() as instance:
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(PipelineCollector(instance, tmp_path, []))
+        assert registry.get_sample_value(pipeline.LAST_INGESTION) is None
+        assert registry.get_sample_value(pipeline.BATCHES_WAITING) == 2
+    never = [case for case in rule_tests.CASES if case.alert == "ReadmissionIngestionStale"
+             and not any(series.startswith(pipeline.LAST_INGESTION) for series in case.series)]  # fmt: skip
+    assert any(case.fires for case in never) and any(not case.fires for case in never)
 
 
 def test_the_exporter_process_serves_the_instance_of_its_dagster_home(tmp_path):
