@@ -72,6 +72,10 @@ class RegistryError(Exception):
     """The registry cannot do what was asked: nothing to roll back to, an unknown version, a misconfigured store."""
 
 
+class RolloutMoved(RegistryError):
+    """The rollout a step was judged on is no longer the one under way (another candidate took its place, or it ended)."""
+
+
 class ModelLoadError(RegistryError):
     """A registered version's model cannot be loaded: its artifacts are missing or corrupt."""
 
@@ -367,7 +371,10 @@ class ModelRegistry:
                 raise
             return None
         stages = [stage for stage in (SHADOW, CANARY) if stage in model.aliases]
-        if not stages:
+        if len(stages) > 1 and model.aliases[SHADOW] == model.aliases[CANARY]:
+            stages = [CANARY]  # a move from shadow to canary under way (`_set_stage`): the later stage
+        # A candidate alias on production's version is what a finished rollout left if its end was cut short.
+        if not stages or model.aliases[stages[0]] == model.aliases.get(PRODUCTION):
             return None
         if len(stages) > 1:
             raise RegistryError(
@@ -402,46 +409,53 @@ class ModelRegistry:
         self._set_stage(SHADOW, target, 0.0, at)
         return current.version if current is not None else None
 
-    def set_canary(self, share: float, *, when: datetime | None = None) -> Rollout:
-        """Move the candidate to `canary` answering `share` of requests (from `shadow`, or from a smaller share)."""
+    def set_canary(self, share: float, *, version: str | None = None, when: datetime | None = None) -> Rollout:
+        """Move the candidate to `canary` answering `share` of requests (from `shadow`, or from a smaller share).
+        `version`: the candidate the step was judged on (`RolloutMoved`, and nothing done, if another is now)."""
         if not (math.isfinite(share) and 0.0 < share <= 1.0):
             raise ValueError(f"share {share} is not a share of requests; expected a number in (0, 1]")
-        current = self._candidate()
+        current = self._candidate(version)
         at = _timestamp(when)
         self._set_stage(CANARY, current.version, share, at)
         return Rollout(current.version, CANARY, share, datetime.fromisoformat(at))
 
-    def finish_rollout(self, *, reason: str, when: datetime | None = None) -> str | None:
-        """Make the candidate `production` (as `promote` does) and end its rollout; the version it replaced, if any."""
-        current = self._candidate()
+    def finish_rollout(self, *, reason: str, version: str | None = None, when: datetime | None = None) -> str | None:
+        """Make the candidate `production` (as `promote` does) and end its rollout; the version it replaced, if any.
+        `version` as for `set_canary`."""
+        current = self._candidate(version)
         replaced = self.promote(current.version, reason=reason, when=when)
         self._clear_stage()
         return replaced
 
-    def end_rollout(self, *, reason: str, when: datetime | None = None) -> str:
-        """Take the candidate out of rollout (production alone answers again), recording why on it; its version."""
+    def end_rollout(self, *, reason: str, version: str | None = None, when: datetime | None = None) -> str:
+        """Take the candidate out of rollout (production alone answers again), recording why on it; its version.
+        `version` as for `set_canary`."""
         reason, at = _reason(reason), _timestamp(when)
-        current = self._candidate()
+        current = self._candidate(version)
         self._clear_stage()
         self._tag(current.version, {ROLLOUT_ENDED_AT: at, ROLLOUT_END_REASON: reason})
         return current.version
 
-    def _candidate(self) -> Rollout:
+    def _candidate(self, version: str | None = None) -> Rollout:
         current = self.rollout()
         if current is None:
+            if version is not None:
+                raise RolloutMoved(f"v{version}'s rollout is no longer under way; nothing done")
             raise RegistryError(f"model '{self.model_name}' has no '{SHADOW}' or '{CANARY}' alias; no rollout is under way")
+        if version is not None and current.version != str(version):
+            raise RolloutMoved(f"the rollout is now of v{current.version}, not of v{version}, which the step was judged on; nothing done")
         return current
 
     def _set_stage(self, stage: str, version: str, share: float, at: str) -> None:
-        # The share and start time first, then the other alias removed, then this stage's alias set: a reader may for
-        # a moment see the candidate under neither alias, never under both.
+        # The share and start time first, then this stage's alias set, then the other alias removed: a process killed
+        # in between leaves the candidate under both, which readers take as the later stage (`rollout`), never under
+        # neither, which would end its rollout unrecorded.
         self.client.set_registered_model_tag(self.model_name, ROLLOUT_SHARE, repr(float(share)) if stage == CANARY else "0")
         self.client.set_registered_model_tag(self.model_name, ROLLOUT_STAGE_STARTED_AT, at)
-        other = CANARY if stage == SHADOW else SHADOW
-        aliases = self.client.get_registered_model(self.model_name).aliases
-        if other in aliases:
-            self.client.delete_registered_model_alias(self.model_name, other)
         self.client.set_registered_model_alias(self.model_name, stage, version)
+        other = CANARY if stage == SHADOW else SHADOW
+        if other in self.client.get_registered_model(self.model_name).aliases:
+            self.client.delete_registered_model_alias(self.model_name, other)
 
     def _clear_stage(self) -> None:
         model = self.client.get_registered_model(self.model_name)
@@ -508,6 +522,11 @@ class ModelRegistry:
             )
         withdrawn, restored = str(current.version), str(self.version(previous).version)
         self.client.set_registered_model_alias(self.model_name, PRODUCTION, restored)
+        # A candidate alias left on the withdrawn version (its rollout's end cut short) would make it a candidate again.
+        aliases = self.client.get_registered_model(self.model_name).aliases
+        for stage in (SHADOW, CANARY):
+            if str(aliases.get(stage)) in (withdrawn, restored):
+                self.client.delete_registered_model_alias(self.model_name, stage)
         self._tag(withdrawn, {ROLLED_BACK_AT: at, ROLLED_BACK_TO: restored, ROLLED_BACK_REASON: reason})
         self._tag(restored, {RESTORED_AT: at, RESTORED_FROM: withdrawn, RESTORED_REASON: reason})
         return withdrawn, restored

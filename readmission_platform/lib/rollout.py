@@ -273,12 +273,13 @@ def act(registry: ModelRegistry, current: Rollout, step: Step, signals: Signals 
     promotion_decisions; `action` names a rollback a person asked for (ROLLOUT_ABORTED)."""
     if step.action == WAIT:
         raise ValueError(f"a {WAIT!r} step changes nothing; only {ADVANCE!r} and {ROLLBACK!r} are carried out")
+    # On the candidate judged only: another may have taken its place since (`RolloutMoved`, nothing done).
     if step.action == ROLLBACK:
-        registry.end_rollout(reason=step.reason, when=now)
+        registry.end_rollout(reason=step.reason, version=current.version, when=now)
     elif step.stage == PRODUCTION:
-        registry.finish_rollout(reason=step.reason, when=now)
+        registry.finish_rollout(reason=step.reason, version=current.version, when=now)
     else:
-        registry.set_canary(step.share, when=now)
+        registry.set_canary(step.share, version=current.version, when=now)
     production = registry.production()
     return rollout_row(
         action=action or (ROLLOUT_ROLLED_BACK if step.action == ROLLBACK else ROLLOUT_ADVANCED),

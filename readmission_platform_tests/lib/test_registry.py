@@ -36,6 +36,7 @@ from readmission_platform.lib.registry import (
     ModelRegistry,
     RegistryError,
     Rollout,
+    RolloutMoved,
     decision_threshold,
     mlflow_store_uris,
 )
@@ -439,6 +440,40 @@ def test_a_newer_challenger_replaces_the_candidate_and_production_cannot_be_one(
     assert fresh_model(registry).aliases == {PRODUCTION: one, SHADOW: three}
     assert registry.version(two).tags[ROLLOUT_END_REASON] == f"replaced by v{three}: better still"
     assert registry.start_shadow(three, reason="retry of the same decision") is None  # idempotent
+
+
+def test_a_step_judged_on_one_candidate_is_not_carried_out_on_another(registry, models, frame):
+    one, two, three = (registered(registry, model, frame) for model in (*models, models[0]))
+    registry.promote(one, reason="first model")
+    registry.start_shadow(two, reason="better")
+    registry.start_shadow(three, reason="better still")  # while two was being judged
+
+    for step in (lambda: registry.set_canary(0.5, version=two), lambda: registry.finish_rollout(reason="healthy", version=two),
+                 lambda: registry.end_rollout(reason="failing", version=two)):  # fmt: skip
+        with pytest.raises(RolloutMoved, match=f"now of v{three}, not of v{two}"):
+            step()
+    assert fresh_model(registry).aliases == {PRODUCTION: one, SHADOW: three}
+    registry.end_rollout(reason="failing", version=three)
+    with pytest.raises(RolloutMoved, match=f"v{three}'s rollout is no longer under way"):
+        registry.set_canary(0.5, version=three)
+
+
+def test_a_rollout_step_cut_short_leaves_no_candidate_that_should_not_be_one(registry, models, frame):
+    one, two = (registered(registry, model, frame) for model in models)
+    registry.promote(one, reason="first model")
+    registry.start_shadow(two, reason="better")
+    # Killed within `_set_stage` between setting canary and removing shadow: the later stage is the candidate's.
+    registry.client.set_registered_model_alias(registry.model_name, CANARY, two)
+    assert registry.rollout().stage == CANARY and registry.rollout().version == two
+    registry.set_canary(0.5, version=two)
+    assert fresh_model(registry).aliases == {PRODUCTION: one, CANARY: two}
+
+    # Killed within `finish_rollout` after the promotion, before the stage was cleared: the rollout is over.
+    registry.promote(two, reason="healthy at every step")
+    assert fresh_model(registry).aliases == {PRODUCTION: two, CANARY: two} and registry.rollout() is None
+    # A rollback then must not make the withdrawn version a canary again.
+    assert registry.rollback(reason="worse live") == (two, one)
+    assert fresh_model(registry).aliases == {PRODUCTION: one} and registry.rollout() is None
 
 
 @pytest.mark.parametrize("share", [0.0, -0.1, 1.5, float("nan")])

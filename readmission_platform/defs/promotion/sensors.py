@@ -37,6 +37,7 @@ def rollout_sensor(
     rollout_policy: RolloutPolicyResource,
 ) -> dg.SensorResult | dg.SkipReason:
     from readmission_platform.lib import rollout
+    from readmission_platform.lib.registry import RolloutMoved
 
     now = datetime.now(UTC)
     registry = mlflow.registry()
@@ -49,7 +50,10 @@ def rollout_sensor(
     current, signals, step = assessed
     if step.action == rollout.WAIT:
         return dg.SkipReason(step.reason)
-    row = rollout.act(registry, current, step, signals, now)
+    try:
+        row = rollout.act(registry, current, step, signals, now)
+    except RolloutMoved as moved:  # a new challenger took the candidate's place while it was judged
+        return dg.SkipReason(f"{moved}; the next tick judges the rollout under way")
     with warehouse.open() as store:
         record_decisions(store, pl.DataFrame([row], schema=DECISION_SCHEMA))
     (context.log.warning if step.action == rollout.ROLLBACK else context.log.info)(step.reason)
