@@ -20,7 +20,6 @@ import polars as pl
 
 from readmission_platform.lib.landing import landed_files, write_atomically
 from readmission_platform.lib.reporting import examples
-from readmission_platform.lib.warehouse import Warehouse
 
 OUTCOMES, SET_ASIDE = "outcomes", "outcomes_set_aside"
 KEYS = ("request_id", "encounter_id")
@@ -130,12 +129,6 @@ def judge_outcomes(
         outcomes=rows.filter(pl.col("reason").is_null()).select(list(OUTCOME_SCHEMA)),
         set_aside=rows.filter(pl.col("reason").is_not_null()).select(list(SET_ASIDE_SCHEMA)),
     )
-
-
-def stored_outcomes(store: Warehouse, batch_id: str) -> pl.DataFrame:
-    """request_id and batch_id of the outcomes other files stored (none before the first)."""
-    found = store.query(f"SELECT request_id, batch_id FROM {OUTCOMES} WHERE batch_id <> $1", [batch_id])
-    return found if found.width else pl.DataFrame(schema={"request_id": pl.String, "batch_id": pl.String})
 
 
 OUTCOME_FILE = re.compile(r"^outcomes_(\d{4,})\.csv$")

@@ -359,6 +359,24 @@ def test_a_value_another_batch_stores_meanwhile_fails_the_write_and_writes_nothi
 
 
 @pytest.mark.postgres
+def test_a_text_value_another_file_stores_meanwhile_fails_the_write(pg_schema_url):
+    # Two files of outcomes naming one request, stored side by side: the second to commit is judged again.
+    warehouse = PostgresWarehouse(pg_schema_url)
+    columns = {"batch_id": pl.String(), "request_id": pl.String()}
+    warehouse.replace_batch({"answers": (columns, pl.DataFrame({"batch_id": ["seed"], "request_id": ["r0"]}))}, "seed")
+
+    with pytest.raises(ConflictingWrite, match=r"answers.request_id r2 \(stored meanwhile by batch rival\)"):
+        with warehouse.batch_writer("a") as writer:
+            seen = writer.stored_elsewhere("answers", "request_id", text=True)
+            writer.put("answers", columns, pl.DataFrame({"batch_id": ["a"] * 3, "request_id": ["r1", "r2", "r3"]}))
+            rival = pl.DataFrame({"batch_id": ["rival"], "request_id": ["r2"]})
+            warehouse.replace_batch({"answers": (columns, rival)}, "rival")  # committed while "a" is staged
+
+    assert seen.rows() == [("r0", "seed")]
+    assert sorted(warehouse.read_table("answers")["request_id"]) == ["r0", "r2"]
+
+
+@pytest.mark.postgres
 def test_what_a_crashed_writer_left_staged_is_dropped_by_the_next_write_of_its_batch(pg_schema_url, batches):
     warehouse = PostgresWarehouse(pg_schema_url)
     raw, rejected = batches["a"]

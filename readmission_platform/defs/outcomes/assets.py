@@ -16,9 +16,10 @@ from readmission_platform.lib.outcomes import (
     OutcomeFileError,
     judge_outcomes,
     read_outcomes,
-    stored_outcomes,
 )
+from readmission_platform.lib.pipeline import ATTEMPTS
 from readmission_platform.lib.reporting import markdown_table
+from readmission_platform.lib.warehouse import ConflictingWrite
 
 
 @dg.asset(
@@ -44,14 +45,23 @@ def outcomes(
     except OutcomeFileError as error:
         raise dg.Failure(description=f"outcomes {batch_id} were not loaded, nothing was written: {error}") from None
     predicted = prediction_log.read(["request_id"])["request_id"].unique()
+    now = datetime.now(UTC)
     with warehouse.open() as store:
-        judged = judge_outcomes(
-            read, batch_id=batch_id, source_file=path.name, now=datetime.now(UTC), predicted=predicted,
-            stored=stored_outcomes(store, batch_id),
-        )  # fmt: skip
-        with store.batch_writer(batch_id) as writer:
-            writer.put(OUTCOMES, OUTCOME_SCHEMA, judged.outcomes)
-            writer.put(SET_ASIDE, SET_ASIDE_SCHEMA, judged.set_aside)
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with store.batch_writer(batch_id) as writer:
+                    # Writers of other files on PostgreSQL run side by side: one that stores an outcome of the same
+                    # request meanwhile makes this write fail (ConflictingWrite), and it is judged again.
+                    stored = writer.stored_elsewhere(OUTCOMES, "request_id", text=True)
+                    judged = judge_outcomes(
+                        read, batch_id=batch_id, source_file=path.name, now=now, predicted=predicted, stored=stored
+                    )
+                    writer.put(OUTCOMES, OUTCOME_SCHEMA, judged.outcomes)
+                    writer.put(SET_ASIDE, SET_ASIDE_SCHEMA, judged.set_aside)
+                break
+            except ConflictingWrite:
+                if attempt == ATTEMPTS:
+                    raise
     reasons = judged.set_aside.group_by(pl.col("reason").str.extract(r"^([^:]+)")).len("outcomes").sort("reason")
     context.log.info(f"{batch_id}: {judged.outcomes.height} outcomes stored, {judged.set_aside.height} set aside")
     return dg.MaterializeResult(

@@ -71,8 +71,9 @@ class BatchWriter(ABC):
         """Take back what was put for `table`: its stored rows stay as they are."""
 
     @abstractmethod
-    def stored_elsewhere(self, table: str, column: str) -> pl.DataFrame:
-        """(`column` as a BIGINT, batch_id) of every row other batches store in `table` (none before it exists).
+    def stored_elsewhere(self, table: str, column: str, *, text: bool = False) -> pl.DataFrame:
+        """(`column` as a BIGINT, or as text with `text`, batch_id) of every row other batches store in `table` (none
+        before it exists).
 
         The write then goes through only if, when the block ends, no value of `column` put for `table` is stored by
         another batch (`ConflictingWrite` otherwise, and nothing is written): a writer of another batch that stored
@@ -204,15 +205,28 @@ class Warehouse(ABC):
             )
 
 
-def stored_elsewhere(warehouse: Warehouse, table: str, column: str, batch_id: str, part: str = "") -> pl.DataFrame:
-    """(column, batch_id) of the other batches' rows of `table`; with `part`, a column `part` too, naming the table
-    each row lies in, computed once per batch from `part` (an expression over `tableoid`)."""
+def stored_elsewhere(
+    warehouse: Warehouse, table: str, column: str, batch_id: str, part: str = "", *, text: bool = False
+) -> pl.DataFrame:
+    """(column, batch_id) of the other batches' rows of `table`, the column as a BIGINT (as text with `text`); with
+    `part`, a column `part` too, naming the table each row lies in, computed once per batch from `part` (an
+    expression over `tableoid`)."""
     # One row per batch with its values in a list: a few rows cross the wire instead of one per encounter.
     grouped = (
-        f"SELECT batch_id{', tableoid' if part else ''}, array_agg(CAST({quote(column)} AS BIGINT)) AS {quote(column)} "
+        f"SELECT batch_id{', tableoid' if part else ''}, array_agg(CAST({quote(column)} AS {sql_kind(text)})) AS {quote(column)} "
         f"FROM {checked(table)} WHERE batch_id <> $1 GROUP BY batch_id{', tableoid' if part else ''}"
     )
     found = warehouse.query(f"SELECT *, {part} AS part FROM ({grouped}) AS stored" if part else grouped, [batch_id])
     if not found.width:  # no table yet: nothing stored
-        return pl.DataFrame(schema={column: pl.Int64, "batch_id": pl.String} | ({"part": pl.String} if part else {}))
-    return found.explode(column).select(column, "batch_id", *(["part"] if part else []))
+        return pl.DataFrame(schema={column: polars_kind(text), "batch_id": pl.String} | ({"part": pl.String} if part else {}))
+    return found.explode(column).select(pl.col(column).cast(polars_kind(text)), "batch_id", *(["part"] if part else []))
+
+
+def sql_kind(text: bool) -> str:
+    """The SQL type a unique column's values are compared as (`stored_elsewhere`)."""
+    return "TEXT" if text else "BIGINT"
+
+
+def polars_kind(text: bool) -> pl.DataType:
+    """The polars type of a unique column's values (`stored_elsewhere`)."""
+    return pl.String() if text else pl.Int64()

@@ -235,8 +235,8 @@ class _Load(BatchWriter):
         if self.tables.pop(table, None) is not None:
             self.retaken = True
 
-    def stored_elsewhere(self, table, column):
-        return stored_elsewhere(self.warehouse, table, column, self.batch_id)
+    def stored_elsewhere(self, table, column, *, text=False):
+        return stored_elsewhere(self.warehouse, table, column, self.batch_id, text=text)
 
     def commit(self) -> None:
         for load in self.loads:

@@ -29,7 +29,9 @@ from readmission_platform.lib.warehouse.base import (
     body,
     checked,
     literal,
+    polars_kind,
     quote,
+    sql_kind,
     stored_elsewhere,
     table_ddl,
 )
@@ -249,7 +251,7 @@ class _PartitionSwap(BatchWriter):
         self.warehouse, self.control, self.batch_id = warehouse, control, batch_id
         self.staged: dict[str, _Staged] = {}
         self.token = secrets.token_hex(4)
-        self.unique: dict[str, tuple[str, set[str]]] = {}  # table → (column, the partitions read for it)
+        self.unique: dict[str, tuple[str, bool, set[str]]] = {}  # table → (column, as text, the partitions read for it)
 
     def __enter__(self) -> _PartitionSwap:
         self.loaders = ThreadPoolExecutor(self.warehouse.LOADERS, thread_name_prefix="warehouse-loader")
@@ -293,9 +295,11 @@ class _PartitionSwap(BatchWriter):
         incoming = frame.select(list(columns))  # a missing column fails here, before anything is loaded
         staged = self.staged[table] = _Staged(columns, None)
         if table in self.unique:
-            values = incoming[self.unique[table][0]]
-            values = values.str.strip_chars() if values.dtype == pl.String else values
-            staged.values = values.cast(pl.Int64, strict=False).drop_nulls()
+            column, text, _ = self.unique[table]
+            values = incoming[column]
+            if not text:
+                values = values.str.strip_chars() if values.dtype == pl.String else values
+            staged.values = values.cast(polars_kind(text), strict=False).drop_nulls()
         if incoming.height:
             staged.name = partition_prefix(table, self.batch_id) + self.token
             staged.loads.append(self.loaders.submit(self._load, staged.name, columns, incoming))
@@ -310,15 +314,15 @@ class _PartitionSwap(BatchWriter):
         if staged.name is not None:
             self.control.execute(f"DROP TABLE IF EXISTS {staged.name}")
 
-    def stored_elsewhere(self, table: str, column: str) -> pl.DataFrame:
-        found = stored_elsewhere(self.warehouse, table, column, self.batch_id, part="tableoid::regclass::text")
-        self.unique[table] = (column, set(found["part"]))
+    def stored_elsewhere(self, table: str, column: str, *, text: bool = False) -> pl.DataFrame:
+        found = stored_elsewhere(self.warehouse, table, column, self.batch_id, part="tableoid::regclass::text", text=text)
+        self.unique[table] = (column, text, set(found["part"]))
         return found.drop("part")
 
     def _conflicts(self) -> list[str]:
         """Under the table's lock: values put for a unique table that a batch stored after they were read."""
         found = []
-        for table, (column, seen) in self.unique.items():
+        for table, (column, text, seen) in self.unique.items():
             staged = self.staged.get(table)
             if staged is None or staged.values is None:
                 continue
@@ -333,9 +337,9 @@ class _PartitionSwap(BatchWriter):
                     continue
                 # A partition attached since: compare its values with ours here, whatever plan the server would pick.
                 for batch, values in self.control.execute(
-                    f"SELECT batch_id, array_agg(CAST({quote(column)} AS BIGINT)) FROM {partition} GROUP BY batch_id"
+                    f"SELECT batch_id, array_agg(CAST({quote(column)} AS {sql_kind(text)})) FROM {partition} GROUP BY batch_id"
                 ).fetchall():
-                    clash = staged.values.filter(staged.values.is_in(pl.Series(values, dtype=pl.Int64).implode()))
+                    clash = staged.values.filter(staged.values.is_in(pl.Series(values, dtype=polars_kind(text)).implode()))
                     found += [f"{table}.{column} {value} (stored meanwhile by batch {batch})" for value in clash.head(5)]
         return found
 
