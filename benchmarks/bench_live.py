@@ -29,7 +29,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 from readmission_platform.lib import live
 from readmission_platform.lib.encounter import FIELDS, typed_frame
 from readmission_platform.lib.outcomes import OUTCOME_SCHEMA, OUTCOMES
-from readmission_platform.lib.predictions import newest_prediction, read_predictions
+from readmission_platform.lib.predictions import newest_predictions, read_predictions
 from readmission_platform.lib.warehouse import open_warehouse
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import PredictionLog
@@ -76,7 +76,7 @@ def platform_run(url: str, warehouse_url: str) -> pl.DataFrame:
     with open_warehouse(warehouse_url) as store:
         live.update_joined(store, lambda ids: read_predictions(url, live.PREDICTION_COLUMNS, request_ids=ids), datetime.now(UTC))
         figures = live.measure(store, {}, now=datetime.now(UTC)).figures
-    newest_prediction(url, ["model_version"])
+    newest_predictions(url, ["model_version"])
     return figures
 
 

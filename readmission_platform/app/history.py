@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from readmission_platform.lib.outcomes import OUTCOMES
-from readmission_platform.lib.predictions import read_predictions
+from readmission_platform.lib.predictions import newest_predictions
 from readmission_platform.lib.warehouse import open_warehouse
 
 RECENT = 1_000
@@ -20,9 +20,16 @@ SHOWN = ("predicted_at", "endpoint", "model_version", "probability", "risk_band"
 AWAITED = "not known yet"
 
 
-def stored_outcomes(warehouse_url: str) -> pl.DataFrame:
-    """request_id and readmitted_30d of every outcome the warehouse holds; none before the first has come back."""
-    found = open_warehouse(warehouse_url).query(f"SELECT request_id, readmitted_30d FROM {OUTCOMES}")
+def stored_outcomes(warehouse_url: str, request_ids: Sequence[str]) -> pl.DataFrame:
+    """request_id and readmitted_30d of the outcomes the warehouse holds for `request_ids`; none before the first has
+    come back."""
+    ids = list(dict.fromkeys(request_ids))
+    found = pl.DataFrame()
+    if ids:
+        wanted = ", ".join(f"${i}" for i in range(1, len(ids) + 1))
+        found = open_warehouse(warehouse_url).query(
+            f"SELECT request_id, readmitted_30d FROM {OUTCOMES} WHERE request_id IN ({wanted})", ids
+        )
     return found if found.width else pl.DataFrame(schema={"request_id": pl.String, "readmitted_30d": pl.Boolean})
 
 
@@ -41,9 +48,12 @@ def recent_predictions(predictions: pl.DataFrame, outcomes: pl.DataFrame, limit:
 
 
 def read_recent(prediction_log_url: str, warehouse_url: str, limit: int = RECENT) -> pl.DataFrame:
-    """`recent_predictions` of the platform's prediction log and warehouse."""
+    """`recent_predictions` of the platform's prediction log and warehouse, reading only the `limit` newest
+    predictions and the outcomes of their requests."""
     columns = ["request_id", *(c for c in SHOWN if c != "outcome")]
-    return recent_predictions(read_predictions(prediction_log_url, columns), stored_outcomes(warehouse_url), limit)
+    latest = newest_predictions(prediction_log_url, columns, limit).reverse()  # oldest first, as the log reads
+    outcomes = stored_outcomes(warehouse_url, latest["request_id"].drop_nulls().to_list())
+    return recent_predictions(latest, outcomes, limit)
 
 
 def filtered(rows: pl.DataFrame, versions: Sequence[str], bands: Sequence[str]) -> pl.DataFrame:

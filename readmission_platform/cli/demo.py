@@ -7,6 +7,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -71,15 +72,16 @@ def daemon_command() -> list[str]:
 
 
 @contextmanager
-def running_daemon(instance: dg.DagsterInstance, log_path: Path, say):
-    """Run `dagster-daemon` on this instance for the duration, started again if it dies, unless one is already
-    running; yields its supervisor (None when another daemon does the work)."""
+def running_daemon(instance: dg.DagsterInstance, log_path: Path, say, stopping: threading.Event | None = None):
+    """Run `dagster-daemon` on this instance for the duration, started again if it dies (until `stopping`, shared with
+    other supervised processes, is set), unless one is already running; yields its supervisor (None when another
+    daemon does the work)."""
     if daemon_is_alive(instance):
         say("a Dagster daemon is already running on this instance; its sensors will do the work")
         yield None
         return
     try:
-        with Supervised("dagster-daemon", daemon_command(), log_path, say, REPO_ROOT) as daemon:
+        with Supervised("dagster-daemon", daemon_command(), log_path, say, REPO_ROOT, stopping) as daemon:
             say(f"started the Dagster daemon (sensors, run queue, run monitoring and retries); its log: {log_path}")
             yield daemon
     finally:
@@ -285,7 +287,7 @@ def production_version(settings) -> str | None:
     """The version behind the alias `production`, or None before the first promotion."""
     from readmission_platform.lib.registry import ModelRegistry
 
-    production = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri()).production()
+    production = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_location).production()
     return str(production.version) if production else None
 
 
@@ -460,6 +462,11 @@ def land_served_outcomes(settings, say) -> Path | None:
     with open_warehouse(settings.warehouse_url) as store:
         stored = store.query(f"SELECT request_id FROM {OUTCOMES}")
         labels = store.query("SELECT encounter_id, readmitted_30d FROM clean_batches")
+    if not labels.width:  # the warehouse reads a table that does not exist as no columns
+        raise RuntimeError(
+            f"nothing has been ingested yet (no clean_batches in {store.describe()}), so there are no outcomes to land: "
+            "run `readmission demo`, or land batches (`readmission land`) with the daemon running (`readmission ui`)"
+        )
     known = pl.concat([pl.Series([], dtype=pl.String), *landed, *([stored["request_id"]] if stored.width else [])])
     due = labels.join(served, on="encounter_id").filter(
         ~pl.col("encounter_id").is_in(known.cast(pl.Int64, strict=False).drop_nulls().implode())

@@ -118,25 +118,30 @@ def next_steps() -> str:
 
 
 def summarize(settings: Settings) -> bool:
-    """Print what the instance, the warehouse and the registry hold; False if a batch's last run failed."""
+    """Print what the instance, the warehouse and the registry hold; False if the newest run of a batch or of a file
+    of outcomes failed."""
     import dagster as dg
 
     from readmission_platform.cli.report import (
         latest_batch_reports,
+        latest_outcome_reports,
         render,
         render_live,
         render_models,
+        render_outcome_files,
         render_serving_drift,
     )
 
     with dg.DagsterInstance.get() as instance:
         reports = latest_batch_reports(instance)
+        outcome_files = latest_outcome_reports(instance)
         drift = render_serving_drift(instance)
     _say("\n" + render(reports))
     _say("\n" + render_models(settings))
+    _say("\n" + render_outcome_files(outcome_files))
     _say("\n" + render_live(settings))
     _say("\n" + drift)
-    return all(r.status == "success" for r in reports)
+    return all(r.status == "success" for r in [*reports, *outcome_files])
 
 
 def status(settings: Settings) -> int:
@@ -170,27 +175,55 @@ def rollback(settings: Settings, reason: str) -> int:
     return 0
 
 
+# How often `readmission ui`, when another command's daemon serves the instance, checks that it still does.
+DAEMON_CHECK_SECONDS = 10
+
+
 def ui(settings: Settings, port: int) -> int:
-    from readmission_platform.cli.demo import daemon_command
+    """The Dagster UI on `port`, and a daemon unless another (the demo's, say) already heartbeats on the instance, in
+    which case one is started once that one stops; until Ctrl-C or SIGTERM."""
+    import contextlib
+
+    import dagster as dg
+
+    from readmission_platform.cli.demo import daemon_is_alive, port_is_free, running_daemon
     from readmission_platform.cli.instance import REPO_ROOT, prepare_dagster_home
     from readmission_platform.cli.supervisor import Supervised
 
     prepare_dagster_home(settings)
+    if not port_is_free(port):
+        raise OSError(f"port {port} is taken (another `readmission ui`?): open http://127.0.0.1:{port} if it is one, "
+                      "or give another port with --port")  # fmt: skip
     logs = settings.home / "logs"
+    daemon_log = logs / "dagster-daemon.log"
     webserver = [os.path.join(os.path.dirname(sys.executable), "dagster-webserver"), "-w", str(REPO_ROOT / "workspace.yaml"),
                  "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    # The webserver and the daemon apart (not `dagster dev`, which ends both when one dies), each started again if it dies.
+    # The webserver and the daemon apart (not `dagster dev`, which ends both when one dies), each started again if it
+    # dies. One daemon per instance: another command's daemon is used while it runs.
     stopping = threading.Event()
-    with (
-        Supervised("dagster-daemon", daemon_command(), logs / "dagster-daemon.log", _say, REPO_ROOT, stopping),
-        Supervised("dagster-webserver", webserver, logs / "dagster-webserver.log", _say, REPO_ROOT, stopping),
-    ):
-        # Ctrl-C reaches both processes too: from then on neither is started again.
-        for stop in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop, lambda *_: stopping.set())
-        _say(f"Dagster UI on http://127.0.0.1:{port}, daemon running; logs in {logs}. Ctrl-C stops both.")
-        while not stopping.wait(1):
-            pass
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with (
+            dg.DagsterInstance.get() as instance,
+            contextlib.ExitStack() as daemons,
+            Supervised("dagster-webserver", webserver, logs / "dagster-webserver.log", _say, REPO_ROOT, stopping),
+        ):
+            # Ctrl-C reaches both processes too: from then on neither is started again.
+            for stop in handlers:
+                signal.signal(stop, lambda *_: stopping.set())
+            daemon = daemons.enter_context(running_daemon(instance, daemon_log, _say, stopping))
+            if daemon is not None:
+                _say(f"Dagster UI on http://127.0.0.1:{port}, daemon running; logs in {logs}. Ctrl-C stops both.")
+            else:
+                _say(f"Dagster UI on http://127.0.0.1:{port}, on the daemon already running (one starts here if it "
+                     f"stops); logs in {logs}. Ctrl-C stops what this command started.")  # fmt: skip
+            while not stopping.wait(DAEMON_CHECK_SECONDS):
+                if daemon is None and not daemon_is_alive(instance):
+                    _say("the other Dagster daemon on this instance has stopped")
+                    daemon = daemons.enter_context(running_daemon(instance, daemon_log, _say, stopping))
+    finally:
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What the instance recorded for each batch: rows, rejections, drops and check results."""
+"""What the instance recorded for each batch (rows, rejections, drops and check results) and each file of outcomes."""
 
 from __future__ import annotations
 
@@ -61,14 +61,40 @@ def read_batch_report(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Batch
     return report
 
 
-def latest_batch_reports(instance: dg.DagsterInstance) -> list[BatchReport]:
-    """The newest finished run of every batch partition, in batch order."""
+def _newest_per_partition(instance: dg.DagsterInstance, job_name: str) -> list[BatchReport]:
+    """The newest finished run of `job_name` for every partition it ran, in partition order."""
     newest: dict[str, dg.DagsterRun] = {}
-    for run in instance.get_runs(dg.RunsFilter(statuses=list(FINISHED)), limit=1000):
+    for run in instance.get_runs(dg.RunsFilter(job_name=job_name, statuses=list(FINISHED)), limit=1000):
         partition = run.tags.get(run_tags.PARTITION)
         if partition and partition not in newest:
             newest[partition] = run
     return [read_batch_report(instance, newest[key]) for key in sorted(newest)]
+
+
+def latest_batch_reports(instance: dg.DagsterInstance) -> list[BatchReport]:
+    """The newest finished `ingest_batch` run of every batch partition, in batch order. Other partitioned runs (a file
+    of outcomes, a day of serving drift) are not batches."""
+    from readmission_platform.defs.ingestion.sensors import ingest_batch_job
+
+    return _newest_per_partition(instance, ingest_batch_job.name)
+
+
+def latest_outcome_reports(instance: dg.DagsterInstance) -> list[BatchReport]:
+    """The newest finished `ingest_outcomes` run of every file of outcomes, in file order."""
+    from readmission_platform.defs.outcomes.sensors import ingest_outcomes_job
+
+    return _newest_per_partition(instance, ingest_outcomes_job.name)
+
+
+def _not_passed(reports: list[BatchReport]) -> list[str]:
+    """Every check of the reports that did not pass, then every run's failure."""
+    notes = [
+        f"  {r.batch_id} {name}: {result} — {description}"
+        for r in reports
+        for name, (result, description) in sorted(r.checks.items())
+        if result != "passed"
+    ]
+    return notes + [f"  {r.batch_id} run {r.run_id[:8]} failed — {r.failure}" for r in reports if r.failure]
 
 
 def render(reports: list[BatchReport]) -> str:
@@ -101,16 +127,30 @@ def render(reports: list[BatchReport]) -> str:
             if key.startswith("dropped_"):
                 reasons[key.removeprefix("dropped_")] = reasons.get(key.removeprefix("dropped_"), 0) + (value or 0)
     lines.append("† dropped: " + (", ".join(f"{reason} {count:,}" for reason, count in reasons.items()) or "none"))
-    notes = [
-        f"  {r.batch_id} {name}: {result} — {description}"
-        for r in reports
-        for name, (result, description) in sorted(r.checks.items())
-        if result != "passed"
-    ]
-    notes += [f"  {r.batch_id} run {r.run_id[:8]} failed — {r.failure}" for r in reports if r.failure]
+    notes = _not_passed(reports)
     check_names = sorted({name for r in reports for name in r.checks})
     lines.append(f"checks per batch: {', '.join(check_names) or 'none ran'}")
     lines.extend(["checks not passed and failures:", *notes] if notes else ["every check passed on every batch"])
+    return "\n".join(lines)
+
+
+def render_outcome_files(reports: list[BatchReport]) -> str:
+    """One row per file of outcomes (`latest_outcome_reports`): outcomes stored, readmitted, set aside, its checks;
+    then every check that did not pass and every failure."""
+    if not reports:
+        return "outcome files: none ingested yet"
+    header = f"{'outcome file':<16}{'status':>9}{'outcomes':>10}{'readm.':>8}{'set aside':>11}{'checks':>8}{'secs':>7}"
+    lines = [header, "-" * len(header)]
+    for r in reports:
+        numbers = [r.value("outcomes", key) or 0 for key in ("dagster/row_count", "readmitted", "set_aside")]
+        passed = sum(result == "passed" for result, _ in r.checks.values())
+        seconds = f"{r.seconds:.1f}" if r.seconds is not None else "-"
+        lines.append(
+            f"{r.batch_id:<16}{r.status:>9}" + "".join(f"{n:>{w},}" for n, w in zip(numbers, (10, 8, 11)))
+            + f"{f'{passed}/{len(r.checks)}':>8}{seconds:>7}"
+        )  # fmt: skip
+    notes = _not_passed(reports)
+    lines.extend(["checks not passed and failures:", *notes] if notes else ["every check passed on every file of outcomes"])
     return "\n".join(lines)
 
 

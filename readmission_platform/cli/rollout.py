@@ -26,7 +26,7 @@ def rollout(settings: Settings, action: str, reason: str | None, say: Callable[[
     from readmission_platform.lib.registry import ModelRegistry
     from readmission_platform.lib.warehouse import open_warehouse
 
-    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_location)
     warehouse = open_warehouse(settings.warehouse_url)
     policy = _policy(RolloutSettings.from_env())
     now = datetime.now(UTC)

@@ -12,7 +12,7 @@ import polars as pl
 
 from readmission_platform.lib.drift import PSI_SIGNIFICANT
 from readmission_platform.lib.landing import OUTCOMES_FOLDER
-from readmission_platform.lib.predictions import newest_prediction, read_predictions
+from readmission_platform.lib.predictions import newest_predictions, read_predictions
 from readmission_platform.lib.splitting import SPLIT, SPLITS
 from readmission_platform.lib.warehouse import Warehouse, open_warehouse
 from readmission_platform.settings import DAGSTER_UI_PORT, MLFLOW_UI_PORT
@@ -101,8 +101,8 @@ class PredictionLogResource(dg.ConfigurableResource):
         return read_predictions(self.url, columns, since=since, until=until, request_ids=request_ids)
 
     def newest(self, columns: Sequence[str]) -> pl.DataFrame:
-        """The newest prediction (one row, or none yet) as `columns` (`lib/predictions.newest_prediction`)."""
-        return newest_prediction(self.url, columns)
+        """The newest prediction (one row, or none yet) as `columns` (`lib/predictions.newest_predictions`)."""
+        return newest_predictions(self.url, columns)
 
 
 class ServingResource(dg.ConfigurableResource):

@@ -150,8 +150,9 @@ def read_predictions(
         return pl.concat(pool.map(lambda part: _fetch(url, sql, *part, wanted, " ORDER BY rowid"), ranges))
 
 
-def newest_prediction(url: str, columns: Sequence[str]) -> pl.DataFrame:
-    """The newest logged prediction (one row, or none when the log has none yet) as `columns` of `TYPES`."""
+def newest_predictions(url: str, columns: Sequence[str], count: int = 1) -> pl.DataFrame:
+    """The `count` newest logged predictions, newest first (none when the log has none yet), as `columns` of `TYPES`:
+    the database picks them out by the order they were appended in, however long the log."""
     if unknown := [name for name in columns if name not in TYPES]:
         raise PredictionLogError(f"the prediction log has no column {unknown}; expected some of {list(TYPES)}")
     empty = pl.DataFrame(schema={name: TYPES[name] for name in columns})
@@ -162,7 +163,7 @@ def newest_prediction(url: str, columns: Sequence[str]) -> pl.DataFrame:
     if not stored:
         return empty
     selected = [quote(name) if name in stored else f"NULL AS {quote(name)}" for name in columns]
-    order = " ORDER BY rowid DESC LIMIT 1" if path is not None else " ORDER BY id DESC LIMIT 1"
+    order = f" ORDER BY {'rowid' if path is not None else 'id'} DESC LIMIT {int(count)}"
     return _fetch(url, f"SELECT {', '.join(selected)} FROM {TABLE}", [], [], list(columns), order)
 
 

@@ -9,9 +9,9 @@ from readmission_platform.app.answers import UP, contributions_frame, risk_in_wo
 from readmission_platform.app.batch import UploadError, check_rows, read_upload
 from readmission_platform.app.card import figure, metrics_table, table
 from readmission_platform.app.form import diagnosis_group, encounter_request, form_fields, reference_frame
-from readmission_platform.app.history import AWAITED, filtered, recent_predictions
+from readmission_platform.app.history import AWAITED, SHOWN, filtered, read_recent, recent_predictions
 from readmission_platform.lib import schema
-from readmission_platform.lib.encounter import Encounter
+from readmission_platform.lib.encounter import FIELDS, Encounter
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,58 @@ def test_history_newest_first_without_ids_outcome_where_known():
     assert "request_id" not in rows.columns
     assert rows["outcome"].to_list() == [AWAITED, "not readmitted within 30 days"]
     assert filtered(rows, ["2"], ["high"])["probability"].to_list() == [0.3]
+
+
+@pytest.fixture(params=["sqlite-duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def log_and_warehouse(request, tmp_path) -> tuple[str, str]:
+    """The prediction log's and the warehouse's URLs: the default files, or both in a PostgreSQL schema."""
+    if request.param == "sqlite-duckdb":
+        return f"sqlite:///{tmp_path / 'predictions.sqlite'}", f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    url = request.getfixturevalue("pg_schema_url")
+    return url, url
+
+
+def test_history_reads_only_the_newest_predictions_and_their_outcomes(log_and_warehouse, monkeypatch):
+    from datetime import UTC, datetime
+
+    from readmission_platform.lib.outcomes import OUTCOME_SCHEMA, OUTCOMES
+    from readmission_platform.lib.predictions import read_predictions
+    from readmission_platform.lib.warehouse import open_warehouse
+    from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+    from readmission_platform.serving.prediction_log import PredictionLog
+
+    log_url, warehouse_url = log_and_warehouse
+    logged, shown = 3_000, 50
+    log = PredictionLog(log_url, flush_seconds=0.05)
+    encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
+    assert log.record(
+        {"request_id": f"r{i}", "endpoint": "predict", "model_name": "m", "model_version": str(1 + i % 2),
+         "probability": i / logged, "decision": False, "risk_band": "low", "inputs": encounter}
+        for i in range(logged)
+    ) == 0  # fmt: skip
+    log.close()
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    known = pl.DataFrame(  # the outcomes of every other request, the oldest ones among them
+        [{"batch_id": "outcomes_0001", "request_id": f"r{i}", "readmitted_30d": i % 4 == 0, "known_at": at,
+          "source_file": "outcomes_0001.csv", "line_number": i + 2, "ingested_at": at} for i in range(0, logged, 2)],
+        schema=OUTCOME_SCHEMA,
+    )  # fmt: skip
+    open_warehouse(warehouse_url).append(OUTCOMES, OUTCOME_SCHEMA, known)
+    columns = ["request_id", *(c for c in SHOWN if c != "outcome")]
+    whole = recent_predictions(read_predictions(log_url, columns), known.select("request_id", "readmitted_30d"), shown)
+
+    handed_over: list[int] = []
+    from_arrow = pl.from_arrow
+
+    def counted(data, *args, **kwargs):
+        frame = from_arrow(data, *args, **kwargs)
+        handed_over.append(frame.height)
+        return frame
+
+    monkeypatch.setattr(pl, "from_arrow", counted)
+    rows = read_recent(log_url, warehouse_url, shown)
+
+    assert rows.equals(whole)  # what the page shows, as from reading everything
+    assert rows["probability"].to_list() == [i / logged for i in range(logged - 1, logged - 1 - shown, -1)]
+    assert rows["outcome"].to_list()[:3] == [AWAITED, "not readmitted within 30 days", AWAITED]
+    assert handed_over and max(handed_over) <= shown  # neither the whole log nor every outcome was read

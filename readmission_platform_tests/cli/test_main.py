@@ -201,6 +201,108 @@ def test_rollback_moves_production_back_and_records_why(tmp_path, new_mlflow_sto
     assert "production: v1" in status.stdout
 
 
+def test_outcomes_before_anything_was_ingested_says_so_without_a_traceback(tmp_path):
+    result = readmission("outcomes", home=tmp_path)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("readmission outcomes: nothing has been ingested yet"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "landing" / "outcomes").glob("*.csv"))
+
+
+def test_ui_on_a_taken_port_says_so_and_stops(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = readmission("ui", "--port", str(port), home=tmp_path, timeout=60)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"readmission ui: port {port} is taken" in result.stderr and "--port" in result.stderr
+    assert "Dagster UI on" not in result.stdout
+    assert not (tmp_path / "logs" / "dagster-webserver.log").exists()  # nothing was started
+
+
+def test_ui_uses_the_daemon_already_running_on_the_instance_and_starts_one_once_it_stops(tmp_path, monkeypatch):
+    """Two daemons on one instance are not supported: while another command's daemon (the demo's) heartbeats, `ui`
+    starts only its webserver; once that daemon stops, it starts one. The processes are stand-ins: this is about
+    which of them `ui` starts."""
+    import threading
+    import time
+
+    import dagster as dg
+    from dagster._daemon.types import DaemonHeartbeat
+
+    import readmission_platform.cli.demo as demo
+    import readmission_platform.cli.main as cli
+    import readmission_platform.cli.supervisor as supervisor
+    from readmission_platform.cli.instance import prepare_dagster_home
+    from readmission_platform.settings import Settings
+
+    entered: list[str] = []
+    said: list[str] = []
+
+    class StandIn:
+        def __init__(self, name, command, log_path, say, cwd, stopping=None):
+            self.name = name
+
+        def __enter__(self):
+            entered.append(self.name)
+            return self
+
+        def __exit__(self, *exc_info):
+            entered.append(f"{self.name} stopped")
+
+    monkeypatch.setattr(supervisor, "Supervised", StandIn)
+    monkeypatch.setattr(demo, "Supervised", StandIn)
+    monkeypatch.setattr(cli, "_say", said.append)
+    monkeypatch.setattr(cli, "DAEMON_CHECK_SECONDS", 0.2, raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", "unset")
+    settings = Settings.from_env({"READMISSION_HOME": str(tmp_path)})
+    prepare_dagster_home(settings)
+    with dg.DagsterInstance.get() as instance:
+        instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), "SENSOR", "the-demos-daemon", None))
+
+    problems: list[str] = []
+
+    def meanwhile() -> None:
+        def until(condition, what: str) -> bool:
+            deadline = time.monotonic() + 30
+            while not condition():
+                if time.monotonic() > deadline:
+                    problems.append(f"not seen within 30 s: {what}; started {entered}, said {said}")
+                    return False
+                time.sleep(0.05)
+            return True
+
+        try:
+            if not until(lambda: any(line.startswith("Dagster UI on") for line in said), "the UI's address"):
+                return
+            time.sleep(0.5)  # a few checks of the other daemon's heartbeat
+            if entered != ["dagster-webserver"]:
+                problems.append(f"started {entered} while another daemon ran")
+                return
+            with dg.DagsterInstance.get() as instance:
+                instance.wipe_daemon_heartbeats()  # the demo's daemon stopped
+            until(lambda: "dagster-daemon" in entered, "a daemon started once the other stopped")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a stop would: ui's handler ends it
+
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
+    watcher = threading.Thread(target=meanwhile)
+    watcher.start()
+    try:
+        assert cli.ui(settings, free_port()) == 0
+    finally:
+        watcher.join()
+    assert problems == []
+    assert entered == ["dagster-webserver", "dagster-daemon", "dagster-webserver stopped", "dagster-daemon stopped"]
+    assert "a Dagster daemon is already running on this instance; its sensors will do the work" in said
+    assert {stop: signal.getsignal(stop) for stop in handlers} == handlers  # the test process's own, given back
+
+
 def test_serve_without_a_built_bento_says_how_to_get_one(tmp_path):
     result = readmission("serve", home=tmp_path)
     assert result.returncode == 2

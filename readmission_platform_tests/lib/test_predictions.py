@@ -142,13 +142,13 @@ def test_the_predictions_of_given_requests_are_picked_out_in_order(url):
 
 
 def test_the_newest_prediction_is_the_last_written(url):
-    assert predictions.newest_prediction(url, ["model_version"]).is_empty()
+    assert predictions.newest_predictions(url, ["model_version"]).is_empty()
     write(url, [row(i) for i in range(5)])
     write(url, [row(6)])
-    newest = predictions.newest_prediction(url, ["request_id", "model_version", "stage"])
+    newest = predictions.newest_predictions(url, ["request_id", "model_version", "stage"])
     assert newest.rows() == [("r6", "1", "production")] and newest.schema == pl.Schema({k: TYPES[k] for k in newest.columns})
     with pytest.raises(PredictionLogError, match=r"no column \['patient_nbr'\]"):
-        predictions.newest_prediction(url, ["patient_nbr"])
+        predictions.newest_predictions(url, ["patient_nbr"])
 
 
 def test_many_requests_are_picked_out_of_a_sqlite_log_read_whole_as_a_few_are_in_the_database(tmp_path):
