@@ -126,7 +126,8 @@ def keyed_states(raw: pl.DataFrame, confirmed: pl.DataFrame, key: bytes) -> pl.D
     after the batches were loaded), confirmed ones in the order they were predicted, and counted by the same rule as
     a raw one: it becomes the latest encounter, so the patient's previous latest one now counts among the earlier
     outcomes, and its own outcome counts once another encounter follows it, as in training. One whose `request_id` is
-    the `encounter_id` of a raw encounter is that encounter, already counted.
+    the `encounter_id` of a raw encounter of the same patient is that encounter, already counted (another patient's
+    encounter of that id is a coincidence of numbering, not the same stay).
     """
     if missing := [name for name in CONFIRMED_SCHEMA if name not in confirmed.columns]:
         raise ValueError(f"confirmed encounters lack the columns {missing}; expected {list(CONFIRMED_SCHEMA)}")
@@ -134,8 +135,9 @@ def keyed_states(raw: pl.DataFrame, confirmed: pl.DataFrame, key: bytes) -> pl.D
     patients = encounters[PATIENT].unique()
     keys = pl.DataFrame({PATIENT: patients, KEY: patient_keys(patients, key)}, schema={PATIENT: pl.Int64, KEY: pl.String})
     loaded = encounters.join(keys, on=PATIENT).drop(PATIENT).rename({KEY: PATIENT})
+    known = loaded.select(pl.col(ENCOUNTER).cast(pl.String).alias("request_id"), pl.col(PATIENT).alias(KEY))
     later = (
-        confirmed.filter(pl.col("request_id").is_in(encounters[ENCOUNTER].cast(pl.String).implode()).not_())
+        confirmed.join(known, on=["request_id", KEY], how="anti")  # a loaded encounter of the same patient: counted
         .sort("predicted_at", "request_id")
         .select(
             (pl.int_range(pl.len(), dtype=pl.Int64) + (encounters[ENCOUNTER].max() or 0) + 1).alias(ENCOUNTER),

@@ -138,6 +138,19 @@ def test_an_encounter_whose_outcome_came_back_counts_as_if_it_had_been_loaded():
         keyed_states(raw, confirmed.drop("readmitted_30d"), KEY_BYTES)
 
 
+def test_a_request_numbered_as_another_patients_loaded_encounter_still_counts():
+    raw = raw_rows({ENCOUNTER: "1", PATIENT: "7"}, {ENCOUNTER: "2", PATIENT: "8"})
+    nine = patient_key("9", KEY_BYTES)
+    confirmed = confirmed_rows(  # the client numbers its requests; "1" is also patient 7's encounter 1
+        {"request_id": "1", KEY: nine, "predicted_at": "2026-03-01T00:00:00", "readmitted_30d": True},
+        {"request_id": "2", KEY: patient_key("8", KEY_BYTES), "predicted_at": "2026-03-01T00:00:00", "readmitted_30d": True},
+    )
+    by_key = {row[KEY]: row for row in keyed_states(raw, confirmed, KEY_BYTES).iter_rows(named=True)}
+    assert by_key[nine]["encounters"] == 1 and by_key[nine]["latest_readmitted_30d"] == 1
+    assert by_key[patient_key("8", KEY_BYTES)]["encounters"] == 1  # patient 8's own encounter 2: counted once
+    assert by_key[patient_key("7", KEY_BYTES)]["encounters"] == 1
+
+
 def test_no_identifier_label_or_later_encounter_count_is_a_feature():
     forbidden = {*schema.IDENTIFIERS, schema.LABEL, schema.LABEL_30D, schema.BATCH_ID, "split"}
     assert forbidden.isdisjoint(FEATURE_COLUMNS)
