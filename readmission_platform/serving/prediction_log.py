@@ -250,7 +250,7 @@ class PredictionLog:
                 if len(self._pending) == 1 or self._pending_rows >= self._batch_rows:
                     self._ready.notify()
                 return 0
-        self.dropped += dropped
+            self.dropped += dropped  # under the lock: the event loop, request threads and the writer all count
         self._on_drop(dropped)
         return dropped
 
@@ -384,8 +384,9 @@ class PredictionLog:
         self._lose(count, f"3 failed writes to {masked(self.url)}")
 
     def _lose(self, count: int, why: str) -> None:
-        self.failed += count
-        self.dropped += count
+        with self._ready:
+            self.failed += count
+            self.dropped += count
         self._on_drop(count)
         log.error("prediction log: %d rows dropped after %s", count, why)
 
@@ -417,7 +418,7 @@ class PredictionLog:
             with self._ready:
                 lost, self._pending_rows = self._pending_rows, 0
                 self._pending.clear()
-            self.dropped += lost
+                self.dropped += lost
             self._on_drop(lost)
             log.error("prediction log: the writer did not finish within %.0f s; %d queued rows dropped", timeout, lost)
         else:

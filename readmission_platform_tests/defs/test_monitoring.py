@@ -91,3 +91,17 @@ def test_the_schedule_measures_the_day_that_just_ended():
     request = serving_drift_schedule(context)
 
     assert request.partition_key == "2026-02-28"
+
+
+@pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
+def test_the_reference_is_the_batch_of_the_latest_encounters_whatever_the_batches_are_named(platform, full_features):
+    from readmission_platform.defs.monitoring.assets import training_reference
+    from readmission_platform.lib.features import FEATURE_SCHEMA
+
+    ordered = full_features.sort("encounter_id").select(list(FEATURE_SCHEMA))
+    for name, rows in (("zz_earlier", ordered.head(2_000)), ("aa_later", ordered.tail(2_000))):
+        platform.warehouse.replace_batch({"features": (FEATURE_SCHEMA, rows.with_columns(batch_id=pl.lit(name)))}, name)
+
+    rows, newest = training_reference(platform.warehouse, ["zz_earlier", "aa_later"])
+
+    assert newest == "aa_later" and set(rows["batch_id"]) == {"aa_later"}

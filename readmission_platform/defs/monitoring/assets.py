@@ -24,11 +24,17 @@ DRIFT_SCHEMA = {
 
 def training_reference(store: Warehouse, trained: list[str]) -> tuple[pl.DataFrame, str]:
     """The training rows (train side of the patient split) of the newest batch a model was trained on, and its id.
+    Newest: holding the latest encounters (`encounter_id` order is the data's time order, lib/history.py), whatever
+    the batches are named.
 
     The bundled file runs through a decade in time order, and how payer, discharge and specialty were recorded changed
     in it: against all of a model's training rows every new batch drifted, against its newest batch only a change does.
     """
-    newest = max(trained)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(trained) + 1))
+    latest = store.query(
+        f"SELECT batch_id, max(encounter_id) AS latest FROM features WHERE batch_id IN ({placeholders}) GROUP BY batch_id", list(trained)
+    )
+    newest = latest.sort("latest")["batch_id"][-1] if latest.height else max(trained)
     rows = store.read_table("features", newest)
     return (assign_split(rows).filter(pl.col(SPLIT) == "train") if rows.height else rows), newest
 
