@@ -6,6 +6,8 @@ the same metrics `/metrics` gathers from every worker (`bentoml.metrics` is now 
 
 from __future__ import annotations
 
+from typing import Any
+
 import prometheus_client
 
 # BentoML's request-duration buckets (its default lacks 0.4): the SLO thresholds, 400 ms (p95) and 500 ms (p99),
@@ -58,3 +60,21 @@ VALIDATION_POSITIVE_RATE = prometheus_client.Gauge(
 UNLOGGED = prometheus_client.Counter(
     name="readmission_refusals_unlogged", documentation="Refused requests not written to the log, past its rate limit.",
 )  # fmt: skip
+
+
+class Children:
+    """A labelled metric's children by their label values (in `labelnames` order), found in a dict after the first
+    time: `labels()` checks its arguments and takes a lock on every call, on /predict's path twice a request."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric, self.found = metric, {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.found.get(values)
+        if child is None:  # two threads may both make it: labels() gives both the same child
+            child = self.found[values] = self.metric.labels(*values)
+        return child
+
+
+PREDICTED = Children(PREDICTIONS)  # (model_version, stage, decision)
+SCORED = Children(SCORING_SECONDS)  # (model_version, stage, endpoint)

@@ -98,8 +98,8 @@ class ServedModel:
         return np.asarray(RISK_BANDS)[band]
 
     def risk_band(self, probability: float) -> str:
-        """`risk_bands` of one probability."""
-        return str(self.risk_bands(np.asarray(probability)))
+        """`risk_bands` of one probability, by comparing numbers (a one-element array cost /predict more than this)."""
+        return RISK_BANDS[2 if probability >= self.threshold else 1 if probability > self.base_rate else 0]
 
     @property
     def method(self) -> str:

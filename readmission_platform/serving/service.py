@@ -21,6 +21,7 @@ import gc
 import logging
 import math
 import os
+import secrets
 import time
 import uuid
 from typing import Any
@@ -65,6 +66,7 @@ from readmission_platform.serving.contract import (
     not_ready,
     openapi_document,
     out_of_scope_answer,
+    prediction_answer,
 )
 from readmission_platform.serving.fast.decode import decode_batch
 from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
@@ -72,9 +74,9 @@ from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.metrics import (
     DURATION_BUCKETS,
     LOG_DROPPED,
-    PREDICTIONS,
+    PREDICTED,
     PROBABILITY,
-    SCORING_SECONDS,
+    SCORED,
 )
 from readmission_platform.serving.model import ServedModel
 from readmission_platform.serving.prediction_log import PredictionLog
@@ -198,7 +200,7 @@ class ReadmissionService:
         """Count and log an answer of `model` at `stage`; its decision and risk band. `rollout`: the log's candidate
         columns (`candidate_columns`); `patient`: the keyed hash of the request's patient_id."""
         decision = probability >= model.threshold
-        PREDICTIONS.labels(model_version=model.version, stage=stage, decision="flagged" if decision else "not_flagged").inc()
+        PREDICTED(model.version, stage, "flagged" if decision else "not_flagged").inc()
         PROBABILITY.observe(probability)
         band = model.risk_band(probability)
         self.log.record(
@@ -218,22 +220,22 @@ class ReadmissionService:
         given = record(encounter)
         patient, state = self.history.lookup(encounter.patient_id)
         features = record_features(clean_record(given), state)
-        request_id = encounter.request_id or uuid.uuid4().hex
+        request_id = encounter.request_id or secrets.token_hex(16)  # as a uuid4's hex, for less than its cost
         candidate = self.candidate
         trial = None
         if candidate is not None and (candidate.stage == SHADOW or to_canary(request_id, candidate.share)):
             trial = await self.trials.one(candidate, features)
             if trial.ok:
-                SCORING_SECONDS.labels(model_version=candidate.version, stage=candidate.stage, endpoint="predict").observe(trial.ms / 1000)
+                SCORED(candidate.version, candidate.stage, "predict").observe(trial.ms / 1000)
         if trial is not None and trial.ok and candidate.stage == CANARY:
             answering, stage, probability = candidate.model, CANARY, float(trial.answer)
         else:
             started = time.perf_counter()
             answering, stage, probability = model, PRODUCTION, model.probability(features)
-            SCORING_SECONDS.labels(model_version=model.version, stage=PRODUCTION, endpoint="predict").observe(time.perf_counter() - started)
+            SCORED(model.version, PRODUCTION, "predict").observe(time.perf_counter() - started)
         rollout = candidate_columns(candidate, trial)
         decision, band = self._answer(answering, stage, probability, "predict", given, request_id, rollout, patient)
-        return Prediction(
+        return prediction_answer(  # type: ignore[return-value]
             probability=probability, decision=decision, risk_band=band, threshold=answering.threshold,
             model_name=answering.name, model_version=answering.version, stage=stage, request_id=request_id,
             history_used=state is not None,
@@ -259,7 +261,7 @@ class ReadmissionService:
         elif candidate is not None and (routed := canary_rows(scored_ids.to_list(), candidate.share)).any():
             trial = self.trials.many(candidate, features.filter(pl.Series(routed)))
         if trial is not None and trial.ok:
-            SCORING_SECONDS.labels(model_version=candidate.version, stage=candidate.stage, endpoint="predict_batch").observe(trial.ms / 1000)
+            SCORED(candidate.version, candidate.stage, "predict_batch").observe(trial.ms / 1000)
         canary = routed is not None and trial is not None and trial.ok
         started = time.perf_counter()
         if canary:
@@ -268,7 +270,7 @@ class ReadmissionService:
             probability[~routed] = model.probabilities(features.filter(pl.Series(~routed)))
         else:
             probability = model.probabilities(features)
-        SCORING_SECONDS.labels(model_version=model.version, stage=PRODUCTION, endpoint="predict_batch").observe(time.perf_counter() - started)
+        SCORED(model.version, PRODUCTION, "predict_batch").observe(time.perf_counter() - started)
         if canary:
             answerer = candidate.model
             threshold = np.where(routed, answerer.threshold, model.threshold)
@@ -313,7 +315,7 @@ class ReadmissionService:
     def _count_batch(answers: pl.DataFrame) -> None:
         counts = answers.group_by("model_version", "stage", "decision").len()
         for version, stage, decision, count in counts.iter_rows():
-            PREDICTIONS.labels(model_version=version, stage=stage, decision="flagged" if decision else "not_flagged").inc(count)
+            PREDICTED(version, stage, "flagged" if decision else "not_flagged").inc(count)
 
     @bentoml.api(route="/explain")
     def explain(self, encounter: Encounter, /) -> Explanation:

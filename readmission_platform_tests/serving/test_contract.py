@@ -32,3 +32,23 @@ def test_every_answer_of_every_route_is_the_documented_one(gated_server, tmp_pat
     assert run.returncode == 0, run.stdout[-20_000:]
     generated = int(re.search(r"(\d+) generated", summary)[1])
     assert generated >= at_least and "Tested: 8" in summary, summary
+
+
+def test_a_prediction_is_encoded_as_pydantic_writes_the_model():
+    import numpy as np
+
+    from readmission_platform.serving.contract import Prediction, prediction_answer
+
+    rng = np.random.default_rng(0)
+    probabilities = [0.0, 1.0, 0.1, 1e-7, 0.9999999999999999, *rng.random(2_000), *(rng.random(500) ** 20)]
+    for i, probability in enumerate(probabilities):
+        fields = {
+            "probability": float(probability), "decision": i % 2 == 0, "risk_band": ("low", "medium", "high")[i % 3],
+            "threshold": float(rng.random()), "model_name": "readmission-classifier", "model_version": str(i),
+            "stage": ("production", "canary")[i % 2], "request_id": f"ward-7/é\"{i}", "history_used": i % 5 == 0,
+        }  # fmt: skip
+        answer = prediction_answer(**fields)
+        assert answer.body == Prediction(**fields).model_dump_json().encode()
+        assert answer.media_type == "application/json"
+    numpy_typed = prediction_answer(**fields | {"probability": np.float64(0.25), "decision": np.bool_(True), "threshold": np.float64(0.5)})
+    assert numpy_typed.body == Prediction(**fields | {"probability": 0.25, "decision": True, "threshold": 0.5}).model_dump_json().encode()

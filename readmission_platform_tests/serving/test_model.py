@@ -18,6 +18,8 @@ def test_a_model_that_passes_the_smoke_test_serves_with_its_fast_path(sample_can
     assert model.scorer is not None and model.smoke_test() <= 1e-9
     assert model.risk_band(model.threshold) == "high" and model.risk_band(0.11) == "low"
     assert model.risk_band(0.111) == ("medium" if 0.111 < model.threshold else "high")
+    edges = np.concatenate([np.linspace(0, 1, 1001), [model.threshold, model.base_rate, np.nextafter(model.threshold, 0)]])
+    assert [model.risk_band(float(p)) for p in edges] == list(model.risk_bands(edges))  # one at a time as many at once
 
 
 def test_a_model_whose_probabilities_are_not_numbers_is_refused(sample_candidates):
