@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import time
 import uuid
 from typing import Any
@@ -91,6 +92,9 @@ SERVING = ServingSettings.from_env()
 MAX_BODY_BYTES = SERVING.max_body_bytes or MAX_BATCH_BYTES
 # The cyclic garbage collector's thresholds in a worker, once it has started (see `ReadmissionService.__init__`).
 GC_THRESHOLDS = (10_000, 20, 20)
+# How long a thread that wants the GIL waits for the one holding it to let go (Python's default 5 ms): the event loop
+# waits this long behind the prediction log's writer or a shadow's scoring thread.
+SWITCH_SECONDS = 0.001
 
 # Mounted at the root: BentoML mounts apps passively, so this one only takes the paths it has routes for.
 routes = FastAPI(title="readmission", docs_url=None, redoc_url=None, openapi_url=None)
@@ -181,6 +185,7 @@ class ReadmissionService:
         # is still freed when its last reference goes; only reference cycles within it would stay.
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+        sys.setswitchinterval(SWITCH_SECONDS)
 
     def __is_ready__(self) -> bool:
         return self.model is not None
