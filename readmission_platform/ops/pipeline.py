@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from readmission_platform.defs.partitions import latest_by_partition
+from readmission_platform.defs.partitions import latest_by_partition, latest_evaluation
 from readmission_platform.lib.landing import batch_id_for, landed_files
 from readmission_platform.settings import PIPELINE_METRICS_PORT, Settings
 
@@ -59,8 +59,11 @@ class PipelineCollector(Collector):
             labels=["outcome", "severity"],
         )  # fmt: skip
         outcomes: Counter[tuple[str, str]] = Counter()
-        for record in self.instance.event_log_storage.get_latest_asset_check_execution_by_key(self.checks).values():
-            evaluation = record.event.asset_check_evaluation if record.event else None
+        for key, record in self.instance.event_log_storage.get_latest_asset_check_execution_by_key(self.checks).items():
+            if record.event is None or record.event.asset_check_evaluation is None:
+                # Planned: running now, or its run failed before evaluating it; the evaluation before stands.
+                record = latest_evaluation(self.instance, key)
+            evaluation = record.event.asset_check_evaluation if record is not None else None
             if evaluation is not None:
                 outcomes["passed" if evaluation.passed else "failed", evaluation.severity.value.lower()] += 1
         for outcome in ("passed", "failed"):

@@ -57,6 +57,26 @@ def test_ingestion_batches_waiting_failed_runs_and_check_results(tmp_path):
         assert value(pipeline.CHECK_RESULTS, {"outcome": "failed", "severity": "error"}) == 0
 
 
+@dg.asset(name="checked")
+def checked_failing() -> int:
+    raise ValueError("the warehouse is down")
+
+
+def test_a_check_whose_newest_run_failed_before_evaluating_it_keeps_its_last_result(tmp_path):
+    with dg.instance_for_test() as instance:
+        dg.materialize([checked, check_checked_rows, check_checked_columns], instance=instance)
+        checks = [check_checked_rows.check_key, check_checked_columns.check_key]
+        failed = dg.materialize([checked_failing, check_checked_rows, check_checked_columns], instance=instance, raise_on_error=False)
+        assert not failed.success
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(checks)
+        assert all(record.event.asset_check_evaluation is None for record in latest.values())  # plans only
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(PipelineCollector(instance, tmp_path, checks))
+
+        assert registry.get_sample_value(pipeline.CHECK_RESULTS, {"outcome": "failed", "severity": "warn"}) == 1
+        assert registry.get_sample_value(pipeline.CHECK_RESULTS, {"outcome": "passed", "severity": "error"}) == 1
+
+
 def test_before_any_ingestion_there_is_no_last_ingestion_and_the_stale_alert_is_tested_so(tmp_path):
     """Nothing ingested yet: the last ingestion's time is no sample at all (not 0), batches wait. ReadmissionIngestionStale
     has a promtool case of this very input, the series absent, and it fires."""

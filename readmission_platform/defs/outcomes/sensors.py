@@ -7,7 +7,7 @@ import polars as pl
 from readmission_platform.defs import run_tags
 from readmission_platform.defs.ingestion.sensors import new_files, run_key
 from readmission_platform.defs.outcomes.live import CALIBRATION, DISCRIMINATION, LIVE
-from readmission_platform.defs.partitions import outcome_files
+from readmission_platform.defs.partitions import latest_evaluation, outcome_files
 from readmission_platform.defs.resources import DegradationPolicy, LandingResource, MlflowResource, WarehouseResource
 from readmission_platform.defs.training import sensors as training
 from readmission_platform.lib.landing import batch_id_for
@@ -20,9 +20,6 @@ from readmission_platform.lib.promotion import (
     record_decisions,
     rollback_row,
 )
-
-# How many of a check's newest executions the sensor looks through for an evaluation (past runs that failed first).
-EXECUTIONS_SEARCHED = 20
 
 ingest_outcomes_job = dg.define_asset_job(
     "ingest_outcomes",
@@ -59,15 +56,6 @@ def outcome_sensor(context: dg.SensorEvaluationContext, landing: LandingResource
         dynamic_partitions_requests=[outcome_files.build_add_request(new_keys)] if new_keys else [],
         cursor=json.dumps(seen, sort_keys=True),
     )
-
-
-def _latest_evaluation(instance: dg.DagsterInstance, key: dg.AssetCheckKey):
-    """The newest evaluation of a check, or None. A measurement that failed before its checks ran leaves only their
-    plans, newer than the last evaluation; those are passed over."""
-    for record in instance.event_log_storage.get_asset_check_execution_history(key, limit=EXECUTIONS_SEARCHED):
-        if record.event is not None and record.event.asset_check_evaluation is not None:
-            return record
-    return None
 
 
 def _record(decisions: list[dict], warehouse: WarehouseResource) -> None:
@@ -109,7 +97,7 @@ def live_performance_sensor(
 
     failed = []
     for name in (DISCRIMINATION, CALIBRATION):  # discrimination first
-        record = _latest_evaluation(instance, dg.AssetCheckKey(dg.AssetKey(LIVE), name))
+        record = latest_evaluation(instance, dg.AssetCheckKey(dg.AssetKey(LIVE), name))
         evaluation = record.event.asset_check_evaluation if record is not None else None
         if evaluation is not None and record.id > cursor["checks"] and not evaluation.passed:
             failed.append((record, evaluation))
