@@ -236,7 +236,8 @@ def prediction_answer(
     stage: str, request_id: str, history_used: bool,
 ) -> Response:
     """A `Prediction`, encoded as pydantic writes it (its fields in order; a test holds the bytes equal) without the
-    model: validating and serializing the model cost /predict ten times as much as encoding the values."""
+    model: validating and serializing the model cost /predict several times what encoding the values does
+    (benchmarks/README.md, Serving)."""
     return Response(
         _ENCODER.encode({
             "probability": float(probability), "decision": bool(decision), "risk_band": risk_band,
