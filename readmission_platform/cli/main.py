@@ -259,6 +259,13 @@ def app(settings: Settings, port: int, service: str | None) -> int:
     os.execve(command[0], command, env)
 
 
+# Commands a person waits on at the prompt, which talk to MLflow and start no process that does; and how MLflow's client
+# retries for them (MLFLOW_HTTP_REQUEST_* variables).
+ANSWER_SOON = frozenset({"status", "rollback", "rollout", "outcomes"})
+ANSWER_SOON_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="readmission", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
+    if args.command in ANSWER_SOON:
+        # MLflow retries a request seven times over about two minutes by default: right for the pipeline's runs, not
+        # for a person at the prompt whose tracking server is down. Their own setting, if any, stands.
+        for name, value in ANSWER_SOON_MLFLOW.items():
+            os.environ.setdefault(name, value)
     try:
         keep_private(settings.home)
         if args.command == "land":
@@ -339,8 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as error:
         # Imported here: MLflow takes seconds to import, and `land` should not wait for it.
+        from mlflow.exceptions import MlflowException
+
         from readmission_platform.lib.registry import RegistryError
 
+        if isinstance(error, MlflowException):  # the tracking store did not answer, or refused
+            first = next(iter(str(error.message).splitlines()), "")
+            print(f"readmission {args.command}: MLflow at {masked(settings.mlflow_tracking_uri)}: {first}", file=sys.stderr)
+            return 2
         if not isinstance(error, RegistryError):
             raise
         print(f"readmission {args.command}: {error}", file=sys.stderr)

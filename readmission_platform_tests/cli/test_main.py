@@ -18,7 +18,7 @@ DEMO_ROWS = 15_500  # two batches: 15,000 + 500
 
 
 def readmission(
-    *args: str, home: Path, source: Path | None = None, timeout: float = 180, umask: int = 0o022
+    *args: str, home: Path, source: Path | None = None, timeout: float = 180, umask: int = 0o022, extra: dict | None = None
 ) -> subprocess.CompletedProcess:
     """The command in a child process with the given umask (the usual one by default), on a clean environment.
 
@@ -30,6 +30,7 @@ def readmission(
     env["READMISSION_HOME"] = str(home)
     if source is not None:
         env["READMISSION_SOURCE"] = str(source)
+    env |= extra or {}
     command = [str(Path(sys.executable).with_name("readmission")), *args]
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, umask=umask) as process:
         try:
@@ -184,6 +185,17 @@ def register_two_promoted_versions(home: Path) -> None:
             model, params={}, metrics={}, tags={}, artifacts=None, input_example=x.head(3), run_name="tiny"
         )
         registry.promote(registry.register(run_id, threshold=0.5, tags={}), reason="test promotion")
+
+
+def test_a_tracking_server_that_is_down_is_named_without_a_traceback(tmp_path):
+    from readmission_platform.serving.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for command in (("rollback", "--reason", "undo"), ("rollout", "status")):
+        # The guard is MLflow's own retries: about two minutes by default, which a person at the prompt is spared.
+        done = readmission(*command, home=tmp_path, extra={"READMISSION_MLFLOW_TRACKING_URI": url}, timeout=90)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"readmission {command[0]}: MLflow at {url}: ") and "Connection refused" in done.stderr
 
 
 def test_rollback_moves_production_back_and_records_why(tmp_path, new_mlflow_store):
