@@ -21,6 +21,25 @@ def latest_by_partition(instance: dg.DagsterInstance, asset: str) -> dict[str, d
     return newest
 
 
+def run_group(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The ids of a run and of the other attempts of it (a retry re-executes a run from its failed step); none when the
+    run is not on this instance."""
+    if not instance.has_run(run_id):
+        return []
+    group = instance.get_run_group(run_id)
+    return [run.run_id for run in group[1]] if group else [run_id]
+
+
+def materialized_in_run_group(instance: dg.DagsterInstance, run_id: str, asset: dg.AssetKey) -> list[dg.EventLogRecord]:
+    """The records of `asset`'s materializations in a run and the other attempts of it (`run_group`)."""
+    return [
+        record
+        for attempt in run_group(instance, run_id)
+        for record in instance.get_records_for_run(attempt, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        if record.asset_materialization is not None and record.asset_materialization.asset_key == asset
+    ]
+
+
 # How many of a check's newest executions `latest_evaluation` looks through (past runs that failed before evaluating).
 EXECUTIONS_SEARCHED = 20
 

@@ -36,7 +36,6 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import raw_value
 
 ENCOUNTER, PATIENT = schema.IDENTIFIERS
-READMITTED_WITHIN_30 = "<30"
 # The previous encounter's values kept, and those whose change to this encounter is a feature.
 PREVIOUS = ("time_in_hospital", "num_medications", "num_lab_procedures", "number_diagnoses", "number_inpatient")
 CHANGED = ("time_in_hospital", "num_medications", "number_diagnoses")
@@ -76,7 +75,7 @@ def _encounters(raw: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
         raw_value(ENCOUNTER).cast(pl.Int64),
         raw_value(PATIENT).cast(pl.Int64),
         *(raw_value(name).cast(pl.Int64).fill_null(0) for name in dict.fromkeys(("time_in_hospital", *PREVIOUS))),
-        (raw_value(schema.LABEL) == READMITTED_WITHIN_30).cast(pl.Int64).fill_null(0).alias("readmitted_30d_now"),
+        (raw_value(schema.LABEL) == schema.READMITTED_WITHIN_30_DAYS).cast(pl.Int64).fill_null(0).alias("readmitted_30d_now"),
     )
 
 

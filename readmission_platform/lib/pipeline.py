@@ -19,13 +19,12 @@ from readmission_platform.lib import schema
 from readmission_platform.lib.cleaning import CleanResult, clean
 from readmission_platform.lib.features import FEATURE_SCHEMA, build_features
 from readmission_platform.lib.ingest import ParsedBatch, judge_batch, read_batch
-from readmission_platform.lib.warehouse import ConflictingWrite, Warehouse
+from readmission_platform.lib.warehouse import Warehouse, retried_on_conflict
 
 RAW, CLEAN, FEATURES = "raw_batches", "clean_batches", "features"
 REJECTED = "rejected_rows"
 STAGES = (RAW, CLEAN, FEATURES)
 TABLES = {RAW: (RAW, REJECTED), CLEAN: (CLEAN,), FEATURES: (FEATURES,)}  # what each stage writes
-ATTEMPTS = 3  # passes over a batch whose ids another batch stored meanwhile, before giving up
 NOTHING_LOADED = pl.DataFrame(schema={"encounter_id": pl.Int64, schema.BATCH_ID: pl.String})
 
 
@@ -68,12 +67,8 @@ def process_batch(
         raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {STAGES}")
     if RAW in stages and (content is None or now is None):
         raise ValueError("raw_batches needs the batch file's content and the time of ingestion")
-    for _ in range(ATTEMPTS - 1):
-        try:
-            return _pass(store, batch_id, stages, content, source_file, now, gate)
-        except ConflictingWrite:
-            continue  # a batch stored some of these encounters while this one was read: read again, rejecting them
-    return _pass(store, batch_id, stages, content, source_file, now, gate)
+    # A batch that stored some of these encounters while this one was read: read again, rejecting them.
+    return retried_on_conflict(lambda: _pass(store, batch_id, stages, content, source_file, now, gate))
 
 
 def _pass(

@@ -17,9 +17,8 @@ from readmission_platform.lib.outcomes import (
     judge_outcomes,
     read_outcomes,
 )
-from readmission_platform.lib.pipeline import ATTEMPTS
 from readmission_platform.lib.reporting import markdown_table
-from readmission_platform.lib.warehouse import ConflictingWrite
+from readmission_platform.lib.warehouse import retried_on_conflict
 
 
 @dg.asset(
@@ -47,21 +46,18 @@ def outcomes(
     predicted = prediction_log.read(["request_id"])["request_id"].unique()
     now = datetime.now(UTC)
     with warehouse.open() as store:
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                with store.batch_writer(batch_id) as writer:
-                    # Writers of other files on PostgreSQL run side by side: one that stores an outcome of the same
-                    # request meanwhile makes this write fail (ConflictingWrite), and it is judged again.
-                    stored = writer.stored_elsewhere(OUTCOMES, "request_id", text=True)
-                    judged = judge_outcomes(
-                        read, batch_id=batch_id, source_file=path.name, now=now, predicted=predicted, stored=stored
-                    )
-                    writer.put(OUTCOMES, OUTCOME_SCHEMA, judged.outcomes)
-                    writer.put(SET_ASIDE, SET_ASIDE_SCHEMA, judged.set_aside)
-                break
-            except ConflictingWrite:
-                if attempt == ATTEMPTS:
-                    raise
+
+        def write():
+            with store.batch_writer(batch_id) as writer:
+                # Writers of other files on PostgreSQL run side by side: one that stores an outcome of the same request
+                # meanwhile makes this write fail, and it is judged again (`retried_on_conflict`).
+                stored = writer.stored_elsewhere(OUTCOMES, "request_id", text=True)
+                judged = judge_outcomes(read, batch_id=batch_id, source_file=path.name, now=now, predicted=predicted, stored=stored)
+                writer.put(OUTCOMES, OUTCOME_SCHEMA, judged.outcomes)
+                writer.put(SET_ASIDE, SET_ASIDE_SCHEMA, judged.set_aside)
+            return judged
+
+        judged = retried_on_conflict(write)
     reasons = judged.set_aside.group_by(pl.col("reason").str.extract(r"^([^:]+)")).len("outcomes").sort("reason")
     context.log.info(f"{batch_id}: {judged.outcomes.height} outcomes stored, {judged.set_aside.height} set aside")
     return dg.MaterializeResult(

@@ -3,6 +3,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 
+from readmission_platform.defs.partitions import materialized_in_run_group, run_group
 from readmission_platform.defs.resources import MlflowResource, WarehouseResource
 from readmission_platform.lib import metrics, paired
 from readmission_platform.lib.evaluation import subgroup_tables
@@ -46,31 +47,20 @@ class PromotionConfig(dg.Config):
         )  # fmt: skip
 
 
-def _run_group(context: dg.AssetExecutionContext) -> list[str]:
-    """This run's id and those of the other attempts of it (a retry re-executes a run from its failed step)."""
-    group = context.instance.get_run_group(context.run.run_id)
-    return [run.run_id for run in group[1]] if group else [context.run.run_id]
-
-
 def challenger_version(context: dg.AssetExecutionContext) -> str:
     """The version trained_model registered in this run or an earlier attempt of it; the newest one anywhere when the
     run did not train (promotion_decision materialized alone). Another retrain that overlapped this one, or finished
     before this run was retried, is not the challenger this run decides on."""
-    trained = [
-        event
-        for run_id in _run_group(context)
-        for event in context.instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
-        if event.asset_materialization is not None and event.asset_materialization.asset_key == TRAINED_MODEL
-    ]
-    event = max(trained, key=lambda e: e.timestamp) if trained else context.instance.get_latest_materialization_event(TRAINED_MODEL)
-    if event is None or event.asset_materialization is None:
+    trained = materialized_in_run_group(context.instance, context.run.run_id, TRAINED_MODEL)
+    record = max(trained, key=lambda r: r.storage_id) if trained else context.instance.get_latest_materialization_event(TRAINED_MODEL)
+    if record is None or record.asset_materialization is None:
         raise dg.Failure("trained_model has never been materialized; there is no challenger to decide on")
-    return str(event.asset_materialization.metadata["model_version"].value)
+    return str(record.asset_materialization.metadata["model_version"].value)
 
 
 def decided_in_run_group(context: dg.AssetExecutionContext, store, version: str) -> bool:
     """An earlier attempt of this run (one its automatic retry replaces) already recorded its decision on `version`."""
-    run_ids = _run_group(context)
+    run_ids = run_group(context.instance, context.run.run_id)
     found = store.query(
         "SELECT count(*) AS n FROM promotion_decisions WHERE challenger_version = $1 AND dagster_run_id IN "
         f"({', '.join(f'${i}' for i in range(2, len(run_ids) + 2))})",

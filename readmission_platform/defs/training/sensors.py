@@ -3,7 +3,7 @@ import hashlib
 import dagster as dg
 
 from readmission_platform.defs import run_tags
-from readmission_platform.defs.partitions import latest_by_partition
+from readmission_platform.defs.partitions import latest_by_partition, materialized_in_run_group
 from readmission_platform.defs.resources import MlflowResource, RetrainPolicy
 
 retrain_job = dg.define_asset_job(
@@ -28,16 +28,8 @@ def _trained_at(instance: dg.DagsterInstance, version) -> int | None:
     """The storage id of the training_set materialization a registered version was trained on (in the run, or run
     group, that registered it); None when its run is not on this instance."""
     run_id = version.tags.get("dagster_run_id") if version is not None else None
-    if not run_id or not instance.has_run(run_id):
-        return None
-    group = instance.get_run_group(run_id)
-    found = [
-        record.storage_id
-        for attempt in (group[1] if group else [instance.get_run_by_id(run_id)])
-        for record in instance.get_records_for_run(attempt.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-        if record.event_log_entry.asset_materialization.asset_key == TRAINING_SET
-    ]
-    return max(found, default=None)
+    found = materialized_in_run_group(instance, run_id, TRAINING_SET) if run_id else []
+    return max((record.storage_id for record in found), default=None)
 
 
 def _metadata_value(record: dg.EventLogRecord, key: str):

@@ -16,6 +16,7 @@ from readmission_platform.lib.warehouse.base import (
     Writes,
     literal,
     quote,
+    retried_on_conflict,
     table_ddl,
 )
 from readmission_platform.lib.warehouse.duckdb import DuckDBWarehouse
@@ -34,6 +35,7 @@ __all__ = [
     "open_warehouse",
     "partition_prefix",
     "quote",
+    "retried_on_conflict",
     "table_ddl",
 ]
 

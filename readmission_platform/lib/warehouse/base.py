@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
 from readmission_platform.lib.reporting import masked
+
+T = TypeVar("T")
 
 SQL_TYPES = {
     pl.Int16: "SMALLINT",
@@ -83,6 +85,22 @@ class BatchWriter(ABC):
 
 class ConflictingWrite(WarehouseError):
     """Another batch stored some of the values a write needs to be unique; read them again and retry."""
+
+
+# Passes over a batch whose unique values another batch stored meanwhile, before giving up (`retried_on_conflict`).
+CONFLICT_ATTEMPTS = 3
+
+
+def retried_on_conflict(write: Callable[[], T]) -> T:
+    """`write()`: a batch writer's whole block, which reads what other batches stored (`stored_elsewhere`) and then
+    puts; passed again, reading afresh, while another batch stored one of its unique values meanwhile, at most
+    `CONFLICT_ATTEMPTS` times in all (`ConflictingWrite` from the last)."""
+    for _ in range(CONFLICT_ATTEMPTS - 1):
+        try:
+            return write()
+        except ConflictingWrite:
+            continue
+    return write()
 
 
 class Warehouse(ABC):
