@@ -5,7 +5,8 @@ READMISSION_FAST_PATH=0, which scores each request with the pipeline's own predi
 way a straightforward service would. Reports requests/s, p50/p95/p99 latency and failures, and checks that the
 prediction log holds a row for every answered request. Then the ceiling: a trivial BentoML service that answers a
 constant on the same route, with the same request model and server settings (`ceiling/service.py`), under the same
-load; the service as shipped should keep at least 80 % of its throughput with at most 1.5× its p99.
+load; the service as shipped should keep at least 80 % of its throughput with at most 1.5× its p99. Beside it, the
+same constant answered through BentoML's typed API (`@bentoml.api`), the plainest way to write such a service.
 
 `--rollout` measures instead, side by side, the service as shipped with production alone and with a candidate in
 shadow (a second version of the same model, scored beside production on every request and logged): the targets are
@@ -38,6 +39,7 @@ VARIANTS = {"fast path (as shipped)": "1", "pipeline per request (baseline)": "0
 ROLLOUT_VARIANTS = {"production alone": False, "with a shadow": True}
 MIN_SHADOW_THROUGHPUT, MAX_SHADOW_P99 = 2 / 3, 1.5
 CEILING = "constant answer (ceiling)"
+CEILINGS = {CEILING: "service:Ceiling", "constant, BentoML's typed API": "service:TypedCeiling"}
 MIN_CEILING_THROUGHPUT, MAX_CEILING_P99 = 0.8, 1.5
 
 
@@ -84,11 +86,11 @@ def measure(setup, encounters: Path, fast: str, users: int, seconds: int, folder
     return result
 
 
-def measure_ceiling(encounters: Path, users: int, seconds: int, folder: Path) -> dict:
-    """The same load against `ceiling/service.py` under `bentoml serve`, warmed up the same way."""
-    port, log_path = free_port(), folder / "bentoml-serve-ceiling.log"
+def measure_ceiling(service: str, encounters: Path, users: int, seconds: int, folder: Path) -> dict:
+    """The same load against `service` of `ceiling/service.py` under `bentoml serve`, warmed up the same way."""
+    port, log_path = free_port(), folder / f"bentoml-serve-{service}.log"
     url = f"http://127.0.0.1:{port}"
-    command = [str(Path(sys.executable).with_name("bentoml")), "serve", "service:Ceiling", "--host", "127.0.0.1", "--port", str(port)]
+    command = [str(Path(sys.executable).with_name("bentoml")), "serve", service, "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "BENTOML_HOME": str(folder / "bentoml-ceiling")}
     with open(log_path, "wb") as output:
         process = subprocess.Popen(command, env=env, cwd=HERE / "ceiling", stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -96,7 +98,7 @@ def measure_ceiling(encounters: Path, users: int, seconds: int, folder: Path) ->
             wait_until_answering(process, f"{url}/readyz", "the ceiling's bentoml serve", 120, log_path)
             for body in json.loads(encounters.read_text())[:200]:
                 httpx.post(f"{url}/predict", json=body, timeout=30).raise_for_status()
-            return locust(url, encounters, users, seconds, folder / "locust_ceiling")
+            return locust(url, encounters, users, seconds, folder / f"locust_{service}")
         finally:
             stop(process)
 
@@ -121,30 +123,35 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{name}: {args.users} clients for {args.seconds} s against one worker …", flush=True)
             results[name] = measure(setup, encounters, fast, args.users, args.seconds, Path(folder))
-        if not args.skip_baseline:
-            print(f"{CEILING}: {args.users} clients for {args.seconds} s against one worker …", flush=True)
-            ceiling = measure_ceiling(encounters, args.users, args.seconds, Path(folder))
+        ceilings = {}
+        for name, service in CEILINGS.items() if not args.skip_baseline else ():
+            print(f"{name}: {args.users} clients for {args.seconds} s against one worker …", flush=True)
+            ceilings[name] = measure_ceiling(service, encounters, args.users, args.seconds, Path(folder))
     print(f"\n{'':34}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'failures':>10}{'logged':>9}")
     for name, r in results.items():
         print(f"{name:34}{r['requests_per_s']:8.0f}{r['p50_ms']:9.0f}{r['p95_ms']:9.0f}{r['p99_ms']:9.0f}"
               f"{r['failures']:>10}{r['logged_rows']:>9}")  # fmt: skip
-    if not args.skip_baseline:
-        print(f"{CEILING:34}{ceiling['requests_per_s']:8.0f}{ceiling['p50_ms']:9.0f}{ceiling['p95_ms']:9.0f}"
-              f"{ceiling['p99_ms']:9.0f}{ceiling['failures']:>10}{'—':>9}")  # fmt: skip
+    for name, c in ceilings.items():
+        print(f"{name:34}{c['requests_per_s']:8.0f}{c['p50_ms']:9.0f}{c['p95_ms']:9.0f}{c['p99_ms']:9.0f}"
+              f"{c['failures']:>10}{'—':>9}")  # fmt: skip
     shipped = results["fast path (as shipped)"]
     baseline = results.get("pipeline per request (baseline)")
     if baseline:
         print(f"throughput ratio fast / baseline: {shipped['requests_per_s'] / baseline['requests_per_s']:.1f}×")
-        throughput, p99 = shipped["requests_per_s"] / ceiling["requests_per_s"], shipped["p99_ms"] / ceiling["p99_ms"]
-        within = throughput >= MIN_CEILING_THROUGHPUT and p99 <= MAX_CEILING_P99
-        print(f"fast / ceiling: throughput {throughput:.2f}× (≥ {MIN_CEILING_THROUGHPUT}), p99 {p99:.2f}× (≤ {MAX_CEILING_P99}): "
-              f"{'met' if within else 'NOT met'}")  # fmt: skip
-        results[CEILING] = ceiling
+        for name, c in ceilings.items():
+            throughput, p99 = shipped["requests_per_s"] / c["requests_per_s"], shipped["p99_ms"] / c["p99_ms"]
+            if name == CEILING:
+                within = throughput >= MIN_CEILING_THROUGHPUT and p99 <= MAX_CEILING_P99
+                print(f"fast / ceiling: throughput {throughput:.2f}× (≥ {MIN_CEILING_THROUGHPUT}), p99 {p99:.2f}× "
+                      f"(≤ {MAX_CEILING_P99}): {'met' if within else 'NOT met'}")  # fmt: skip
+            else:
+                print(f"fast / {name}: throughput {throughput:.2f}×, p99 {p99:.2f}×")
+        results |= ceilings
     met = shipped["requests_per_s"] >= TARGET_RPS and shipped["p99_ms"] <= TARGET_P99_MS and shipped["failures"] == 0
     print(f"target ≥ {TARGET_RPS:.0f} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms, no failures, one worker, log on: "
           f"{'met' if met else 'NOT met'}")  # fmt: skip
     for name, r in results.items():
-        if name == CEILING:
+        if name in CEILINGS:
             continue
         print(f"{name}: {r['answered']:,} predictions answered (warm-up included), {r['logged_rows']:,} rows in the "
               f"prediction log, {r['log_dropped']:.0f} dropped")  # fmt: skip

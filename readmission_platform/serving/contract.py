@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, openapi_3_0, out_of_scope
+from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, Encounter, openapi_3_0, out_of_scope
 
 HISTORY_USED = (
     "True when the request's patient_id was looked up in the patients' history (an unknown patient has none yet); "
@@ -181,13 +181,21 @@ _VALIDATION_ERRORS = {
 
 
 def openapi_document(bentoml_document: dict[str, Any], *, token: bool, max_body: int) -> dict[str, Any]:
-    """BentoML's OpenAPI document with the answers each route really gives; `token`: the bearer token is required;
-    `max_body`: the largest body taken, in bytes.
+    """BentoML's OpenAPI document with /predict, a route of its own, and the answers each route really gives;
+    `token`: the bearer token is required; `max_body`: the largest body taken, in bytes.
 
     BentoML declares the same errors for every @bentoml.api route (`detail` a string, a 404 and a 500) and none for
     the mounted routes.
     """
     document = json.loads(json.dumps(bentoml_document))
+    document["paths"]["/predict"] = {
+        "post": {
+            "tags": ["Service APIs"], "operationId": "predict",
+            "summary": "One encounter: its probability of readmission within 30 days, decision and risk band.",
+            "requestBody": {"content": {"application/json": {"schema": inlined(Encounter)}}},
+            "responses": {"200": {"description": "Successful Response", "content": {"application/json": {"schema": inlined(Prediction)}}}},
+        }
+    }  # fmt: skip
     components = document["components"]["schemas"]
     for unused in ("InvalidArgument", "NotFound", "InternalServerError", "TaskStatusResponse"):
         components.pop(unused, None)

@@ -183,6 +183,7 @@ def test_a_refused_request_is_one_log_line_naming_route_status_fields_and_kinds_
     assert any("refused /predict 422: discharge_disposition_id (death_or_hospice)" in line for line in lines)
     assert all("[WARNING]" in line for line in lines)
     assert "path=(not a route)" in written
+    assert "path=/predict," in written and "path=/predict_batch," in written and "path=/explain," in written
 
 
 def test_a_flood_of_refusals_is_logged_at_a_bounded_rate_and_the_rest_counted(gated_server):
