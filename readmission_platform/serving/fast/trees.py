@@ -61,31 +61,48 @@ NODE = np.dtype(
 
 
 @numba.njit(nogil=True, cache=True)
+def _leaf(x, row, i, nodes, category_left):
+    """The value of the leaf row `row` of `x` reaches from node `i`: a categorical split sends a code left when
+    `category_left[category_at + code]`; NaN follows `default_left`."""
+    node = nodes[i]
+    while node.feature >= 0:
+        value = x[row, node.feature]
+        if value != value:
+            left = node.default_left
+        elif node.category_at >= 0:
+            code = np.int64(value)
+            left = 0 <= code < node.category_width and category_left[node.category_at + code]
+        else:
+            left = value <= node.value
+        i = i + 1 if left else node.right
+        node = nodes[i]
+    return node.value
+
+
+@numba.njit(nogil=True, cache=True)
 def _walk(x, roots, nodes, category_left, base, mean, out):
     """Each row's response: the sum of its leaves' values over the trees at `roots` (their mean for a forest), onto
-    `base`. A categorical split sends a code left when `category_left[category_at + code]`; NaN follows
-    `default_left`. Tree by tree, so one tree's nodes stay in cache while every row walks it.
+    `base`. Tree by tree, so one tree's nodes stay in cache while every row walks it.
     """
     out[:] = base
     for root in roots:
         for row in range(x.shape[0]):
-            i = root
-            node = nodes[i]
-            while node.feature >= 0:
-                value = x[row, node.feature]
-                if value != value:
-                    left = node.default_left
-                elif node.category_at >= 0:
-                    code = np.int64(value)
-                    left = 0 <= code < node.category_width and category_left[node.category_at + code]
-                else:
-                    left = value <= node.value
-                i = i + 1 if left else node.right
-                node = nodes[i]
-            out[row] += node.value
+            out[row] += _leaf(x, row, root, nodes, category_left)
     if mean:
         out /= len(roots)
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _walk_one(x, roots, nodes, category_left, base, mean):
+    """`_walk`'s response of the first row of `x`, as a number: the same sum in the same order, without an output
+    array to make and read back."""
+    total = base
+    for root in roots:
+        total += _leaf(x, 0, root, nodes, category_left)
+    if mean:
+        total /= len(roots)
+    return total
 
 
 def _preorder(left: np.ndarray, right: np.ndarray, leaf: np.ndarray) -> np.ndarray:
@@ -151,6 +168,10 @@ class Forest:
 
     def responses(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         return _walk(x, self.roots, self.nodes, self.category_left, self.base, self.mean, out)
+
+    def response(self, x: np.ndarray) -> float:
+        """The response of the first row of `x`."""
+        return _walk_one(x, self.roots, self.nodes, self.category_left, self.base, self.mean)
 
 
 def _import(estimator) -> tuple[treelite.Model, int]:
@@ -223,7 +244,11 @@ class TreeScorer:
         return self._parts.calibrated(out)
 
     def probability(self, features: Mapping[str, float | str]) -> float:
-        return float(self._probabilities(self._row(features)[None, :])[0])
+        x = self._row(features)[None, :]
+        if self._float32:
+            x = x.astype(np.float32).astype(np.float64)
+        # The array's formula on one number (not `calibrated`'s for a float): /predict_batch answers the same bits.
+        return float(1.0 / (1.0 + np.exp(self._parts.a * self._forest.response(x) + self._parts.b)))
 
     def probabilities(self, frame: pl.DataFrame) -> np.ndarray:
         x = np.empty((frame.height, self._width))

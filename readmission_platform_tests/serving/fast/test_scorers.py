@@ -41,6 +41,14 @@ def test_fast_path_equals_the_pipeline_for_every_family(family, sample_candidate
     assert pin(scorer, model, test_set, tolerance=1e-12) <= 1e-12
 
 
+@pytest.mark.parametrize("family", [f for f in KNOWN_FAMILIES if f != LOGISTIC_REGRESSION])
+def test_one_tree_encounter_at_a_time_gives_the_batchs_probabilities_to_the_bit(family, sample_candidates, test_set):
+    # /predict and /predict_batch answer an encounter with the same number: a single row takes its own walk.
+    scorer = compile(sample_candidates[family].model)
+    one_by_one = [scorer.probability(row) for row in test_set.select(FEATURE_COLUMNS).iter_rows(named=True)]
+    assert one_by_one == scorer.probabilities(test_set).tolist()
+
+
 def test_linear_contributions_are_the_exact_log_odds_terms(sample_candidates, rows):
     scorer = compile(sample_candidates[LOGISTIC_REGRESSION].model)
     calibrated = sample_candidates[LOGISTIC_REGRESSION].model[-1].calibrated_classifiers_[0]
