@@ -217,7 +217,7 @@ def openapi_document(bentoml_document: dict[str, Any], *, token: bool, max_body:
         "/predict": refused | bodies | out_of_scope | bentoml_failed,
         "/explain": refused | bodies | out_of_scope | bentoml_failed
         | {"501": _answer_of("The model serving has no way to be explained.", "Error")},
-        "/predict_batch": refused | bodies,
+        "/predict_batch": refused | bodies | bentoml_failed,
         "/model": refused,
     }
     for route, declared in answers.items():

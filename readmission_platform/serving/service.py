@@ -154,7 +154,11 @@ async def predict_batch(request: Request) -> Response:
         encounters = await run_in_threadpool(decode_batch, body)
     except ValidationError as error:
         return invalid(error)
-    return await run_in_threadpool(service.answer_batch, encounters)
+    try:
+        return await run_in_threadpool(service.answer_batch, encounters)
+    except Exception:  # a defect, as on /predict
+        log.exception("POST /predict_batch failed")
+        return JSONResponse({"error": UNEXPECTED}, status_code=500)
 
 
 @bentoml.asgi_app(routes, path="/")
