@@ -49,7 +49,7 @@ routes.add_route("/predict", predict, methods=["POST"])
 @bentoml.asgi_app(routes, path="/")
 @bentoml.service(name="ceiling", **SETTINGS)
 class Ceiling:
-    pass
+    """No API of BentoML's own: /predict is the mounted app's route."""
 
 
 @bentoml.service(name="typed-ceiling", **SETTINGS)

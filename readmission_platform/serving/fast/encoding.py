@@ -66,6 +66,10 @@ class Parts:
         """The sigmoid calibration of the estimator's response (log-odds, or a forest's probability)."""
         if isinstance(response, float):
             return expit(-(self.a * response + self.b))
+        return self.calibrated_as_arrays(response)
+
+    def calibrated_as_arrays(self, response: np.ndarray | float) -> np.ndarray | float:
+        """`calibrated` of an array; one number through it gets the bits it would get in an array (a batch)."""
         return 1.0 / (1.0 + np.exp(self.a * response + self.b))
 
     @property

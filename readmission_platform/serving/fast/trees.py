@@ -247,8 +247,8 @@ class TreeScorer:
         x = self._row(features)[None, :]
         if self._float32:
             x = x.astype(np.float32).astype(np.float64)
-        # The array's formula on one number (not `calibrated`'s for a float): /predict_batch answers the same bits.
-        return float(1.0 / (1.0 + np.exp(self._parts.a * self._forest.response(x) + self._parts.b)))
+        # As a batch's row is calibrated, not as `calibrated` takes a float: /predict_batch answers the same bits.
+        return float(self._parts.calibrated_as_arrays(self._forest.response(x)))
 
     def probabilities(self, frame: pl.DataFrame) -> np.ndarray:
         x = np.empty((frame.height, self._width))
