@@ -19,7 +19,7 @@ def _group_of_whole(whole: int) -> str:
     return schema.ICD9_OTHER
 
 
-# Every whole part a rule can match, so a column maps by one lookup instead of a rule at a time.
+# Every whole part a rule can match, so a code maps by one lookup instead of a rule at a time.
 _WHOLE_GROUPS = {float(whole): _group_of_whole(whole) for whole in range(1000)}
 
 
@@ -38,7 +38,8 @@ def icd9_group_of(code: str | None) -> str | None:
         whole = math.floor(float(code))
     except ValueError:  # V and E codes
         return schema.ICD9_OTHER
-    return _group_of_whole(whole)
+    group = _WHOLE_GROUPS.get(whole)  # an int finds its float key
+    return group if group is not None else _group_of_whole(whole)
 
 
 def age_years(bracket: pl.Expr) -> pl.Expr:
