@@ -163,14 +163,24 @@ def rollback(settings: Settings, reason: str) -> int:
 
     import polars as pl
 
-    from readmission_platform.lib.promotion import DECISION_SCHEMA, record_decisions, rollback_row
+    from readmission_platform.lib.promotion import DECISION_SCHEMA, DECISIONS, record_decisions, rollback_row
     from readmission_platform.lib.registry import ModelRegistry
     from readmission_platform.lib.warehouse import open_warehouse
 
     registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_location)
+    warehouse = open_warehouse(settings.warehouse_url)
+    # The warehouse is reached (its decisions table widened if an earlier version made it) before production moves:
+    # one that is down or locked leaves production where it was, not moved with no decision recorded.
+    warehouse.add_columns(DECISIONS, DECISION_SCHEMA)
     replaced, restored = registry.rollback(reason=reason)
     row = rollback_row(replaced=replaced, restored=restored, reason=reason, now=datetime.now(UTC))
-    record_decisions(open_warehouse(settings.warehouse_url), pl.DataFrame([row], schema=DECISION_SCHEMA))
+    try:
+        record_decisions(warehouse, pl.DataFrame([row], schema=DECISION_SCHEMA))
+    except Exception as error:
+        raise RuntimeError(
+            f"production moved back from v{replaced} to v{restored}, but the decision was not recorded in "
+            f"{DECISIONS}: {error}; the versions' MLflow tags record the rollback and its reason"
+        ) from error
     _say(f"production moved back from v{replaced} to v{restored}: {reason}")
     return 0
 

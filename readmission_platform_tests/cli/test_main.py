@@ -213,6 +213,23 @@ def test_rollback_moves_production_back_and_records_why(tmp_path, new_mlflow_sto
     assert "production: v1" in status.stdout
 
 
+def test_a_rollback_whose_warehouse_cannot_be_reached_leaves_production_where_it_was(tmp_path, new_mlflow_store):
+    from readmission_platform.lib.registry import ModelRegistry
+    from readmission_platform.settings import Settings
+
+    new_mlflow_store(tmp_path / "mlflow" / "mlflow.db")
+    register_two_promoted_versions(tmp_path)
+    down = {"READMISSION_WAREHOUSE_URL": "postgresql://nobody@127.0.0.1:1/nothing"}
+
+    result = readmission("rollback", "--reason", "v2 flags too many patients", home=tmp_path, extra=down)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("readmission rollback: ") and "Traceback" not in result.stderr, result.stderr
+    settings = Settings.from_env({"READMISSION_HOME": str(tmp_path)})
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root.as_uri())
+    assert str(registry.production().version) == "2"  # not moved, as nothing could record why
+
+
 def test_outcomes_before_anything_was_ingested_says_so_without_a_traceback(tmp_path):
     result = readmission("outcomes", home=tmp_path)
 
