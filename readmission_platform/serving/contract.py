@@ -109,12 +109,12 @@ class Explanation(BaseModel):
 
 
 
-def not_ready() -> JSONResponse:
-    """What every route answers before a model is loaded (BentoML would hide the reason of a raised 5xx)."""
-    return JSONResponse(
-        {"error": "no model loaded: nothing is promoted to 'production' in the registry, and no model is packed here"},
-        status_code=503,
-    )
+NOTHING_PROMOTED = "nothing is promoted to 'production' in the registry, and no model is packed here"
+
+
+def not_ready(why: str = NOTHING_PROMOTED) -> JSONResponse:
+    """What every route answers before a model is loaded, and `why` (BentoML would hide the reason of a raised 5xx)."""
+    return JSONResponse({"error": f"no model loaded: {why}"}, status_code=503)
 
 
 def out_of_scope_answer(encounter: BaseModel) -> JSONResponse | None:
@@ -202,7 +202,7 @@ def openapi_document(bentoml_document: dict[str, Any], *, token: bool, max_body:
     components |= {"Error": _ERROR, "ValidationErrors": _VALIDATION_ERRORS, "OutOfScope": inlined(OutOfScope)}
     refused = {
         "401": _answer_of("Missing or wrong bearer token (`Authorization: Bearer <token>`).", "Error"),
-        "503": _answer_of("No model loaded yet: nothing is promoted to 'production', and none is packed here.", "Error"),
+        "503": _answer_of("No model loaded yet, and why: nothing is promoted to 'production' and none is packed here, or the promoted version did not load.", "Error"),
     }
     if not token:
         del refused["401"]

@@ -106,7 +106,7 @@ def model_info() -> JSONResponse:
     service = bentoml.get_current_service()
     model = service.model
     if model is None:
-        return not_ready()
+        return not_ready(service.watcher.unserved)
     candidate = service.candidate
     return JSONResponse(
         {**model.info, "alias": "production", "stage": PRODUCTION, "loaded_at": model.loaded_at, "worker_pid": os.getpid(),
@@ -148,7 +148,7 @@ async def predict_batch(request: Request) -> Response:
     # a body it refuses goes through pydantic, for errors that name every offending field.
     service = bentoml.get_current_service()
     if service.model is None:
-        return not_ready()
+        return not_ready(service.watcher.unserved)
     body = await request.body()
     try:
         encounters = await run_in_threadpool(decode_batch, body)
@@ -246,7 +246,7 @@ class ReadmissionService:
         """POST /predict's answer: the probability of readmission within 30 days of one encounter, its decision and
         risk band (a `Prediction`), or why there is none."""
         if (model := self.model) is None:
-            return not_ready()
+            return not_ready(self.watcher.unserved)
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused
         given = record(encounter)
@@ -354,7 +354,7 @@ class ReadmissionService:
         """Which features pushed this encounter's risk up or down, and by how much (see `method`)."""
         # A plain function: BentoML runs it in a thread, as withholding each feature in turn takes milliseconds.
         if (model := self.model) is None:
-            return not_ready()  # type: ignore[return-value]
+            return not_ready(self.watcher.unserved)  # type: ignore[return-value]
         if (refused := out_of_scope_answer(encounter)) is not None:
             return refused  # type: ignore[return-value]
         given = record(encounter)

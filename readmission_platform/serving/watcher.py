@@ -12,6 +12,7 @@ from typing import Protocol
 import bentoml
 
 from readmission_platform.lib.reporting import masked
+from readmission_platform.serving.contract import NOTHING_PROMOTED
 from readmission_platform.serving.metrics import READY, RELOADS, VALIDATION_POSITIVE_RATE
 from readmission_platform.lib.registry import CANARY, SHADOW
 from readmission_platform.serving.model import ServedModel, load_version, serve
@@ -48,6 +49,8 @@ class ModelWatcher(threading.Thread):
         self.packed_tried = False
         self.candidate_retry = 0  # checks left before loading again a candidate that did not load
         self.problem: str | None = None  # the rollout state's last problem, warned about when it changes
+        # Why no model serves, while none does: what the 503 says (the error itself is in the log, not in answers).
+        self.unserved = NOTHING_PROMOTED
         self.stopped = threading.Event()
 
     @property
@@ -75,16 +78,19 @@ class ModelWatcher(threading.Thread):
         except Exception as error:  # the registry's database is unreachable: production and candidate stay as they are
             log.warning("cannot read the rollout aliases from %s: %s", masked(self.settings.mlflow_tracking_uri), error)
             state = None
-        self._check_production(state.production if state is not None else None)
+            self.unserved = "the model registry cannot be read, and no model is packed here (see the service's log)"
+        self._check_production(state.production if state is not None else None, state_read=state is not None)
         if state is not None:
             self._check_candidate(state)
 
-    def _check_production(self, version: str | None) -> None:
+    def _check_production(self, version: str | None, *, state_read: bool = True) -> None:
         current = self.service.model
         if version is None:
             if current is None and not self.packed_tried:
                 self.packed_tried = True  # once: it is packed in the Bento and does not change
                 self.service.model = _packed_model(self.fast, self.threads)
+            if state_read:
+                self.unserved = NOTHING_PROMOTED
             return
         if current is not None and current.version == version:
             return
@@ -107,6 +113,8 @@ class ModelWatcher(threading.Thread):
             self.refused[version] = RETRY_REFUSED_AFTER
             log.error("version %s stays unserved, %s: %s", version,
                       f"version {current.version} keeps serving" if current else "no model serves", error)  # fmt: skip
+            self.unserved = (f"version {version} is promoted to 'production' but did not load (see the service's log); "
+                             f"it is tried again in {RETRY_REFUSED_AFTER} checks")  # fmt: skip
             return
         self.service.model = model
         self.refused.pop(version, None)
