@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.warehouse import WarehouseError
@@ -276,6 +278,31 @@ ANSWER_SOON_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}  # fmt: skip
 
 
+T = TypeVar("T", int, float)
+
+
+def _number(kind: Callable[[str], T], low: T, high: T, what: str) -> Callable[[str], T]:
+    """An argparse type: `kind` of the text, within [low, high] (NaN and infinities are not)."""
+
+    def parse(text: str) -> T:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN compares false
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+PORT = _number(int, 1, 65_535, "a port (1 to 65535)")
+ANY_PORT = _number(int, 0, 65_535, "a port (0 to 65535)")
+WORKERS = _number(int, 1, 256, "a number of workers (1 to 256)")
+WEEK = 7 * 24 * 3600.0
+SECONDS = _number(float, 0.001, WEEK, f"a number of seconds (more than 0, at most {WEEK:,.0f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="readmission", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -283,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     how_many = land_parser.add_mutually_exclusive_group(required=True)
     how_many.add_argument("--count", type=int, metavar="N", help="land the next N batches")
     how_many.add_argument("--all", action="store_true", help="land every batch that has not landed yet")
-    how_many.add_argument("--every", type=float, metavar="SECONDS", help="land one batch per interval until all landed")
+    how_many.add_argument("--every", type=SECONDS, metavar="SECONDS", help="land one batch per interval until all landed")
     demo_parser = commands.add_parser("demo", help="land the batches one at a time; the sensors ingest and retrain, headless")
-    demo_parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for one run (default 900)")
-    demo_parser.add_argument("--port", type=int, default=SERVICE_PORT,
+    demo_parser.add_argument("--timeout", type=SECONDS, default=900, help="seconds to wait for one run (default 900)")
+    demo_parser.add_argument("--port", type=ANY_PORT, default=SERVICE_PORT,
                              help=f"the service's port while the demo runs (default {SERVICE_PORT}; 0 or taken: a free one)")
     commands.add_parser("status", help="rows, rejections, drops and checks of every batch; models, decisions, live performance")
     commands.add_parser("outcomes", help="land the outcomes of the served encounters, from the data set's labels")
@@ -296,12 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     rollout_parser.add_argument("action", choices=["status", "advance", "abort"], help="show it, move it a stage on, or take it out")
     rollout_parser.add_argument("--reason", help="why (advance, abort); recorded on the version and in promotion_decisions")
     ui_parser = commands.add_parser("ui", help="open the Dagster UI and daemon on the platform's instance")
-    ui_parser.add_argument("--port", type=int, default=DAGSTER_UI_PORT)
+    ui_parser.add_argument("--port", type=PORT, default=DAGSTER_UI_PORT)
     mlflow_parser = commands.add_parser("mlflow-ui", help="open the MLflow UI on the platform's tracking store")
-    mlflow_parser.add_argument("--port", type=int, default=MLFLOW_UI_PORT)
+    mlflow_parser.add_argument("--port", type=PORT, default=MLFLOW_UI_PORT)
     serve_parser = commands.add_parser("serve", help="serve the production model over HTTP with bentoml serve")
-    serve_parser.add_argument("--port", type=int, default=SERVICE_PORT)
-    serve_parser.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve_parser.add_argument("--port", type=PORT, default=SERVICE_PORT)
+    serve_parser.add_argument("--workers", type=WORKERS, help="worker processes (default 1)")
     which = serve_parser.add_mutually_exclusive_group()
     which.add_argument("--bento", default="readmission:latest", help="the Bento to serve (default readmission:latest)")
     which.add_argument("--source", action="store_true", help="serve the repository's service (bentoml serve .)")
@@ -310,12 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                                 help=f"a `readmission serve` to scrape (repeatable; default 127.0.0.1:{SERVICE_PORT})")
     observe_parser.add_argument("--webhook", default="http://127.0.0.1:9095/alerts",
                                 help="where Alertmanager sends every alert (default http://127.0.0.1:9095/alerts)")
-    observe_parser.add_argument("--prometheus-port", type=int, default=PROMETHEUS_PORT)
-    observe_parser.add_argument("--alertmanager-port", type=int, default=ALERTMANAGER_PORT)
-    observe_parser.add_argument("--pipeline-port", type=int, default=PIPELINE_METRICS_PORT,
+    observe_parser.add_argument("--prometheus-port", type=PORT, default=PROMETHEUS_PORT)
+    observe_parser.add_argument("--alertmanager-port", type=PORT, default=ALERTMANAGER_PORT)
+    observe_parser.add_argument("--pipeline-port", type=PORT, default=PIPELINE_METRICS_PORT,
                                 help=f"the pipeline's metrics (default {PIPELINE_METRICS_PORT})")
     app_parser = commands.add_parser("app", help="open the clinician's app (Streamlit) on the prediction service")
-    app_parser.add_argument("--port", type=int, default=APP_PORT)
+    app_parser.add_argument("--port", type=PORT, default=APP_PORT)
     app_parser.add_argument("--service", metavar="URL",
                             help=f"the service's base URL (default READMISSION_SERVICE_URL, else http://127.0.0.1:{SERVICE_PORT})")
     args = parser.parse_args(argv)

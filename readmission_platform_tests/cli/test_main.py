@@ -230,6 +230,23 @@ def test_a_rollback_whose_warehouse_cannot_be_reached_leaves_production_where_it
     assert str(registry.production().version) == "2"  # not moved, as nothing could record why
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("land", "--every", "-1"), ("land", "--every", "nan"), ("land", "--every", "inf"), ("ui", "--port", "99999"),
+     ("observe", "--pipeline-port", "-1"), ("serve", "--workers", "0", "--source"), ("demo", "--timeout", "0")],
+)  # fmt: skip
+def test_a_number_out_of_its_range_is_refused_before_anything_runs(args, tmp_path, monkeypatch, capsys):
+    from readmission_platform.cli.main import main
+
+    monkeypatch.setenv("READMISSION_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as stopped:
+        main(list(args))
+
+    assert stopped.value.code == 2
+    assert f"argument {args[1]}: {args[2]!r} is not " in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()  # nothing landed, nothing started
+
+
 def test_outcomes_before_anything_was_ingested_says_so_without_a_traceback(tmp_path):
     result = readmission("outcomes", home=tmp_path)
 
