@@ -103,16 +103,23 @@ class Settings:
         )
 
 
-def _number(env: Mapping[str, str], name: str, default: int | float, kind: type = int) -> int | float:
-    """The variable `name` as a `kind`, `default` when unset or empty; a ValueError naming the variable otherwise."""
+def _number(
+    env: Mapping[str, str], name: str, default: int | float, kind: type = int, within: tuple[float, float] | None = None
+) -> int | float:
+    """The variable `name` as a `kind` (within [low, high] if given), `default` when unset or empty; a ValueError
+    naming the variable otherwise."""
     text = env.get(name) or ""
     if not text:
         return default
+    expected = "a whole number" if kind is int else "a number"
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        expected = "a whole number" if kind is int else "a number"
         raise ValueError(f"{name} is {text!r}; expected {expected}") from None
+    if within is not None and not within[0] <= value <= within[1]:  # NaN compares false
+        low, high = (f"{int(end):,}" if float(end).is_integer() else f"{end:g}" for end in within)
+        raise ValueError(f"{name} is {text!r}; expected {expected} from {low} to {high}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -141,18 +148,20 @@ class ServingSettings:
         READMISSION_SERVE_THREADS (1), READMISSION_PREDICTION_LOG_QUEUE_ROWS (100,000), READMISSION_PREDICTION_LOG_NICE
         (-5), READMISSION_FAST_PATH (`0` switches it off), READMISSION_MAX_BODY_BYTES (a full batch at its largest),
         READMISSION_CANDIDATE_TIMEOUT_MS (200)."""
-        timeout = _number(env, "READMISSION_CANDIDATE_TIMEOUT_MS", cls.candidate_timeout_ms, float)
+        timeout = _number(env, "READMISSION_CANDIDATE_TIMEOUT_MS", cls.candidate_timeout_ms, float, (0, 60_000))
         if not timeout > 0:
             raise ValueError(f"READMISSION_CANDIDATE_TIMEOUT_MS is {timeout}; expected a positive number of milliseconds")
+        # Each within what a worker can work with: a reload interval of 0 checks the registry without pause, a queue
+        # of no rows drops every prediction, and a body limit below zero refuses every request.
         return cls(
             api_token=env.get("READMISSION_API_TOKEN") or None,
-            reload_seconds=_number(env, "READMISSION_RELOAD_SECONDS", cls.reload_seconds, float),
-            workers=_number(env, "READMISSION_SERVE_WORKERS", cls.workers),
-            threads=_number(env, "READMISSION_SERVE_THREADS", cls.threads),
-            log_queue_rows=_number(env, "READMISSION_PREDICTION_LOG_QUEUE_ROWS", cls.log_queue_rows),
-            log_writer_nice=_number(env, "READMISSION_PREDICTION_LOG_NICE", cls.log_writer_nice),
+            reload_seconds=_number(env, "READMISSION_RELOAD_SECONDS", cls.reload_seconds, float, (0.1, 86_400)),
+            workers=_number(env, "READMISSION_SERVE_WORKERS", cls.workers, int, (1, 256)),
+            threads=_number(env, "READMISSION_SERVE_THREADS", cls.threads, int, (1, 256)),
+            log_queue_rows=_number(env, "READMISSION_PREDICTION_LOG_QUEUE_ROWS", cls.log_queue_rows, int, (1, 100_000_000)),
+            log_writer_nice=_number(env, "READMISSION_PREDICTION_LOG_NICE", cls.log_writer_nice, int, (-20, 19)),
             fast_path=env.get("READMISSION_FAST_PATH", "1") != "0",
-            max_body_bytes=_number(env, "READMISSION_MAX_BODY_BYTES", 0) or None,
+            max_body_bytes=_number(env, "READMISSION_MAX_BODY_BYTES", 0, int, (0, 2**31)) or None,
             candidate_timeout_ms=timeout,
         )
 

@@ -29,6 +29,27 @@ def test_a_malformed_number_names_its_variable(variable, text, expected):
         ServingSettings.from_env({variable: text})
 
 
+@pytest.mark.parametrize(
+    ("variable", "text"),
+    [("READMISSION_RELOAD_SECONDS", "0"), ("READMISSION_RELOAD_SECONDS", "nan"), ("READMISSION_RELOAD_SECONDS", "inf"),
+     ("READMISSION_SERVE_WORKERS", "0"), ("READMISSION_SERVE_THREADS", "-1"), ("READMISSION_PREDICTION_LOG_QUEUE_ROWS", "0"),
+     ("READMISSION_PREDICTION_LOG_NICE", "40"), ("READMISSION_MAX_BODY_BYTES", "-1"),
+     ("READMISSION_CANDIDATE_TIMEOUT_MS", "inf")],
+)  # fmt: skip
+def test_a_number_no_worker_could_work_with_names_its_variable_and_range(variable, text):
+    with pytest.raises(ValueError, match=f"{variable} is '{text}'; expected a (whole )?number from "):
+        ServingSettings.from_env({variable: text})
+
+
+def test_serve_names_a_bad_serving_variable_before_starting_anything(tmp_path, monkeypatch, capsys):
+    from readmission_platform.cli.main import main
+
+    monkeypatch.setenv("READMISSION_HOME", str(tmp_path))
+    monkeypatch.setenv("READMISSION_SERVE_WORKERS", "abc")
+    assert main(["serve", "--source"]) == 2  # it would exec bentoml serve otherwise
+    assert capsys.readouterr().err == "readmission serve: READMISSION_SERVE_WORKERS is 'abc'; expected a whole number\n"
+
+
 def test_settings_name_the_variable_behind_each_value(tmp_path):
     settings = Settings.from_env({"READMISSION_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
     assert settings.mlflow_tracking_uri == "http://127.0.0.1:5000"

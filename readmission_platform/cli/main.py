@@ -23,6 +23,7 @@ from readmission_platform.settings import (
     PROMETHEUS_PORT,
     SERVICE_PORT,
     AppSettings,
+    ServingSettings,
     Settings,
     keep_private,
 )
@@ -248,6 +249,7 @@ def mlflow_ui(settings: Settings, port: int) -> int:
 def serve(settings: Settings, source: bool, bento: str, port: int, workers: int | None) -> int:
     from readmission_platform.serving.server import serve_command
 
+    ServingSettings.from_env()  # a variable the workers could not start with is named here, not in their traceback
     name = bento.split(":")[0]
     if not source and not (settings.bentoml_home / "bentos" / name).is_dir():
         raise ValueError(
