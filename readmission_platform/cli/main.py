@@ -357,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(name, value)
     try:
         keep_private(settings.home)
+        if args.command in ANSWER_SOON:  # MLflow itself retries a database store that is down for over a minute
+            from readmission_platform.cli.instance import check_database
+
+            variable = settings.variables.get("mlflow_tracking_uri", "READMISSION_MLFLOW_TRACKING_URI")
+            check_database(settings.mlflow_tracking_uri, variable)
         if args.command == "land":
             if args.count is not None and args.count < 1:
                 parser.error("--count takes a number of batches of at least 1")

@@ -247,6 +247,20 @@ def test_a_number_out_of_its_range_is_refused_before_anything_runs(args, tmp_pat
     assert not (tmp_path / "home").exists()  # nothing landed, nothing started
 
 
+@pytest.mark.parametrize(
+    ("variable", "url", "said"),
+    [("READMISSION_MLFLOW_TRACKING_URI", "postgresql://nobody@127.0.0.1:1/db", "cannot connect to postgresql://***@127.0.0.1:1/db"),
+     ("READMISSION_DAGSTER_STORAGE_URL", "postgresql://nobody@127.0.0.1:1/db", "cannot connect to postgresql://***@127.0.0.1:1/db"),
+     ("READMISSION_DAGSTER_STORAGE_URL", "notaurl", "READMISSION_DAGSTER_STORAGE_URL is 'notaurl'; expected postgresql://")],
+)  # fmt: skip
+def test_a_database_store_that_is_down_or_misnamed_is_named_at_once(variable, url, said, tmp_path):
+    result = readmission("status", home=tmp_path, extra={variable: url}, timeout=60)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"readmission status: {said}"), result.stderr
+    assert "Traceback" not in result.stderr and "retried" not in result.stderr  # MLflow's retries: over a minute
+
+
 def test_outcomes_before_anything_was_ingested_says_so_without_a_traceback(tmp_path):
     result = readmission("outcomes", home=tmp_path)
 
