@@ -131,15 +131,20 @@ def summarize(settings: Settings) -> bool:
         render,
         render_live,
         render_models,
+        render_not_ingested,
         render_outcome_files,
         render_serving_drift,
     )
+    from readmission_platform.lib.landing import batch_id_for, landed_files
 
     with dg.DagsterInstance.get() as instance:
         reports = latest_batch_reports(instance)
         outcome_files = latest_outcome_reports(instance)
         drift = render_serving_drift(instance)
     _say("\n" + render(reports))
+    ingested = {r.batch_id for r in reports}
+    if waiting := render_not_ingested([b for p in landed_files(settings.landing_dir) if (b := batch_id_for(p)) not in ingested]):
+        _say(waiting)
     _say("\n" + render_models(settings))
     _say("\n" + render_outcome_files(outcome_files))
     _say("\n" + render_live(settings))

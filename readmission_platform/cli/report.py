@@ -130,8 +130,19 @@ def render(reports: list[BatchReport]) -> str:
     notes = _not_passed(reports)
     check_names = sorted({name for r in reports for name in r.checks})
     lines.append(f"checks per batch: {', '.join(check_names) or 'none ran'}")
-    lines.extend(["checks not passed and failures:", *notes] if notes else ["every check passed on every batch"])
+    if notes:
+        lines.extend(["checks not passed and failures:", *notes])
+    else:
+        lines.append("every check passed on every batch" if reports else "no batch has been ingested yet")
     return "\n".join(lines)
+
+
+def render_not_ingested(batch_ids: list[str]) -> str:
+    """The landed batches no finished ingestion run stands for, and what ingests them; empty if none."""
+    if not batch_ids:
+        return ""
+    return (f"landed, not ingested yet (or being ingested): {', '.join(batch_ids)}; the landing sensor ingests "
+            "them while a Dagster daemon runs on this instance (`readmission ui`, or `readmission demo`)")  # fmt: skip
 
 
 def render_outcome_files(reports: list[BatchReport]) -> str:

@@ -261,6 +261,17 @@ def test_a_database_store_that_is_down_or_misnamed_is_named_at_once(variable, ur
     assert "Traceback" not in result.stderr and "retried" not in result.stderr  # MLflow's retries: over a minute
 
 
+def test_status_names_batches_landed_and_not_ingested_and_claims_no_passed_checks(tmp_path):
+    landed = readmission("land", "--count", "2", home=tmp_path)
+    assert landed.returncode == 0, landed.stderr
+
+    result = readmission("status", home=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every check passed" not in result.stdout and "no batch has been ingested yet" in result.stdout
+    assert "landed, not ingested yet (or being ingested): batch_0001, batch_0002; " in result.stdout
+
+
 def test_outcomes_before_anything_was_ingested_says_so_without_a_traceback(tmp_path):
     result = readmission("outcomes", home=tmp_path)
 
