@@ -63,15 +63,22 @@ class Landed:
     rows: int
 
 
-def land(csv_bytes: bytes, landing_dir: Path, count: int | None, batch_size: int = BATCH_SIZE) -> list[Landed]:
-    """Land the next `count` batches of the source (all that remain when `count` is None)."""
-    header = next(csv.reader([csv_bytes.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").strip()]), [])
+def land(
+    csv_bytes: bytes, landing_dir: Path, count: int | None, batch_size: int = BATCH_SIZE, *, source: str = "source"
+) -> list[Landed]:
+    """Land the next `count` batches of the source (all that remain when `count` is None); `source` names it in errors."""
+    # A line ends at CR LF, LF or CR alone, as split_batches and the batch ingestion read it.
+    first_line = re.split(rb"\r\n|\r|\n", csv_bytes, maxsplit=1)[0]
+    header = next(csv.reader([first_line.decode("utf-8-sig", errors="replace").strip()]), [])
     if problem := header_problem([name.strip() for name in header]):
-        raise ValueError(f"source not landed: {problem}")
+        raise ValueError(f"{source} not landed: {problem}")
+    all_batches = split_batches(csv_bytes, batch_size)
+    if not all_batches:
+        raise ValueError(f"{source} not landed: it holds a header but no encounters")
     landing_dir.mkdir(parents=True, exist_ok=True)
     done = [int(m.group(1)) for p in landed_files(landing_dir) if (m := BATCH_FILE.match(p.name))]
     start = max(done, default=0)
-    batches = split_batches(csv_bytes, batch_size)[start:]
+    batches = all_batches[start:]
     landed = []
     for offset, data in enumerate(batches[:count] if count is not None else batches):
         path = landing_dir / batch_file_name(start + offset + 1)
