@@ -32,8 +32,24 @@ def landed_files(landing_dir: Path) -> list[Path]:
     return sorted(p for p in landing_dir.iterdir() if p.is_file() and p.suffix == ".csv" and not p.name.startswith("."))
 
 
+class AmbiguousBatchFile(ValueError):
+    """Two landed files make the same batch id; neither is loaded until one is renamed."""
+
+
+def ambiguity(batch_id: str, paths: list[Path]) -> str:
+    """Why the files `paths`, all of batch id `batch_id`, are not loaded, and what to do."""
+    names = ", ".join(repr(p.name) for p in paths)
+    return (
+        f"the files {names} all make the batch id {batch_id!r}, so none of them is loaded; rename all but one "
+        "(a name of letters, digits, '_', '.' and '-' alone is its own batch id)"
+    )
+
+
 def find_batch_file(landing_dir: Path, batch_id: str) -> Path | None:
+    """The file landed as `batch_id`, None when there is none; `AmbiguousBatchFile` when there are several."""
     matches = [p for p in landed_files(landing_dir) if batch_id_for(p) == batch_id]
+    if len(matches) > 1:
+        raise AmbiguousBatchFile(ambiguity(batch_id, matches))
     return matches[0] if matches else None
 
 

@@ -98,3 +98,12 @@ def test_batch_id_is_the_stem_made_safe_for_a_partition_key(tmp_path):
     assert landing.batch_id_for(upstream) == "export_2024-01__final_"
     assert landing.find_batch_file(tmp_path, "export_2024-01__final_") == upstream
     assert landing.find_batch_file(tmp_path, "batch_0009") is None
+
+
+def test_two_names_of_one_batch_id_find_no_file_but_an_error_naming_both(tmp_path):
+    for name in ("batch_1.csv", "batch 1.csv", "batch_2.csv"):
+        (tmp_path / name).write_bytes(b"x")
+
+    with pytest.raises(landing.AmbiguousBatchFile, match=r"the files 'batch 1\.csv', 'batch_1\.csv' all make the batch id 'batch_1'"):
+        landing.find_batch_file(tmp_path, "batch_1")
+    assert landing.find_batch_file(tmp_path, "batch_2") == tmp_path / "batch_2.csv"
