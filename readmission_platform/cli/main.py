@@ -35,11 +35,11 @@ def _say(message: str) -> None:
 
 def land(settings: Settings, count: int | None, every: float | None) -> int:
     from readmission_platform.lib.landing import land as land_batches
-    from readmission_platform.lib.source import read_source_bytes
+    from readmission_platform.lib.source import bundled_source, read_source_bytes
 
     source = read_source_bytes(settings.source)
     while True:
-        landed = land_batches(source, settings.landing_dir, 1 if every else count)
+        landed = land_batches(source, settings.landing_dir, 1 if every else count, source=f"source {settings.source or bundled_source()}")
         for batch in landed:
             _say(f"landed {batch.path} ({batch.rows:,} encounters)")
         if not landed:

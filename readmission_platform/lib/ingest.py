@@ -52,14 +52,25 @@ def _hashes(lines: list[bytes]) -> pl.Series:
     return pl.Series([digest(line, digest_size=16).digest() for line in lines], dtype=pl.Binary).bin.encode("hex")
 
 
-def _field_counts(lines: pl.Series) -> pl.Series:
-    """Fields of each CSV line; only a quoted line, rare in these exports, pays for the csv module."""
-    counts = lines.str.count_matches(",", literal=True) + 1
-    quoted = lines.str.contains('"', literal=True)
-    if quoted.any():
-        exact = [len(next(csv.reader([line]))) for line in lines.filter(quoted)]
-        counts = counts.scatter(quoted.arg_true(), exact)
-    return counts
+_QUOTING = 'a quote may open a field only if another closes it, and a quote inside a quoted field is written twice ("")'
+
+
+def _read_quoted(lines: pl.Series) -> tuple[list[list[str]], list[str | None]]:
+    """Each line's fields as the csv module reads them, and why a line cannot be read (else None).
+
+    Only a quote opening a field starts a quoted one; a quoted field that does not end at its closing quote is not
+    guessed at (the module's non-strict reading would drop its quotes).
+    """
+    fields: list[list[str]] = []
+    problems: list[str | None] = []
+    for line in lines:
+        try:
+            fields.append(next(csv.reader([line], strict=True)))
+            problems.append(None)
+        except csv.Error as error:
+            fields.append([])
+            problems.append(f"is not valid CSV ({error}): {_QUOTING}")
+    return fields, problems
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,8 @@ def _not_utf8(content: bytes) -> UnicodeDecodeError:
 def read_batch(content: bytes, source_file: str) -> ReadBatch:
     """Cut a batch file into lines and fields; `BatchFileError` when the file as a whole cannot be loaded.
 
-    A line with the wrong number of fields or a NUL byte is malformed; the others are well formed.
+    A line with the wrong number of fields, a NUL byte or a quoted field that does not end at its closing quote is
+    malformed; the others are well formed.
     """
     data = content.removeprefix(codecs.BOM_UTF8)
     header_line, _, body = data.partition(b"\n")
@@ -152,22 +164,43 @@ def read_batch(content: bytes, source_file: str) -> ReadBatch:
         numbered = numbered.filter(pl.col("raw_line").str.strip_chars() != "")
         if not numbered.height:
             raise BatchFileError(f"{source_file} holds a header but no encounters")
+        # A line with a quote is cut by the csv module alone, the others (nearly all) by polars: polars reads quotes
+        # its own way, and a stray one would swallow the lines after it.
+        quoted = numbered["raw_line"].str.contains('"', literal=True)
+        quoted_fields, quoting = _read_quoted(numbered["raw_line"].filter(quoted))
+        numbered = numbered.with_columns(
+            fields=(numbered["raw_line"].str.count_matches(",", literal=True) + 1).scatter(
+                quoted.arg_true(), [len(f) for f in quoted_fields]
+            ),
+            quoting=pl.repeat(None, numbered.height, dtype=pl.String, eager=True).scatter(quoted.arg_true(), quoting),
+            quoted=quoted,
+            quoted_index=quoted.cum_sum() - 1,
+        )
         problem = (
             pl.when(pl.col("raw_line").str.contains("\x00", literal=True))
             .then(pl.lit("holds a NUL byte, which no field may contain"))
+            .when(pl.col("quoting").is_not_null())
+            .then(pl.col("quoting"))
             .when(pl.col("fields") != len(header))
             .then(pl.format("has {} fields; expected {}", pl.col("fields"), pl.lit(len(header))))
         )
-        judged_lines = numbered.with_columns(fields=_field_counts(numbered["raw_line"])).with_columns(reason=problem)
+        judged_lines = numbered.with_columns(reason=problem)
         malformed = (
             judged_lines.filter(pl.col("reason").is_not_null())
             .select("line_number", "raw_line", "reason")
             .with_columns(encounter_id=pl.col("raw_line").str.split(",").list.get(header.index("encounter_id"), null_on_oob=True))
         )
-        well_formed = judged_lines.filter(pl.col("reason").is_null()).select("line_number", "raw_line")
-        fields = _read_fields(well_formed["raw_line"], header)
+        well_formed = judged_lines.filter(pl.col("reason").is_null())
+        plain_lines = well_formed.filter(~pl.col("quoted"))
+        fields = _read_fields(plain_lines["raw_line"], header).with_columns(plain_lines["line_number"])
+        quoted_lines = well_formed.filter(pl.col("quoted"))
+        if quoted_lines.height:
+            rows = [quoted_fields[i] for i in quoted_lines["quoted_index"]]
+            read_quoted = pl.DataFrame(rows, schema=header, orient="row").with_columns(quoted_lines["line_number"])
+            fields = pl.concat([fields, read_quoted]).sort("line_number")
+        well_formed = well_formed.select("line_number", "raw_line")
         row_hash = hashes.result().gather(well_formed["line_number"] - 2)
-    return ReadBatch(fields.with_columns(well_formed, row_hash=row_hash), malformed)
+    return ReadBatch(fields.drop("line_number").with_columns(well_formed, row_hash=row_hash), malformed)
 
 
 def judge_batch(
@@ -199,7 +232,8 @@ def parse_batch(
 
     `loaded_elsewhere` holds (encounter_id, batch_id) of the rows other batches already stored;
     a row repeating one of those ids, or an id seen earlier in this file, is rejected, as is a row
-    with the wrong number of fields, a NUL byte, or an id that is not a positive integer.
+    with the wrong number of fields, a NUL byte, a quoted field that does not end at its closing quote, or an id
+    that is not a positive integer.
     """
     return judge_batch(
         read_batch(content, source_file), batch_id=batch_id, source_file=source_file, loaded_elsewhere=loaded_elsewhere, now=now

@@ -97,6 +97,28 @@ def test_land_refuses_a_source_of_another_schema_and_lands_nothing(tmp_path):
     assert not list((tmp_path / "landing").glob("*.csv"))
 
 
+def test_land_takes_a_source_whose_lines_end_in_cr_alone(tmp_path, demo_source):
+    source = tmp_path / "old-mac.csv"
+    source.write_bytes(b"\r".join(demo_source.read_bytes().splitlines()[:11]) + b"\r")
+
+    result = readmission("land", "--count", "1", home=tmp_path, source=source)
+
+    assert result.returncode == 0, result.stderr
+    assert "batch_0001.csv (10 encounters)" in result.stdout
+
+
+def test_land_says_a_source_without_encounters_holds_none_and_lands_nothing(tmp_path, demo_source):
+    source = tmp_path / "header-only.csv"
+    source.write_bytes(demo_source.read_bytes().splitlines(keepends=True)[0])
+
+    result = readmission("land", "--count", "1", home=tmp_path, source=source)
+
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"readmission land: source {source} not landed: it holds a header but no encounters"
+    assert "already in" not in result.stdout
+    assert not list((tmp_path / "landing").glob("*.csv"))
+
+
 def test_land_rejects_a_count_below_one(tmp_path):
     result = readmission("land", "--count", "0", home=tmp_path)
     assert result.returncode == 2 and "at least 1" in result.stderr

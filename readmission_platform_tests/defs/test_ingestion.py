@@ -217,6 +217,23 @@ def test_a_batch_whose_file_vanished_fails_with_the_folder_named(platform, insta
     assert f"no file for batch 'batch_0009' in {platform.landing}" in failure_message(result)
 
 
+def test_a_batch_id_two_files_make_fails_naming_both_and_keeps_what_is_stored(platform, instance, sample_batches):
+    platform.drop("batch 1.csv", sample_batches[0])
+    assert run_batch(platform, instance, "batch_1").success
+    before = snapshot(platform)
+    platform.drop("batch_1.csv", sample_batches[1])
+
+    result = run_batch(platform, instance, "batch_1")
+
+    assert not result.success
+    assert failure_message(result).startswith(
+        "batch batch_1 was not loaded, nothing was written: the files 'batch 1.csv', 'batch_1.csv' all make the batch id 'batch_1'"
+    )
+    after = snapshot(platform)
+    for table in TABLES:
+        assert after[table].equals(before[table]), table
+
+
 def test_a_check_selected_alone_is_evaluated_again_on_the_stored_rows(platform, instance, sample_batches):
     platform.drop("batch_0001.csv", sample_batches[0])
     assert run_batch(platform, instance, "batch_0001").success

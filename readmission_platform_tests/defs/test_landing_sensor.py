@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import dagster as dg
 import pytest
 
-from readmission_platform.defs.ingestion.sensors import RETRY_GRACE_SECONDS, crashes_left_unretried, landing_sensor
+from readmission_platform.defs.ingestion.sensors import RETRY_GRACE_SECONDS, crashes_left_unretried, landing_sensor, new_files
 from readmission_platform.defs.partitions import batches
 from readmission_platform.defs.resources import LandingResource
 
@@ -101,6 +102,59 @@ def test_a_copy_of_a_landed_file_under_another_name_is_skipped(instance, landing
 
     assert keys(second) == []
     assert instance.get_dynamic_partitions(batches.name) == ["batch_0001"]
+
+
+def test_two_files_of_one_batch_id_are_not_run_until_one_is_renamed(instance, landing, sample_batches, caplog):
+    (landing / "batch 1.csv").write_bytes(sample_batches[0])
+    (landing / "batch_1.csv").write_bytes(sample_batches[1])
+
+    first = tick(instance, landing)
+    again = tick(instance, landing, first.cursor)
+
+    assert keys(first) == keys(again) == []
+    assert instance.get_dynamic_partitions(batches.name) == []
+    assert new_files(landing, {}, logging.getLogger("test")) == []
+    assert caplog.messages == [
+        f"{name} skipped: the files 'batch 1.csv', 'batch_1.csv' all make the batch id 'batch_1', so none of them is loaded; "
+        "rename all but one (a name of letters, digits, '_', '.' and '-' alone is its own batch id)"
+        for name in ("batch 1.csv", "batch_1.csv")
+    ]
+    (landing / "batch_1.csv").rename(landing / "batch_2.csv")
+    renamed = tick(instance, landing, again.cursor)
+    assert [(r.partition_key, r.tags["readmission/source_file"]) for r in renamed.run_requests] == [
+        ("batch_1", "batch 1.csv"),
+        ("batch_2", "batch_2.csv"),
+    ]
+
+
+def test_a_file_landing_beside_an_ingested_one_of_its_batch_id_is_not_run(instance, landing, sample_batches):
+    (landing / "batch 1.csv").write_bytes(sample_batches[0])
+    first = tick(instance, landing)
+    (landing / "batch_1.csv").write_bytes(sample_batches[1])
+
+    second = tick(instance, landing, first.cursor)
+    (landing / "batch_1.csv").rename(landing / "batch_2.csv")
+    renamed = tick(instance, landing, second.cursor)
+
+    assert keys(first) == ["batch_1"]
+    assert keys(second) == []
+    assert keys(renamed) == ["batch_2"]
+
+
+def test_a_change_made_while_its_batch_id_is_shared_is_ingested_once_it_is_not(instance, landing, sample_batches):
+    path = landing / "batch 1.csv"
+    path.write_bytes(sample_batches[0])
+    first = tick(instance, landing)
+    (landing / "batch_1.csv").write_bytes(sample_batches[1])
+    path.write_bytes(sample_batches[2])
+
+    shared = tick(instance, landing, first.cursor)
+    (landing / "batch_1.csv").unlink()
+    alone = tick(instance, landing, shared.cursor)
+
+    assert keys(shared) == []
+    assert [(r.partition_key, r.tags["readmission/source_file"]) for r in alone.run_requests] == [("batch_1", "batch 1.csv")]
+    assert alone.run_requests[0].run_key not in {r.run_key for r in first.run_requests}
 
 
 def test_files_being_written_are_ignored_and_odd_names_become_valid_keys(instance, landing, sample_batches):

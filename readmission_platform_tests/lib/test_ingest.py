@@ -208,6 +208,52 @@ def test_quoted_field_holding_a_comma_keeps_the_field(sample_lines):
     assert parsed.rows["medical_specialty"][0] == "Surgery, General"
 
 
+@pytest.mark.parametrize("value", ['Sur"gery', 'Surgery"', 'Sur"ge"ry', 'Surgery-"General'])
+def test_a_quote_inside_an_unquoted_field_is_part_of_the_field(sample_lines, value):
+    # As the csv module reads it: only a quote opening a field starts a quoted one.
+    line = with_field(sample_lines[5], "medical_specialty", value)
+    parsed = parse(batch([*sample_lines[:5], line, *sample_lines[6:21]]))
+
+    assert parsed.rejected.is_empty()
+    assert parsed.rows["line_number"].to_list() == list(range(2, 22))
+    assert parsed.rows["medical_specialty"][4] == value
+    assert parsed.rows.select(schema.RAW_COLUMNS).rows()[5:] == [tuple(line.split(",")) for line in sample_lines[6:21]]
+
+
+@pytest.mark.parametrize(
+    ("value", "cause"),
+    [
+        ('"Sur"gery', "',' expected after '\"'"),
+        ('"Surgery" ', "',' expected after '\"'"),
+        ('"Surgery', "unexpected end of data"),
+        ('"Sur,gery', "unexpected end of data"),
+    ],
+)
+def test_a_quoted_field_that_does_not_close_where_it_ends_is_rejected_and_the_rest_load(sample_lines, value, cause):
+    line = with_field(sample_lines[5], "medical_specialty", value)
+    parsed = parse(batch([*sample_lines[:5], line, *sample_lines[6:21]]))
+
+    assert parsed.rows["line_number"].to_list() == [n for n in range(2, 22) if n != 6]
+    assert parsed.rows.select(schema.RAW_COLUMNS).rows() == [tuple(line.split(",")) for line in [*sample_lines[1:5], *sample_lines[6:21]]]
+    rejected = parsed.rejected.row(0, named=True)
+    assert parsed.rejected.height == 1
+    assert (rejected["line_number"], rejected["raw_line"], rejected["encounter_id"]) == (6, line, line.split(",")[0])
+    assert rejected["reason"] == (
+        f"is not valid CSV ({cause}): a quote may open a field only if another closes it, "
+        'and a quote inside a quoted field is written twice ("")'
+    )
+
+
+def test_a_quoted_line_with_a_nul_byte_is_rejected_and_the_quoted_lines_after_it_keep_their_fields(sample_lines):
+    nul = with_field(sample_lines[2], "medical_specialty", '"Sur\x00gery"')
+    after = with_field(sample_lines[4], "medical_specialty", '"Surgery, General"')
+    parsed = parse(batch([*sample_lines[:2], nul, sample_lines[3], after]))
+
+    assert parsed.rejected.select("line_number", "reason").rows() == [(3, "holds a NUL byte, which no field may contain")]
+    assert parsed.rows["line_number"].to_list() == [2, 4, 5]
+    assert parsed.rows["medical_specialty"].to_list()[1:] == [sample_lines[3].split(",")[schema.RAW_COLUMNS.index("medical_specialty")], "Surgery, General"]
+
+
 def test_row_hash_depends_on_the_line_text_only(sample_lines):
     one = parse(batch(sample_lines[:11])).rows
     again = parse(batch([sample_lines[0], *sample_lines[11:14], *sample_lines[1:11]]), batch_id="b9", now=datetime.now(UTC)).rows

@@ -61,6 +61,26 @@ def test_land_refuses_a_source_with_another_header_and_writes_nothing(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_source_whose_lines_end_in_cr_alone_lands_the_same_encounters(tmp_path, sample_source_bytes):
+    lines = sample_source_bytes.splitlines()[:8]
+    cr_only = b"\r".join(lines) + b"\r"
+
+    landed = land(cr_only, tmp_path, count=None, batch_size=3)
+
+    assert [(x.path.name, x.rows) for x in landed] == [("batch_0001.csv", 3), ("batch_0002.csv", 3), ("batch_0003.csv", 1)]
+    assert [p.read_bytes().split(b"\r")[1:-1] for p in landing.landed_files(tmp_path)] == [lines[1:4], lines[4:7], lines[7:8]]
+    assert all(p.read_bytes().startswith(lines[0] + b"\r") for p in landing.landed_files(tmp_path))
+
+
+@pytest.mark.parametrize("ending", [b"", b"\n", b"\r\n", b"\r", b"\r\n\r\n  \r\n"])
+def test_land_refuses_a_source_with_a_header_and_no_encounters_and_writes_nothing(tmp_path, sample_source_bytes, ending):
+    header_only = sample_source_bytes.splitlines()[0] + ending
+
+    with pytest.raises(ValueError, match=r"^source export\.csv not landed: it holds a header but no encounters$"):
+        land(header_only, tmp_path / "landing", count=1, source="source export.csv")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_landed_files_skip_hidden_and_partial_files(tmp_path):
     for name in ("batch_0002.csv", "batch_0001.csv", ".batch_0003.csv.partial", ".hidden.csv", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
@@ -78,3 +98,12 @@ def test_batch_id_is_the_stem_made_safe_for_a_partition_key(tmp_path):
     assert landing.batch_id_for(upstream) == "export_2024-01__final_"
     assert landing.find_batch_file(tmp_path, "export_2024-01__final_") == upstream
     assert landing.find_batch_file(tmp_path, "batch_0009") is None
+
+
+def test_two_names_of_one_batch_id_find_no_file_but_an_error_naming_both(tmp_path):
+    for name in ("batch_1.csv", "batch 1.csv", "batch_2.csv"):
+        (tmp_path / name).write_bytes(b"x")
+
+    with pytest.raises(landing.AmbiguousBatchFile, match=r"the files 'batch 1\.csv', 'batch_1\.csv' all make the batch id 'batch_1'"):
+        landing.find_batch_file(tmp_path, "batch_1")
+    assert landing.find_batch_file(tmp_path, "batch_2") == tmp_path / "batch_2.csv"

@@ -19,7 +19,7 @@ from readmission_platform.defs.preparation import assets as prepared
 from readmission_platform.defs.preparation import checks as prepared_checks
 from readmission_platform.defs.resources import LandingResource, WarehouseResource
 from readmission_platform.lib.ingest import BatchFileError
-from readmission_platform.lib.landing import content_hash, find_batch_file
+from readmission_platform.lib.landing import AmbiguousBatchFile, content_hash, find_batch_file
 from readmission_platform.lib.pipeline import CLEAN, FEATURES, RAW, STAGES, BatchRun, process_batch
 from readmission_platform.lib.reporting import markdown_table
 
@@ -65,7 +65,10 @@ def batch_tables(
     on_stored = [s for s in STAGES if s not in stages and any(spec.name in selected_checks for spec, _ in CHECKS[s])]
     content, source_file = None, ""
     if RAW in stages:
-        path = find_batch_file(landing.path, batch_id)
+        try:
+            path = find_batch_file(landing.path, batch_id)
+        except AmbiguousBatchFile as error:
+            raise dg.Failure(description=f"batch {batch_id} was not loaded, nothing was written: {error}") from None
         if path is None:
             raise dg.Failure(f"no file for batch {batch_id!r} in {landing.path}; it was removed after it landed")
         content, source_file = path.read_bytes(), path.name

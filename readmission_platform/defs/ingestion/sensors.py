@@ -8,7 +8,7 @@ import dagster as dg
 from readmission_platform.defs import run_tags
 from readmission_platform.defs.partitions import batches
 from readmission_platform.defs.resources import LandingResource
-from readmission_platform.lib.landing import batch_id_for, content_hash, landed_files
+from readmission_platform.lib.landing import ambiguity, batch_id_for, content_hash, landed_files
 
 ingest_batch_job = dg.define_asset_job(
     "ingest_batch",
@@ -79,12 +79,20 @@ def crashes_left_unretried(
 def new_files(folder: Path, seen: dict[str, dict], log: logging.Logger) -> list[tuple[Path, str]]:
     """Each file landed in `folder` that is new or changed since `seen` (a sensor's cursor: file name → its size,
     mtime, sha256 and how many contents it has had, updated here), with its sha256. Unchanged files are not reread; a
-    file with the content of another one already seen is skipped with a warning."""
+    file with the content of another one already seen is skipped with a warning, and so is one whose batch id another
+    file also makes, until one of them is renamed."""
     changed = []
-    for path in landed_files(folder):
+    files = landed_files(folder)
+    by_id: dict[str, list[Path]] = {}
+    for path in files:
+        by_id.setdefault(batch_id_for(path), []).append(path)
+    for path in files:
         stat = path.stat()
         previous = seen.get(path.name)
         if previous and (previous["size"], previous["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        if len(same_id := by_id[batch_id_for(path)]) > 1:  # its entry is not updated: the next tick looks again
+            log.warning(f"{path.name} skipped: {ambiguity(batch_id_for(path), same_id)}")
             continue
         digest = content_hash(path.read_bytes())
         contents = previous.get("contents", 1) if previous else 0

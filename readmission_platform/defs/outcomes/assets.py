@@ -7,7 +7,7 @@ import polars as pl
 
 from readmission_platform.defs.partitions import WAREHOUSE_POOL, outcome_files
 from readmission_platform.defs.resources import LandingResource, PredictionLogResource, WarehouseResource
-from readmission_platform.lib.landing import content_hash, find_batch_file
+from readmission_platform.lib.landing import AmbiguousBatchFile, content_hash, find_batch_file
 from readmission_platform.lib.outcomes import (
     OUTCOME_SCHEMA,
     OUTCOMES,
@@ -35,7 +35,10 @@ def outcomes(
     prediction_log: PredictionLogResource,
 ) -> dg.MaterializeResult:
     batch_id = context.partition_key
-    path = find_batch_file(landing.outcomes_path, batch_id)
+    try:
+        path = find_batch_file(landing.outcomes_path, batch_id)
+    except AmbiguousBatchFile as error:
+        raise dg.Failure(description=f"outcomes {batch_id} were not loaded, nothing was written: {error}") from None
     if path is None:
         raise dg.Failure(f"no file for outcomes {batch_id!r} in {landing.outcomes_path}; it was removed after it landed")
     content = path.read_bytes()
