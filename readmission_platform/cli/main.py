@@ -143,7 +143,7 @@ def summarize(settings: Settings) -> bool:
         drift = render_serving_drift(instance)
     _say("\n" + render(reports))
     ingested = {r.batch_id for r in reports}
-    if waiting := render_not_ingested([b for p in landed_files(settings.landing_dir) if (b := batch_id_for(p)) not in ingested]):
+    if waiting := render_not_ingested(list(dict.fromkeys(b for p in landed_files(settings.landing_dir) if (b := batch_id_for(p)) not in ingested))):
         _say(waiting)
     _say("\n" + render_models(settings))
     _say("\n" + render_outcome_files(outcome_files))
