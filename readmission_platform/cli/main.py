@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(name, value)
     try:
         keep_private(settings.home)
-        if args.command in ANSWER_SOON:  # MLflow itself retries a database store that is down for over a minute
+        if args.command in {*ANSWER_SOON, "demo"}:  # MLflow itself retries a database store that is down for over a minute
             from readmission_platform.cli.instance import check_database
 
             variable = settings.variables.get("mlflow_tracking_uri", "READMISSION_MLFLOW_TRACKING_URI")
