@@ -441,12 +441,28 @@ def count_logged(settings, request_ids: list[str], say) -> bool:
     return served > 0
 
 
+def landed_requests(folder: Path, say) -> pl.Series:
+    """The request ids of the outcome files in `folder`, read by the column's name as `outcomes` reads them. A file
+    `outcomes` would refuse is named and left out: it stores nothing, so its outcomes are still due."""
+    import polars as pl
+
+    from readmission_platform.lib.landing import landed_files
+    from readmission_platform.lib.outcomes import OutcomeFileError, read_outcomes
+
+    ids = [pl.Series("request_id", [], dtype=pl.String)]
+    for path in landed_files(folder):
+        try:
+            ids.append(read_outcomes(path.read_bytes(), str(path))["request_id"])
+        except OutcomeFileError as error:
+            say(f"warning: {error}; its run of `outcomes` fails and stores nothing, so its outcomes count as not landed")
+    return pl.concat(ids)
+
+
 def land_served_outcomes(settings, say) -> Path | None:
     """Land, as the hospital system would 30 days on, the outcomes of the encounters served under their
     encounter_id that have none yet (landed or stored), taken from the data set's labels; the file, or None."""
     import polars as pl
 
-    from readmission_platform.lib.landing import landed_files
     from readmission_platform.lib.outcomes import OUTCOMES, land_outcomes, outcomes_csv
     from readmission_platform.lib.predictions import read_predictions
     from readmission_platform.lib.warehouse import open_warehouse
@@ -458,7 +474,7 @@ def land_served_outcomes(settings, say) -> Path | None:
         .unique()
     )
     folder = settings.landing_dir / "outcomes"
-    landed = [pl.read_csv(path, columns=[0], infer_schema=False).to_series() for path in landed_files(folder)]
+    landed = landed_requests(folder, say)
     with open_warehouse(settings.warehouse_url) as store:
         stored = store.query(f"SELECT request_id FROM {OUTCOMES}")
         labels = store.query("SELECT encounter_id, readmitted_30d FROM clean_batches")
@@ -467,7 +483,7 @@ def land_served_outcomes(settings, say) -> Path | None:
             f"nothing has been ingested yet (no clean_batches in {store.describe()}), so there are no outcomes to land: "
             "run `readmission demo`, or land batches (`readmission land`) with the daemon running (`readmission ui`)"
         )
-    known = pl.concat([pl.Series([], dtype=pl.String), *landed, *([stored["request_id"]] if stored.width else [])])
+    known = pl.concat([landed, *([stored["request_id"]] if stored.width else [])])
     due = labels.join(served, on="encounter_id").filter(
         ~pl.col("encounter_id").is_in(known.cast(pl.Int64, strict=False).drop_nulls().implode())
     )
