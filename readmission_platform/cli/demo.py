@@ -441,24 +441,33 @@ def count_logged(settings, request_ids: list[str], say) -> bool:
     return served > 0
 
 
+def landed_requests(folder: Path, say) -> pl.Series:
+    """The request ids of the outcome files in `folder`, read by the column's name as `outcomes` reads them. A file
+    `outcomes` would refuse is named and left out: it stores nothing, so its outcomes are still due."""
+    import polars as pl
+
+    from readmission_platform.lib.landing import landed_files
+    from readmission_platform.lib.outcomes import OutcomeFileError, read_outcomes
+
+    ids = [pl.Series("request_id", [], dtype=pl.String)]
+    for path in landed_files(folder):
+        try:
+            ids.append(read_outcomes(path.read_bytes(), str(path))["request_id"])
+        except OutcomeFileError as error:
+            say(f"warning: {error}; its run of `outcomes` fails and stores nothing, so its outcomes count as not landed")
+    return pl.concat(ids)
+
+
 def land_served_outcomes(settings, say) -> Path | None:
     """Land, as the hospital system would 30 days on, the outcomes of the encounters served under their
     encounter_id that have none yet (landed or stored), taken from the data set's labels; the file, or None."""
     import polars as pl
 
-    from readmission_platform.lib.landing import landed_files
     from readmission_platform.lib.outcomes import OUTCOMES, land_outcomes, outcomes_csv
-    from readmission_platform.lib.predictions import read_predictions
+    from readmission_platform.lib.predictions import read_predictions, sqlite_path
+    from readmission_platform.lib.reporting import masked
     from readmission_platform.lib.warehouse import open_warehouse
 
-    served = (
-        read_predictions(settings.prediction_log_url, ["request_id"])
-        .filter(pl.col("request_id").str.contains(r"^[1-9][0-9]{0,17}$"))
-        .select(pl.col("request_id").cast(pl.Int64).alias("encounter_id"))
-        .unique()
-    )
-    folder = settings.landing_dir / "outcomes"
-    landed = [pl.read_csv(path, columns=[0], infer_schema=False).to_series() for path in landed_files(folder)]
     with open_warehouse(settings.warehouse_url) as store:
         stored = store.query(f"SELECT request_id FROM {OUTCOMES}")
         labels = store.query("SELECT encounter_id, readmitted_30d FROM clean_batches")
@@ -467,7 +476,27 @@ def land_served_outcomes(settings, say) -> Path | None:
             f"nothing has been ingested yet (no clean_batches in {store.describe()}), so there are no outcomes to land: "
             "run `readmission demo`, or land batches (`readmission land`) with the daemon running (`readmission ui`)"
         )
-    known = pl.concat([pl.Series([], dtype=pl.String), *landed, *([stored["request_id"]] if stored.width else [])])
+    if (log := sqlite_path(settings.prediction_log_url)) is not None and not log.exists():
+        # The log's reader takes a file not made yet as no predictions; here it is more likely a setting that names
+        # the wrong file than a service that never answered.
+        given = settings.variables.get("prediction_log_url")
+        raise RuntimeError(
+            f"no prediction log at {log} ({f'from {given}' if given else 'the default'}): nothing has been served with "
+            "this setting yet, so there are no outcomes to land"
+        )
+    served = (
+        read_predictions(settings.prediction_log_url, ["request_id"])
+        .filter(pl.col("request_id").str.contains(r"^[1-9][0-9]{0,17}$"))
+        .select(pl.col("request_id").cast(pl.Int64).alias("encounter_id"))
+        .unique()
+    )
+    if served.is_empty():
+        say(f"the prediction log at {masked(settings.prediction_log_url)} holds no prediction served under an "
+            "encounter_id (as its request_id): there are no outcomes to land")  # fmt: skip
+        return None
+    folder = settings.landing_dir / "outcomes"
+    landed = landed_requests(folder, say)
+    known = pl.concat([landed, *([stored["request_id"]] if stored.width else [])])
     due = labels.join(served, on="encounter_id").filter(
         ~pl.col("encounter_id").is_in(known.cast(pl.Int64, strict=False).drop_nulls().implode())
     )

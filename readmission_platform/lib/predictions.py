@@ -9,13 +9,15 @@ per value; SQLite's text times and 0/1 decisions come back as PostgreSQL's do (U
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+from adbc_driver_manager import Error as AdbcError
 
 from readmission_platform.lib.encounter import REQUEST_DTYPES
 from readmission_platform.lib.history import KEY as PATIENT_KEY
@@ -48,7 +50,7 @@ _SHARE_PICKED_OUT = 4
 
 
 class PredictionLogError(ValueError):
-    """The prediction log's URL or the columns asked of it are not ones the log has."""
+    """The prediction log's URL or the columns asked of it are not ones the log has, or its database cannot be read."""
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -76,6 +78,17 @@ def connect(url: str):
 
         return adbc_driver_postgresql.dbapi.connect(uri)
     raise PredictionLogError(f"prediction log URL {masked(url)!r} is neither sqlite:///path nor postgresql://…")
+
+
+@contextmanager
+def _cursor(url: str) -> Iterator:
+    """A cursor on the log's database; a database that does not answer or is not one is named as a PredictionLogError."""
+    try:
+        with connect(url) as connection, connection.cursor() as cursor:
+            yield cursor
+    except AdbcError as error:
+        reason = next(iter(str(error).splitlines()), type(error).__name__)
+        raise PredictionLogError(f"the prediction log at {masked(url)} cannot be read: {reason}") from error
 
 
 def _stored_columns(cursor, sqlite: bool) -> set[str]:
@@ -113,7 +126,7 @@ def read_predictions(
     conditions = [f"predicted_at {op} {'?' if sqlite else f'${i}'}" for i, (op, _) in enumerate(bounds, start=1)]
     # SQLite compares the stored text, so a bound is written as the writer writes a time.
     params = [at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else at for _, at in bounds]
-    with connect(url) as connection, connection.cursor() as cursor:
+    with _cursor(url) as cursor:
         stored = _stored_columns(cursor, sqlite)
         if not stored:
             return empty
@@ -158,7 +171,7 @@ def newest_predictions(url: str, columns: Sequence[str], count: int = 1) -> pl.D
     empty = pl.DataFrame(schema={name: TYPES[name] for name in columns})
     if (path := sqlite_path(url)) is not None and not path.exists():
         return empty
-    with connect(url) as connection, connection.cursor() as cursor:
+    with _cursor(url) as cursor:
         stored = _stored_columns(cursor, path is not None)
     if not stored:
         return empty
@@ -173,7 +186,7 @@ def _fetch(
     """The rows of `sql` that meet every condition, in `order`, typed as TYPES; `wanted_ids` (request_id) are put in
     a temporary table `_WANTED` first."""
     sql += f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    with connect(url) as connection, connection.cursor() as cursor:
+    with _cursor(url) as cursor:
         if wanted_ids is not None:
             cursor.adbc_ingest(_WANTED, wanted_ids, mode="create", temporary=True)
             # Without an index SQLite probes a temporary B-tree it builds anyway; PostgreSQL hashes the ids either way.

@@ -303,6 +303,83 @@ def test_outcomes_before_anything_was_ingested_says_so_without_a_traceback(tmp_p
     assert not list((tmp_path / "landing" / "outcomes").glob("*.csv"))
 
 
+def served_home(home: Path, served: list[str]) -> None:
+    """A home whose warehouse holds encounters 1 to 20 (every third readmitted) and whose prediction log holds the
+    requests `served` (encounter ids, as the demo sends them)."""
+    import polars as pl
+
+    from readmission_platform.lib.encounter import FIELDS
+    from readmission_platform.lib.warehouse import open_warehouse
+    from readmission_platform.serving.model import SMOKE_ENCOUNTERS
+    from readmission_platform.serving.prediction_log import PredictionLog
+
+    labels = pl.DataFrame({"encounter_id": range(1, 21), "readmitted_30d": [i % 3 == 0 for i in range(1, 21)]})
+    with open_warehouse(f"duckdb:///{home / 'warehouse.duckdb'}") as store:
+        store.replace_table("clean_batches", {"encounter_id": pl.Int64(), "readmitted_30d": pl.Boolean()}, labels)
+    log = PredictionLog(f"sqlite:///{home / 'predictions.sqlite'}", flush_seconds=0.05)
+    encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
+    log.record({"request_id": request_id, "endpoint": "predict", "model_name": "m", "model_version": "1", "probability": 0.1,
+                "decision": False, "risk_band": "low", "inputs": encounter} for request_id in served)  # fmt: skip
+    log.close()
+
+
+def test_outcomes_reads_the_landed_files_by_the_column_name_and_names_a_file_it_cannot_read(tmp_path):
+    served_home(tmp_path, [str(i) for i in range(1, 11)])
+    folder = tmp_path / "landing" / "outcomes"
+    folder.mkdir(parents=True)
+    # Column order is free, as for ingestion: encounters 1 to 5 have landed, in the second column.
+    (folder / "outcomes_0001.csv").write_text("readmitted_30d,encounter_id,known_at\n" + "".join(f"0,{i},2026-03-01\n" for i in range(1, 6)))
+    (folder / "outcomes_0002.csv").write_bytes(b"")
+    (folder / "outcomes_0003.csv").write_bytes(b"encounter_id,readmitted_30d,known_at\n6,1,2026-03-01\n\xff\n")
+
+    result = readmission("outcomes", home=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"warning: {folder / 'outcomes_0002.csv'} is empty" in result.stdout
+    assert f"warning: {folder / 'outcomes_0003.csv'} is not UTF-8 text" in result.stdout
+    # The files `outcomes` refuses store nothing, so encounter 6 is still due.
+    assert "landed outcomes_0004.csv: outcomes of 5 served encounters" in result.stdout
+    landed = (folder / "outcomes_0004.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in landed[1:]] == ["6", "7", "8", "9", "10"]
+    again = readmission("outcomes", home=tmp_path)
+    assert "every served encounter's outcome has landed already (10 served" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("log", "message"),
+    [
+        ("postgresql://nobody@127.0.0.1:1/db", "the prediction log at postgresql://***@127.0.0.1:1/db cannot be read: IO: [libpq] Failed to connect"),
+        ("garbage", "the prediction log at sqlite:///{home}/garbage.sqlite cannot be read: INVALID_ARGUMENT: [SQLite] Failed to "
+                    "prepare query: file is not a database"),
+        ("missing", "no prediction log at {home}/nowhere/p.db (from READMISSION_PREDICTION_LOG_URL): nothing has been served"),
+    ],
+)
+def test_outcomes_names_a_prediction_log_it_cannot_read(tmp_path, log, message):
+    served_home(tmp_path, [str(i) for i in range(1, 11)])
+    if log == "garbage":
+        (tmp_path / "garbage.sqlite").write_text("not a database\n" * 100)
+        log = f"sqlite:///{tmp_path / 'garbage.sqlite'}"
+    elif log == "missing":
+        log = f"sqlite:///{tmp_path / 'nowhere' / 'p.db'}"
+
+    result = readmission("outcomes", home=tmp_path, extra={"READMISSION_PREDICTION_LOG_URL": log})
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("readmission outcomes: " + message.format(home=tmp_path)), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "landing" / "outcomes").glob("*.csv"))
+
+
+def test_outcomes_says_when_the_log_holds_nothing_served_under_an_encounter_id(tmp_path):
+    served_home(tmp_path, ["demo-1"])
+
+    result = readmission("outcomes", home=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "holds no prediction served under an encounter_id (as its request_id): there are no outcomes to land" in result.stdout
+    assert "landed already" not in result.stdout
+
+
 def test_ui_on_a_taken_port_says_so_and_stops(tmp_path):
     import socket
 

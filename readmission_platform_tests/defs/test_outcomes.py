@@ -100,6 +100,7 @@ def test_a_second_outcome_and_an_unknown_request_are_set_aside_and_counted(platf
         (b"request_id,readmitted_30d,known_at\nr1,1,last week\n", "column 'known_at' holds last week"),
         (b"encounter_id,readmitted_30d,known_at\nE12,1,2026-03-01\n", "column 'encounter_id' holds E12"),
         (b"request_id,readmitted_30d,known_at\n", "has a header and no outcomes"),
+        (b'request_id,readmitted_30d,known_at\nr1,1,2026-03-01,x\nr2,"1,2026-03-01\n', "(line 2 has 4 fields, line 3 has a quote"),
         (b"\xff\xfe", "is not UTF-8"),
     ],
 )

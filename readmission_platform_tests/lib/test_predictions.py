@@ -12,6 +12,7 @@ from readmission_platform.defs.resources import PredictionLogResource
 from readmission_platform.lib.encounter import FIELDS
 from readmission_platform.lib import predictions
 from readmission_platform.lib.predictions import TYPES, PredictionLogError, read_predictions
+from readmission_platform.lib.reporting import masked
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform.serving.prediction_log import PredictionLog
 
@@ -79,6 +80,17 @@ def test_a_wrong_column_url_or_naive_time_is_named(tmp_path):
         read_predictions("mysql://somewhere/db")
     with pytest.raises(PredictionLogError, match="has no time zone"):
         read_predictions(url, since=datetime(2026, 1, 1))
+
+
+def test_a_log_that_does_not_answer_or_is_no_database_is_named(tmp_path):
+    garbage = tmp_path / "p.sqlite"
+    garbage.write_text("not a database\n" * 100)
+    for url, reason in ((f"sqlite:///{garbage}", "file is not a database"), ("postgresql://someone:secret@127.0.0.1:1/db", "Failed to connect")):
+        for read in (lambda: read_predictions(url, ["request_id"]), lambda: predictions.newest_predictions(url, ["request_id"])):
+            with pytest.raises(PredictionLogError) as raised:
+                read()
+            assert str(raised.value).startswith(f"the prediction log at {masked(url)} cannot be read: ")
+            assert reason in str(raised.value) and "secret" not in str(raised.value)
 
 
 def test_the_resource_reads_the_log_inside_an_asset(tmp_path):
