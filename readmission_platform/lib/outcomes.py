@@ -139,7 +139,7 @@ def read_outcomes(content: bytes, source_file: str) -> pl.DataFrame:
     problems = [
         f"{len(malformed)} lines are not rows of the header's {len(header)} fields ({examples(malformed)})"
         if malformed else None,
-        _bad(frame, pl.col(key).str.strip_chars() != pl.col(key), key, "an id without spaces"),
+        _bad(frame, (pl.col(key) == "") | (pl.col(key).str.strip_chars() != pl.col(key)), key, "an id without spaces"),
         _bad(frame, pl.col(key).str.contains(r"^[1-9][0-9]*$").not_() & pl.lit(key == "encounter_id"), key,
              "a positive integer"),  # fmt: skip
         _bad(frame, pl.col("readmitted_30d").is_in((*_TRUE, *_FALSE)).not_(), "readmitted_30d", "0 or 1 (false or true)"),

@@ -43,6 +43,7 @@ def test_lines_keep_their_numbers_across_blank_lines():
             "column 'known_at' holds 0001-01-01T00:00:00+01:00 on 1 lines (line 2); expected a time within the years 1 to 9999",
         ),
         (b"1,,2026-03-01\n", "column 'readmitted_30d' holds (empty) on 1 lines (line 2)"),
+        (b",1,2026-03-01\n", "column 'encounter_id' holds (empty) on 1 lines (line 2); expected an id without spaces"),
     ],
 )
 def test_a_malformed_line_fails_the_file_naming_the_line(body, message):
@@ -77,3 +78,8 @@ def test_a_wrong_header_or_no_outcomes_fails_the_file(data, message):
         read_outcomes(data, "outcomes_0002.csv")
 
     assert message in str(raised.value)
+
+
+def test_an_empty_request_id_fails_the_file():
+    with pytest.raises(OutcomeFileError, match=r"column 'request_id' holds \(empty\) on 1 lines \(line 3\)"):
+        read_outcomes(b"request_id,readmitted_30d,known_at\nab12,1,2026-03-01\n,0,2026-03-01\n", "outcomes_0002.csv")
