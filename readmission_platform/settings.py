@@ -103,6 +103,19 @@ class Settings:
         )
 
 
+def parse_number(text: str, kind: type = int, within: tuple[float, float] | None = None) -> int | float:
+    """`text` as a `kind`, within [low, high] if given (NaN never is); a ValueError saying what was expected."""
+    expected = "a whole number" if kind is int else "a number"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"expected {expected}") from None
+    if within is not None and not within[0] <= value <= within[1]:
+        low, high = (f"{int(end):,}" if float(end).is_integer() else f"{end:g}" for end in within)
+        raise ValueError(f"expected {expected} from {low} to {high}")
+    return value
+
+
 def _number(
     env: Mapping[str, str], name: str, default: int | float, kind: type = int, within: tuple[float, float] | None = None
 ) -> int | float:
@@ -111,15 +124,10 @@ def _number(
     text = env.get(name) or ""
     if not text:
         return default
-    expected = "a whole number" if kind is int else "a number"
     try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError(f"{name} is {text!r}; expected {expected}") from None
-    if within is not None and not within[0] <= value <= within[1]:  # NaN compares false
-        low, high = (f"{int(end):,}" if float(end).is_integer() else f"{end:g}" for end in within)
-        raise ValueError(f"{name} is {text!r}; expected {expected} from {low} to {high}")
-    return value
+        return parse_number(text, kind, within)
+    except ValueError as error:
+        raise ValueError(f"{name} is {text!r}; {error}") from None
 
 
 @dataclass(frozen=True)

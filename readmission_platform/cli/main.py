@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
 from readmission_platform.lib.reporting import masked
 from readmission_platform.lib.warehouse import WarehouseError
@@ -26,6 +25,7 @@ from readmission_platform.settings import (
     ServingSettings,
     Settings,
     keep_private,
+    parse_number,
 )
 
 
@@ -143,8 +143,8 @@ def summarize(settings: Settings) -> bool:
         drift = render_serving_drift(instance)
     _say("\n" + render(reports))
     ingested = {r.batch_id for r in reports}
-    if waiting := render_not_ingested(list(dict.fromkeys(b for p in landed_files(settings.landing_dir) if (b := batch_id_for(p)) not in ingested))):
-        _say(waiting)
+    if waiting := dict.fromkeys(b for p in landed_files(settings.landing_dir) if (b := batch_id_for(p)) not in ingested):
+        _say(render_not_ingested(list(waiting)))
     _say("\n" + render_models(settings))
     _say("\n" + render_outcome_files(outcome_files))
     _say("\n" + render_live(settings))
@@ -285,29 +285,20 @@ ANSWER_SOON_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}  # fmt: skip
 
 
-T = TypeVar("T", int, float)
+def _argument(kind: type, low: float, high: float) -> Callable[[str], int | float]:
+    """An argparse type: `kind` of the text within [low, high], by the rule the settings' variables follow."""
 
-
-def _number(kind: Callable[[str], T], low: T, high: T, what: str) -> Callable[[str], T]:
-    """An argparse type: `kind` of the text, within [low, high] (NaN and infinities are not)."""
-
-    def parse(text: str) -> T:
+    def parse(text: str) -> int | float:
         try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:  # NaN compares false
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
+            return parse_number(text, kind, (low, high))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
     return parse
 
 
-PORT = _number(int, 1, 65_535, "a port (1 to 65535)")
-ANY_PORT = _number(int, 0, 65_535, "a port (0 to 65535)")
-WORKERS = _number(int, 1, 256, "a number of workers (1 to 256)")
-WEEK = 7 * 24 * 3600.0
-SECONDS = _number(float, 0.001, WEEK, f"a number of seconds (more than 0, at most {WEEK:,.0f})")
+PORT, ANY_PORT, WORKERS = _argument(int, 1, 65_535), _argument(int, 0, 65_535), _argument(int, 1, 256)
+SECONDS = _argument(float, 0.001, 7 * 24 * 3600)  # a week at most
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,9 +138,7 @@ def render(reports: list[BatchReport]) -> str:
 
 
 def render_not_ingested(batch_ids: list[str]) -> str:
-    """The landed batches no finished ingestion run stands for, and what ingests them; empty if none."""
-    if not batch_ids:
-        return ""
+    """The landed batches no finished ingestion run stands for, and what ingests them."""
     return (f"landed, not ingested yet (or being ingested): {', '.join(batch_ids)}; the landing sensor ingests "
             "them while a Dagster daemon runs on this instance (`readmission ui`, or `readmission demo`)")  # fmt: skip
 

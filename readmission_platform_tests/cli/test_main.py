@@ -265,7 +265,7 @@ def test_a_number_out_of_its_range_is_refused_before_anything_runs(args, tmp_pat
         main(list(args))
 
     assert stopped.value.code == 2
-    assert f"argument {args[1]}: {args[2]!r} is not " in capsys.readouterr().err
+    assert f"argument {args[1]}: {args[2]!r}: expected a " in capsys.readouterr().err
     assert not (tmp_path / "home").exists()  # nothing landed, nothing started
 
 
