@@ -38,17 +38,24 @@ def check_database(url: str, variable: str, timeout: int = 10) -> None:
         engine.dispose()
 
 
+def check_dagster_storage(settings: Settings) -> None:
+    """The instance's PostgreSQL storage, if set, is a PostgreSQL URL and answers (Dagster's own connection would try
+    for 15 s and end in a traceback)."""
+    url = settings.dagster_storage_url
+    if not url:
+        return
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"READMISSION_DAGSTER_STORAGE_URL is {masked(url)!r}; expected "
+                         "postgresql://user:password@host:port/database (unset: SQLite in the home)")  # fmt: skip
+    check_database(url, "READMISSION_DAGSTER_STORAGE_URL")
+
+
 def prepare_dagster_home(settings: Settings) -> Path:
     """Make READMISSION_HOME/dagster the Dagster home, its dagster.yaml a link to the repository's file.
 
     SQLite storage by default; with READMISSION_DAGSTER_STORAGE_URL, dagster-postgres.yaml (the same
     settings with PostgreSQL storage). Sets DAGSTER_HOME for this process and the ones it starts.
     """
-    if settings.dagster_storage_url:
-        if not settings.dagster_storage_url.startswith(("postgresql://", "postgres://")):
-            raise ValueError(f"READMISSION_DAGSTER_STORAGE_URL is {masked(settings.dagster_storage_url)!r}; expected "
-                             "postgresql://user:password@host:port/database (unset: SQLite in the home)")  # fmt: skip
-        check_database(settings.dagster_storage_url, "READMISSION_DAGSTER_STORAGE_URL")
     config = INSTANCE_CONFIGS["postgres" if settings.dagster_storage_url else "sqlite"]
     if not config.exists():
         raise FileNotFoundError(f"{config} is missing; run the platform from a checkout of the repository")

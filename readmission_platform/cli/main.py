@@ -281,6 +281,8 @@ def app(settings: Settings, port: int, service: str | None) -> int:
 # Commands a person waits on at the prompt, which talk to MLflow and start no process that does; and how MLflow's client
 # retries for them (MLFLOW_HTTP_REQUEST_* variables).
 ANSWER_SOON = frozenset({"status", "rollback", "rollout", "outcomes"})
+# Commands that open the Dagster instance.
+OPEN_THE_INSTANCE = frozenset({"demo", "status", "ui", "observe"})
 ANSWER_SOON_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}  # fmt: skip
 
@@ -353,11 +355,14 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(name, value)
     try:
         keep_private(settings.home)
-        if args.command in {*ANSWER_SOON, "demo"}:  # MLflow itself retries a database store that is down for over a minute
-            from readmission_platform.cli.instance import check_database
+        if args.command in OPEN_THE_INSTANCE or args.command in ANSWER_SOON:
+            from readmission_platform.cli.instance import check_dagster_storage, check_database
 
-            variable = settings.variables.get("mlflow_tracking_uri", "READMISSION_MLFLOW_TRACKING_URI")
-            check_database(settings.mlflow_tracking_uri, variable)
+            if args.command in OPEN_THE_INSTANCE:
+                check_dagster_storage(settings)
+            if args.command in {*ANSWER_SOON, "demo"}:  # MLflow retries a database store that is down for a minute
+                variable = settings.variables.get("mlflow_tracking_uri", "READMISSION_MLFLOW_TRACKING_URI")
+                check_database(settings.mlflow_tracking_uri, variable)
         if args.command == "land":
             if args.count is not None and args.count < 1:
                 parser.error("--count takes a number of batches of at least 1")
