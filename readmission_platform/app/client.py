@@ -71,11 +71,15 @@ class ServiceClient:
         return self._call("POST", "/predict_batch", {"encounters": [dict(e) for e in encounters]})
 
     def request_fields(self) -> set[str]:
-        """The fields the service's contract (/docs.json) declares for one encounter; empty if it cannot be read."""
+        """The fields the service's contract (/docs.json) declares for one encounter, the body of /predict; empty if
+        it cannot be read."""
         try:
             document = self.http.get("/docs.json").json()
-            return set(document["components"]["schemas"]["Encounter"]["properties"])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            body = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            if "$ref" in body:  # declared by reference rather than inline
+                body = document["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+            return set(body["properties"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             return set()
 
     def close(self) -> None:

@@ -43,6 +43,8 @@ def texts(app: AppTest) -> str:
 
 def test_predict_shows_the_services_probability_band_threshold_and_explanation(app_env):
     app = started()
+    # The service declares patient_id in its contract, so the page offers it.
+    assert widget(app, "text_input", "patient_id").label == "Patient identifier (optional)"
     widget(app, "number_input", "field:number_inpatient").set_value(4)
     widget(app, "text_input", "field:diag_1").set_value("428")
     widget(app, "selectbox", "field:insulin").set_value("Up")
