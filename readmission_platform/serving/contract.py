@@ -129,12 +129,13 @@ def out_of_scope_answer(encounter: BaseModel) -> JSONResponse | None:
 
 
 def invalid(error: ValidationError) -> JSONResponse:
-    """A 400 naming each offending field, as BentoML answers for its own routes."""
-    count = error.error_count()
-    listed = f" (the first {MAX_ERRORS:,} listed)" if count > MAX_ERRORS else ""
+    """A 400 naming each offending field, as BentoML answers for its own routes; unknown keys the batch decoder left
+    unvalidated (`decode._by_request_model`) are counted, not listed."""
+    detail = error.errors(include_context=False, include_input=False)[:MAX_ERRORS]
+    count = error.error_count() + getattr(error, "unvalidated_keys", 0)
+    listed = f" (the first {len(detail):,} listed)" if count > len(detail) else ""
     return JSONResponse(
-        {"error": f"{count} validation error{'s' if count > 1 else ''} for {error.title}{listed}",
-         "detail": error.errors(include_context=False, include_input=False)[:MAX_ERRORS]},
+        {"error": f"{count} validation error{'s' if count > 1 else ''} for {error.title}{listed}", "detail": detail},
         status_code=400,
     )  # fmt: skip
 
@@ -180,9 +181,12 @@ _VALIDATION_ERRORS = {
 }  # fmt: skip
 
 
-def openapi_document(bentoml_document: dict[str, Any], *, token: bool, max_body: int) -> dict[str, Any]:
+def openapi_document(
+    bentoml_document: dict[str, Any], *, token: bool, max_body: int, one_encounter: int | None = None
+) -> dict[str, Any]:
     """BentoML's OpenAPI document with /predict, a route of its own, and the answers each route really gives;
-    `token`: the bearer token is required; `max_body`: the largest body taken, in bytes.
+    `token`: the bearer token is required; `max_body`: the largest body taken, in bytes; `one_encounter`: the largest
+    body of one encounter's routes (/predict, /explain), if less.
 
     BentoML declares the same errors for every @bentoml.api route (`detail` a string, a 404 and a 500) and none for
     the mounted routes.
@@ -213,9 +217,11 @@ def openapi_document(bentoml_document: dict[str, Any], *, token: bool, max_body:
     }
     out_of_scope = {"422": _answer_of("The encounter is out of the model's scope (`reason`): no probability.", "OutOfScope")}
     bentoml_failed = {"500": _answer_of("A defect in the service; its log says more.", "Error")}
+    single = min(max_body, one_encounter or max_body)
+    one = bodies | {"413": _answer_of(f"A body of more than {single:,} bytes: more than one encounter can need.", "Error")}
     answers = {
-        "/predict": refused | bodies | out_of_scope | bentoml_failed,
-        "/explain": refused | bodies | out_of_scope | bentoml_failed
+        "/predict": refused | one | out_of_scope | bentoml_failed,
+        "/explain": refused | one | out_of_scope | bentoml_failed
         | {"501": _answer_of("The model serving has no way to be explained.", "Error")},
         "/predict_batch": refused | bodies | bentoml_failed,
         "/model": refused,

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PROTECTED = ("/predict", "/predict_batch", "/explain", "/model")
 POSTED = ("/predict", "/predict_batch", "/explain")
+ONE_ENCOUNTER = ("/predict", "/explain")  # their bodies are held to at most `one_encounter` bytes
 # Refused requests are logged one line each, at most this many in a burst and then one a second (per worker), so that
 # a flood of bad requests cannot grow the log without bound; the rest are counted in readmission_refusals_unlogged.
 REFUSAL_LOG_BURST = 60
@@ -39,9 +40,12 @@ class RequestGate:
     Also answers /docs.json with the service's contract, made once by `document(token_required)`.
     """
 
-    def __init__(self, app: Any, *, token: str | None, max_body: int, document: Callable[[bool], dict[str, Any]]) -> None:
+    def __init__(
+        self, app: Any, *, token: str | None, max_body: int, one_encounter: int, document: Callable[[bool], dict[str, Any]]
+    ) -> None:
         self.app = app
         self.max_body = max_body
+        self.limits = {route: min(max_body, one_encounter) for route in ONE_ENCOUNTER}
         self.token = token.encode() if token else None
         self.refusals = RefusalLog(REFUSAL_LOG_BURST)
         self.document = document
@@ -73,14 +77,15 @@ class RequestGate:
             # Answered here: past BentoML's routes, the app mounted at the root would say 404.
             refused = JSONResponse({"error": f"{route} takes POST"}, status_code=405, headers={"Allow": "POST"})
         elif route in POSTED:
+            limit = self.limits.get(route, self.max_body)
             if content_type is None or content_type.partition(b";")[0].strip().lower() != b"application/json":
                 refused = _refusal(415, "the body must be JSON: send the header 'Content-Type: application/json'")
-            elif content_length is not None and int(content_length) > self.max_body:
-                refused = _refusal(413, f"the body is larger than {self.max_body:,} bytes")
+            elif content_length is not None and int(content_length) > limit:
+                refused = _refusal(413, f"the body is larger than {limit:,} bytes")
             elif content_length is None:  # chunked: counted as it arrives, and the app given it once it is whole
-                receive = await self._read_limited(receive)
+                receive = await self._read_limited(receive, limit)
                 if receive is None:
-                    refused = _refusal(413, f"the body is larger than {self.max_body:,} bytes")
+                    refused = _refusal(413, f"the body is larger than {limit:,} bytes")
         if refused is not None:
             REJECTED.labels(route=route, status=str(refused.status_code)).inc()
             self.refusals.write(route, refused.status_code, "")
@@ -109,8 +114,8 @@ class RequestGate:
         scheme, _, token = (authorization or b"").partition(b" ")
         return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(b" "), self.token)
 
-    async def _read_limited(self, receive: Any) -> Any:
-        """A `receive` replaying the body read so far, or None once it passes `max_body`."""
+    async def _read_limited(self, receive: Any, limit: int) -> Any:
+        """A `receive` replaying the body read so far, or None once it passes `limit` bytes."""
         messages, size = [], 0
         while True:
             message = await receive()
@@ -118,7 +123,7 @@ class RequestGate:
                 messages.append(message)
                 break
             size += len(message.get("body", b""))
-            if size > self.max_body:
+            if size > limit:
                 return None
             messages.append(message)
             if not message.get("more_body"):

@@ -44,6 +44,7 @@ from readmission_platform.lib.encounter import (
     FIELDS,
     MAX_BATCH,
     MAX_BATCH_BYTES,
+    MAX_ENCOUNTER_BYTES,
     PATIENT_ID,
     REQUEST_ID,
     BatchRequest,
@@ -153,7 +154,11 @@ async def predict_batch(request: Request) -> Response:
     try:
         encounters = await run_in_threadpool(decode_batch, body)
     except ValidationError as error:
-        return invalid(error)
+        answer = invalid(error)
+        # Raised in a worker thread, its traceback is a reference cycle with the thread's frames; cut, the errors go
+        # now, not at a full collection, which the worker's collector thresholds make rare.
+        error.__traceback__ = None
+        return answer
     try:
         return await run_in_threadpool(service.answer_batch, encounters)
     except Exception:  # a defect, as on /predict
@@ -387,5 +392,8 @@ ReadmissionService.add_asgi_middleware(
     RequestGate,
     token=SERVING.api_token,
     max_body=MAX_BODY_BYTES,
-    document=lambda token: openapi_document(ReadmissionService.openapi_spec.asdict(), token=token, max_body=MAX_BODY_BYTES),
+    one_encounter=MAX_ENCOUNTER_BYTES,
+    document=lambda token: openapi_document(
+        ReadmissionService.openapi_spec.asdict(), token=token, max_body=MAX_BODY_BYTES, one_encounter=MAX_ENCOUNTER_BYTES
+    ),
 )

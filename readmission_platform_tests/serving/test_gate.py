@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, MAX_BATCH_BYTES
+from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, MAX_BATCH_BYTES, MAX_ENCOUNTER_BYTES, _largest_encounter
 from readmission_platform.serving.gate import REFUSAL_LOG_BURST
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
 from readmission_platform_tests.serving.conftest import TOKEN, logged_once
@@ -84,6 +84,38 @@ def test_a_body_that_is_not_declared_json_is_a_415(gated_server, route, content_
 def test_a_declared_length_over_the_cap_is_a_413_before_the_body_is_sent(gated_server):
     status, sent = raw_post(gated_server.url, "/predict_batch", JSON | {"Content-Length": str(MAX_BATCH_BYTES + 1)}, [])
     assert status == 413 and sent == 0
+
+
+@pytest.mark.parametrize("route", ["/predict", "/explain"])
+def test_one_encounters_routes_take_at_most_what_one_encounter_can_need(gated_server, route):
+    # Half a million keys the model refuses: validating them took seconds on the event loop and gigabytes of errors.
+    flood = json.dumps({f"x{i}": 1 for i in range(520_000)}).encode()
+    assert len(flood) > MAX_ENCOUNTER_BYTES
+    status, sent = raw_post(gated_server.url, route, JSON | {"Content-Length": str(len(flood))}, [flood])
+    assert status == 413 and sent <= len(flood)
+    answer = gated_server.client.post(route, content=flood, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413 and answer.json()["error"] == f"the body is larger than {MAX_ENCOUNTER_BYTES:,} bytes"
+    streamed, _ = raw_post(gated_server.url, route, JSON, (flood[i : i + 65_536] for i in range(0, len(flood), 65_536)))
+    assert streamed == 413
+    # The longest encounter there can be, indented and every character escaped, is read (and judged on its values).
+    largest = json.dumps(_largest_encounter(), indent=4, ensure_ascii=True).replace("x", "\\u0078")
+    assert len(largest) <= MAX_ENCOUNTER_BYTES
+    assert gated_server.client.post(route, content=largest, headers={"Content-Type": "application/json"}).status_code == 400
+    assert gated_server.client.post(route, json=GOOD).status_code == 200
+
+
+def test_batches_of_unknown_keys_are_refused_without_holding_the_workers_memory(gated_server):
+    pid = gated_server.client.get("/model").json()["worker_pid"]
+    flood = {"encounters": [GOOD | {f"x{i}": 1 for i in range(100_000)}]}  # a megabyte; each key an error
+    before = memory_kb(pid)
+    for _ in range(5):
+        answer = gated_server.client.post("/predict_batch", json=flood)
+        assert answer.status_code == 400 and answer.json()["error"].startswith("100000 validation errors")
+    after = memory_kb(pid)
+    # Hundreds of megabytes a request, kept until a full collection, before unknown keys were counted past the first
+    # few and the refusal's traceback cut.
+    assert after["VmHWM"] - before["VmHWM"] < 150 << 10 and after["VmRSS"] - before["VmRSS"] < 100 << 10, (before, after)
+    assert gated_server.client.post("/predict", json=GOOD).status_code == 200
 
 
 def test_a_streamed_body_is_counted_a_413_once_past_the_cap_and_the_worker_memory_stays_bounded(gated_server):

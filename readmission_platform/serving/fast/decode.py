@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import polars as pl
+from pydantic import ValidationError
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import (
@@ -96,9 +97,46 @@ def decode_batch(body: bytes) -> pl.DataFrame:
     return frame.select(*FIELDS, REQUEST_ID, PATIENT_ID)
 
 
+# Keys no encounter has (nor a batch request) are validated, and named in the 400, at most this many per object; the
+# rest are counted. Each error of an object holds a copy of the object: a flood of unknown keys cost gigabytes.
+NAMED_UNKNOWN_KEYS = 10
+_KNOWN_KEYS = frozenset({*FIELDS, REQUEST_ID, PATIENT_ID})
+
+
+def _pruned(body: bytes) -> tuple[bytes, int]:
+    """The body with the unknown keys of each object (the request, each encounter) past the first NAMED_UNKNOWN_KEYS
+    left out, and how many were; the body itself when none were, or it is not JSON."""
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body, 0
+    left_out = 0
+
+    def prune(mapping: dict, known: frozenset[str]) -> None:
+        nonlocal left_out
+        unknown = [key for key in mapping if key not in known]
+        for key in unknown[NAMED_UNKNOWN_KEYS:]:
+            del mapping[key]
+        left_out += max(0, len(unknown) - NAMED_UNKNOWN_KEYS)
+
+    if isinstance(document, dict):
+        prune(document, frozenset({"encounters"}))
+        encounters = document.get("encounters")
+        for encounter in encounters if isinstance(encounters, list) else ():
+            if isinstance(encounter, dict):
+                prune(encounter, _KNOWN_KEYS)
+    return (msgspec.json.encode(document), left_out) if left_out else (body, 0)
+
+
 def _by_request_model(body: bytes) -> pl.DataFrame:
-    """`decode_batch` by the request model, for a body the fast path refused: raises, naming each offending field."""
-    valid = BatchRequest.model_validate_json(body)
+    """`decode_batch` by the request model, for a body the fast path refused: raises, naming each offending field
+    (and counting in `unvalidated_keys` the unknown keys past NAMED_UNKNOWN_KEYS an object had)."""
+    pruned, left_out = _pruned(body)
+    try:
+        valid = BatchRequest.model_validate_json(pruned)
+    except ValidationError as error:
+        error.unvalidated_keys = left_out  # each one more error: `contract.invalid` counts them
+        raise
     # The fast path refused what the request model accepts: a gap between the two to mend, not the client's fault.
     log.warning("the fast batch decoder refused a body the request model accepts; decoded by the request model")
     rows = valid.encounters

@@ -6,7 +6,8 @@ from pydantic import ValidationError
 
 from readmission_platform.lib import schema
 from readmission_platform.lib.encounter import FIELDS, MAX_BATCH, REQUEST_ID, BatchRequest, columns, from_clean, typed_frame
-from readmission_platform.serving.fast.decode import decode_batch
+from readmission_platform.serving.contract import invalid
+from readmission_platform.serving.fast.decode import NAMED_UNKNOWN_KEYS, decode_batch
 from readmission_platform_tests.lib.test_encounter import BAD_VALUES, GOOD
 
 
@@ -80,3 +81,19 @@ def test_a_body_the_fast_decoder_refuses_but_the_request_model_accepts_is_served
     decoded = decode_batch(body)
     assert decoded.select(FIELDS).equals(typed_frame([GOOD, GOOD])) and decoded[REQUEST_ID].to_list() == [None, "r2"]
     assert "refused a body the request model accepts" in caplog.text
+
+
+def test_a_flood_of_unknown_keys_is_counted_and_only_the_first_of_each_object_validated():
+    flood = {f"x{i}": 1 for i in range(50_000)}
+    body = json.dumps({"encounters": [GOOD | flood, GOOD], **{f"y{i}": 1 for i in range(15)}}).encode()
+
+    with pytest.raises(ValidationError) as raised:
+        decode_batch(body)
+
+    error = raised.value
+    named = [e["loc"] for e in error.errors()]
+    assert sorted(named) == sorted([*[(f"y{i}",) for i in range(NAMED_UNKNOWN_KEYS)],
+                                    *[("encounters", 0, f"x{i}") for i in range(NAMED_UNKNOWN_KEYS)]])  # fmt: skip
+    assert error.unvalidated_keys == 50_000 + 15 - 2 * NAMED_UNKNOWN_KEYS
+    answer = json.loads(invalid(error).body)
+    assert answer["error"] == f"50015 validation errors for BatchRequest (the first {2 * NAMED_UNKNOWN_KEYS} listed)"
