@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 from readmission_platform.lib import schema
-from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, REQUEST_ID
+from readmission_platform.lib.encounter import DEATH_OR_HOSPICE, PATIENT_ID, REQUEST_ID
 from readmission_platform.serving.metrics import REJECTED, UNLOGGED
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class RequestGate:
 
 
 # Names a log line may hold; a key the client made up is a value of theirs and is written as "(unknown)".
-_KNOWN_NAMES = frozenset({*schema.RAW_COLUMNS, REQUEST_ID, "encounters"})
+_KNOWN_NAMES = frozenset({*schema.RAW_COLUMNS, REQUEST_ID, PATIENT_ID, "encounters"})
 _MAX_NAMED = 20
 
 

@@ -189,6 +189,7 @@ HOSTILE = [
     ("/explain", GOOD | {"num_medications": PLANTED, "request_id": f"{PLANTED}\x1b[31m"}),
     ("/predict_batch", {"encounters": [GOOD, GOOD | {"patient_nbr": int(PLANTED), "diag_1": f"X{PLANTED}"}]}),
     ("/predict_batch", {"encounters": [GOOD | {"payer_code": PLANTED}] * 3}),
+    ("/predict", GOOD | {"patient_id": ""}),
 ]
 
 
@@ -213,6 +214,7 @@ def test_a_refused_request_is_one_log_line_naming_route_status_fields_and_kinds_
     assert any("(unknown) (extra_forbidden)" in line and "medical_specialty (string_pattern_mismatch)" in line for line in lines)
     assert any("refused /predict_batch 400: encounters.*.payer_code (string_pattern_mismatch) x3" in line for line in lines)
     assert any("refused /predict 422: discharge_disposition_id (death_or_hospice)" in line for line in lines)
+    assert any("refused /predict 400: patient_id (string_too_short)" in line for line in lines)  # a field of the request
     assert all("[WARNING]" in line for line in lines)
     assert "path=(not a route)" in written
     assert "path=/predict," in written and "path=/predict_batch," in written and "path=/explain," in written
