@@ -7,6 +7,7 @@ The export may hold the data set's identifier and label columns; they stay in th
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,14 +61,18 @@ def read_upload(content: bytes, name: str = "the file") -> pl.DataFrame:
     return rows
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def _typed(name: str, text: str | None) -> Any:
     if text is None or text.strip() in ("", schema.MISSING):
         return None
     if REQUEST_DTYPES[name].is_integer():
-        try:
+        # As ingestion casts it: ASCII digits with an optional sign. Python's int() would also take `1_0` and other
+        # scripts' digits, which the platform's own batches refuse.
+        if _INTEGER.fullmatch(text.strip()):
             return int(text)
-        except ValueError:
-            return text  # the model names it, with what it expects
+        return text  # the model names it, with what it expects
     return text
 
 

@@ -89,6 +89,16 @@ def test_each_bad_row_is_named_in_words(sample_source_bytes):
     assert checked.problems[2].startswith("line 4: discharge disposition 11 is death or hospice")
 
 
+@pytest.mark.parametrize(("text", "valid"), [("1_0", False), ("\u0664\u0664", False), ("10", True), (" 10 ", True), ("+10", True)])
+def test_a_number_is_read_as_ingestion_reads_it(sample_source_bytes, text, valid):
+    lines = sample_source_bytes.decode().splitlines()[:3]
+    header, cells = lines[0].split(","), lines[1].split(",")
+    cells[header.index("time_in_hospital")] = text
+    lines[1] = ",".join(cells)
+    checked = check_rows(read_upload("\n".join(lines).encode()))
+    assert (checked.valid, any(checked.problems)) == ((2, False) if valid else (1, True)), checked.problems
+
+
 def test_a_file_that_is_not_an_export_is_refused_whole():
     with pytest.raises(UploadError, match="is empty"):
         read_upload(b"")
