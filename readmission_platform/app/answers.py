@@ -41,6 +41,16 @@ def risk_in_words(prediction: Mapping[str, Any], base_rate: float | None) -> str
     return f"**Low risk**: {said}, no higher than the usual rate of readmission{usual}. Not flagged."
 
 
+def explained_elsewhere(prediction: Mapping[str, Any], explanation: Mapping[str, Any]) -> str | None:
+    """What to say when the explanation is of another version than the one that gave the risk (during a canary the
+    risk may be the candidate's, while explanations are always production's); None when they are the same."""
+    if explanation["model_version"] == prediction["model_version"]:
+        return None
+    return (f"This explains version {explanation['model_version']} ({explanation['stage']}), which gives this encounter "
+            f"{percent(explanation['probability'])}; the risk above is version {prediction['model_version']}'s "
+            f"({prediction['stage']}).")  # fmt: skip
+
+
 def feature_label(feature: str) -> str:
     """A feature's name with what it is, from the schema or the features' own definitions."""
     if feature in DERIVED_FEATURES:

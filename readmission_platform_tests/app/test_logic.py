@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from readmission_platform.app.answers import UP, contributions_frame, risk_in_words
+from readmission_platform.app.answers import UP, contributions_frame, explained_elsewhere, risk_in_words
 from readmission_platform.app.batch import UploadError, check_rows, read_upload
 from readmission_platform.app.card import figure, metrics_table, table
 from readmission_platform.app.form import diagnosis_group, encounter_request, form_fields, reference_frame
@@ -56,6 +56,15 @@ def test_the_risk_in_words_names_the_threshold_and_the_usual_rate(band, said):
     words = risk_in_words({"probability": 0.3, "threshold": 0.2, "risk_band": band}, 0.11)
     assert said in words
     assert ("20.0 %" in words) == (band != "low")
+
+
+def test_an_explanation_of_another_version_than_the_answers_says_so():
+    canary = {"model_version": "3", "stage": "canary", "probability": 0.21}
+    production = {"model_version": "2", "stage": "production", "probability": 0.084}
+    assert explained_elsewhere(canary, production) == (
+        "This explains version 2 (production), which gives this encounter 8.4 %; the risk above is version 3's (canary)."
+    )
+    assert explained_elsewhere(production, production) is None
 
 
 def test_contributions_strongest_first_per_field_when_the_service_sums_them():

@@ -6,7 +6,7 @@ import altair as alt
 import streamlit as st
 
 from readmission_platform.app import state
-from readmission_platform.app.answers import DOWN, UP, contributions_frame, percent, risk_in_words
+from readmission_platform.app.answers import DOWN, UP, contributions_frame, explained_elsewhere, percent, risk_in_words
 from readmission_platform.app.client import PATIENT_ID, ServiceError
 from readmission_platform.app.form import FormField, diagnosis_group, encounter_request
 from readmission_platform.lib import schema
@@ -114,4 +114,6 @@ if answer := st.session_state.get("answer"):
         )
         st.altair_chart(chart, width="stretch")
         st.caption(f"Strongest first; bars to the right raise the risk. {explanation['method']}")
+        if elsewhere := explained_elsewhere(prediction, explanation):
+            st.info(elsewhere)
         st.dataframe(pushes, hide_index=True)
