@@ -206,6 +206,7 @@ def openapi_document(
     components |= {"Error": _ERROR, "ValidationErrors": _VALIDATION_ERRORS, "OutOfScope": inlined(OutOfScope)}
     refused = {
         "401": _answer_of("Missing or wrong bearer token (`Authorization: Bearer <token>`).", "Error"),
+        "405": _answer_of("A method the route does not take (`Allow` names the one it does).", "Error"),
         "503": _answer_of("No model loaded yet, and why: nothing is promoted to 'production' and none is packed here, or the promoted version did not load.", "Error"),
     }
     if not token:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 PROTECTED = ("/predict", "/predict_batch", "/explain", "/model")
 POSTED = ("/predict", "/predict_batch", "/explain")
 ONE_ENCOUNTER = ("/predict", "/explain")  # their bodies are held to at most `one_encounter` bytes
+METHODS = {route: ("POST",) for route in POSTED} | {"/model": ("GET",)}
 # Refused requests are logged one line each, at most this many in a burst and then one a second (per worker), so that
 # a flood of bad requests cannot grow the log without bound; the rest are counted in readmission_refusals_unlogged.
 REFUSAL_LOG_BURST = 60
@@ -73,9 +74,10 @@ class RequestGate:
                 {"error": "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"},
                 status_code=401, headers={"WWW-Authenticate": "Bearer"},
             )  # fmt: skip
-        elif route in POSTED and scope["method"] != "POST":
-            # Answered here: past BentoML's routes, the app mounted at the root would say 404.
-            refused = JSONResponse({"error": f"{route} takes POST"}, status_code=405, headers={"Allow": "POST"})
+        elif scope["method"] not in (allowed := METHODS[route]):
+            # Answered here, as the contract's Error: past BentoML's routes the app mounted at the root would say 404,
+            # and FastAPI's own 405 is no such answer.
+            refused = JSONResponse({"error": f"{route} takes {allowed[0]}"}, status_code=405, headers={"Allow": ", ".join(allowed)})
         elif route in POSTED:
             limit = self.limits.get(route, self.max_body)
             if content_type is None or content_type.partition(b";")[0].strip().lower() != b"application/json":

@@ -176,10 +176,18 @@ def test_every_error_answer_is_declared_with_its_body(gated_server):
     paths = gated_server.client.get("/docs.json").json()["paths"]
     for route in POSTED:
         responses = paths[route]["post"]["responses"]
-        assert {"200", "400", "401", "413", "415", "503"} <= set(responses) and "404" not in responses
+        assert {"200", "400", "401", "405", "413", "415", "503"} <= set(responses) and "404" not in responses
         assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ValidationErrors"}
         assert paths[route]["post"]["security"] == [{"bearer": []}]
-    assert {"200", "401", "503"} <= set(paths["/model"]["get"]["responses"])
+    assert {"200", "401", "405", "503"} <= set(paths["/model"]["get"]["responses"])
+
+
+@pytest.mark.parametrize(("method", "route", "allowed"), [("GET", "/predict", "POST"), ("PUT", "/explain", "POST"),
+                                                         ("POST", "/model", "GET"), ("DELETE", "/model", "GET")])  # fmt: skip
+def test_a_method_a_route_does_not_take_is_the_contracts_405(gated_server, method, route, allowed):
+    answer = gated_server.client.request(method, route, json={})
+    assert answer.status_code == 405 and answer.headers["Allow"] == allowed
+    assert answer.json() == {"error": f"{route} takes {allowed}"}
 
 
 HOSTILE = [
