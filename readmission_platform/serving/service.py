@@ -112,6 +112,7 @@ def model_info() -> JSONResponse:
     return JSONResponse(
         {**model.info, "alias": "production", "stage": PRODUCTION, "loaded_at": model.loaded_at, "worker_pid": os.getpid(),
          "reload_seconds": SERVING.reload_seconds, "explain_method": model.method,
+         "production_not_loaded": service.watcher.not_loaded,
          "candidate": candidate.describe() if candidate is not None else None,
          "candidate_timeout_ms": SERVING.candidate_timeout_ms}
     )  # fmt: skip

@@ -51,6 +51,8 @@ class ModelWatcher(threading.Thread):
         self.problem: str | None = None  # the rollout state's last problem, warned about when it changes
         # Why no model serves, while none does: what the 503 says (the error itself is in the log, not in answers).
         self.unserved = NOTHING_PROMOTED
+        # The version `production` names that did not load, while this worker answers with another or none (/model).
+        self.not_loaded: dict[str, str] | None = None
         self.stopped = threading.Event()
 
     @property
@@ -85,6 +87,8 @@ class ModelWatcher(threading.Thread):
 
     def _check_production(self, version: str | None, *, state_read: bool = True) -> None:
         current = self.service.model
+        if state_read and (self.not_loaded or {}).get("version") != version:
+            self.not_loaded = None  # production names another version now
         if version is None:
             if current is None and not self.packed_tried:
                 self.packed_tried = True  # once: it is packed in the Bento and does not change
@@ -115,8 +119,11 @@ class ModelWatcher(threading.Thread):
                       f"version {current.version} keeps serving" if current else "no model serves", error)  # fmt: skip
             self.unserved = (f"version {version} is promoted to 'production' but did not load (see the service's log); "
                              f"it is tried again in {RETRY_REFUSED_AFTER} checks")  # fmt: skip
+            self.not_loaded = {"version": version, "error": "did not load (see the service's log); tried again in "
+                               f"{RETRY_REFUSED_AFTER} checks"}  # fmt: skip
             return
         self.service.model = model
+        self.not_loaded = None
         self.refused.pop(version, None)
         RELOADS.labels(outcome="loaded").inc()
         log.info("now serving version %s of %s (was %s)", version, model.name, current.version if current else "none")

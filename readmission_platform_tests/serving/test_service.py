@@ -228,6 +228,11 @@ def test_a_version_that_fails_to_load_leaves_the_current_one_serving(server):
     answer = server.client.post("/predict", json=GOOD)
     assert answer.status_code == 200 and answer.json()["model_version"] == server.second
     assert server.client.get("/readyz").status_code == 200
+    # /model says which version serves, and that the one promoted did not load.
+    described = server.client.get("/model").json()
+    assert described["version"] == server.second
+    assert described["production_not_loaded"]["version"] == broken
+    assert described["production_not_loaded"]["error"].startswith("did not load (see the service's log)")
 
 
 def test_a_clean_stop_keeps_every_prediction_in_the_log_without_identifiers(server):
