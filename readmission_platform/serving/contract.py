@@ -184,22 +184,25 @@ _VALIDATION_ERRORS = {
 def openapi_document(
     bentoml_document: dict[str, Any], *, token: bool, max_body: int, one_encounter: int | None = None
 ) -> dict[str, Any]:
-    """BentoML's OpenAPI document with /predict, a route of its own, and the answers each route really gives;
-    `token`: the bearer token is required; `max_body`: the largest body taken, in bytes; `one_encounter`: the largest
+    """BentoML's OpenAPI document with /predict and /explain, routes of their own, and the answers each route really
+    gives; `token`: the bearer token is required; `max_body`: the largest body taken, in bytes; `one_encounter`: the largest
     body of one encounter's routes (/predict, /explain), if less.
 
     BentoML declares the same errors for every @bentoml.api route (`detail` a string, a 404 and a 500) and none for
     the mounted routes.
     """
     document = json.loads(json.dumps(bentoml_document))
-    document["paths"]["/predict"] = {
-        "post": {
-            "tags": ["Service APIs"], "operationId": "predict",
-            "summary": "One encounter: its probability of readmission within 30 days, decision and risk band.",
-            "requestBody": {"content": {"application/json": {"schema": inlined(Encounter)}}},
-            "responses": {"200": {"description": "Successful Response", "content": {"application/json": {"schema": inlined(Prediction)}}}},
-        }
-    }  # fmt: skip
+    for route, summary, answer in (
+        ("/predict", "One encounter: its probability of readmission within 30 days, decision and risk band.", Prediction),
+        ("/explain", "Which features pushed one encounter's risk up or down, and by how much (see `method`).", Explanation),
+    ):
+        document["paths"][route] = {
+            "post": {
+                "tags": ["Service APIs"], "operationId": route.strip("/"), "summary": summary,
+                "requestBody": {"content": {"application/json": {"schema": inlined(Encounter)}}},
+                "responses": {"200": {"description": "Successful Response", "content": {"application/json": {"schema": inlined(answer)}}}},
+            }
+        }  # fmt: skip
     components = document["components"]["schemas"]
     for unused in ("InvalidArgument", "NotFound", "InternalServerError", "TaskStatusResponse"):
         components.pop(unused, None)

@@ -139,6 +139,23 @@ async def predict(request: Request) -> Response:
 routes.add_route("/predict", predict, methods=["POST"])
 
 
+async def explain(request: Request) -> Response:
+    """POST /explain: one encounter taken as /predict takes it (the same 400 for a body the request model refuses),
+    explained by `ReadmissionService.explain` in a thread, as withholding each feature in turn takes milliseconds."""
+    try:
+        encounter = Encounter.model_validate_json(await request.body() or b"{}")
+    except ValidationError as error:
+        return invalid(error)
+    try:
+        return await run_in_threadpool(bentoml.get_current_service().explain, encounter)
+    except Exception:  # a defect: the contract's 500
+        log.exception("POST /explain failed")
+        return JSONResponse({"error": UNEXPECTED}, status_code=500)
+
+
+routes.add_route("/explain", explain, methods=["POST"])
+
+
 @routes.post(
     "/predict_batch",
     response_model=BatchPrediction,
@@ -188,7 +205,7 @@ class ReadmissionService:
             platform_log.setLevel(logging.INFO)
             platform_log.propagate = False
         logging.getLogger("bentoml._internal.server.http_app").addFilter(WithoutValidationTracebacks())
-        routes_named = {"/", "/docs.json", "/predict", *ReadmissionService.openapi_spec.paths}  # /predict: a plain route
+        routes_named = {"/", "/docs.json", "/predict", "/explain", *ReadmissionService.openapi_spec.paths}  # plain routes
         logging.getLogger("bentoml.access").addFilter(RoutesOnly(frozenset(routes_named)))
         threadpoolctl.threadpool_limits(SERVING.threads)
         keep_private()  # the prediction log, when it is a SQLite file of this worker's making
@@ -355,19 +372,18 @@ class ReadmissionService:
         for version, stage, decision, count in counts.iter_rows():
             PREDICTED(version, stage, "flagged" if decision else "not_flagged").inc(count)
 
-    @bentoml.api(route="/explain")
-    def explain(self, encounter: Encounter, /) -> Explanation:
-        """Which features pushed this encounter's risk up or down, and by how much (see `method`)."""
-        # A plain function: BentoML runs it in a thread, as withholding each feature in turn takes milliseconds.
+    def explain(self, encounter: Encounter) -> Response:
+        """POST /explain's answer: which features pushed this encounter's risk up or down, and by how much (an
+        `Explanation`, see `method`), or why there is none."""
         if (model := self.model) is None:
-            return not_ready(self.watcher.unserved)  # type: ignore[return-value]
+            return not_ready(self.watcher.unserved)
         if (refused := out_of_scope_answer(encounter)) is not None:
-            return refused  # type: ignore[return-value]
+            return refused
         given = record(encounter)
         patient, state = self.history.lookup(encounter.patient_id)
         features = record_features(clean_record(given), state)
         if model.scorer is None:
-            return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)  # type: ignore[return-value]
+            return JSONResponse({"error": f"version {model.version} cannot be explained: {model.method}"}, status_code=501)
         probability = model.probability(features)
         attribution = model.scorer.explain(features)
         terms = attribution.terms
@@ -379,7 +395,7 @@ class ReadmissionService:
              for field, found in by_field(terms).items()),
             key=lambda f: -abs(f.contribution),
         )  # fmt: skip
-        return Explanation(
+        explanation = Explanation(
             probability=probability, decision=decision, model_name=model.name, model_version=model.version,
             stage=PRODUCTION, method=model.method, history_used=state is not None, exact=attribution.base is not None,
             unit="probability" if attribution.base is None else "log-odds", base_value=attribution.base,
@@ -387,6 +403,7 @@ class ReadmissionService:
             contributions=[Contribution(feature=n, value=features[n], contribution=terms[n]) for n in ranked],
             fields=fields,
         )  # fmt: skip
+        return Response(explanation.model_dump_json(), media_type="application/json")
 
 
 ReadmissionService.add_asgi_middleware(

@@ -118,6 +118,14 @@ def test_batches_of_unknown_keys_are_refused_without_holding_the_workers_memory(
     assert gated_server.client.post("/predict", json=GOOD).status_code == 200
 
 
+@pytest.mark.parametrize("body", [GOOD | {f"x{i}": 1 for i in range(1_100)}, {}], ids=["1,100 unknown keys", "empty"])
+def test_explain_refuses_a_body_as_predict_does(gated_server, body):
+    refused = {route: gated_server.client.post(route, json=body) for route in ("/predict", "/explain")}
+    assert refused["/predict"].status_code == refused["/explain"].status_code == 400
+    assert refused["/predict"].json() == refused["/explain"].json()
+    assert len(refused["/explain"].json()["detail"]) <= 1_000
+
+
 def test_a_streamed_body_is_counted_a_413_once_past_the_cap_and_the_worker_memory_stays_bounded(gated_server):
     pid = gated_server.client.get("/model").json()["worker_pid"]
     before = memory_kb(pid)
