@@ -34,12 +34,23 @@ class ServiceClient:
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
+        self.timeout = timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        try:
+            self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+            self.http.build_request("GET", "/model")  # a URL httpx takes as a base may still make no request URL
+        except httpx.InvalidURL as error:
+            raise ServiceError(f"READMISSION_SERVICE_URL {url!r} is not a URL the app can call ({error}): set it to "
+                               "the service's address, such as http://127.0.0.1:3100") from None  # fmt: skip
 
     def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         try:
             answer = self.http.request(method, path, json=body)
+        except (httpx.ReadTimeout, httpx.WriteTimeout):  # it took the connection: it runs
+            raise ServiceError(
+                f"the prediction service at {self.url} did not answer {path} within {self.timeout:g} s: it runs, but is "
+                "slow or busy; try again, or send fewer encounters at once"
+            ) from None
         except httpx.TransportError as error:
             raise ServiceDown(
                 f"the prediction service at {self.url} does not answer ({type(error).__name__}): start it with "

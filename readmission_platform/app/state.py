@@ -47,7 +47,10 @@ def model() -> dict[str, Any] | None:
 
 @st.cache_data(ttl=60, show_spinner=False)
 def request_fields(url: str, token: str | None) -> set[str]:
-    return _client(url, token).request_fields()
+    try:
+        return _client(url, token).request_fields()
+    except ServiceError:  # an address that is no URL: the page says so when it asks the service
+        return set()
 
 
 @st.cache_data(show_spinner="Reading the data set's typical values…")

@@ -192,3 +192,16 @@ def test_history_reads_only_the_newest_predictions_and_their_outcomes(log_and_wa
     assert rows["probability"].to_list() == [i / logged for i in range(logged - 1, logged - 1 - shown, -1)]
     assert rows["outcome"].to_list()[:3] == [AWAITED, "not readmitted within 30 days", AWAITED]
     assert handed_over and max(handed_over) <= shown  # neither the whole log nor every outcome was read
+
+
+def test_a_service_that_takes_the_connection_and_never_answers_is_called_slow_not_down():
+    import socket
+
+    from readmission_platform.app.client import ServiceClient, ServiceError
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        client = ServiceClient(f"http://127.0.0.1:{listening.getsockname()[1]}", timeout=0.5)
+        with pytest.raises(ServiceError, match=r"did not answer /model within 0.5 s: it runs, but is slow or busy"):
+            client.model()

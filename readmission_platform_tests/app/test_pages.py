@@ -88,6 +88,13 @@ def test_the_app_says_plainly_when_the_token_is_wrong_or_the_service_is_down(app
     app = started("pages/model.py")
     assert "does not answer" in app.error[0].value and "readmission serve" in app.error[0].value
 
+    monkeypatch.setenv("READMISSION_SERVICE_URL", "http://[::1")
+    app = started()
+    widget(app, "button", "predict").click()
+    app.run()
+    assert not app.exception, app.exception
+    assert "READMISSION_SERVICE_URL 'http://[::1' is not a URL the app can call" in app.error[0].value
+
 
 def _export(full_source_bytes: bytes, rows: int) -> bytes:
     """The data set's header and its first `rows` encounters, as the hospital system exports them."""

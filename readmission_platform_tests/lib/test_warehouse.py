@@ -174,6 +174,14 @@ def test_query_takes_parameters_and_a_missing_table_reads_as_no_rows(warehouse, 
         warehouse.query(f"SELECT no_such_column FROM {RAW}")
 
 
+def test_a_query_of_a_duckdb_file_not_made_yet_reads_no_rows_and_makes_nothing(tmp_path):
+    from readmission_platform.lib.warehouse import open_warehouse
+
+    store = open_warehouse(f"duckdb:///{tmp_path / 'not-yet' / 'warehouse.duckdb'}")
+    assert store.query("SELECT * FROM promotion_decisions").is_empty()
+    assert not (tmp_path / "not-yet").exists()
+
+
 def test_reading_a_missing_table_names_it(warehouse):
     with pytest.raises(WarehouseError, match="table 'clean_batches' does not exist in .*; materialize its asset first"):
         warehouse.read_table("clean_batches")

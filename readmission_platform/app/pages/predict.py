@@ -70,8 +70,8 @@ for i, name in enumerate(schema.MEDICATIONS):
 
 if st.button("Predict", type="primary", key="predict"):
     request = encounter_request(values, patient_id) | {"request_id": f"app-{uuid.uuid4().hex}"}
-    client = state.client()
     try:
+        client = state.client()
         st.session_state.answer = {"prediction": client.predict(request), "request": request, "explanation": None,
                                    "explain_error": None}
     except ServiceError as error:

@@ -129,6 +129,8 @@ class DuckDBWarehouse(Warehouse):
     def query(self, sql: str, params=()) -> pl.DataFrame:
         import duckdb
 
+        if not self.path.exists():  # no table yet: a read makes neither the file nor its folder
+            return pl.DataFrame()
         with self._connected() as connection:
             try:
                 return pl.from_arrow(connection.sql(sql, params=list(params) or None).to_arrow_table())
