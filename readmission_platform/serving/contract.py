@@ -217,7 +217,7 @@ def openapi_document(
     bodies = {
         "400": _answer_of("Malformed input, every offending field named (`loc`, `msg`, `type`).", "ValidationErrors"),
         "413": _answer_of(f"A body of more than READMISSION_MAX_BODY_BYTES bytes ({max_body:,} here).", "Error"),
-        "415": _answer_of("A body not declared `Content-Type: application/json`.", "Error"),
+        "415": _answer_of("A body not declared `Content-Type: application/json`, or sent compressed (`Content-Encoding`).", "Error"),
     }
     out_of_scope = {"422": _answer_of("The encounter is out of the model's scope (`reason`): no probability.", "OutOfScope")}
     bentoml_failed = {"500": _answer_of("A defect in the service; its log says more.", "Error")}

@@ -60,7 +60,7 @@ class RequestGate:
                 return
             await self.app(scope, receive, send)
             return
-        authorization = content_type = content_length = None
+        authorization = content_type = content_length = encoding = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
@@ -68,6 +68,8 @@ class RequestGate:
                 content_type = value
             elif name == b"content-length":
                 content_length = value
+            elif name == b"content-encoding":
+                encoding = value
         refused = None
         if self.token is not None and not self._authorized(authorization):
             refused = JSONResponse(
@@ -82,6 +84,8 @@ class RequestGate:
             limit = self.limits.get(route, self.max_body)
             if content_type is None or content_type.partition(b";")[0].strip().lower() != b"application/json":
                 refused = _refusal(415, "the body must be JSON: send the header 'Content-Type: application/json'")
+            elif encoding is not None and encoding.strip().lower() != b"identity":
+                refused = _refusal(415, "the body must be sent uncompressed: leave out the Content-Encoding header")
             elif content_length is not None and int(content_length) > limit:
                 refused = _refusal(413, f"the body is larger than {limit:,} bytes")
             elif content_length is None:  # chunked: counted as it arrives, and the app given it once it is whole

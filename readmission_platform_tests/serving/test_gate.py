@@ -81,6 +81,15 @@ def test_a_body_that_is_not_declared_json_is_a_415(gated_server, route, content_
     assert charset.status_code == 200
 
 
+@pytest.mark.parametrize("route", POSTED)
+def test_a_compressed_body_is_a_415_that_says_so(gated_server, route):
+    import gzip
+
+    body = gzip.compress(json.dumps(body_of(route, GOOD)).encode())
+    answer = gated_server.client.post(route, content=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert answer.status_code == 415 and "uncompressed" in answer.json()["error"]
+
+
 def test_a_declared_length_over_the_cap_is_a_413_before_the_body_is_sent(gated_server):
     status, sent = raw_post(gated_server.url, "/predict_batch", JSON | {"Content-Length": str(MAX_BATCH_BYTES + 1)}, [])
     assert status == 413 and sent == 0
