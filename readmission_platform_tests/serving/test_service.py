@@ -228,8 +228,10 @@ def test_a_version_that_fails_to_load_leaves_the_current_one_serving(server):
     answer = server.client.post("/predict", json=GOOD)
     assert answer.status_code == 200 and answer.json()["model_version"] == server.second
     assert server.client.get("/readyz").status_code == 200
-    # /model says which version serves, and that the one promoted did not load.
-    described = server.client.get("/model").json()
+    # /model says which version serves, and that the one promoted did not load (each worker once it has tried).
+    while (described := server.client.get("/model").json())["production_not_loaded"] is None:
+        assert time.monotonic() < deadline, "no worker said the promoted version did not load"
+        time.sleep(0.3)
     assert described["version"] == server.second
     assert described["production_not_loaded"]["version"] == broken
     assert described["production_not_loaded"]["error"].startswith("did not load (see the service's log)")
