@@ -3,6 +3,7 @@ for the knobs of a serving worker."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -104,7 +105,8 @@ class Settings:
 
 
 def parse_number(text: str, kind: type = int, within: tuple[float, float] | None = None) -> int | float:
-    """`text` as a `kind`, within [low, high] if given (NaN never is); a ValueError saying what was expected."""
+    """`text` as a `kind`, within [low, high] if given (NaN never is; `high` may be infinite); a ValueError saying
+    what was expected."""
     expected = "a whole number" if kind is int else "a number"
     try:
         value = kind(text)
@@ -112,7 +114,8 @@ def parse_number(text: str, kind: type = int, within: tuple[float, float] | None
         raise ValueError(f"expected {expected}") from None
     if within is not None and not within[0] <= value <= within[1]:
         low, high = (f"{int(end):,}" if float(end).is_integer() else f"{end:g}" for end in within)
-        raise ValueError(f"expected {expected} from {low} to {high}")
+        span = f"of at least {low}" if within[1] == math.inf else f"from {low} to {high}"
+        raise ValueError(f"expected {expected} {span}")
     return value
 
 
@@ -156,9 +159,7 @@ class ServingSettings:
         READMISSION_SERVE_THREADS (1), READMISSION_PREDICTION_LOG_QUEUE_ROWS (100,000), READMISSION_PREDICTION_LOG_NICE
         (-5), READMISSION_FAST_PATH (`0` switches it off), READMISSION_MAX_BODY_BYTES (a full batch at its largest),
         READMISSION_CANDIDATE_TIMEOUT_MS (200)."""
-        timeout = _number(env, "READMISSION_CANDIDATE_TIMEOUT_MS", cls.candidate_timeout_ms, float, (0, 60_000))
-        if not timeout > 0:
-            raise ValueError(f"READMISSION_CANDIDATE_TIMEOUT_MS is {timeout}; expected a positive number of milliseconds")
+        timeout = _number(env, "READMISSION_CANDIDATE_TIMEOUT_MS", cls.candidate_timeout_ms, float, (0.001, 60_000))
         # Each within what a worker can work with: a reload interval of 0 checks the registry without pause, a queue
         # of no rows drops every prediction, and a body limit below zero refuses every request.
         return cls(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -300,6 +301,7 @@ def _argument(kind: type, low: float, high: float) -> Callable[[str], int | floa
 
 
 PORT, ANY_PORT, WORKERS = _argument(int, 1, 65_535), _argument(int, 0, 65_535), _argument(int, 1, 256)
+COUNT = _argument(int, 1, math.inf)
 SECONDS = _argument(float, 0.001, 7 * 24 * 3600)  # a week at most
 
 
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     land_parser = commands.add_parser("land", help="drop the next batch files into the landing folder")
     how_many = land_parser.add_mutually_exclusive_group(required=True)
-    how_many.add_argument("--count", type=int, metavar="N", help="land the next N batches")
+    how_many.add_argument("--count", type=COUNT, metavar="N", help="land the next N batches")
     how_many.add_argument("--all", action="store_true", help="land every batch that has not landed yet")
     how_many.add_argument("--every", type=SECONDS, metavar="SECONDS", help="land one batch per interval until all landed")
     demo_parser = commands.add_parser("demo", help="land the batches one at a time; the sensors ingest and retrain, headless")
@@ -355,17 +357,14 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(name, value)
     try:
         keep_private(settings.home)
-        if args.command in OPEN_THE_INSTANCE or args.command in ANSWER_SOON:
-            from readmission_platform.cli.instance import check_dagster_storage, check_database
+        from readmission_platform.cli.instance import check_dagster_storage, check_database
 
-            if args.command in OPEN_THE_INSTANCE:
-                check_dagster_storage(settings)
-            if args.command in {*ANSWER_SOON, "demo"}:  # MLflow retries a database store that is down for a minute
-                variable = settings.variables.get("mlflow_tracking_uri", "READMISSION_MLFLOW_TRACKING_URI")
-                check_database(settings.mlflow_tracking_uri, variable)
+        if args.command in OPEN_THE_INSTANCE:
+            check_dagster_storage(settings)
+        if args.command in ANSWER_SOON | {"demo"}:  # MLflow retries a database store that is down for a minute
+            variable = settings.variables.get("mlflow_tracking_uri", "READMISSION_MLFLOW_TRACKING_URI")
+            check_database(settings.mlflow_tracking_uri, variable)
         if args.command == "land":
-            if args.count is not None and args.count < 1:
-                parser.error("--count takes a number of batches of at least 1")
             return land(settings, None if args.all else args.count, args.every)
         if args.command == "demo":
             return demo(settings, args.timeout, args.port)

@@ -180,15 +180,16 @@ def _largest_encounter() -> dict[str, Any]:
     }
 
 
+_LARGEST_ENCOUNTER_BYTES = len(json.dumps(_largest_encounter(), separators=(",", ":")))  # in compact JSON
 # The body a batch request may have: MAX_BATCH of the largest encounters in compact JSON, twice over for indentation
 # and escaped characters.
-MAX_BATCH_BYTES = 2 * (
-    len('{"encounters":[]}') + MAX_BATCH * (len(json.dumps(_largest_encounter(), separators=(",", ":"))) + 1)
-)
+MAX_BATCH_BYTES = 2 * (len('{"encounters":[]}') + MAX_BATCH * (_LARGEST_ENCOUNTER_BYTES + 1))
 # The body one encounter may have (/predict, /explain): the largest, eight times over (every character of its text
 # escaped as \uXXXX, and indentation). More can hold nothing but fields the model refuses, each of which costs
 # validation time and memory for its error.
-MAX_ENCOUNTER_BYTES = 8 * len(json.dumps(_largest_encounter(), separators=(",", ":")))
+MAX_ENCOUNTER_BYTES = 8 * _LARGEST_ENCOUNTER_BYTES
+
+
 def record(encounter: BaseModel) -> dict[str, Any]:
     """A validated encounter as {data set column: value}, None where unknown."""
     return {name: getattr(encounter, attribute) for attribute, name in _ATTRIBUTES}

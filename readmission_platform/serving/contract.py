@@ -112,8 +112,9 @@ class Explanation(BaseModel):
 NOTHING_PROMOTED = "nothing is promoted to 'production' in the registry, and no model is packed here"
 
 
-def not_ready(why: str = NOTHING_PROMOTED) -> JSONResponse:
-    """What every route answers before a model is loaded, and `why` (BentoML would hide the reason of a raised 5xx)."""
+def not_ready(why: str) -> JSONResponse:
+    """What every route answers before a model is loaded, and `why` (`ModelWatcher.unserved`; BentoML would hide the
+    reason of a raised 5xx)."""
     return JSONResponse({"error": f"no model loaded: {why}"}, status_code=503)
 
 

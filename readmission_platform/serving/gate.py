@@ -1,5 +1,5 @@
 """The gate in front of the prediction routes: bearer token, JSON bodies of bounded size, and refusals logged in one
-line each without the values they held; with the log filters that keep values out of BentoML's own log lines."""
+line each without the values they held; with the access log's filter that keeps the client's paths out of it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 from readmission_platform.lib import schema
@@ -193,14 +192,6 @@ class RefusalLog:
             return
         self.tokens -= 1
         log.warning("refused %s %d%s", route, status, f": {offending}" if offending else "")
-
-
-class WithoutValidationTracebacks(logging.Filter):
-    """Drops BentoML's ERROR with traceback for a request its request model refused: the traceback holds pydantic's
-    `input_value`s, and `RequestGate` logs the refusal in one line without them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], ValidationError))
 
 
 class RoutesOnly(logging.Filter):

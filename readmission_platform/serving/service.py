@@ -25,6 +25,7 @@ import secrets
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import bentoml
@@ -70,7 +71,7 @@ from readmission_platform.serving.contract import (
     prediction_answer,
 )
 from readmission_platform.serving.fast.decode import decode_batch
-from readmission_platform.serving.gate import RequestGate, RoutesOnly, WithoutValidationTracebacks
+from readmission_platform.serving.gate import RequestGate, RoutesOnly
 from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.metrics import (
     DURATION_BUCKETS,
@@ -118,41 +119,40 @@ def model_info() -> JSONResponse:
     )  # fmt: skip
 
 
-async def predict(request: Request) -> Response:
-    """POST /predict: one encounter, validated by the request model, answered by `ReadmissionService.predict`.
+async def _one_encounter(
+    request: Request, route: str, answer: Callable[[Any, Encounter], Awaitable[Response]]
+) -> Response:
+    """A route of one encounter: the body validated by the request model (a 400 naming each offending field), then
+    `answer(service, encounter)`; a defect is answered as BentoML answers one on its own routes (the contract's 500).
 
-    A plain Starlette route, declared in the contract by `contract.openapi_document`: BentoML's typed API and FastAPI's
-    route handling around the same work cost a request more than all of the platform's own (benchmarks/README.md,
-    Serving). Whatever the gate in front of it checks (token, Content-Type, size) is checked for it too.
+    /predict and /explain are plain Starlette routes, declared in the contract by `contract.openapi_document`:
+    BentoML's typed API and FastAPI's route handling around the same work cost a request more than all of the
+    platform's own (benchmarks/README.md, Serving). Whatever the gate in front of them checks (token, Content-Type,
+    size) is checked for them too.
     """
     try:
         encounter = Encounter.model_validate_json(await request.body() or b"{}")  # an empty body as BentoML reads it
     except ValidationError as error:
         return invalid(error)
     try:
-        return await bentoml.get_current_service().predict(encounter)
-    except Exception:  # a defect: answered as BentoML answers one on its own routes (the contract's 500)
-        log.exception("POST /predict failed")
+        return await answer(bentoml.get_current_service(), encounter)
+    except Exception:
+        log.exception("POST %s failed", route)
         return JSONResponse({"error": UNEXPECTED}, status_code=500)
 
 
-routes.add_route("/predict", predict, methods=["POST"])
+async def predict(request: Request) -> Response:
+    """POST /predict: answered by `ReadmissionService.predict`."""
+    return await _one_encounter(request, "/predict", lambda service, encounter: service.predict(encounter))
 
 
 async def explain(request: Request) -> Response:
-    """POST /explain: one encounter taken as /predict takes it (the same 400 for a body the request model refuses),
-    explained by `ReadmissionService.explain` in a thread, as withholding each feature in turn takes milliseconds."""
-    try:
-        encounter = Encounter.model_validate_json(await request.body() or b"{}")
-    except ValidationError as error:
-        return invalid(error)
-    try:
-        return await run_in_threadpool(bentoml.get_current_service().explain, encounter)
-    except Exception:  # a defect: the contract's 500
-        log.exception("POST /explain failed")
-        return JSONResponse({"error": UNEXPECTED}, status_code=500)
+    """POST /explain: answered by `ReadmissionService.explain` in a thread, as withholding each feature in turn takes
+    milliseconds."""
+    return await _one_encounter(request, "/explain", lambda service, one: run_in_threadpool(service.explain, one))
 
 
+routes.add_route("/predict", predict, methods=["POST"])
 routes.add_route("/explain", explain, methods=["POST"])
 
 
@@ -204,7 +204,6 @@ class ReadmissionService:
             platform_log.handlers = logging.getLogger("bentoml").handlers
             platform_log.setLevel(logging.INFO)
             platform_log.propagate = False
-        logging.getLogger("bentoml._internal.server.http_app").addFilter(WithoutValidationTracebacks())
         routes_named = {"/", "/docs.json", "/predict", "/explain", *ReadmissionService.openapi_spec.paths}  # plain routes
         logging.getLogger("bentoml.access").addFilter(RoutesOnly(frozenset(routes_named)))
         threadpoolctl.threadpool_limits(SERVING.threads)

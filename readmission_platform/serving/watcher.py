@@ -117,10 +117,9 @@ class ModelWatcher(threading.Thread):
             self.refused[version] = RETRY_REFUSED_AFTER
             log.error("version %s stays unserved, %s: %s", version,
                       f"version {current.version} keeps serving" if current else "no model serves", error)  # fmt: skip
-            self.unserved = (f"version {version} is promoted to 'production' but did not load (see the service's log); "
-                             f"it is tried again in {RETRY_REFUSED_AFTER} checks")  # fmt: skip
-            self.not_loaded = {"version": version, "error": "did not load (see the service's log); tried again in "
-                               f"{RETRY_REFUSED_AFTER} checks"}  # fmt: skip
+            why = f"did not load (see the service's log); tried again in {RETRY_REFUSED_AFTER} checks"
+            self.not_loaded = {"version": version, "error": why}
+            self.unserved = f"version {version} is promoted to 'production' but {why}"
             return
         self.service.model = model
         self.not_loaded = None
