@@ -1,12 +1,12 @@
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 
-import adbc_driver_sqlite.dbapi
 import polars as pl
 import pytest
 import sqlalchemy as sa
@@ -76,19 +76,19 @@ def test_single_rows_coming_one_by_one_are_gathered_into_few_writes(url):
 def test_a_full_queue_drops_rows_and_counts_them_without_waiting(tmp_path):
     url = f"sqlite:///{tmp_path / 'p.sqlite'}"
     engine_for(url).dispose()
-    # The database is locked, so the writer cannot drain the queue: a caller that waited for room would return only
-    # once the writer had written or given up, and would find `written` or `failed` counted.
+    # The database is locked, so the writer cannot drain the queue (beyond what its pipe holds): a caller that waited
+    # for room would return only once the writer had written or given up, and would find `written` or `failed` counted.
     lock = sqlite3.connect(tmp_path / "p.sqlite", isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")
     drops = []
     log = PredictionLog(url, capacity=10, flush_seconds=5, on_drop=drops.append)
-    dropped = log.record([row(i) for i in range(500)])
+    dropped = sum(log.record([row(i)]) for i in range(5_000))
     assert log.written == log.failed == 0
-    assert dropped >= 480 and log.dropped == dropped == sum(drops)
+    assert dropped >= 4_500 and log.dropped == dropped == sum(drops)
     lock.execute("ROLLBACK")
     lock.close()
     log.close()
-    assert read_predictions(log.url).height == 500 - dropped
+    assert read_predictions(log.url).height == 5_000 - dropped
 
 
 def test_rows_recorded_after_close_are_counted_as_dropped(tmp_path):
@@ -97,26 +97,58 @@ def test_rows_recorded_after_close_are_counted_as_dropped(tmp_path):
     assert log.record([row(1)]) == 1 and log.dropped == 1
 
 
-def test_rows_still_queued_when_a_close_runs_out_of_time_are_counted_as_dropped(tmp_path):
+def finished(log: PredictionLog, timeout: float = 60) -> None:
+    """Wait until the log's sender has handed everything over and its writer process has ended."""
+    log._sender.join(timeout)
+    for reader in log._readers:
+        reader.join(timeout)
+
+
+def test_rows_still_queued_when_a_close_runs_out_of_time_are_counted_and_those_handed_over_land(tmp_path):
     path = tmp_path / "p.sqlite"
     engine_for(f"sqlite:///{path}").dispose()
-    # Through the writer's own SQLite (ADBC's): two copies of SQLite in one process do not see each other's locks.
-    blocker = adbc_driver_sqlite.dbapi.connect(str(path), autocommit=True)
-    blocker.cursor().execute("BEGIN EXCLUSIVE")  # the writer's first write waits on the lock (its busy timeout is 30 s)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the writer's first write waits on the lock (its busy timeout is 30 s)
     counted = []
     log = PredictionLog(f"sqlite:///{path}", flush_seconds=0.05, batch_rows=10, on_drop=counted.append)
-    assert log.record([row(i) for i in range(50)]) == 0
-    time.sleep(0.5)  # the writer has taken its first 10 rows and waits
+    assert log.record([row(i) for i in range(3_000)]) == 0
+    time.sleep(0.5)  # the writer has taken a first batch and waits; the pipe to it fills, and the rest stay queued
 
+    started = time.monotonic()
     log.close(timeout=1)
 
-    assert log.dropped == 40 and counted == [40]
-    blocker.cursor().execute("ROLLBACK")
+    assert time.monotonic() - started < 5
+    assert log.dropped > 2_000 and counted == [log.dropped] and log.written == 0
+    blocker.execute("ROLLBACK")
     blocker.close()
-    log._writer.join(60)  # the write under way lands once the lock is free
-    assert (log.written, log.failed) == (10, 0), (log.written, log.failed)
-    with adbc_driver_sqlite.dbapi.connect(str(path)) as reader, reader.cursor() as cursor:
-        assert cursor.execute("SELECT count(*) FROM predictions").fetchone() == (10,)
+    finished(log)  # what the writer was handed lands once the lock is free, and is counted
+    assert log.written + log.dropped == 3_000 and log.failed == 0, (log.written, log.dropped)
+    assert count_predictions(log.url) == log.written > 0
+
+
+def test_a_worker_killed_outright_still_gets_what_it_handed_its_writer_written(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.sqlite'}"
+    child = f"""
+import os, signal, sys, time
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_prediction_log import row
+from readmission_platform.serving.prediction_log import PredictionLog
+log = PredictionLog({url!r}, flush_seconds=0.05, gather_seconds=0)
+log.record([row(i) for i in range(200)])
+deadline = time.monotonic() + 30
+while (log._child is None or log._child.sent < 200) and time.monotonic() < deadline:  # handed over, maybe not written
+    time.sleep(0.001)
+print(log._child.process.pid, log.written, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
+    writer = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{writer}") and time.monotonic() < deadline:  # the writer ends once it has written
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{writer}")
+    assert [r["request_id"] for r in stored_rows(url)] == [f"r{i}" for i in range(200)]
 
 
 def test_an_unsupported_url_is_named():
@@ -254,15 +286,16 @@ def test_a_staged_batch_is_copied_into_the_sqlite_table_as_stored(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="a thread's own niceness below 0: Linux, as root")
-def test_the_writer_runs_at_the_niceness_it_is_given(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path / 'p.sqlite'}", nice=-5)
-    default = PredictionLog(f"sqlite:///{tmp_path / 'q.sqlite'}")
-    deadline = time.perf_counter() + 5
-    while (log._writer.native_id is None or default._writer.native_id is None) and time.perf_counter() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)  # the writer sets its niceness as it starts
-    assert os.getpriority(os.PRIO_PROCESS, log._writer.native_id) == -5
-    assert os.getpriority(os.PRIO_PROCESS, default._writer.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
+def test_the_writer_process_runs_at_the_niceness_it_is_given(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'p.sqlite'}", nice=-5, flush_seconds=0.05)
+    default = PredictionLog(f"sqlite:///{tmp_path / 'q.sqlite'}", flush_seconds=0.05)
+    for each in (log, default):  # a row written: the writer has set its niceness by then
+        each.record([row(1)])
+        deadline = time.perf_counter() + 30
+        while each.written < 1 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+    assert os.getpriority(os.PRIO_PROCESS, log._child.process.pid) == -5
+    assert os.getpriority(os.PRIO_PROCESS, default._child.process.pid) == os.getpriority(os.PRIO_PROCESS, 0)
     log.close()
     default.close()
 

@@ -1,5 +1,5 @@
 """The service under a real `bentoml serve .` from the repository root, on a free loopback port, with two workers
-(two processes, each with its model, its reload thread and its log writer, appending to one SQLite log)."""
+(two processes, each with its model, its reload thread and its log writer process, appending to one SQLite log)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from contextlib import ExitStack
 
 import httpx
+import psutil
 import pytest
 
 from readmission_platform.lib.features import FEATURE_COLUMNS
@@ -237,11 +238,20 @@ def test_a_version_that_fails_to_load_leaves_the_current_one_serving(server):
     assert described["production_not_loaded"]["error"].startswith("did not load (see the service's log)")
 
 
+def writer_processes(worker: int) -> list[psutil.Process]:
+    """The prediction log's writer processes of the server a worker belongs to: its workers' children."""
+    server = psutil.Process(worker).parent()
+    return [p for p in server.children(recursive=True) if "readmission_platform.serving.prediction_log" in p.cmdline()]
+
+
 def test_a_clean_stop_keeps_every_prediction_in_the_log_without_identifiers(server):
     logged = metric(server, "readmission_predictions_total")
     for i in range(200):
         assert server.client.post("/predict", json=GOOD | {"request_id": f"last-{i}"}).status_code == 200
+    writers = writer_processes(server.client.get("/model").json()["worker_pid"])
+    assert len(writers) == 2  # one a worker
     server.stop()
+    assert not [w.pid for w in writers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]  # each ended with its worker
     rows = read_predictions(server.settings.prediction_log_url).rows(named=True)
     assert len(rows) == logged + 200
     assert [r["request_id"] for r in rows[-200:]] == [f"last-{i}" for i in range(200)]
