@@ -145,7 +145,7 @@ class ServingSettings:
     threads: int = 1
     # Predictions a worker keeps waiting for its log writer; past that they are dropped and counted, never waited for.
     log_queue_rows: int = 100_000
-    # The log writer thread's niceness (see `PredictionLog`); 0 leaves it alone.
+    # The log writer process's niceness (see `PredictionLog`); 0 leaves it alone.
     log_writer_nice: int = -5
     fast_path: bool = True
     max_body_bytes: int | None = None  # None: a full batch at its largest (`encounter.MAX_BATCH_BYTES`)

@@ -94,7 +94,7 @@ MAX_BODY_BYTES = SERVING.max_body_bytes or MAX_BATCH_BYTES
 # The cyclic garbage collector's thresholds in a worker, once it has started (see `ReadmissionService.__init__`).
 GC_THRESHOLDS = (10_000, 20, 20)
 # How long a thread that wants the GIL waits for the one holding it to let go (Python's default 5 ms): the event loop
-# waits this long behind the prediction log's writer or a shadow's scoring thread.
+# waits this long behind a shadow's scoring thread, a batch's threads or the prediction log's sender.
 SWITCH_SECONDS = 0.001
 
 UNEXPECTED = "An unexpected error has occurred, please check the server log."  # BentoML's words for a 500

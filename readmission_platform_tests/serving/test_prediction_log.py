@@ -127,28 +127,37 @@ def test_rows_still_queued_when_a_close_runs_out_of_time_are_counted_and_those_h
 
 
 def test_a_worker_killed_outright_still_gets_what_it_handed_its_writer_written(tmp_path):
-    url = f"sqlite:///{tmp_path / 'p.sqlite'}"
+    path = tmp_path / "p.sqlite"
+    url = f"sqlite:///{path}"
+    engine_for(url).dispose()
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # nothing is written before the worker dies: its writer holds ten batches then
     child = f"""
 import os, signal, sys, time
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 from test_prediction_log import row
 from readmission_platform.serving.prediction_log import PredictionLog
-log = PredictionLog({url!r}, flush_seconds=0.05, gather_seconds=0)
-log.record([row(i) for i in range(200)])
+log = PredictionLog({url!r}, flush_seconds=0.05, gather_seconds=0, batch_rows=3)
+log.record([row(i) for i in range(30)])
 deadline = time.monotonic() + 30
-while (log._child is None or log._child.sent < 200) and time.monotonic() < deadline:  # handed over, maybe not written
+while (log._child is None or log._child.sent < 30) and time.monotonic() < deadline:  # handed over, not written
     time.sleep(0.001)
-print(log._child.process.pid, log.written, flush=True)
+print(log._child.process.pid, log._child.sent, log.written, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
-    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
-    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
-    writer = int(done.stdout.split()[0])
+    # Its errors to a file: the writer, which outlives it, holds them open.
+    with open(tmp_path / "stderr", "w") as errors:
+        done = subprocess.run([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=errors, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stdout + (tmp_path / "stderr").read_text()
+    writer, sent, written = map(int, done.stdout.split())
+    assert (sent, written) == (30, 0)
+    lock.execute("ROLLBACK")
+    lock.close()
     deadline = time.monotonic() + 30
     while os.path.exists(f"/proc/{writer}") and time.monotonic() < deadline:  # the writer ends once it has written
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{writer}")
-    assert [r["request_id"] for r in stored_rows(url)] == [f"r{i}" for i in range(200)]
+    assert [r["request_id"] for r in stored_rows(url)] == [f"r{i}" for i in range(30)]
 
 
 def test_an_unsupported_url_is_named():
