@@ -388,7 +388,7 @@ class PredictionLog:
         and its fixed cost (a frame, its Arrow form, a transaction), paid per row, was most of a worker's CPU."""
         self.url = url
         self._nice = nice
-        engine_for(url, create=False).dispose()  # an URL of no supported database is named here, to the caller
+        engine_for(url, create=False).dispose()  # a URL of no supported database is named here, to the caller
         self.capacity = capacity
         self._pending: deque[dict[str, Any] | pl.DataFrame] = deque()
         self._pending_rows = 0

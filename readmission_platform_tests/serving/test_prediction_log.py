@@ -160,6 +160,30 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert [r["request_id"] for r in stored_rows(url)] == [f"r{i}" for i in range(30)]
 
 
+def test_a_writer_process_that_dies_is_replaced_and_the_rows_it_held_are_counted(tmp_path):
+    path = tmp_path / "p.sqlite"
+    engine_for(f"sqlite:///{path}").dispose()
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the writer holds what it is handed
+    drops = []
+    log = PredictionLog(f"sqlite:///{path}", flush_seconds=0.05, on_drop=drops.append)
+    assert log.record([row(i) for i in range(3)]) == 0
+    deadline = time.monotonic() + 30
+    while (log._child is None or log._child.sent < 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first = log._child
+    first.process.kill()
+    while not first.ended and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (log.dropped, log.failed, drops) == (3, 3, [3])  # handed over, never written: counted
+    lock.execute("ROLLBACK")
+    lock.close()
+    assert log.record([row(i) for i in range(3, 5)]) == 0
+    log.close()
+    assert log._child is not first and (log.written, log.dropped) == (2, 3)
+    assert [r["request_id"] for r in stored_rows(log.url)] == ["r3", "r4"]
+
+
 def test_an_unsupported_url_is_named():
     with pytest.raises(ValueError, match="neither sqlite"):
         PredictionLog("mysql://somewhere/db")
