@@ -581,6 +581,26 @@ class PredictionLog:
             log.error("prediction log: the writer did not take the queued rows within %.0f s; %d dropped", timeout, lost)
 
 
+def write_predictions(url: str, rows: Iterable[Mapping[str, Any]] = (), frame: pl.DataFrame | None = None) -> int:
+    """Write rows as `PredictionLog.record` takes them, then a frame as `record_frame` takes it, to the log at `url`
+    now, in this process, in one transaction, as the writer process writes them; the number written. For what has no
+    requests to keep answering (a backfill, a test's log). Raises what kept them out after the writer's attempts."""
+    now = datetime.now(UTC)
+    items: list[dict[str, Any] | pl.DataFrame] = [{**row, "predicted_at": now} for row in rows]
+    if frame is not None and not frame.is_empty():
+        items.append(frame.with_columns(pl.lit(now).alias("predicted_at")))
+    outcome: dict[str, Any] = {}
+    store = _Store(url, lambda **report: outcome.update(report))
+    try:
+        if items:
+            store.write(items)
+    finally:
+        store.close()
+    if "lost" in outcome:
+        raise RuntimeError(f"prediction log: {outcome['lost']} rows not written: {outcome['why']}")
+    return outcome.get("written", 0)
+
+
 def _writer_main() -> None:
     """The writer process (`python -m readmission_platform.serving.prediction_log`): its settings, then batches, from
     its standard input until it closes; each batch written in one transaction; reports on its standard output."""

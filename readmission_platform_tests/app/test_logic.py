@@ -155,18 +155,16 @@ def test_history_reads_only_the_newest_predictions_and_their_outcomes(log_and_wa
     from readmission_platform.lib.predictions import read_predictions
     from readmission_platform.lib.warehouse import open_warehouse
     from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-    from readmission_platform.serving.prediction_log import PredictionLog
+    from readmission_platform.serving.prediction_log import write_predictions
 
     log_url, warehouse_url = log_and_warehouse
     logged, shown = 3_000, 50
-    log = PredictionLog(log_url, flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
-    assert log.record(
+    assert write_predictions(log_url, (
         {"request_id": f"r{i}", "endpoint": "predict", "model_name": "m", "model_version": str(1 + i % 2),
          "probability": i / logged, "decision": False, "risk_band": "low", "inputs": encounter}
         for i in range(logged)
-    ) == 0  # fmt: skip
-    log.close()
+    )) == logged  # fmt: skip
     at = datetime(2026, 12, 1, tzinfo=UTC)
     known = pl.DataFrame(  # the outcomes of every other request, the oldest ones among them
         [{"batch_id": "outcomes_0001", "request_id": f"r{i}", "readmitted_30d": i % 4 == 0, "known_at": at,

@@ -311,16 +311,16 @@ def served_home(home: Path, served: list[str]) -> None:
     from readmission_platform.lib.encounter import FIELDS
     from readmission_platform.lib.warehouse import open_warehouse
     from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-    from readmission_platform.serving.prediction_log import PredictionLog
+    from readmission_platform.serving.prediction_log import write_predictions
 
     labels = pl.DataFrame({"encounter_id": range(1, 21), "readmitted_30d": [i % 3 == 0 for i in range(1, 21)]})
     with open_warehouse(f"duckdb:///{home / 'warehouse.duckdb'}") as store:
         store.replace_table("clean_batches", {"encounter_id": pl.Int64(), "readmitted_30d": pl.Boolean()}, labels)
-    log = PredictionLog(f"sqlite:///{home / 'predictions.sqlite'}", flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
-    log.record({"request_id": request_id, "endpoint": "predict", "model_name": "m", "model_version": "1", "probability": 0.1,
-                "decision": False, "risk_band": "low", "inputs": encounter} for request_id in served)  # fmt: skip
-    log.close()
+    write_predictions(f"sqlite:///{home / 'predictions.sqlite'}", (
+        {"request_id": request_id, "endpoint": "predict", "model_name": "m", "model_version": "1", "probability": 0.1,
+         "decision": False, "risk_band": "low", "inputs": encounter} for request_id in served
+    ))  # fmt: skip
 
 
 def test_outcomes_reads_the_landed_files_by_the_column_name_and_names_a_file_it_cannot_read(tmp_path):
@@ -488,7 +488,7 @@ def shadow_candidate(home: Path) -> None:
     from readmission_platform.lib.encounter import FIELDS
     from readmission_platform.lib.registry import ModelRegistry
     from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-    from readmission_platform.serving.prediction_log import PredictionLog
+    from readmission_platform.serving.prediction_log import write_predictions
     from readmission_platform.settings import Settings
 
     settings = Settings.from_env({"READMISSION_HOME": str(home)})
@@ -502,15 +502,13 @@ def shadow_candidate(home: Path) -> None:
     ]  # fmt: skip
     registry.promote(versions[0], reason="first model")
     registry.start_shadow(versions[1], reason="better with 95 % confidence")
-    log = PredictionLog(settings.prediction_log_url, flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
-    log.record(
+    write_predictions(settings.prediction_log_url, (
         {"request_id": f"r{i}", "endpoint": "predict", "model_name": "readmission-classifier", "model_version": "1",
          "probability": 0.1 + i / 100, "decision": False, "risk_band": "low", "inputs": encounter, "stage": "production",
          "shadow_version": "2", "shadow_probability": 0.1 + i / 100, "candidate_ms": 5.0}
         for i in range(30)
-    )  # fmt: skip
-    log.close()
+    ))  # fmt: skip
 
 
 def test_rollout_status_advance_and_abort(tmp_path, new_mlflow_store):

@@ -18,7 +18,7 @@ from readmission_platform.lib.history_store import KEY as STORED_KEY
 from readmission_platform.lib.history_store import read_newer
 from readmission_platform.serving.history import PatientHistory
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.prediction_log import write_predictions
 from readmission_platform_tests.defs.conftest import ingest, metadata
 from readmission_platform_tests.defs.test_outcomes import land
 
@@ -87,13 +87,11 @@ def test_an_outcome_of_a_named_patients_prediction_reaches_that_patients_next_re
 
     # The service scored a new encounter for the patient (the log keeps its keyed hash) and one for nobody named.
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS} | {"time_in_hospital": 9, "num_medications": 33}
-    log = PredictionLog(any_log.url, flush_seconds=0.05)
-    log.record(
+    write_predictions(any_log.url, (
         {"request_id": request_id, "endpoint": "predict", "model_name": "m", "model_version": "1", "probability": 0.2,
          "decision": False, "risk_band": "low", "patient_key": key, "inputs": encounter}
         for request_id, key in (("scored-1", patient_key(patient, KEY.encode())), ("anonymous-1", None))
-    )  # fmt: skip
-    log.close()
+    ))  # fmt: skip
     unchanged = dg.materialize([patient_history], resources=resources, instance=instance)
     assert metadata(unchanged, "patient_history")["confirmed_encounters"] == 0  # no outcome yet: nothing is known
     first_tick = history_sensor(dg.build_sensor_context(instance=instance, resources={"prediction_log": any_log}))

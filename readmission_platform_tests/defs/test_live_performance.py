@@ -16,7 +16,7 @@ from readmission_platform.lib.encounter import FIELDS
 from readmission_platform.lib.outcomes import OUTCOME_SCHEMA, OUTCOMES
 from readmission_platform.lib.promotion import DECISION_SCHEMA, RETRAIN_REQUESTED
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.prediction_log import write_predictions
 
 SERVED = 2_000
 
@@ -27,14 +27,12 @@ def served(platform, tmp_path) -> dict:
     rng = np.random.default_rng(7)
     probability = rng.beta(1.2, 9, SERVED)
     url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
-    log = PredictionLog(url, flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
-    log.record(
+    write_predictions(url, (
         {"request_id": f"r{i}", "endpoint": "predict", "model_name": "readmission-classifier", "model_version": "3",
          "probability": float(p), "decision": bool(p >= 0.15), "risk_band": "low", "inputs": encounter}
         for i, p in enumerate(probability)
-    )  # fmt: skip
-    log.close()
+    ))  # fmt: skip
     decision = dict.fromkeys(DECISION_SCHEMA) | {
         "decided_at": datetime(2026, 3, 1, tzinfo=UTC), "action": "promoted", "promoted": True, "challenger_version": "3",
         "challenger_test_roc_auc": 0.75, "challenger_test_pr_auc": 0.28, "challenger_test_brier": 0.095,
@@ -119,18 +117,16 @@ def test_a_version_clearly_worse_live_than_the_one_it_replaced_is_proposed_for_r
     settings = Settings.from_env({"READMISSION_HOME": str(tmp_path)})
     rng = np.random.default_rng(5)
     url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
-    log = PredictionLog(url, flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
     readmitted = []
     for version, flip in (("1", 0.0), ("2", 0.35)):  # v2 served last: it is the serving version
         probability = rng.beta(1.2, 9, SERVED)
         readmitted.append((rng.random(SERVED) < probability) ^ (rng.random(SERVED) < flip))
-        log.record(
+        write_predictions(url, (
             {"request_id": f"v{version}-{i}", "endpoint": "predict", "model_name": "readmission-classifier", "model_version": version,
              "probability": float(p), "decision": bool(p >= 0.15), "risk_band": "low", "inputs": encounter}
             for i, p in enumerate(probability)
-        )  # fmt: skip
-    log.close()
+        ))  # fmt: skip
     now = datetime.now(UTC)
     rows = pl.DataFrame({
         "batch_id": "outcomes_0001", "request_id": [f"v{v}-{i}" for v in ("1", "2") for i in range(SERVED)],

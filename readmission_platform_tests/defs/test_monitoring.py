@@ -19,7 +19,7 @@ from readmission_platform.lib.history import HISTORY_FEATURES
 from readmission_platform.lib.ingest import parse_batch
 from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.training import predict_probability
-from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.prediction_log import write_predictions
 from readmission_platform_tests.conftest import INGESTED_AT, NOTHING_LOADED
 from readmission_platform_tests.defs.conftest import TWO_FAMILIES, ingest, metadata, retrain
 
@@ -41,10 +41,8 @@ def served(data: bytes, model, version: str) -> pl.DataFrame:
 
 
 def log(url: str, *frames: pl.DataFrame) -> str:
-    """Write the frames through the service's writer; the UTC day they were logged in."""
-    writer = PredictionLog(url, flush_seconds=0.05)
-    writer.record_frame(pl.concat(frames))
-    writer.close()
+    """Write the frames as the service's log writer does; the UTC day they were logged in."""
+    write_predictions(url, frame=pl.concat(frames))
     return read_predictions(url, ["predicted_at"])["predicted_at"][0].strftime("%Y-%m-%d")
 
 

@@ -13,7 +13,7 @@ from readmission_platform.defs.resources import LandingResource, PredictionLogRe
 from readmission_platform.lib.encounter import FIELDS
 from readmission_platform.lib.outcomes import OUTCOMES, SET_ASIDE
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.prediction_log import write_predictions
 
 GOOD = b"request_id,readmitted_30d,known_at\nr1,1,2026-03-01T08:00:00Z\nr2,0,2026-03-01T08:00:00Z\nr3,false,2026-03-02\n"
 
@@ -21,14 +21,12 @@ GOOD = b"request_id,readmitted_30d,known_at\nr1,1,2026-03-01T08:00:00Z\nr2,0,202
 @pytest.fixture
 def log_url(tmp_path):
     url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
-    log = PredictionLog(url, flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
-    log.record(
+    write_predictions(url, (
         {"request_id": f"r{i}", "endpoint": "predict", "model_name": "m", "model_version": "1", "probability": 0.1,
          "decision": False, "risk_band": "low", "inputs": encounter}
         for i in range(1, 6)
-    )  # fmt: skip
-    log.close()
+    ))  # fmt: skip
     return url
 
 
@@ -121,11 +119,9 @@ def test_a_malformed_file_fails_naming_the_problem_and_stores_nothing(platform, 
 
 def test_an_encounter_id_is_matched_as_the_request_id_it_was_sent_as(platform, tmp_path, instance):
     url = f"sqlite:///{tmp_path / 'by_encounter.sqlite'}"
-    log = PredictionLog(url, flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
-    log.record([{"request_id": "2278392", "endpoint": "predict", "model_name": "m", "model_version": "1",
-                 "probability": 0.3, "decision": True, "risk_band": "high", "inputs": encounter}])  # fmt: skip
-    log.close()
+    write_predictions(url, [{"request_id": "2278392", "endpoint": "predict", "model_name": "m", "model_version": "1",
+                             "probability": 0.3, "decision": True, "risk_band": "high", "inputs": encounter}])  # fmt: skip
     land(platform, "outcomes_0001.csv", b"encounter_id,readmitted_30d,known_at\n2278392,1,2026-03-01\n", instance)
 
     assert ingest(platform, url, "outcomes_0001", instance).success

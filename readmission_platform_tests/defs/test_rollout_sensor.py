@@ -16,7 +16,7 @@ from readmission_platform.defs.resources import PredictionLogResource, RolloutPo
 from readmission_platform.lib.encounter import FIELDS
 from readmission_platform.lib.registry import CANARY, SHADOW
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.prediction_log import write_predictions
 
 THRESHOLD = 0.15
 pytestmark = pytest.mark.parametrize("platform", ["duckdb"], indirect=True)
@@ -38,10 +38,9 @@ def rollout(mlflow, tmp_path):
 
 
 def plant(url: str, rows: int, *, stage: str, shift: float = 0.0, failing: int = 0, seed: int = 0, whole: bool = False) -> None:
-    """`rows` requests through the real log writer: v2 scoring beside production v1 (shadow), or answering (canary:
-    every other request, or every one when `whole`)."""
+    """`rows` requests written as the log writer writes them: v2 scoring beside production v1 (shadow), or answering
+    (canary: every other request, or every one when `whole`)."""
     rng = np.random.default_rng(seed)
-    log = PredictionLog(url, flush_seconds=0.05)
     encounter = {name: SMOKE_ENCOUNTERS[0].get(name) for name in FIELDS}
     production = rng.beta(1.2, 9, rows)
     candidate = np.clip(production + rng.normal(0, 0.01, rows) + shift, 0, 1)
@@ -60,8 +59,7 @@ def plant(url: str, rows: int, *, stage: str, shift: float = 0.0, failing: int =
             row |= {"model_version": "1", "probability": float(production[i]), "decision": bool(production[i] >= THRESHOLD),
                     "stage": "production", "candidate_ms": None}  # fmt: skip
         planted.append(row)
-    log.record(planted)
-    log.close()
+    write_predictions(url, planted)
 
 
 def tick(instance, platform, mlflow, url, steps=(0.5, 1.0), stage_seconds=0):

@@ -14,7 +14,7 @@ from readmission_platform.lib import predictions
 from readmission_platform.lib.predictions import TYPES, PredictionLogError, read_predictions
 from readmission_platform.lib.reporting import masked
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import PredictionLog
+from readmission_platform.serving.prediction_log import write_predictions
 
 
 def row(i: int) -> dict:
@@ -34,9 +34,7 @@ def url(request, tmp_path):
 
 
 def write(url: str, rows: list[dict]) -> None:
-    log = PredictionLog(url, flush_seconds=0.05)
-    assert log.record(rows) == 0
-    log.close()
+    assert write_predictions(url, rows) == len(rows)
 
 
 def test_every_row_reads_back_typed_oldest_first(url):
@@ -129,16 +127,14 @@ def test_a_sqlite_log_read_in_parts_on_threads_reads_every_row_once_in_order(tmp
 def test_a_sqlite_column_null_in_its_first_thousands_of_rows_reads_with_its_type(tmp_path):
     from readmission_platform.lib.predictions import read_predictions as read_frame
     from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-    from readmission_platform.serving.prediction_log import PredictionLog
+    from readmission_platform.serving.prediction_log import write_predictions
 
     url = f"sqlite:///{tmp_path / 'predictions.sqlite'}"
-    log = PredictionLog(url)
     base = {"endpoint": "predict", "model_name": "m", "model_version": "1", "probability": 0.1, "decision": False,
             "risk_band": "low", "stage": "production", "inputs": dict(SMOKE_ENCOUNTERS[0])}  # fmt: skip
-    log.record([base | {"request_id": f"r{i}"} for i in range(3_000)])
-    log.record([base | {"request_id": "late", "shadow_version": "2", "shadow_probability": 0.4, "candidate_error": "raised ValueError: x",
-                        "candidate_ms": 1.5}])  # fmt: skip
-    log.close()
+    write_predictions(url, [base | {"request_id": f"r{i}"} for i in range(3_000)]
+                      + [base | {"request_id": "late", "shadow_version": "2", "shadow_probability": 0.4,
+                                 "candidate_error": "raised ValueError: x", "candidate_ms": 1.5}])  # fmt: skip
     read = read_frame(url, ["request_id", "shadow_version", "shadow_probability", "candidate_error", "candidate_ms"])
     assert read.height == 3_001 and read.row(-1) == ("late", "2", 0.4, "raised ValueError: x", 1.5)
     assert read["candidate_error"].null_count() == 3_000

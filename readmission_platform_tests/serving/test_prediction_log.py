@@ -15,7 +15,14 @@ from readmission_platform.lib.encounter import FIELDS, typed_frame
 from readmission_platform.lib.predictions import read_predictions
 from readmission_platform.lib.warehouse import quote
 from readmission_platform.serving.model import SMOKE_ENCOUNTERS
-from readmission_platform.serving.prediction_log import _CREATE_STAGED, _STAGED, PredictionLog, count_predictions, engine_for
+from readmission_platform.serving.prediction_log import (
+    _CREATE_STAGED,
+    _STAGED,
+    PredictionLog,
+    count_predictions,
+    engine_for,
+    write_predictions,
+)
 
 
 def inputs(i: int) -> dict:
@@ -182,6 +189,14 @@ def test_a_writer_process_that_dies_is_replaced_and_the_rows_it_held_are_counted
     log.close()
     assert log._child is not first and (log.written, log.dropped) == (2, 3)
     assert [r["request_id"] for r in stored_rows(log.url)] == ["r3", "r4"]
+
+
+def test_write_predictions_writes_rows_then_a_frame_now_and_raises_what_kept_them_out(url):
+    assert write_predictions(url, [row(1), row(2)], frame_of([row(3)])) == 3
+    stored = stored_rows(url)
+    assert [r["request_id"] for r in stored] == ["r1", "r2", "r3"] and stored[2]["inputs"] == inputs(3)
+    with pytest.raises(RuntimeError, match=r"1 rows not written: 3 failed writes to postgresql://\*\*\*@127.0.0.1:9/none"):
+        write_predictions("postgresql://nobody@127.0.0.1:9/none", [row(4)])
 
 
 def test_an_unsupported_url_is_named():
