@@ -200,6 +200,11 @@ def _add_columns(connection: sa.Connection, table: sa.Table, names: list[str]) -
     log.warning("prediction log: added the columns %s to the table %r; its earlier rows have them NULL", names, TABLE)
 
 
+def _rows(item: dict[str, Any] | pl.DataFrame) -> int:
+    """How many rows a queued item is: a frame's height, or one."""
+    return item.height if isinstance(item, pl.DataFrame) else 1
+
+
 class _Store:
     """The writing side, in the writer process: rows (dicts and frames, in the order recorded) into the table, one
     transaction a batch, with up to three attempts; what cannot be written is reported lost."""
@@ -279,7 +284,7 @@ class _Store:
         self.engine.dispose()
 
     def write(self, items: list[dict[str, Any] | pl.DataFrame]) -> None:
-        count = sum(item.height if isinstance(item, pl.DataFrame) else 1 for item in items)
+        count = sum(map(_rows, items))
         try:
             self._write_rows(items, count)
         except Exception as error:  # anything else: the rows are lost, reported, and the writer goes on
@@ -450,7 +455,7 @@ class PredictionLog:
             items, rows = [], 0
             while self._pending and rows < self._batch_rows:
                 item = self._pending.popleft()
-                size = item.height if isinstance(item, pl.DataFrame) else 1
+                size = _rows(item)
                 items.append(item)
                 rows += size
                 self._pending_rows -= size
@@ -479,7 +484,7 @@ class PredictionLog:
 
     def _hand_over(self, items: list[dict[str, Any] | pl.DataFrame]) -> None:
         """Hand a batch to the writer process, starting one if there is none; rows it cannot take are lost, counted."""
-        count = sum(item.height if isinstance(item, pl.DataFrame) else 1 for item in items)
+        count = sum(map(_rows, items))
         try:
             message = _batch_message(items)
         except Exception as error:  # a value MessagePack or Arrow cannot carry: a defect, named, the rows counted
