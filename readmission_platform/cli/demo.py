@@ -32,6 +32,8 @@ RETRAIN_APPEARS_WITHIN = 300
 HISTORY_APPEARS_WITHIN = 300
 # Where the demo keeps the key it hashes patient identifiers with when READMISSION_PATIENT_KEY is not set.
 PATIENT_KEY_FILE = "patient.key"
+# Encounters sent at each poll while a candidate is in shadow or canary, as a hospital's traffic would be.
+TRAFFIC_REQUESTS = 200
 
 
 def demo_patient_key(home: Path) -> tuple[str, Path]:
@@ -237,8 +239,12 @@ class FollowedService:
                      f"it back (`readmission rollout status`)")  # fmt: skip
         if not self.traffic:
             return
+        # TRAFFIC_REQUESTS encounters a poll, the next ones each time, so the stage sees each encounter once before
+        # any of them again.
+        start = self.sent * TRAFFIC_REQUESTS
         self.sent += 1
-        batch = [e | {"request_id": f"demo-traffic-{self.sent}-{i}"} for i, e in enumerate(self.traffic)]
+        chosen = [self.traffic[(start + i) % len(self.traffic)] for i in range(min(TRAFFIC_REQUESTS, len(self.traffic)))]
+        batch = [e | {"request_id": f"demo-traffic-{self.sent}-{i}"} for i, e in enumerate(chosen)]
         try:
             httpx.post(f"{self.url}/predict_batch", json={"encounters": batch}, timeout=30)
         except httpx.HTTPError:
@@ -262,16 +268,23 @@ class FollowedService:
             self.poll()
 
 
-def rollout_traffic(settings, rows: int = 200) -> list[dict]:
-    """Real encounters of the first stored batch, as requests, for the demo to send while a candidate rolls out."""
+def rollout_traffic(settings, rows: int = 1_000) -> list[dict]:
+    """Real encounters, as requests, for the demo to send while a candidate rolls out: up to `rows` of the first stored
+    batch whose patients are on the test side of the split, whom no version trains on, as a hospital's new patients
+    would be (the candidate is judged on how it scores them beside production; on encounters both versions trained
+    on, their probabilities differ more than they would on anyone else's)."""
+    import polars as pl
+
     from readmission_platform.lib.encounter import from_clean
+    from readmission_platform.lib.splitting import SPLIT, assign_split
     from readmission_platform.lib.warehouse import open_warehouse
 
     with open_warehouse(settings.warehouse_url) as store:
         if "clean_batches" not in store.tables():
             return []
-        found = store.query(f"SELECT * FROM clean_batches ORDER BY batch_id, encounter_id LIMIT {int(rows)}")
-    return [from_clean(row) for row in found.iter_rows(named=True)]
+        first = store.query("SELECT * FROM clean_batches WHERE batch_id = (SELECT min(batch_id) FROM clean_batches) ORDER BY encounter_id")
+    unseen = assign_split(first).filter(pl.col(SPLIT) == "test").drop(SPLIT).head(rows)
+    return [from_clean(row) for row in unseen.iter_rows(named=True)]
 
 
 def training_covers(instance: dg.DagsterInstance, batch_id: str) -> bool:

@@ -142,6 +142,7 @@ class RolloutPolicyResource(dg.ConfigurableResource):
     max_candidate_ms: float = 200.0
     min_agreement: float = 0.8
     max_psi: float = PSI_SIGNIFICANT
+    agreement_margin: float = 0.1
 
     def policy(self) -> RolloutPolicy:
         from readmission_platform.lib.rollout import RolloutPolicy
@@ -149,7 +150,7 @@ class RolloutPolicyResource(dg.ConfigurableResource):
         return RolloutPolicy(
             steps=tuple(self.steps), stage_seconds=self.stage_seconds, min_requests=self.min_requests,
             max_error_share=self.max_error_share, max_candidate_ms=self.max_candidate_ms,
-            min_agreement=self.min_agreement, max_psi=self.max_psi,
+            min_agreement=self.min_agreement, max_psi=self.max_psi, agreement_margin=self.agreement_margin,
         )  # fmt: skip
 
 

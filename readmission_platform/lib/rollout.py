@@ -50,9 +50,14 @@ class RolloutPolicy:
     max_candidate_ms: float = 200.0
     """The 95th percentile of the candidate's milliseconds per request."""
     min_agreement: float = 0.8
-    """In shadow: the share of encounters on which the candidate's decision is production's."""
+    """In shadow: the share of encounters on which the candidate's decision is production's. Lowered for a candidate
+    the promotion's test comparison foresaw disagreeing more (`Foreseen`): to that share less `agreement_margin`."""
     max_psi: float = PSI_SIGNIFICANT
-    """The population stability index of the candidate's probabilities against production's (0.25: significant)."""
+    """The population stability index of the candidate's probabilities against production's (0.25: significant).
+    For a candidate whose test comparison foresaw a shift, that shift plus this."""
+    agreement_margin: float = 0.1
+    """How far below the agreement its test comparison foresaw a candidate's may fall (sampling and the live
+    population's difference from the test patients')."""
 
     def __post_init__(self) -> None:
         steps = tuple(self.steps)
@@ -63,8 +68,45 @@ class RolloutPolicy:
                 raise ValueError(f"rollout {name} is {getattr(self, name)}; expected a number of at least 0")
         if self.min_requests < 1:
             raise ValueError(f"rollout min_requests is {self.min_requests}; expected at least 1")
-        if not 0 <= self.min_agreement <= 1:
-            raise ValueError(f"rollout min_agreement is {self.min_agreement}; expected a share in [0, 1]")
+        for name in ("min_agreement", "agreement_margin"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"rollout {name} is {getattr(self, name)}; expected a share in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Foreseen:
+    """How the candidate and production differ on the promotion's test patients, which the decision to promote has
+    already weighed: the share of encounters on which their decisions agree and the PSI of the candidate's
+    probabilities against production's. A better model disagrees with the one it replaces, and may by far (a linear
+    first version and a LightGBM successor: benchmarks/README.md, Training); in shadow and canary what is judged is
+    whether it differs more than that, which no evidence backs."""
+
+    agreement: float
+    psi: float
+
+    TAGS = ("promotion.agreement", "promotion.psi")  # where a version keeps them
+
+    def as_tags(self) -> dict[str, str]:
+        return {self.TAGS[0]: f"{self.agreement:.4f}", self.TAGS[1]: f"{self.psi:.4f}"}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Foreseen | None:
+        """The figures a version was tagged with; None for a version promoted before they were kept, or without them."""
+        try:
+            agreement, psi = (float(tags[name]) for name in cls.TAGS)
+        except (KeyError, ValueError):
+            return None
+        return cls(agreement, psi) if math.isfinite(agreement) and math.isfinite(psi) else None
+
+
+def foresee(candidate, candidate_threshold: float, production, production_threshold: float) -> Foreseen:
+    """`Foreseen` from both models' probabilities of the same encounters and their thresholds, as `measure` reads them
+    from shadowed requests."""
+    candidate, production = pl.Series(candidate, dtype=pl.Float64), pl.Series(production, dtype=pl.Float64)
+    if candidate.len() != production.len() or candidate.is_empty():
+        raise ValueError(f"{candidate.len()} and {production.len()} probabilities; expected as many of the same encounters, at least one")
+    agreement = float(((candidate >= candidate_threshold) == (production >= production_threshold)).mean())
+    return Foreseen(agreement=agreement, psi=_psi(production, candidate) or 0.0)
 
 
 @dataclass(frozen=True)
@@ -177,10 +219,26 @@ def _where(stage: str, share: float) -> str:
     return f"canary at {share:.0%}" if stage == CANARY else stage
 
 
+def limits(policy: RolloutPolicy, foreseen: Foreseen | None) -> tuple[float, float, str, str]:
+    """The least agreement and the largest PSI a candidate may show, and what each is (for a reason's text)."""
+    agreement, psi = policy.min_agreement, policy.max_psi
+    said_agreement, said_psi = f"{agreement:.0%}", f"{psi:g}"
+    if foreseen is not None and foreseen.agreement - policy.agreement_margin < agreement:
+        agreement = max(foreseen.agreement - policy.agreement_margin, 0.0)
+        said_agreement = f"{agreement:.0%} (its test comparison foresaw {foreseen.agreement:.1%}, less {policy.agreement_margin:.0%})"
+    if foreseen is not None and foreseen.psi > 0:
+        psi += foreseen.psi
+        said_psi = f"{psi:.3f} (its test comparison foresaw {foreseen.psi:.3f}, plus {policy.max_psi:g})"
+    return agreement, psi, said_agreement, said_psi
+
+
 def judge(
-    version: str, stage: str, share: float, started_at: datetime, now: datetime, signals: Signals, policy: RolloutPolicy
+    version: str, stage: str, share: float, started_at: datetime, now: datetime, signals: Signals, policy: RolloutPolicy,
+    foreseen: Foreseen | None = None,
 ) -> Step:
-    """ROLLBACK when a signal breaks the policy, ADVANCE when healthy after the stage's time and requests, else WAIT."""
+    """ROLLBACK when a signal breaks the policy, ADVANCE when healthy after the stage's time and requests, else WAIT.
+    Agreement and PSI are judged against what the promotion's test comparison `foreseen`, where it was kept."""
+    least_agreement, most_psi, said_agreement, said_psi = limits(policy, foreseen)
     problems = []
     # Failures are judged from the first request: more than a whole stage may have ends the candidate at once.
     if signals.errors > policy.max_error_share * max(signals.requests, policy.min_requests):
@@ -190,11 +248,11 @@ def judge(
     if signals.requests >= policy.min_requests:
         if signals.latency_p95_ms is not None and signals.latency_p95_ms > policy.max_candidate_ms:
             problems.append(f"its p95 latency {signals.latency_p95_ms:.1f} ms is above {policy.max_candidate_ms:g} ms")
-        if signals.agreement is not None and signals.agreement < policy.min_agreement:
-            problems.append(f"it agrees with production on {signals.agreement:.1%} of {signals.compared:,} shadowed encounters, below {policy.min_agreement:.0%}")
+        if signals.agreement is not None and signals.agreement < least_agreement:
+            problems.append(f"it agrees with production on {signals.agreement:.1%} of {signals.compared:,} shadowed encounters, below {said_agreement}")
         # Fewer of production's probabilities than a stage's requests make the index noise, not evidence.
-        if signals.psi is not None and signals.reference >= policy.min_requests and signals.psi > policy.max_psi:
-            problems.append(f"its probabilities shifted against production's: PSI {signals.psi:.3f} above {policy.max_psi:g}")
+        if signals.psi is not None and signals.reference >= policy.min_requests and signals.psi > most_psi:
+            problems.append(f"its probabilities shifted against production's: PSI {signals.psi:.3f} above {said_psi}")
     here = _where(stage, share)
     if problems:
         return Step(ROLLBACK, None, 0.0, f"v{version} rolled back from {here}: {'; '.join(problems)}.")
@@ -244,7 +302,8 @@ def assess(
         return None
     production = registry.production()
     rows = read(current.started_at)
-    threshold = decision_threshold(registry.version(current.version))
+    candidate = registry.version(current.version)
+    threshold = decision_threshold(candidate)
     signals = measure(rows, current.stage, current.version, threshold)
     if current.stage == CANARY and current.started_at is not None and signals.reference < policy.min_requests:
         # At a large share production answers few requests in the stage (at 100 %, only those before the workers
@@ -253,7 +312,8 @@ def assess(
         before = read(since).filter(pl.col("predicted_at") < current.started_at)
         signals = measure(rows, current.stage, current.version, threshold, before)
     signals = replace(signals, live=live_finding(live_figures, current.version, str(production.version) if production else None))
-    step = judge(current.version, current.stage, current.share, current.started_at or now, now, signals, policy)
+    foreseen = Foreseen.from_tags(dict(candidate.tags))
+    step = judge(current.version, current.stage, current.share, current.started_at or now, now, signals, policy, foreseen)
     return current, signals, step
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import dagster as dg
+import polars as pl
 import pytest
 
 from readmission_platform.defs.promotion.assets import challenger_version, promotion_decision
@@ -73,6 +74,17 @@ def test_a_challenger_within_noise_stays_out_and_a_clearly_better_one_goes_to_sh
     tags = registry.version("2").tags
     assert tags["promotion.decision"] == "shadow"
     assert float(tags["promotion.roc_auc_difference"]) == pytest.approx(better["roc_auc_difference"])
+    # How the two score the same test patients, kept for the rollout to judge the candidate's live scores by.
+    from readmission_platform.lib.registry import decision_threshold
+    from readmission_platform.lib.rollout import Foreseen, foresee
+    from readmission_platform.lib.training import predict_probability
+
+    with platform.warehouse as store:
+        test = store.read_table("training_set").filter(pl.col("split") == "test")
+    scores = {v: predict_probability(registry.load_model(v), test) for v in ("2", weak)}
+    foreseen = foresee(scores["2"], decision_threshold(registry.version("2")), scores[weak], decision_threshold(registry.version(weak)))
+    assert Foreseen.from_tags(tags) == Foreseen(round(foreseen.agreement, 4), round(foreseen.psi, 4))
+    assert 0 < foreseen.agreement < 1 and foreseen.psi > 0
 
     assert registry.version(in_rollout).tags[ROLLOUT_END_REASON].startswith("replaced by v2: ")
 

@@ -15,7 +15,9 @@ from readmission_platform.lib.rollout import (
     ROLLOUT_COLUMNS,
     SHADOW,
     WAIT,
+    Foreseen,
     RolloutPolicy,
+    foresee,
     judge,
     measure,
     next_stage,
@@ -96,6 +98,29 @@ def test_shifted_shadow_scores_are_rolled_back_for_disagreement_and_psi():
     assert signals.agreement < 0.8 and signals.psi > 0.25
     step = judge("2", SHADOW, 0.0, START, START + timedelta(seconds=5), signals, POLICY)
     assert step.action == ROLLBACK and "agrees with production on" in step.reason and "PSI" in step.reason
+
+
+def test_a_shadow_that_differs_as_its_test_comparison_foresaw_advances_and_one_that_differs_more_is_rolled_back():
+    rows = shadowed(shift=0.2)
+    signals = measure(rows, SHADOW, "2", THRESHOLD)
+    later = START + timedelta(seconds=61)
+    # The same disagreement, foreseen by the promotion's comparison on test patients: no evidence against it.
+    foreseen = foresee(rows["shadow_probability"], THRESHOLD, rows["probability"], THRESHOLD)
+    assert foreseen == Foreseen(agreement=signals.agreement, psi=signals.psi)
+    assert judge("2", SHADOW, 0.0, START, later, signals, POLICY, foreseen).action == ADVANCE
+    # Foreseen as a close copy of production, it is judged as one; the reason says what was foreseen and allowed.
+    close = Foreseen(agreement=0.95, psi=0.05)
+    step = judge("2", SHADOW, 0.0, START, later, signals, POLICY, close)
+    assert step.action == ROLLBACK and "below 80%" in step.reason and "PSI" in step.reason
+    foreseen_less = Foreseen(agreement=signals.agreement + 0.2, psi=signals.psi / 4)
+    step = judge("2", SHADOW, 0.0, START, later, signals, POLICY, foreseen_less)
+    assert step.action == ROLLBACK
+    assert f"its test comparison foresaw {foreseen_less.agreement:.1%}, less 10%" in step.reason
+    assert f"its test comparison foresaw {foreseen_less.psi:.3f}, plus 0.25" in step.reason
+    # A version promoted before the figures were kept has none: the policy's own limits.
+    assert Foreseen.from_tags({}) is None and Foreseen.from_tags(foreseen.as_tags()) == Foreseen(round(foreseen.agreement, 4), round(foreseen.psi, 4))
+    with pytest.raises(ValueError, match="expected as many of the same encounters"):
+        foresee([0.1, 0.2], THRESHOLD, [0.1], THRESHOLD)
 
 
 def test_a_slow_candidate_is_rolled_back():

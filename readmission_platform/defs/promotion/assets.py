@@ -81,7 +81,7 @@ def promotion_decision(
     context: dg.AssetExecutionContext, config: PromotionConfig, warehouse: WarehouseResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
     from readmission_platform.lib.registry import PREVIOUS_PRODUCTION, ModelLoadError, decision_threshold
-    from readmission_platform.lib.rollout import PRODUCTION, SHADOW
+    from readmission_platform.lib.rollout import PRODUCTION, SHADOW, foresee
 
     registry = mlflow.registry()
     parts = warehouse.training_parts()
@@ -99,7 +99,7 @@ def promotion_decision(
     if already_promoted:
         previous = production.tags.get(PREVIOUS_PRODUCTION)
         production = registry.version(previous) if previous else None
-    champion_version = champion_metrics = evidence = None
+    champion_version = champion_metrics = evidence = foreseen = None
     notes = []
     if production is not None:
         try:
@@ -110,6 +110,8 @@ def promotion_decision(
                 test[PATIENT].to_numpy(), y, challenger_scores, champion_scores,
                 resamples=config.resamples, level=config.confidence,
             )  # fmt: skip
+            # How differently the two score the same patients: what the rollout judges the candidate's live scores by.
+            foreseen = foresee(challenger_scores, threshold, champion_scores, decision_threshold(production))
         except ModelLoadError as error:
             # A production model that cannot be loaded cannot serve either: judge the challenger on the gates alone.
             notes.append(f"production v{production.version} could not be loaded ({error}); compared on the gates alone")
@@ -154,7 +156,8 @@ def promotion_decision(
     registry.annotate(
         version,
         {"promotion.decision": "shadow" if stage == SHADOW else ("production" if stage else "not_promoted")}
-        | ({f"promotion.{k}": v for k, v in evidence_figures(evidence).items()} if evidence else {}),
+        | ({f"promotion.{k}": v for k, v in evidence_figures(evidence).items()} if evidence else {})
+        | (foreseen.as_tags() if foreseen else {}),
     )
     after = registry.production()
     production_metrics = challenger_metrics if stage == PRODUCTION else champion_metrics
