@@ -8,8 +8,11 @@ drops, deaths and hospice among them, were still stays the hospital knew of).
 What is known at an encounter's admission:
 - how many earlier encounters the patient had, and their days in hospital;
 - the previous encounter's values, and the change from them to this one;
-- the 30-day outcome of an earlier encounter, except the immediately previous one: its 30-day window may still be
-  open at this admission, and may be closed by this very encounter, so its outcome is not used.
+- the 30-day outcome of every earlier encounter, the immediately previous one included: at this admission the
+  previous encounter's 30-day window has either closed, or this very admission falls inside it (and then its outcome
+  is this readmission). So the previous outcome is a feature of its own (`history_previous_readmitted_30d`), the
+  count of readmissions over the ones before it another. At serving, an encounter the service scored counts once its
+  outcome has come back (`keyed_states`): a patient who returns before that has it missing from their history.
 Nothing of a later encounter ever is: no total per patient, no "has a next encounter" (those reach ROC-AUC
 0.79-0.82 on this data set: a leak).
 
@@ -45,7 +48,7 @@ STATE_SCHEMA: dict[str, pl.DataType] = {
     "encounters": pl.Int64(),
     "inpatient_days": pl.Int64(),
     "readmissions_30d": pl.Int64(),  # earlier encounters but the latest one readmitted within 30 days
-    "latest_readmitted_30d": pl.Int64(),  # the latest one's outcome: counted once another encounter follows it
+    "latest_readmitted_30d": pl.Int64(),  # the latest one's outcome: its own feature, then counted once another follows
     **{f"latest_{name}": pl.Int64() for name in PREVIOUS},
 }
 STATE = tuple(STATE_SCHEMA)
@@ -62,6 +65,7 @@ HISTORY_FEATURES = (
     "history_prior_encounters",
     "history_prior_inpatient_days",
     "history_prior_readmissions_30d",
+    "history_previous_readmitted_30d",
     *(f"history_previous_{name}" for name in PREVIOUS),
     *(f"history_change_{name}" for name in CHANGED),
 )
@@ -158,6 +162,7 @@ def history_expressions(columns: Collection[str]) -> list[pl.Expr]:
         state["encounters"].cast(pl.Float64).alias("history_prior_encounters"),
         state["inpatient_days"].cast(pl.Float64).alias("history_prior_inpatient_days"),
         state["readmissions_30d"].cast(pl.Float64).alias("history_prior_readmissions_30d"),
+        state["latest_readmitted_30d"].cast(pl.Float64).alias("history_previous_readmitted_30d"),
         *(state[f"latest_{name}"].cast(pl.Float64).alias(f"history_previous_{name}") for name in PREVIOUS),
         *(
             pl.when(seen).then(pl.col(name).cast(pl.Float64) - state[f"latest_{name}"]).otherwise(0.0)
@@ -176,6 +181,7 @@ def record_history(state: Mapping[str, int] | None, encounter: Mapping[str, floa
         "history_prior_encounters": float(state["encounters"]),
         "history_prior_inpatient_days": float(state["inpatient_days"]),
         "history_prior_readmissions_30d": float(state["readmissions_30d"]),
+        "history_previous_readmitted_30d": float(state["latest_readmitted_30d"]),
         **{f"history_previous_{name}": float(state[f"latest_{name}"]) for name in PREVIOUS},
     }
     seen = state["encounters"] > 0

@@ -36,9 +36,9 @@ ASSUMPTIONS = (
     "The data have no dates: `encounter_id` order is taken as time order (the age bracket of consecutive encounters of "
     "one patient rises 1,567 times and falls 18 times); features from a patient's history use only earlier encounters "
     "in that order.",
-    "A prior encounter's 30-day outcome is used only where it is surely known at admission: every earlier one's but "
-    "the immediately previous encounter's. At serving, an encounter the service scored counts in the patient's history "
-    "once its outcome has come back.",
+    "A prior encounter's 30-day outcome is used only where it is known at admission, and every earlier one's is: by "
+    "then the previous encounter's 30-day window has closed, or this admission is inside it and is its readmission. At "
+    "serving, an encounter the service scored counts in the patient's history once its outcome has come back.",
     "Train, validation and test sides are split by patient (a hash of `patient_nbr`): no patient is on two sides, so "
     "test figures are those of patients the model never saw.",
     "Settings and the threshold (best validation F1) were chosen on validation; test figures are out of sample. The "

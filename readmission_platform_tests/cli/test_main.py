@@ -126,9 +126,17 @@ def test_land_rejects_a_count_below_one(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_batches(tmp_path_factory, full_source_bytes) -> Path:
-    """The first two full batches: a second version trained on twice the rows of the first beats it."""
+    """The data set's last two batches (15,000 and 11,766 encounters). The second version, trained on both, beats the
+    first with 95 % confidence, and they are of two families (a logistic regression on the first batch, LightGBM on
+    both) whose probabilities differ by a PSI above the rollout's fixed 0.25, on the test patients as on the demo's
+    traffic: its rollout reaches production because the promotion's test comparison foresaw that difference
+    (`lib/rollout.Foreseen`). Which
+    versions a demo makes is fixed by its data (training and the comparison are seeded); on most pairs of batches the
+    second is not better with that confidence and the platform rightly keeps the first (the first two: +0.011,
+    interval -0.006 to +0.029; benchmarks/README.md, Training)."""
+    lines = full_source_bytes.splitlines(keepends=True)
     path = tmp_path_factory.mktemp("source") / "export.csv"
-    path.write_bytes(b"".join(full_source_bytes.splitlines(keepends=True)[: 2 * 15_000 + 1]))
+    path.write_bytes(b"".join([lines[0], *lines[1 + 5 * 15_000 :]]))
     return path
 
 
@@ -157,7 +165,7 @@ def test_demo_serves_from_the_first_promotion_and_follows_the_next_without_a_res
                         r"0\.\d{3} → 0\.\d{3}", out)  # fmt: skip
     assert changed and changed.group(2) == answer["model_version"] and int(changed.group(1)) > int(changed.group(2)), out
     summary = out[out.index("batch          status") :]
-    assert "total                    30,000" in summary
+    assert "total                    26,766" in summary
     assert "FAILED" not in summary and " failed — " not in summary  # drift may warn: the file is in time order
     assert f"2 model versions registered; production: v{changed.group(1)}" in summary
     decisions = re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  (promoted|not_promoted) ", summary, re.MULTILINE)

@@ -58,8 +58,10 @@ def test_history_counts_earlier_encounters_only_in_encounter_id_order():
     assert first["history_prior_encounters"] == 0 and first["history_prior_inpatient_days"] == 0
     assert (second["history_prior_encounters"], second["history_prior_inpatient_days"]) == (1, 2)
     assert (third["history_prior_encounters"], third["history_prior_inpatient_days"]) == (2, 6)
-    # The previous encounter's outcome is never used (its window may still be open); the one before it is.
+    # The previous encounter's outcome is a feature of its own (known by this admission); the count holds those before it.
     assert second["history_prior_readmissions_30d"] == 0 and third["history_prior_readmissions_30d"] == 1
+    assert (first["history_previous_readmitted_30d"], second["history_previous_readmitted_30d"]) == (0, 1)
+    assert third["history_previous_readmitted_30d"] == 0  # encounter 25 came back after 30 days
     assert (third["history_previous_num_medications"], third["history_change_num_medications"]) == (15, 5)
     assert (second["history_previous_time_in_hospital"], second["history_change_time_in_hospital"]) == (2, 2)
     assert by_id[20]["history_prior_encounters"] == 0  # patient 8's first
