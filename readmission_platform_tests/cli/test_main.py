@@ -132,8 +132,8 @@ def two_batches(tmp_path_factory, full_source_bytes) -> Path:
     traffic: its rollout reaches production because the promotion's test comparison foresaw that difference
     (`lib/rollout.Foreseen`). Which
     versions a demo makes is fixed by its data (training and the comparison are seeded); on most pairs of batches the
-    second is not better with that confidence and the platform rightly keeps the first (the first two: +0.011,
-    interval -0.006 to +0.029; benchmarks/README.md, Training)."""
+    second is not better with that confidence and the platform rightly keeps the first (the first two among them;
+    benchmarks/README.md, Training)."""
     lines = full_source_bytes.splitlines(keepends=True)
     path = tmp_path_factory.mktemp("source") / "export.csv"
     path.write_bytes(b"".join([lines[0], *lines[1 + 5 * 15_000 :]]))
