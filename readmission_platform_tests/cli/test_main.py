@@ -534,15 +534,26 @@ def test_rollout_status_advance_and_abort(tmp_path, new_mlflow_store):
     assert "v2 in shadow since " in status.stdout and "production v1" in status.stdout
     assert "signals: 30 requests, 0 failed (0.0%), p95 5.0 ms" in status.stdout
     assert "next: wait" in status.stdout and "30 of 200 requests" in status.stdout
+    assert "limits: agreement at least 80%, PSI at most 0.25 (the policy's: no comparison was kept at its promotion)" in status.stdout
 
     # The steps in this process (the command's own code): each `readmission` start imports MLflow again.
     settings, said = Settings.from_env({"READMISSION_HOME": str(tmp_path)}), []
+    # What its promotion's test comparison foresaw, once kept on the version, sets the limits it is held to.
+    from readmission_platform.lib.registry import ModelRegistry
+    from readmission_platform.lib.rollout import Foreseen
+
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_location)
+    registry.annotate("2", Foreseen(agreement=0.6, psi=0.3).as_tags())
+    rollout(settings, "status", None, said.append)
+    assert said[-2] == ("limits: agreement at least 50% (its test comparison foresaw 60.0%, less 10%), "
+                        "PSI at most 0.550 (its test comparison foresaw 0.300, plus 0.25)")  # fmt: skip
+    said.clear()
     with pytest.raises(ValueError, match="needs --reason"):
         rollout(settings, "advance", None, said.append)
     assert rollout(settings, "advance", "reviewed the shadow's answers", said.append) == 0
     assert said[-1] == "v2 advanced by hand from shadow to canary at 10%: reviewed the shadow's answers"
     rollout(settings, "status", None, said.append)
-    assert "v2 in canary answering 10% of requests" in said[-3]
+    assert "v2 in canary answering 10% of requests" in said[-4]
     assert rollout(settings, "abort", "ward asked to wait", said.append) == 0
     assert said[-1] == "v2 aborted by hand in canary at 10%: ward asked to wait"
     assert rollout(settings, "status", None, said.append) == 0 and said[-1] == "no candidate in shadow or canary; production v1"
