@@ -43,7 +43,10 @@ def rollout(settings: Settings, action: str, reason: str | None, say: Callable[[
         share = f" answering {current.share:.0%} of requests" if current.stage == lib.CANARY else ""
         say(f"v{current.version} in {current.stage}{share} since {since}; {serving}")
         say(f"signals: {signals.describe()}")
-        say(f"limits: {_limits(policy, lib.Foreseen.from_tags(dict(registry.version(current.version).tags)))}")
+        foreseen = lib.Foreseen.from_tags(registry.version(current.version).tags)
+        *_, agreement, psi = lib.limits(policy, foreseen)
+        origin = "" if foreseen else " (the policy's: no comparison was kept at its promotion)"
+        say(f"limits: agreement at least {agreement}, PSI at most {psi}{origin}")
         say(f"next: {step.action} — {step.reason}")
         return 0
     if not reason or not reason.strip():
@@ -54,12 +57,3 @@ def rollout(settings: Settings, action: str, reason: str | None, say: Callable[[
     say(step.reason)
     return 0
 
-
-def _limits(policy, foreseen) -> str:
-    """The agreement and PSI the candidate is held to, and where they come from."""
-    from readmission_platform.lib.rollout import limits
-
-    agreement, psi, said_agreement, said_psi = limits(policy, foreseen)
-    if foreseen is None:
-        return f"agreement at least {said_agreement}, PSI at most {said_psi} (the policy's: no comparison was kept at its promotion)"
-    return f"agreement at least {said_agreement}, PSI at most {said_psi}"

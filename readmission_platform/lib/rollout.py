@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -90,7 +90,7 @@ class Foreseen:
         return {self.TAGS[0]: f"{self.agreement:.4f}", self.TAGS[1]: f"{self.psi:.4f}"}
 
     @classmethod
-    def from_tags(cls, tags: dict[str, str]) -> Foreseen | None:
+    def from_tags(cls, tags: Mapping[str, str]) -> Foreseen | None:
         """The figures a version was tagged with; None for a version promoted before they were kept, or without them."""
         try:
             agreement, psi = (float(tags[name]) for name in cls.TAGS)
@@ -312,7 +312,7 @@ def assess(
         before = read(since).filter(pl.col("predicted_at") < current.started_at)
         signals = measure(rows, current.stage, current.version, threshold, before)
     signals = replace(signals, live=live_finding(live_figures, current.version, str(production.version) if production else None))
-    foreseen = Foreseen.from_tags(dict(candidate.tags))
+    foreseen = Foreseen.from_tags(candidate.tags)
     step = judge(current.version, current.stage, current.share, current.started_at or now, now, signals, policy, foreseen)
     return current, signals, step
 
